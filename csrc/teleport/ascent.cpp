@@ -1,0 +1,329 @@
+#include <teleport/ascent.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <chrono>
+#include <cmath>
+#include <utility>
+
+namespace teleport {
+namespace detail {
+
+Snapshot::Snapshot(std::vector<at::Tensor> params) : params_(std::move(params)) {
+  at::NoGradGuard no_grad;
+  for (const auto& p : params_) {
+    values_.push_back(p.detach().clone());
+    grads_.push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+  }
+}
+
+void Snapshot::restore() const {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].detach().copy_(values_[i]);
+    at::Tensor& grad = const_cast<at::Tensor&>(params_[i]).mutable_grad();
+    if (!grads_[i].defined()) {
+      grad = at::Tensor();
+    } else if (grad.defined() && grad.sizes() == grads_[i].sizes()) {
+      grad.copy_(grads_[i]);
+    } else {
+      grad = grads_[i].clone();
+    }
+  }
+}
+
+std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries) {
+  std::vector<at::Tensor> out;
+  for (const auto& s : symmetries) {
+    for (const auto& p : s->parameters()) {
+      bool seen = false;
+      for (const auto& q : out) seen = seen || q.is_same(p);
+      if (!seen) out.push_back(p);
+    }
+  }
+  return out;
+}
+
+}  // namespace detail
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Where each symmetry's parameters sit in the list of distinct parameters.
+std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
+                                           const std::vector<at::Tensor>& params) {
+  std::vector<std::vector<size_t>> out;
+  for (const auto& s : symmetries) {
+    std::vector<size_t> idx;
+    for (const auto& p : s->parameters()) {
+      for (size_t j = 0; j < params.size(); ++j) {
+        if (params[j].is_same(p)) idx.push_back(j);
+      }
+    }
+    out.push_back(std::move(idx));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vector<size_t>& idx) {
+  std::vector<at::Tensor> out;
+  out.reserve(idx.size());
+  for (size_t i : idx) out.push_back(all[i]);
+  return out;
+}
+
+at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
+  at::Tensor total = at::zeros({}, tensors.front().options());
+  for (const auto& t : tensors) total = total + t.square().sum();
+  return total;
+}
+
+// T = η D, scaled down to Frobenius norm max_step when larger.
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o) {
+  const at::Tensor t = direction * o.lr();
+  const at::Tensor scale =
+      at::clamp_max(o.max_step() / at::clamp_min(t.norm(), 1e-300), 1.0);
+  return t * scale;
+}
+
+// The gradients of the objective's loss at the current weights, without
+// touching `.grad`; the loss itself comes back through `loss`.
+std::vector<at::Tensor> batch_gradients(const Objective& objective,
+                                        const std::vector<at::Tensor>& params,
+                                        at::Tensor& loss) {
+  at::AutoGradMode enable(true);
+  loss = objective.loss();
+  auto grads = torch::autograd::grad({loss}, params);
+  loss = loss.detach();
+  return grads;
+}
+
+struct Ascent {
+  at::Tensor norm_before, norm_after, loss_before, steps;
+  std::vector<GroupElement> total;  // one per symmetry, starting at the identity
+
+  explicit Ascent(const SymmetryList& syms) {
+    for (const auto& s : syms) {
+      total.push_back(
+          GroupElement::from_algebra(s->zero_algebra(), s->diagonal(), Parametrization::kExp));
+    }
+  }
+};
+
+// Closed form: the direction from gradients, the gradients carried along.
+Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                          std::vector<at::Tensor> grads, const TeleportOptions& o) {
+  const auto where = positions(syms, params);
+  Ascent a(syms);
+  a.norm_before = norm_sq(grads);
+  a.norm_after = a.norm_before;
+  a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
+  at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
+  const at::Tensor limit = a.norm_before * o.max_growth();
+
+  for (int64_t step = 0; step < o.steps(); ++step) {
+    std::vector<GroupElement> elements;
+    for (size_t k = 0; k < syms.size(); ++k) {
+      const at::Tensor T = capped_step(syms[k]->direction(pick(grads, where[k])), o);
+      elements.push_back(GroupElement::from_algebra(T, syms[k]->diagonal(), o.parametrization()));
+    }
+    // The gradients after this step, known exactly without a backward pass;
+    // the step is taken only if they stay finite and within the growth cap.
+    std::vector<at::Tensor> candidate;
+    for (const auto& g : grads) candidate.push_back(g.clone());
+    for (size_t k = 0; k < syms.size(); ++k) {
+      syms[k]->transport_gradients_(elements[k], pick(candidate, where[k]));
+    }
+    const at::Tensor norm = norm_sq(candidate);
+    active = active.logical_and(at::isfinite(norm)).logical_and(norm <= limit);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      grads[i].copy_(at::where(active, candidate[i], grads[i]));
+    }
+    for (size_t k = 0; k < syms.size(); ++k) {
+      const GroupElement e = elements[k].masked(active);
+      syms[k]->apply_(e);
+      a.total[k] = e.compose(a.total[k]);
+    }
+    a.norm_after = at::where(active, norm, a.norm_after);
+    a.steps = a.steps + active.to(at::kLong);
+  }
+  return a;
+}
+
+// Autograd: F(T) = ||∇L((I+T)·w)||² on the objective's batch, ∂F/∂T at T = 0
+// by double backward. One forward, backward and double backward per step,
+// plus one evaluation after the last step to check it.
+Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                       const Objective& objective, const TeleportOptions& o) {
+  const auto where = positions(syms, params);
+  Ascent a(syms);
+  at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
+  a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
+  std::vector<GroupElement> last;
+  at::AutoGradMode enable(true);
+
+  for (int64_t step = 0; step <= o.steps(); ++step) {
+    std::vector<at::Tensor> Ts;
+    std::vector<at::Tensor> current;
+    for (const auto& p : params) current.push_back(p.detach());
+    for (size_t k = 0; k < syms.size(); ++k) {
+      Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
+      const auto acted = syms[k]->act(pick(current, where[k]), Ts.back());
+      for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
+    }
+    ParameterOverrides overrides;
+    for (size_t i = 0; i < params.size(); ++i) overrides.emplace_back(params[i], current[i]);
+    const at::Tensor loss = objective.loss(overrides);
+    const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
+    const at::Tensor F = norm_sq(grads);
+
+    if (step == 0) {
+      a.norm_before = F.detach();
+      a.norm_after = a.norm_before;
+      a.loss_before = loss.detach();
+    } else {
+      // Undo the last step if it left the gradient non-finite or too large.
+      const at::Tensor ok = active.logical_and(at::isfinite(F.detach()))
+                                .logical_and(F.detach() <= a.norm_before * o.max_growth());
+      for (size_t k = 0; k < syms.size(); ++k) {
+        const GroupElement undo = last[k].inverse().masked(active.logical_and(ok.logical_not()));
+        syms[k]->apply_(undo);
+        a.total[k] = undo.compose(a.total[k]);
+      }
+      a.steps = a.steps + ok.to(at::kLong);
+      a.norm_after = at::where(ok, F.detach(), a.norm_after);
+      active = ok;
+    }
+    if (step == o.steps()) break;
+
+    const auto directions = torch::autograd::grad({F}, Ts);
+    last.clear();
+    for (size_t k = 0; k < syms.size(); ++k) {
+      const at::Tensor T = capped_step(directions[k].detach(), o);
+      const GroupElement e =
+          GroupElement::from_algebra(T, syms[k]->diagonal(), o.parametrization()).masked(active);
+      syms[k]->apply_(e);
+      a.total[k] = e.compose(a.total[k]);
+      last.push_back(e);
+    }
+  }
+  return a;
+}
+
+}  // namespace
+
+Method resolve_method(const SymmetryList& symmetries, Method method) {
+  if (method != Method::kAuto) return method;
+  for (const auto& s : symmetries) {
+    if (!s->has_closed_form()) return Method::kAutograd;
+  }
+  return Method::kClosedForm;
+}
+
+TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
+                        const Objective* objective) {
+  const auto start = Clock::now();
+  options.validate();
+  TeleportReport report;
+  if (symmetries.empty()) {
+    report.reason = "no symmetries to teleport";
+    return report;
+  }
+  for (const auto& s : symmetries) s->check_unchanged();
+  const auto params = detail::distinct_parameters(symmetries);
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device() == params.front().device() &&
+                    p.scalar_type() == params.front().scalar_type(),
+                "teleport: expected all parameters on one device with one dtype (",
+                params.front().device(), ", ", params.front().scalar_type(), "), got ",
+                p.device(), ", ", p.scalar_type());
+  }
+  const Method method = resolve_method(symmetries, options.method());
+  TORCH_CHECK(method == Method::kClosedForm || objective != nullptr,
+              "teleport: the autograd direction needs a batch and a loss (an Objective), "
+              "got none");
+  for (const auto& s : symmetries) {
+    TORCH_CHECK(method == Method::kAutograd || s->has_closed_form(), "teleport: ",
+                s->name(), " has no closed-form direction; use Method::kAutograd");
+  }
+  std::vector<at::Tensor> grads;
+  if (objective == nullptr) {
+    for (const auto& p : params) {
+      TORCH_CHECK(p.grad().defined(),
+                  "teleport: expected gradients in .grad (call loss.backward() before "
+                  "step()), got an undefined gradient for a parameter of shape ",
+                  p.sizes());
+      grads.push_back(p.grad());
+    }
+  }
+
+  const detail::Snapshot snapshot(params);
+  at::Tensor loss_before;
+  if (method == Method::kClosedForm && objective != nullptr) {
+    grads = batch_gradients(*objective, params, loss_before);
+  }
+  Ascent a = method == Method::kClosedForm
+                 ? closed_form_ascent(symmetries, params, grads, options)
+                 : autograd_ascent(symmetries, params, *objective, options);
+  if (loss_before.defined()) a.loss_before = loss_before;
+  if (objective != nullptr) {
+    // .grad was not the ascent's own gradient: map it to the new point too.
+    for (size_t k = 0; k < symmetries.size(); ++k) {
+      std::vector<at::Tensor> g;
+      for (const auto& p : symmetries[k]->parameters()) g.push_back(p.grad());
+      symmetries[k]->transport_gradients_(a.total[k], g);
+    }
+  }
+
+  // One host synchronisation for all the checks.
+  std::vector<at::Tensor> checks = {a.norm_before, a.norm_after, a.steps.to(a.norm_before.dtype())};
+  at::Tensor finite = at::ones({}, params.front().options().dtype(at::kBool));
+  for (const auto& p : params) finite = finite.logical_and(at::isfinite(p).all());
+  checks.push_back(finite.to(a.norm_before.dtype()));
+  if (objective != nullptr) {
+    at::NoGradGuard no_grad;
+    checks.push_back(a.loss_before);
+    checks.push_back(objective->loss().detach());
+  }
+  const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
+  const double* v = host.data_ptr<double>();
+  report.grad_norm_sq_before = v[0];
+  report.grad_norm_sq_after = v[1];
+  report.steps = static_cast<int64_t>(v[2]);
+  const bool all_finite = v[3] != 0;
+  if (objective != nullptr) {
+    report.loss_before = v[4];
+    report.loss_after = v[5];
+  }
+  if (report.steps < options.steps()) {
+    report.reason = "stopped after " + std::to_string(report.steps) +
+                    " steps: the next would break the growth cap or be non-finite";
+  }
+  std::string rollback;
+  if (!all_finite || !std::isfinite(report.grad_norm_sq_after)) {
+    rollback = "non-finite weights or gradients";
+  } else if (objective != nullptr) {
+    const double change = std::abs(report.loss_after - report.loss_before);
+    if (!std::isfinite(report.loss_after)) {
+      rollback = "non-finite loss";
+    } else if (change > options.tolerance() * std::abs(report.loss_before)) {
+      rollback = "the loss changed by " + std::to_string(change) + " (relative " +
+                 std::to_string(change / std::abs(report.loss_before)) +
+                 "), above the tolerance " + std::to_string(options.tolerance());
+    }
+  }
+  if (!rollback.empty()) {
+    snapshot.restore();
+    report.rolled_back = true;
+    report.reason = "rolled back: " + rollback;
+  } else {
+    report.elements = std::move(a.total);
+  }
+  report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return report;
+}
+
+}  // namespace teleport

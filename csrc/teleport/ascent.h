@@ -1,0 +1,72 @@
+#pragma once
+
+#include <teleport/objective.h>
+#include <teleport/options.h>
+#include <teleport/symmetry.h>
+
+#include <ATen/Tensor.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace teleport {
+
+/// What one teleport did. Losses are NaN where no batch was there to measure
+/// them (a teleport from `.grad` alone, whose loss invariance is guaranteed by
+/// the math, not measured).
+struct TeleportReport {
+  /// The optimizer step it happened at; -1 when called directly.
+  int64_t step = -1;
+  double loss_before = std::numeric_limits<double>::quiet_NaN();
+  double loss_after = std::numeric_limits<double>::quiet_NaN();
+  /// ||∇L||² over the parameters the symmetries act on.
+  double grad_norm_sq_before = std::numeric_limits<double>::quiet_NaN();
+  double grad_norm_sq_after = std::numeric_limits<double>::quiet_NaN();
+  /// Ascent steps taken (fewer than asked when the growth cap stopped it).
+  int64_t steps = 0;
+  bool rolled_back = false;
+  /// False for arithmetic that does not keep the loss (never the default).
+  bool exact = true;
+  /// Why it was rolled back or stopped early; empty otherwise.
+  std::string reason;
+  double seconds = 0;
+  /// The group element applied, one per symmetry (empty when rolled back).
+  std::vector<GroupElement> elements;
+};
+
+/// Teleports the symmetries' parameters: `options.steps()` steps of gradient
+/// ascent on ||∇L||² within the group, each re-centred at the identity, with
+/// the safeguards of DESIGN.md §6. The weights change in place, and so do the
+/// gradients in `.grad` (mapped exactly, so an optimizer step that follows sees
+/// the gradient at the new point).
+///
+/// Without an objective the direction comes from `.grad` in closed form and
+/// the checks are the non-finite test and the caps. With one (a batch and a
+/// loss) the direction comes from that batch's gradient, the loss is measured
+/// before and after, and a change beyond `options.tolerance()` rolls back.
+/// A rolled-back teleport leaves weights and gradients bitwise as they were.
+TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
+                        const Objective* objective = nullptr);
+
+/// Resolves kAuto: closed form when every symmetry has one.
+Method resolve_method(const SymmetryList& symmetries, Method method);
+
+namespace detail {
+
+/// Copies of parameters and their gradients, restored bitwise on demand.
+class Snapshot {
+ public:
+  explicit Snapshot(std::vector<at::Tensor> params);
+  void restore() const;
+
+ private:
+  std::vector<at::Tensor> params_, values_, grads_;
+};
+
+/// The distinct parameters of `symmetries`, in first-seen order.
+std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries);
+
+}  // namespace detail
+}  // namespace teleport

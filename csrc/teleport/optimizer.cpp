@@ -1,0 +1,379 @@
+#include <teleport/optimizer.h>
+
+#include <teleport/schedule.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize/archive.h>
+
+#include <sstream>
+#include <type_traits>
+
+namespace teleport {
+namespace {
+
+using torch::optim::Optimizer;
+using torch::optim::OptimizerParamGroup;
+
+// The key the inner optimizer's state map uses for `p`. LibTorch 1.x keys by
+// the TensorImpl pointer printed as a string, 2.x by the pointer itself.
+template <typename Map>
+typename Map::key_type state_key(const Map&, const at::Tensor& p) {
+  using Key = typename Map::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
+
+torch::optim::OptimizerParamState* find_state(Optimizer& opt, const at::Tensor& p) {
+  auto& state = opt.state();
+  auto it = state.find(state_key(state, p));
+  return it == state.end() ? nullptr : it->second.get();
+}
+
+void erase_state(Optimizer& opt, const at::Tensor& p) {
+  auto& state = opt.state();
+  state.erase(state_key(state, p));
+}
+
+void set_state(Optimizer& opt, const at::Tensor& p,
+               std::unique_ptr<torch::optim::OptimizerParamState> s) {
+  auto& state = opt.state();
+  state[state_key(state, p)] = std::move(s);
+}
+
+std::vector<at::Tensor> all_params(const Optimizer& opt) {
+  std::vector<at::Tensor> out;
+  for (const auto& group : opt.param_groups()) {
+    out.insert(out.end(), group.params().begin(), group.params().end());
+  }
+  return out;
+}
+
+// The inner optimizer's param groups, copied, for the base class.
+std::vector<OptimizerParamGroup> groups_of(const std::unique_ptr<Optimizer>& inner) {
+  TORCH_CHECK(inner != nullptr, "TeleportOptimizer: expected an inner optimizer, got null");
+  return inner->param_groups();
+}
+
+std::unique_ptr<torch::optim::OptimizerOptions> defaults_of(
+    const std::unique_ptr<Optimizer>& inner) {
+  TORCH_CHECK(inner != nullptr, "TeleportOptimizer: expected an inner optimizer, got null");
+  return inner->defaults().clone();
+}
+
+void write_int(torch::serialize::OutputArchive& a, const std::string& key, int64_t v) {
+  a.write(key, c10::IValue(v));
+}
+void write_double(torch::serialize::OutputArchive& a, const std::string& key, double v) {
+  a.write(key, c10::IValue(v));
+}
+int64_t read_int(torch::serialize::InputArchive& a, const std::string& key) {
+  c10::IValue v;
+  a.read(key, v);
+  return v.toInt();
+}
+double read_double(torch::serialize::InputArchive& a, const std::string& key) {
+  c10::IValue v;
+  a.read(key, v);
+  return v.toDouble();
+}
+
+}  // namespace
+
+TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
+                                     std::unique_ptr<Optimizer> inner,
+                                     TeleportOptions options,
+                                     DiscoverOptions discover_options)
+    : TeleportOptimizer(model, SymmetryList{}, std::move(inner), std::move(options)) {
+  Discovery found = discover(model, discover_options);
+  symmetries_ = std::move(found.symmetries);
+  notes_ = std::move(found.notes);
+  if (symmetries_.empty()) {
+    notes_.push_back("no teleportable pair of Linear layers: teleports do nothing");
+  }
+  const auto held = all_params(*inner_);
+  for (const auto& s : symmetries_) {
+    for (const auto& p : s->parameters()) {
+      bool found_p = false;
+      for (const auto& q : held) found_p = found_p || q.is_same(p);
+      TORCH_CHECK(found_p, "TeleportOptimizer: ", s->name(),
+                  " acts on a parameter the inner optimizer does not hold; build the "
+                  "inner optimizer from model->parameters()");
+    }
+  }
+  const auto params = detail::distinct_parameters(symmetries_);
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device() == params.front().device() &&
+                    p.scalar_type() == params.front().scalar_type(),
+                "TeleportOptimizer: expected all teleported parameters on one device with "
+                "one dtype (",
+                params.front().device(), ", ", params.front().scalar_type(), "), got ",
+                p.device(), ", ", p.scalar_type());
+  }
+}
+
+TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,
+                                     std::unique_ptr<Optimizer> inner,
+                                     TeleportOptions options)
+    : Optimizer(groups_of(inner), defaults_of(inner)),
+      model_(std::move(model)),
+      inner_(std::move(inner)),
+      options_(std::move(options)),
+      symmetries_(std::move(symmetries)) {
+  options_.validate();
+  for (const auto& s : symmetries_) {
+    TORCH_CHECK(s != nullptr, "TeleportOptimizer: expected symmetries, got a null one");
+  }
+}
+
+void TeleportOptimizer::set_teleport_batch(BatchFn next_batch, LossFn loss_fn) {
+  TORCH_CHECK(!model_.is_empty(),
+              "set_teleport_batch: expected the optimizer to hold a model, got none");
+  TORCH_CHECK(next_batch != nullptr && loss_fn != nullptr,
+              "set_teleport_batch: expected a batch source and a loss function");
+  next_batch_ = std::move(next_batch);
+  loss_fn_ = std::move(loss_fn);
+}
+
+void TeleportOptimizer::sync_inner() {
+  auto& inner_groups = inner_->param_groups();
+  for (size_t i = 0; i < param_groups_.size(); ++i) {
+    if (i == inner_groups.size()) {
+      inner_->add_param_group(param_groups_[i]);
+      continue;
+    }
+    inner_groups[i].params() = param_groups_[i].params();
+    inner_groups[i].set_options(param_groups_[i].options().clone());
+  }
+}
+
+at::Tensor TeleportOptimizer::step(LossClosure closure) {
+  sync_inner();
+  at::Tensor loss;
+  if (closure != nullptr) {
+    at::AutoGradMode enable(true);
+    loss = closure();
+  }
+  if (teleport_due(options_, step_, teleports_)) {
+    last_report_ = run_teleport(closure, loss);
+    last_report_.step = step_;
+    has_report_ = true;
+    ++teleports_;
+    if (!last_report_.rolled_back) apply_state_policy(last_report_);
+    if (options_.on_report()) options_.on_report()(last_report_);
+  }
+  inner_->step();
+  ++step_;
+  return loss;
+}
+
+TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
+                                               const at::Tensor& loss) {
+  if (next_batch_) {
+    auto batch = next_batch_();
+    const Objective objective(model_, batch.first, batch.second, loss_fn_);
+    return teleport(symmetries_, options_, &objective);
+  }
+  if (closure == nullptr || symmetries_.empty()) {
+    return teleport(symmetries_, options_);
+  }
+  // Closed form from .grad, then the closure measures the loss at the new
+  // point (and leaves the exact gradient there); too large a change rolls back.
+  const detail::Snapshot snapshot(detail::distinct_parameters(symmetries_));
+  TeleportReport report = teleport(symmetries_, options_);
+  if (report.rolled_back) return report;
+  at::Tensor after;
+  {
+    at::AutoGradMode enable(true);
+    after = closure();
+  }
+  report.loss_before = loss.item<double>();
+  report.loss_after = after.item<double>();
+  const double change = std::abs(report.loss_after - report.loss_before);
+  if (!std::isfinite(report.loss_after) ||
+      change > options_.tolerance() * std::abs(report.loss_before)) {
+    snapshot.restore();
+    report.rolled_back = true;
+    report.elements.clear();
+    report.reason = "rolled back: the loss went from " + std::to_string(report.loss_before) +
+                    " to " + std::to_string(report.loss_after) + ", beyond the tolerance " +
+                    std::to_string(options_.tolerance());
+  }
+  return report;
+}
+
+void TeleportOptimizer::apply_state_policy(const TeleportReport& report) {
+  if (options_.state_policy() == StatePolicy::kKeep || report.elements.empty()) return;
+  if (options_.state_policy() == StatePolicy::kReset) {
+    for (const auto& p : detail::distinct_parameters(symmetries_)) {
+      auto* s = find_state(*inner_, p);
+      if (auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s)) {
+        // Adagrad creates its state up front and expects it there.
+        const auto& o = static_cast<const torch::optim::AdagradOptions&>(inner_->defaults());
+        adagrad->sum().fill_(o.initial_accumulator_value());
+        adagrad->step(0);
+      } else {
+        erase_state(*inner_, p);  // other optimizers create state lazily
+      }
+    }
+    return;
+  }
+  // Transport: gradient-like buffers map as gradients do; Adagrad sums only
+  // where exact (diagonal scaling), else they are kept.
+  for (size_t k = 0; k < symmetries_.size(); ++k) {
+    const auto& sym = *symmetries_[k];
+    std::vector<at::Tensor> momenta, sums;
+    for (const auto& p : sym.parameters()) {
+      auto* s = find_state(*inner_, p);
+      auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(s);
+      auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s);
+      momenta.push_back(sgd ? sgd->momentum_buffer() : at::Tensor());
+      sums.push_back(adagrad ? adagrad->sum() : at::Tensor());
+    }
+    sym.transport_gradients_(report.elements[k], momenta);
+    if (sym.can_transport_squared_gradients()) {
+      sym.transport_squared_gradients_(report.elements[k], sums);
+    }
+  }
+}
+
+void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
+  write_int(archive, "teleport/version", 1);
+  write_int(archive, "teleport/step", step_);
+  write_int(archive, "teleport/teleports", teleports_);
+  write_int(archive, "teleport/options/every", options_.every());
+  archive.write("teleport/options/at",
+                at::tensor(options_.at().empty() ? std::vector<int64_t>{-1} : options_.at()));
+  write_int(archive, "teleport/options/until", options_.until());
+  write_int(archive, "teleport/options/max_teleports", options_.max_teleports());
+  write_int(archive, "teleport/options/steps", options_.steps());
+  write_double(archive, "teleport/options/lr", options_.lr());
+  write_int(archive, "teleport/options/method", static_cast<int64_t>(options_.method()));
+  write_int(archive, "teleport/options/parametrization",
+            static_cast<int64_t>(options_.parametrization()));
+  write_double(archive, "teleport/options/tolerance", options_.tolerance());
+  write_double(archive, "teleport/options/max_step", options_.max_step());
+  write_double(archive, "teleport/options/max_growth", options_.max_growth());
+  write_int(archive, "teleport/options/state_policy",
+            static_cast<int64_t>(options_.state_policy()));
+
+  write_int(archive, "groups/count", static_cast<int64_t>(param_groups_.size()));
+  for (size_t i = 0; i < param_groups_.size(); ++i) {
+    torch::serialize::OutputArchive group(archive.compilation_unit());
+    param_groups_[i].options().serialize(group);
+    archive.write("groups/" + std::to_string(i), group);
+  }
+  // The inner state, by parameter position.
+  auto& inner = const_cast<Optimizer&>(*inner_);
+  const auto params = all_params(inner);
+  bool native = false;
+  for (size_t j = 0; j < params.size(); ++j) {
+    const std::string key = "state/" + std::to_string(j) + "/";
+    auto* s = find_state(inner, params[j]);
+    if (s == nullptr) {
+      write_int(archive, key + "kind", 0);
+    } else if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(s)) {
+      write_int(archive, key + "kind", 1);
+      write_int(archive, key + "has_momentum", sgd->momentum_buffer().defined());
+      if (sgd->momentum_buffer().defined()) {
+        archive.write(key + "momentum_buffer", sgd->momentum_buffer());
+      }
+    } else if (auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s)) {
+      write_int(archive, key + "kind", 2);
+      write_int(archive, key + "step", static_cast<int64_t>(adagrad->step()));
+      archive.write(key + "sum", adagrad->sum());
+    } else {
+      write_int(archive, key + "kind", 3);
+      native = true;
+    }
+  }
+  if (native) {
+    torch::serialize::OutputArchive nested(archive.compilation_unit());
+    inner_->save(nested);
+    archive.write("inner", nested);
+  }
+}
+
+void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
+  TORCH_CHECK(read_int(archive, "teleport/version") == 1,
+              "TeleportOptimizer::load: expected a checkpoint of version 1");
+  step_ = read_int(archive, "teleport/step");
+  teleports_ = read_int(archive, "teleport/teleports");
+  options_.every(read_int(archive, "teleport/options/every"));
+  at::Tensor at_steps;
+  archive.read("teleport/options/at", at_steps);
+  std::vector<int64_t> at_list(at_steps.data_ptr<int64_t>(),
+                               at_steps.data_ptr<int64_t>() + at_steps.numel());
+  if (at_list == std::vector<int64_t>{-1}) at_list.clear();
+  options_.at(at_list);
+  options_.until(read_int(archive, "teleport/options/until"));
+  options_.max_teleports(read_int(archive, "teleport/options/max_teleports"));
+  options_.steps(read_int(archive, "teleport/options/steps"));
+  options_.lr(read_double(archive, "teleport/options/lr"));
+  options_.method(static_cast<Method>(read_int(archive, "teleport/options/method")));
+  options_.parametrization(
+      static_cast<Parametrization>(read_int(archive, "teleport/options/parametrization")));
+  options_.tolerance(read_double(archive, "teleport/options/tolerance"));
+  options_.max_step(read_double(archive, "teleport/options/max_step"));
+  options_.max_growth(read_double(archive, "teleport/options/max_growth"));
+  options_.state_policy(
+      static_cast<StatePolicy>(read_int(archive, "teleport/options/state_policy")));
+  options_.validate();
+
+  const int64_t groups = read_int(archive, "groups/count");
+  TORCH_CHECK(groups == static_cast<int64_t>(param_groups_.size()),
+              "TeleportOptimizer::load: expected a checkpoint with ", param_groups_.size(),
+              " param groups, got ", groups);
+  for (int64_t i = 0; i < groups; ++i) {
+    torch::serialize::InputArchive group;
+    archive.read("groups/" + std::to_string(i), group);
+    param_groups_[i].options().serialize(group);
+  }
+  sync_inner();
+
+  const auto params = all_params(*inner_);
+  bool native = false;
+  for (size_t j = 0; j < params.size(); ++j) {
+    const std::string key = "state/" + std::to_string(j) + "/";
+    c10::IValue probe;
+    TORCH_CHECK(archive.try_read(key + "kind", probe),
+                "TeleportOptimizer::load: the checkpoint holds fewer parameters than the "
+                "optimizer (", params.size(), ")");
+    const int64_t kind = probe.toInt();
+    if (kind == 0) {
+      erase_state(*inner_, params[j]);
+    } else if (kind == 1) {
+      auto s = std::make_unique<torch::optim::SGDParamState>();
+      if (read_int(archive, key + "has_momentum")) {
+        at::Tensor buffer;
+        archive.read(key + "momentum_buffer", buffer);
+        s->momentum_buffer(buffer.to(params[j].options()));
+      }
+      set_state(*inner_, params[j], std::move(s));
+    } else if (kind == 2) {
+      auto s = std::make_unique<torch::optim::AdagradParamState>();
+      using StepT = std::decay_t<decltype(s->step())>;
+      s->step(static_cast<StepT>(read_int(archive, key + "step")));
+      at::Tensor sum;
+      archive.read(key + "sum", sum);
+      s->sum(sum.to(params[j].options()));
+      set_state(*inner_, params[j], std::move(s));
+    } else {
+      native = true;
+    }
+  }
+  if (native) {
+    torch::serialize::InputArchive nested;
+    archive.read("inner", nested);
+    inner_->load(nested);
+  }
+}
+
+}  // namespace teleport

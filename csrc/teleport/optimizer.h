@@ -1,0 +1,99 @@
+#pragma once
+
+#include <teleport/ascent.h>
+#include <teleport/discover.h>
+#include <teleport/objective.h>
+#include <teleport/options.h>
+#include <teleport/symmetry.h>
+
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/optim/optimizer.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace teleport {
+
+/// An optimizer that teleports on a schedule and otherwise is the optimizer it
+/// wraps. Only the line that builds the optimizer changes in a training loop:
+///
+///   teleport::TeleportOptimizer opt(model,
+///       std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05)),
+///       teleport::TeleportOptions().every(100).steps(10).lr(1e-3));
+///   // opt.zero_grad(); loss.backward(); opt.step();
+///
+/// step() teleports, when the schedule says so, from the gradient already in
+/// `.grad` (closed form: no extra forward or backward pass), then lets the inner
+/// optimizer step. step(closure) also measures the loss before and after and
+/// rolls back a teleport that changed it beyond the tolerance.
+///
+/// The param groups are this optimizer's own and are copied to the inner one
+/// before each step, so set learning rates here (LR schedulers built on this
+/// optimizer do that). The inner optimizer's state is reached through inner().
+class TeleportOptimizer : public torch::optim::Optimizer {
+ public:
+  using BatchFn = std::function<std::pair<at::Tensor, at::Tensor>()>;
+
+  /// Teleports the symmetries discover() finds in `model`.
+  TeleportOptimizer(torch::nn::Sequential model,
+                    std::unique_ptr<torch::optim::Optimizer> inner,
+                    TeleportOptions options = {}, DiscoverOptions discover_options = {});
+
+  /// Teleports the given symmetries; `model` serves the teleport batch and may
+  /// be an empty holder (`torch::nn::Sequential(nullptr)`) when none is used.
+  TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,
+                    std::unique_ptr<torch::optim::Optimizer> inner,
+                    TeleportOptions options = {});
+
+  at::Tensor step(LossClosure closure = nullptr) override;
+
+  /// Teleport on batches of their own: `next_batch` gives (input, target) at
+  /// each teleport, `loss_fn` the loss. The direction then comes from that
+  /// batch, the loss on it is checked, and `.grad` is mapped to the new point.
+  /// Required for Method::kAutograd.
+  void set_teleport_batch(BatchFn next_batch, LossFn loss_fn);
+
+  /// Writes options, counters, param groups' options and the inner state by
+  /// parameter position (SGD and Adagrad; other optimizers through their own
+  /// save()), so a checkpoint loads into a rebuilt model.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+  torch::optim::Optimizer& inner() { return *inner_; }
+  const torch::optim::Optimizer& inner() const { return *inner_; }
+  const SymmetryList& symmetries() const { return symmetries_; }
+  /// Why some pairs of layers got no symmetry (from discover()).
+  const std::vector<std::string>& notes() const { return notes_; }
+  TeleportOptions& options() { return options_; }
+  const TeleportOptions& options() const { return options_; }
+  /// Optimizer steps taken so far.
+  int64_t step_count() const { return step_; }
+  /// Teleports attempted so far (rolled-back ones included).
+  int64_t teleport_count() const { return teleports_; }
+  /// The last teleport's report, or nullptr before the first.
+  const TeleportReport* last_report() const {
+    return has_report_ ? &last_report_ : nullptr;
+  }
+
+ private:
+  TeleportReport run_teleport(const LossClosure& closure, const at::Tensor& loss);
+  void apply_state_policy(const TeleportReport& report);
+  void sync_inner();
+
+  torch::nn::Sequential model_;
+  std::unique_ptr<torch::optim::Optimizer> inner_;
+  TeleportOptions options_;
+  SymmetryList symmetries_;
+  std::vector<std::string> notes_;
+  BatchFn next_batch_;
+  LossFn loss_fn_;
+  int64_t step_ = 0;
+  int64_t teleports_ = 0;
+  TeleportReport last_report_;
+  bool has_report_ = false;
+};
+
+}  // namespace teleport

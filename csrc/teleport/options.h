@@ -1,0 +1,87 @@
+#pragma once
+
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace teleport {
+
+struct TeleportReport;
+
+/// How the ascent direction is computed.
+enum class Method {
+  /// Closed form when every symmetry has one, autograd otherwise.
+  kAuto,
+  /// From the gradients alone (DESIGN.md §3): no forward or backward pass.
+  kClosedForm,
+  /// Double backward through the action; needs a batch and a loss.
+  kAutograd,
+};
+
+/// How an algebra element T becomes a group element g.
+enum class Parametrization {
+  /// g = I + T, applied with the exact inverse (a solve, never I - T).
+  kLinear,
+  /// g = exp(T), g⁻¹ = exp(-T).
+  kExp,
+};
+
+/// What happens to the inner optimizer's state (momentum, AdaGrad sums) at a
+/// teleport.
+enum class StatePolicy {
+  /// Leave it as it is (the NeurIPS 2022 code).
+  kKeep,
+  /// Start it afresh, as at step 0 (the ICLR 2024 code).
+  kReset,
+  /// Map it where the math is exact: gradient-like buffers as gradients
+  /// (A_g^{-T}); AdaGrad sums under diagonal scaling. Otherwise keep.
+  kTransport,
+};
+
+/// Everything a teleport and its schedule need. Set fluently:
+/// `TeleportOptions().every(100).steps(10).lr(1e-3)`.
+struct TeleportOptions {
+  // --- schedule (see schedule.h) ---
+  /// Teleport every K optimizer steps (at steps 0, K, 2K, ...); 0 = never.
+  TORCH_ARG(int64_t, every) = 0;
+  /// Teleport at these optimizer steps (0-based), besides `every`.
+  TORCH_ARG(std::vector<int64_t>, at) = {};
+  /// Teleport only before this step; -1 = no limit.
+  TORCH_ARG(int64_t, until) = -1;
+  /// At most this many teleports in all; -1 = no limit.
+  TORCH_ARG(int64_t, max_teleports) = -1;
+
+  // --- the ascent ---
+  /// Ascent steps per teleport.
+  TORCH_ARG(int64_t, steps) = 10;
+  /// Ascent learning rate η: T = η ∂/∂T ||∇L||².
+  TORCH_ARG(double, lr) = 1e-3;
+  TORCH_ARG(Method, method) = Method::kAuto;
+  TORCH_ARG(Parametrization, parametrization) = Parametrization::kLinear;
+
+  // --- safeguards (DESIGN.md §6) ---
+  /// Largest relative change of the loss on the teleport batch; beyond it the
+  /// teleport is rolled back.
+  TORCH_ARG(double, tolerance) = 1e-4;
+  /// Cap on the Frobenius norm of each ascent step T (per symmetry); < 1 keeps
+  /// I + T invertible and diagonal scalings positive.
+  TORCH_ARG(double, max_step) = 0.5;
+  /// Cap on ||∇L||² after / before over one teleport; an ascent step that would
+  /// pass it is not taken, and the ascent stops there.
+  TORCH_ARG(double, max_growth) = 10.0;
+
+  // --- the optimizer ---
+  TORCH_ARG(StatePolicy, state_policy) = StatePolicy::kTransport;
+  /// Called with every report the optimizer produces (the library prints
+  /// nothing itself).
+  TORCH_ARG(std::function<void(const TeleportReport&)>, on_report) = nullptr;
+
+  /// Throws a c10::Error naming the first option that is out of range.
+ public:
+  void validate() const;
+};
+
+}  // namespace teleport

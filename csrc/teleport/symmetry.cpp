@@ -1,0 +1,199 @@
+#include <teleport/symmetry.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <utility>
+
+namespace teleport {
+namespace {
+
+// m X, where m acts on X's rows (X a matrix or a vector); m is a diagonal
+// (vector) or a matrix.
+at::Tensor left(const at::Tensor& m, bool diagonal, const at::Tensor& x) {
+  if (diagonal) return x.dim() == 1 ? m * x : m.unsqueeze(1) * x;
+  return x.dim() == 1 ? at::mv(m, x) : at::mm(m, x);
+}
+
+// X m, where m acts on X's columns.
+at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
+  return diagonal ? x * m.unsqueeze(0) : at::mm(x, m);
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+}  // namespace
+
+GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
+                                        Parametrization p) {
+  GroupElement e;
+  e.diagonal = diagonal;
+  if (p == Parametrization::kExp) {
+    e.g = diagonal ? at::exp(T) : at::matrix_exp(T);
+    e.g_inv = diagonal ? at::exp(-T) : at::matrix_exp(-T);
+  } else if (diagonal) {
+    e.g = T + 1;
+    e.g_inv = at::reciprocal(e.g);
+  } else {
+    e.g = T + at::eye(T.size(0), T.options());
+    e.g_inv = at::linalg_inv(e.g);
+  }
+  return e;
+}
+
+GroupElement GroupElement::identity_like(const GroupElement& like) {
+  GroupElement e;
+  e.diagonal = like.diagonal;
+  e.g = like.diagonal ? at::ones_like(like.g)
+                      : at::eye(like.g.size(0), like.g.options());
+  e.g_inv = e.g.clone();
+  return e;
+}
+
+GroupElement GroupElement::compose(const GroupElement& other) const {
+  TORCH_CHECK(diagonal == other.diagonal,
+              "compose: expected group elements of the same kind");
+  GroupElement e;
+  e.diagonal = diagonal;
+  e.g = diagonal ? g * other.g : at::mm(g, other.g);
+  e.g_inv = diagonal ? other.g_inv * g_inv : at::mm(other.g_inv, g_inv);
+  return e;
+}
+
+GroupElement GroupElement::masked(const at::Tensor& keep) const {
+  const GroupElement id = identity_like(*this);
+  return {at::where(keep, g, id.g), at::where(keep, g_inv, id.g_inv), diagonal};
+}
+
+LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in,
+                             at::Tensor w_out, std::string name)
+    : kind_(kind),
+      w_in_(std::move(w_in)),
+      b_in_(std::move(b_in)),
+      w_out_(std::move(w_out)),
+      name_(std::move(name)) {
+  TORCH_CHECK(w_in_.defined() && w_out_.defined(),
+              "LayerSymmetry: expected defined weights W_in and W_out");
+  TORCH_CHECK(w_in_.dim() == 2 && w_out_.dim() == 2,
+              "LayerSymmetry: expected 2-D weights, got W_in ", shape_of(w_in_),
+              " and W_out ", shape_of(w_out_));
+  TORCH_CHECK(w_out_.size(1) == w_in_.size(0),
+              "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ",
+              w_in_.size(0), " columns, got ", shape_of(w_out_));
+  TORCH_CHECK(at::isFloatingType(w_in_.scalar_type()),
+              "LayerSymmetry: expected floating-point weights, got ",
+              w_in_.scalar_type());
+  if (b_in_.defined()) {
+    TORCH_CHECK(b_in_.dim() == 1 && b_in_.size(0) == w_in_.size(0),
+                "LayerSymmetry: expected a bias of ", w_in_.size(0),
+                " entries, got ", shape_of(b_in_));
+  }
+  for (const auto& p : parameters()) {
+    TORCH_CHECK(p.device() == w_in_.device(),
+                "LayerSymmetry: expected all parameters on ", w_in_.device(),
+                ", got one on ", p.device());
+    TORCH_CHECK(p.scalar_type() == w_in_.scalar_type(),
+                "LayerSymmetry: expected all parameters of dtype ",
+                w_in_.scalar_type(), ", got one of ", p.scalar_type());
+  }
+  w_in_shape_ = w_in_.sizes().vec();
+  w_out_shape_ = w_out_.sizes().vec();
+  if (name_.empty()) {
+    name_ = std::string(diagonal() ? "scaling" : "gl") + "(" +
+            std::to_string(width()) + ")";
+  }
+}
+
+std::vector<at::Tensor> LayerSymmetry::parameters() const {
+  if (b_in_.defined()) return {w_in_, b_in_, w_out_};
+  return {w_in_, w_out_};
+}
+
+at::Tensor LayerSymmetry::zero_algebra() const {
+  const int64_t n = width();
+  return diagonal() ? at::zeros({n}, w_in_.options())
+                    : at::zeros({n, n}, w_in_.options());
+}
+
+at::Tensor LayerSymmetry::direction(const std::vector<at::Tensor>& grads) const {
+  TORCH_CHECK(grads.size() == parameters().size(), name_, ": expected ",
+              parameters().size(), " gradients, got ", grads.size());
+  const at::Tensor& g_in = grads.front();
+  const at::Tensor& g_out = grads.back();
+  at::Tensor d;
+  if (diagonal()) {
+    d = g_out.square().sum(0) - g_in.square().sum(1);
+    if (b_in_.defined()) d = d - grads[1].square();
+  } else {
+    d = at::mm(g_out.t(), g_out) - at::mm(g_in, g_in.t());
+    if (b_in_.defined()) d = d - at::outer(grads[1], grads[1]);
+  }
+  return d * 2;
+}
+
+void LayerSymmetry::apply_(const GroupElement& e) const {
+  at::NoGradGuard no_grad;
+  w_in_.copy_(left(e.g, e.diagonal, w_in_));
+  if (b_in_.defined()) b_in_.copy_(left(e.g, e.diagonal, b_in_));
+  w_out_.copy_(right(w_out_, e.diagonal, e.g_inv));
+}
+
+void LayerSymmetry::transport_gradients_(const GroupElement& e,
+                                         const std::vector<at::Tensor>& grads) const {
+  at::NoGradGuard no_grad;
+  // g^{-T} X for the rows, X gᵀ for the columns.
+  const at::Tensor g_inv_t = e.diagonal ? e.g_inv : e.g_inv.t();
+  const at::Tensor g_t = e.diagonal ? e.g : e.g.t();
+  for (size_t i = 0; i + 1 < grads.size(); ++i) {
+    if (grads[i].defined()) grads[i].copy_(left(g_inv_t, e.diagonal, grads[i]));
+  }
+  if (grads.back().defined()) {
+    grads.back().copy_(right(grads.back(), e.diagonal, g_t));
+  }
+}
+
+void LayerSymmetry::transport_squared_gradients_(
+    const GroupElement& e, const std::vector<at::Tensor>& sums) const {
+  TORCH_CHECK(e.diagonal, name_,
+              ": sums of squared gradients map exactly only under diagonal "
+              "scaling, not under full GL(n)");
+  at::NoGradGuard no_grad;
+  const at::Tensor rows = e.g_inv.square();
+  for (size_t i = 0; i + 1 < sums.size(); ++i) {
+    if (sums[i].defined()) sums[i].copy_(left(rows, true, sums[i]));
+  }
+  if (sums.back().defined()) sums.back().copy_(right(sums.back(), true, e.g.square()));
+}
+
+std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
+                                           const at::Tensor& T) const {
+  TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ",
+              parameters().size(), " tensors, got ", params.size());
+  const GroupElement e = GroupElement::from_algebra(T, diagonal(), Parametrization::kLinear);
+  std::vector<at::Tensor> out;
+  out.reserve(params.size());
+  for (size_t i = 0; i + 1 < params.size(); ++i) {
+    out.push_back(left(e.g, e.diagonal, params[i]));
+  }
+  out.push_back(right(params.back(), e.diagonal, e.g_inv));
+  return out;
+}
+
+void LayerSymmetry::check_unchanged() const {
+  TORCH_CHECK(w_in_.sizes().vec() == w_in_shape_ && w_out_.sizes().vec() == w_out_shape_,
+              name_, ": its parameters were resized after it was made: expected W_in ",
+              at::IntArrayRef(w_in_shape_), " and W_out ", at::IntArrayRef(w_out_shape_),
+              ", got ", shape_of(w_in_), " and ", shape_of(w_out_));
+  for (const auto& p : parameters()) {
+    TORCH_CHECK(p.device() == w_in_.device() && p.scalar_type() == w_in_.scalar_type(),
+                name_, ": expected all parameters on one device with one dtype (",
+                w_in_.device(), ", ", w_in_.scalar_type(), "), got ", p.device(), ", ",
+                p.scalar_type());
+  }
+}
+
+}  // namespace teleport

@@ -1,0 +1,130 @@
+#pragma once
+
+#include <teleport/options.h>
+
+#include <ATen/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace teleport {
+
+/// One group element g with its exact inverse. A diagonal element holds the
+/// diagonals (vectors) instead of matrices.
+struct GroupElement {
+  at::Tensor g;
+  at::Tensor g_inv;
+  bool diagonal = false;
+
+  /// g for the algebra element T (a matrix, or a vector when diagonal).
+  static GroupElement from_algebra(const at::Tensor& T, bool diagonal,
+                                   Parametrization p);
+  /// The identity of the same shape, dtype and device as `like`.
+  static GroupElement identity_like(const GroupElement& like);
+  /// this ∘ other: first other, then this.
+  GroupElement compose(const GroupElement& other) const;
+  /// g⁻¹ (the two tensors swapped).
+  GroupElement inverse() const { return {g_inv, g, diagonal}; }
+  /// This element where `keep` (a 0-dim bool tensor) is true, the identity
+  /// elsewhere; decided on the device, with no host synchronisation.
+  GroupElement masked(const at::Tensor& keep) const;
+};
+
+/// A group G acting on some parameters with L(g·w) = L(w). The teleport loop
+/// (ascent.h) talks to symmetries only through this interface.
+class Symmetry {
+ public:
+  virtual ~Symmetry() = default;
+
+  virtual std::string name() const = 0;
+  /// Whether group elements are diagonal (held as vectors).
+  virtual bool diagonal() const = 0;
+  /// The tensors the action changes; gradients and other per-parameter
+  /// tensors passed to the methods below come in this order.
+  virtual std::vector<at::Tensor> parameters() const = 0;
+  /// The algebra element at the identity, on the parameters' device and dtype.
+  virtual at::Tensor zero_algebra() const = 0;
+
+  /// Whether direction() is available (the action is linear and exact).
+  virtual bool has_closed_form() const = 0;
+  /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 from the gradients alone.
+  virtual at::Tensor direction(const std::vector<at::Tensor>& grads) const = 0;
+
+  /// w <- g·w, in place, on the parameters.
+  virtual void apply_(const GroupElement& e) const = 0;
+  /// Tensors that transform as gradients do (gradients, momentum buffers):
+  /// X -> A_g^{-T} X, in place.
+  virtual void transport_gradients_(const GroupElement& e,
+                                    const std::vector<at::Tensor>& grads) const = 0;
+  /// Whether transport_squared_gradients_() is exact for this group.
+  virtual bool can_transport_squared_gradients() const = 0;
+  /// Sums of squared gradient entries (AdaGrad), each entry scaled by the
+  /// square of its gradient entry's factor. Throws where that is not exact.
+  virtual void transport_squared_gradients_(const GroupElement& e,
+                                            const std::vector<at::Tensor>& sums) const = 0;
+
+  /// The differentiable action of g = I + T on `params` (in the order of
+  /// parameters()); the result is in the same order.
+  virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params,
+                                      const at::Tensor& T) const = 0;
+
+  /// Throws unless the parameters still have the shapes, dtype and device they
+  /// had when the symmetry was made.
+  virtual void check_unchanged() const = 0;
+};
+
+/// What a hidden layer's activation allows.
+enum class SymmetryKind {
+  /// GL(n): no nonlinearity between the two Linear layers.
+  kLinearGL,
+  /// Positive diagonal scaling: a positively homogeneous activation
+  /// (ReLU, LeakyReLU, identity).
+  kScaling,
+};
+
+/// The group acting on the width n of one hidden layer between two Linear
+/// layers: W_in -> g W_in, b_in -> g b_in, W_out -> W_out g⁻¹.
+///
+/// The action is linear in the weights and leaves the loss unchanged for all
+/// data, so gradients map as ∇W_in -> g^{-T} ∇W_in, ∇b_in -> g^{-T} ∇b_in,
+/// ∇W_out -> ∇W_out gᵀ, and the ascent direction at the identity has the
+/// closed form 2 (∇W_outᵀ ∇W_out - ∇W_in ∇W_inᵀ - ∇b_in ∇b_inᵀ), its diagonal
+/// for scaling (DESIGN.md §3).
+class LayerSymmetry : public Symmetry {
+ public:
+  /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n.
+  /// The tensors are the parameters themselves; the action changes them in place.
+  LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in,
+                at::Tensor w_out, std::string name = "");
+
+  SymmetryKind kind() const { return kind_; }
+  /// The width n the group acts on.
+  int64_t width() const { return w_in_.size(0); }
+
+  std::string name() const override { return name_; }
+  bool diagonal() const override { return kind_ == SymmetryKind::kScaling; }
+  std::vector<at::Tensor> parameters() const override;
+  at::Tensor zero_algebra() const override;
+  bool has_closed_form() const override { return true; }
+  at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
+  void apply_(const GroupElement& e) const override;
+  void transport_gradients_(const GroupElement& e,
+                            const std::vector<at::Tensor>& grads) const override;
+  bool can_transport_squared_gradients() const override { return diagonal(); }
+  void transport_squared_gradients_(const GroupElement& e,
+                                    const std::vector<at::Tensor>& sums) const override;
+  std::vector<at::Tensor> act(const std::vector<at::Tensor>& params,
+                              const at::Tensor& T) const override;
+  void check_unchanged() const override;
+
+ private:
+  SymmetryKind kind_;
+  at::Tensor w_in_, b_in_, w_out_;
+  std::vector<int64_t> w_in_shape_, w_out_shape_;
+  std::string name_;
+};
+
+using SymmetryList = std::vector<std::shared_ptr<Symmetry>>;
+
+}  // namespace teleport

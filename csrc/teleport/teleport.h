@@ -1,0 +1,13 @@
+#pragma once
+
+/// teleport: symmetry teleportation for LibTorch training loops.
+/// Zhao, Dehmamy, Walters, Yu, "Symmetry Teleportation for Accelerated
+/// Optimization", NeurIPS 2022.
+
+#include <teleport/ascent.h>
+#include <teleport/discover.h>
+#include <teleport/objective.h>
+#include <teleport/optimizer.h>
+#include <teleport/options.h>
+#include <teleport/schedule.h>
+#include <teleport/symmetry.h>
