@@ -101,6 +101,37 @@ std::vector<at::Tensor> batch_gradients(const Objective& objective,
   return grads;
 }
 
+struct Evaluation {
+  at::Tensor loss, F;                  // detached
+  std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
+};
+
+// F(T) = ||∇L((I+T)·w)||² on the objective's batch at T = 0 and, when asked,
+// ∂F/∂T by double backward.
+Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                    const std::vector<std::vector<size_t>>& where, const Objective& objective,
+                    bool with_directions) {
+  at::AutoGradMode enable(true);
+  std::vector<at::Tensor> Ts;
+  std::vector<at::Tensor> current;
+  for (const auto& p : params) current.push_back(p.detach());
+  for (size_t k = 0; k < syms.size(); ++k) {
+    Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
+    const auto acted = syms[k]->act(pick(current, where[k]), Ts.back());
+    for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
+  }
+  ParameterOverrides overrides;
+  for (size_t i = 0; i < params.size(); ++i) overrides.emplace_back(params[i], current[i]);
+  const at::Tensor loss = objective.loss(overrides);
+  const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
+  const at::Tensor F = norm_sq(grads);
+  Evaluation ev{loss.detach(), F.detach(), {}};
+  if (with_directions) {
+    for (auto& d : torch::autograd::grad({F}, Ts)) ev.directions.push_back(d.detach());
+  }
+  return ev;
+}
+
 struct Ascent {
   at::Tensor norm_before, norm_after, loss_before, steps;
   std::vector<GroupElement> total;  // one per symmetry, starting at the identity
@@ -163,46 +194,35 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
   a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
   std::vector<GroupElement> last;
-  at::AutoGradMode enable(true);
 
   for (int64_t step = 0; step <= o.steps(); ++step) {
-    std::vector<at::Tensor> Ts;
-    std::vector<at::Tensor> current;
-    for (const auto& p : params) current.push_back(p.detach());
-    for (size_t k = 0; k < syms.size(); ++k) {
-      Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
-      const auto acted = syms[k]->act(pick(current, where[k]), Ts.back());
-      for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
-    }
-    ParameterOverrides overrides;
-    for (size_t i = 0; i < params.size(); ++i) overrides.emplace_back(params[i], current[i]);
-    const at::Tensor loss = objective.loss(overrides);
-    const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
-    const at::Tensor F = norm_sq(grads);
+    const bool last_step = step == o.steps();
+    const Evaluation ev = evaluate(syms, params, where, objective, !last_step);
+    const at::Tensor& F = ev.F;
+    const at::Tensor& loss = ev.loss;
 
     if (step == 0) {
-      a.norm_before = F.detach();
+      a.norm_before = F;
       a.norm_after = a.norm_before;
-      a.loss_before = loss.detach();
+      a.loss_before = loss;
     } else {
       // Undo the last step if it left the gradient non-finite or too large.
-      const at::Tensor ok = active.logical_and(at::isfinite(F.detach()))
-                                .logical_and(F.detach() <= a.norm_before * o.max_growth());
+      const at::Tensor ok = active.logical_and(at::isfinite(F))
+                                .logical_and(F <= a.norm_before * o.max_growth());
       for (size_t k = 0; k < syms.size(); ++k) {
         const GroupElement undo = last[k].inverse().masked(active.logical_and(ok.logical_not()));
         syms[k]->apply_(undo);
         a.total[k] = undo.compose(a.total[k]);
       }
       a.steps = a.steps + ok.to(at::kLong);
-      a.norm_after = at::where(ok, F.detach(), a.norm_after);
+      a.norm_after = at::where(ok, F, a.norm_after);
       active = ok;
     }
-    if (step == o.steps()) break;
+    if (last_step) break;
 
-    const auto directions = torch::autograd::grad({F}, Ts);
     last.clear();
     for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T = capped_step(directions[k].detach(), o);
+      const at::Tensor T = capped_step(ev.directions[k], o);
       const GroupElement e =
           GroupElement::from_algebra(T, syms[k]->diagonal(), o.parametrization()).masked(active);
       syms[k]->apply_(e);
@@ -214,6 +234,34 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
 }
 
 }  // namespace
+
+std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method,
+                                   const Objective* objective) {
+  TORCH_CHECK(!symmetries.empty(), "directions: expected symmetries, got none");
+  method = resolve_method(symmetries, method);
+  const auto params = detail::distinct_parameters(symmetries);
+  const auto where = positions(symmetries, params);
+  if (method == Method::kAutograd) {
+    TORCH_CHECK(objective != nullptr,
+                "directions: the autograd direction needs a batch and a loss, got none");
+    return evaluate(symmetries, params, where, *objective, true).directions;
+  }
+  std::vector<at::Tensor> grads;
+  if (objective != nullptr) {
+    at::Tensor loss;
+    grads = batch_gradients(*objective, params, loss);
+  } else {
+    for (const auto& p : params) {
+      TORCH_CHECK(p.grad().defined(), "directions: expected gradients in .grad, got none");
+      grads.push_back(p.grad());
+    }
+  }
+  std::vector<at::Tensor> out;
+  for (size_t k = 0; k < symmetries.size(); ++k) {
+    out.push_back(symmetries[k]->direction(pick(grads, where[k])));
+  }
+  return out;
+}
 
 Method resolve_method(const SymmetryList& symmetries, Method method) {
   if (method != Method::kAuto) return method;

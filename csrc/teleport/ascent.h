@@ -50,6 +50,12 @@ struct TeleportReport {
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const Objective* objective = nullptr);
 
+/// ∂/∂T ||∇L((I+T)·w)||² at T = 0 for each symmetry: in closed form from the
+/// objective's batch gradient (or from `.grad` when there is no objective), or
+/// by double backward on the objective (Method::kAutograd).
+std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method,
+                                   const Objective* objective = nullptr);
+
 /// Resolves kAuto: closed form when every symmetry has one.
 Method resolve_method(const SymmetryList& symmetries, Method method);
 

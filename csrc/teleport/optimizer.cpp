@@ -31,12 +31,6 @@ typename Map::key_type state_key(const Map&, const at::Tensor& p) {
   }
 }
 
-torch::optim::OptimizerParamState* find_state(Optimizer& opt, const at::Tensor& p) {
-  auto& state = opt.state();
-  auto it = state.find(state_key(state, p));
-  return it == state.end() ? nullptr : it->second.get();
-}
-
 void erase_state(Optimizer& opt, const at::Tensor& p) {
   auto& state = opt.state();
   state.erase(state_key(state, p));
@@ -86,6 +80,16 @@ double read_double(torch::serialize::InputArchive& a, const std::string& key) {
 }
 
 }  // namespace
+
+namespace detail {
+torch::optim::OptimizerParamState* find_state(Optimizer& opt, const at::Tensor& p) {
+  auto& state = opt.state();
+  auto it = state.find(state_key(state, p));
+  return it == state.end() ? nullptr : it->second.get();
+}
+}  // namespace detail
+
+using detail::find_state;
 
 TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
                                      std::unique_ptr<Optimizer> inner,
@@ -186,7 +190,8 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
   }
   // Closed form from .grad, then the closure measures the loss at the new
   // point (and leaves the exact gradient there); too large a change rolls back.
-  const detail::Snapshot snapshot(detail::distinct_parameters(symmetries_));
+  // The closure rewrites every gradient, so the snapshot holds them all.
+  const detail::Snapshot snapshot(all_params(*this));
   TeleportReport report = teleport(symmetries_, options_);
   if (report.rolled_back) return report;
   at::Tensor after;

@@ -96,4 +96,11 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   bool has_report_ = false;
 };
 
+namespace detail {
+/// The inner optimizer's state for parameter `p`, or nullptr; works with the
+/// state keys of LibTorch 1.x (strings) and 2.x (pointers) alike.
+torch::optim::OptimizerParamState* find_state(torch::optim::Optimizer& opt,
+                                              const at::Tensor& p);
+}  // namespace detail
+
 }  // namespace teleport

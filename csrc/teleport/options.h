@@ -79,8 +79,9 @@ struct TeleportOptions {
   /// nothing itself).
   TORCH_ARG(std::function<void(const TeleportReport&)>, on_report) = nullptr;
 
-  /// Throws a c10::Error naming the first option that is out of range.
+  // (TORCH_ARG leaves the access private.)
  public:
+  /// Throws a c10::Error naming the first option that is out of range.
   void validate() const;
 };
 

@@ -1,0 +1,179 @@
+// teleport(): the ascent keeps the loss, raises the gradient, and its safeguards hold.
+#include "test_util.h"
+
+namespace teleport::testing {
+namespace {
+
+class AscentTest : public DeviceTest {
+ protected:
+  struct Setup {
+    torch::nn::Sequential model;
+    Batch batch;
+    SymmetryList syms;
+  };
+  Setup make(Act act, torch::TensorOptions options, uint64_t seed = 0) {
+    Setup s{make_mlp({6, 8, 7, 3}, act, true, options, seed), random_batch(10, 6, 3, options), {}};
+    s.syms = discover(s.model).symmetries;
+    return s;
+  }
+  static TeleportOptions ascent() {
+    return TeleportOptions().steps(5).lr(0.5).max_growth(1e6);
+  }
+};
+TELEPORT_DEVICE_TESTS(AscentTest);
+
+TEST_P(AscentTest, TeleportKeepsLossAndRaisesGradNorm) {
+  for (auto options : {f64(), f32()}) {
+    for (Act act : {Act::kIdentity, Act::kReLU, Act::kLeakyReLU}) {
+      auto s = make(act, options);
+      const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+      const TeleportReport r = teleport(s.syms, ascent(), &objective);
+      ASSERT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_EQ(r.steps, 5);
+      const double tol = options.dtype() == torch::kDouble ? 1e-10 : 1e-5;
+      EXPECT_NEAR(r.loss_after, r.loss_before, tol * r.loss_before);
+      EXPECT_GT(r.grad_norm_sq_after, 1.05 * r.grad_norm_sq_before);
+      // The reported figures are the real ones at the new point.
+      const double loss = backward(objective, s.model);
+      EXPECT_NEAR(loss, r.loss_after, tol * loss);
+      double norm = 0;
+      for (const auto& p : detail::distinct_parameters(s.syms)) {
+        norm += p.grad().square().sum().item<double>();
+      }
+      EXPECT_NEAR(norm, r.grad_norm_sq_after, 1e3 * tol * norm);
+    }
+  }
+}
+
+TEST_P(AscentTest, TeleportFromGradLeavesExactGradient) {
+  auto s = make(Act::kReLU, f64());
+  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  backward(objective, s.model);
+  const TeleportReport r = teleport(s.syms, ascent());
+  ASSERT_FALSE(r.rolled_back) << r.reason;
+  EXPECT_TRUE(std::isnan(r.loss_before));  // not measured without a batch
+  std::vector<at::Tensor> transported;
+  for (const auto& p : s.model->parameters()) transported.push_back(p.grad().clone());
+  backward(objective, s.model);
+  const auto params = s.model->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_LE(rel_diff(transported[i], params[i].grad()), 1e-9) << "parameter " << i;
+  }
+}
+
+TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
+  for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
+    auto a = make(Act::kLeakyReLU, f64(), 4);
+    auto b = make(Act::kLeakyReLU, f64(), 4);
+    const Objective oa(a.model, a.batch.input, a.batch.target, mse());
+    const Objective ob(b.model, b.batch.input, b.batch.target, mse());
+    const auto ra = teleport(a.syms, ascent().parametrization(p).method(Method::kClosedForm), &oa);
+    const auto rb = teleport(b.syms, ascent().parametrization(p).method(Method::kAutograd), &ob);
+    ASSERT_FALSE(ra.rolled_back || rb.rolled_back) << ra.reason << rb.reason;
+    EXPECT_NEAR(ra.grad_norm_sq_after, rb.grad_norm_sq_after, 1e-9 * ra.grad_norm_sq_after);
+    const auto pa = a.model->parameters(), pb = b.model->parameters();
+    for (size_t i = 0; i < pa.size(); ++i) EXPECT_LE(rel_diff(pa[i], pb[i]), 1e-9);
+  }
+}
+
+// GL(n) declared by hand across a ReLU is not a symmetry: the loss changes,
+// and the check on the batch must catch it.
+SymmetryList wrong_symmetry(torch::nn::Sequential& model) {
+  const auto p = model->parameters();  // W0, b0, W1, b1, W2, b2
+  return {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
+}
+
+TEST_P(AscentTest, RollbackWhenTheLossChangesBeyondTolerance) {
+  auto s = make(Act::kReLU, f64());
+  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  backward(objective, s.model);
+  const auto weights = clone_all(s.model->parameters());
+  std::vector<at::Tensor> grads;
+  for (const auto& p : s.model->parameters()) grads.push_back(p.grad().clone());
+  const auto r = teleport(wrong_symmetry(s.model), ascent(), &objective);
+  EXPECT_TRUE(r.rolled_back) << r.loss_before << " " << r.loss_after;
+  EXPECT_NE(r.reason.find("above the tolerance"), std::string::npos) << r.reason;
+  EXPECT_TRUE(r.elements.empty());
+  EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+  std::vector<at::Tensor> after;
+  for (const auto& p : s.model->parameters()) after.push_back(p.grad());
+  EXPECT_TRUE(bitwise_equal(after, grads));
+  // The same teleport with a tolerance it meets is kept.
+  const auto kept = teleport(wrong_symmetry(s.model), ascent().tolerance(1e6), &objective);
+  EXPECT_FALSE(kept.rolled_back) << kept.reason;
+  EXPECT_FALSE(bitwise_equal(s.model->parameters(), weights));
+}
+
+TEST_P(AscentTest, NonFiniteGradientRollsBack) {
+  auto s = make(Act::kReLU, f64());
+  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  backward(objective, s.model);
+  s.model->parameters()[0].grad()[0][0] = std::numeric_limits<double>::quiet_NaN();
+  const auto weights = clone_all(s.model->parameters());
+  const auto r = teleport(s.syms, ascent());
+  EXPECT_TRUE(r.rolled_back);
+  EXPECT_NE(r.reason.find("non-finite"), std::string::npos) << r.reason;
+  EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+}
+
+TEST_P(AscentTest, GrowthCapStopsTheAscent) {
+  for (Method m : {Method::kClosedForm, Method::kAutograd}) {
+    auto s = make(Act::kReLU, f64());
+    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    const auto r = teleport(s.syms, ascent().steps(50).max_growth(1.5).method(m), &objective);
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_LT(r.steps, 50);
+    EXPECT_GT(r.steps, 0);
+    EXPECT_LE(r.grad_norm_sq_after, 1.5 * r.grad_norm_sq_before);
+    EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
+    EXPECT_NE(r.reason.find("stopped after"), std::string::npos);
+    backward(objective, s.model);
+    double norm = 0;
+    for (const auto& p : detail::distinct_parameters(s.syms)) {
+      norm += p.grad().square().sum().item<double>();
+    }
+    EXPECT_NEAR(norm, r.grad_norm_sq_after, 1e-9 * norm);
+  }
+}
+
+TEST_P(AscentTest, StepCapBoundsEachStep) {
+  auto s = make(Act::kIdentity, f64());
+  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  const auto r = teleport(s.syms, ascent().steps(1).lr(1e3).max_step(0.01), &objective);
+  ASSERT_FALSE(r.rolled_back) << r.reason;
+  for (const auto& e : r.elements) {
+    const double step = (e.g - torch::eye(e.g.size(0), e.g.options())).norm().item<double>();
+    EXPECT_LE(step, 0.01 + 1e-12);
+    EXPECT_GT(step, 0.0099);
+  }
+}
+
+TEST_P(AscentTest, NoSymmetriesIsANoOp) {
+  const auto r = teleport({}, ascent());
+  EXPECT_FALSE(r.rolled_back);
+  EXPECT_EQ(r.steps, 0);
+  EXPECT_NE(r.reason.find("no symmetries"), std::string::npos);
+}
+
+TEST_P(AscentTest, BadInputGetsClearErrors) {
+  auto s = make(Act::kReLU, f64());
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent()); })
+                .find("expected gradients in .grad (call loss.backward() before step())"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().method(Method::kAutograd)); })
+                .find("needs a batch and a loss"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().lr(0)); }).find("expected a finite lr > 0, got 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().steps(-1)); }).find("expected steps >= 0, got -1"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().tolerance(0)); }).find("expected tolerance > 0"),
+            std::string::npos);
+  auto other = make(Act::kReLU, f32());
+  SymmetryList mixed = {s.syms[0], other.syms[0]};
+  EXPECT_NE(error_of([&] { teleport(mixed, ascent()); }).find("one device with one dtype"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace teleport::testing

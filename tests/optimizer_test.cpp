@@ -1,0 +1,296 @@
+// TeleportOptimizer: a drop-in for the optimizer it wraps.
+#include "test_util.h"
+
+#include <torch/optim/adagrad.h>
+#include <torch/optim/schedulers/step_lr.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize.h>
+
+#include <sstream>
+
+namespace teleport::testing {
+namespace {
+
+using torch::optim::Adagrad;
+using torch::optim::AdagradOptions;
+using torch::optim::SGD;
+using torch::optim::SGDOptions;
+
+class OptimizerTest : public DeviceTest {
+ protected:
+  torch::nn::Sequential model(uint64_t seed = 0) {
+    return make_mlp({6, 8, 7, 3}, Act::kReLU, true, f64(), seed);
+  }
+  // Batch t of a fixed stream.
+  Batch batch(int64_t t) { return random_batch(10, 6, 3, f64(), 100 + t); }
+
+  // One ordinary training step: zero_grad, forward, backward, step.
+  void train_step(torch::optim::Optimizer& opt, torch::nn::Sequential& m, int64_t t) {
+    const Batch b = batch(t);
+    opt.zero_grad();
+    mse()(m->forward(b.input), b.target).backward();
+    opt.step();
+  }
+  torch::optim::Optimizer::LossClosure closure(torch::optim::Optimizer& opt,
+                                               torch::nn::Sequential& m, int64_t t) {
+    return [this, &opt, &m, t] {
+      const Batch b = batch(t);
+      opt.zero_grad();
+      auto loss = mse()(m->forward(b.input), b.target);
+      loss.backward();
+      return loss;
+    };
+  }
+  std::unique_ptr<SGD> sgd(torch::nn::Sequential& m) {
+    return std::make_unique<SGD>(m->parameters(),
+                                 SGDOptions(0.05).momentum(0.9).weight_decay(1e-3));
+  }
+  std::unique_ptr<Adagrad> adagrad(torch::nn::Sequential& m) {
+    return std::make_unique<Adagrad>(m->parameters(), AdagradOptions(0.05));
+  }
+  static TeleportOptions teleports() {
+    return TeleportOptions().every(3).steps(4).lr(0.05).max_growth(1e6);
+  }
+};
+TELEPORT_DEVICE_TESTS(OptimizerTest);
+
+TEST_P(OptimizerTest, WithTeleportOffIsBitIdenticalToTheBareOptimizer) {
+  for (bool use_adagrad : {false, true}) {
+    auto bare_model = model(), wrapped_model = model();
+    std::unique_ptr<torch::optim::Optimizer> bare =
+        use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(bare_model))
+                    : sgd(bare_model);
+    TeleportOptimizer wrapped(wrapped_model,
+                              use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(
+                                                adagrad(wrapped_model))
+                                          : sgd(wrapped_model));
+    for (int64_t t = 0; t < 50; ++t) {
+      train_step(*bare, bare_model, t);
+      train_step(wrapped, wrapped_model, t);
+    }
+    EXPECT_EQ(wrapped.teleport_count(), 0);
+    EXPECT_EQ(wrapped.step_count(), 50);
+    EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+  }
+}
+
+TEST_P(OptimizerTest, LRSchedulerReachesTheInnerOptimizer) {
+  auto bare_model = model(), wrapped_model = model();
+  auto bare = sgd(bare_model);
+  TeleportOptimizer wrapped(wrapped_model, sgd(wrapped_model));
+  torch::optim::StepLR bare_sched(*bare, 2, 0.5), wrapped_sched(wrapped, 2, 0.5);
+  for (int64_t t = 0; t < 7; ++t) {
+    train_step(*bare, bare_model, t);
+    train_step(wrapped, wrapped_model, t);
+    bare_sched.step();
+    wrapped_sched.step();
+  }
+  train_step(wrapped, wrapped_model, 7);
+  train_step(*bare, bare_model, 7);
+  EXPECT_DOUBLE_EQ(wrapped.inner().param_groups()[0].options().get_lr(), 0.05 / 8);
+  EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+}
+
+TEST_P(OptimizerTest, TeleportsOnScheduleKeepingTheLoss) {
+  auto m = model();
+  std::vector<TeleportReport> reports;
+  TeleportOptimizer opt(m, sgd(m),
+                        teleports().on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  for (int64_t t = 0; t < 8; ++t) opt.step(closure(opt, m, t));
+  ASSERT_EQ(reports.size(), 3u);  // steps 0, 3, 6
+  EXPECT_EQ(opt.teleport_count(), 3);
+  ASSERT_NE(opt.last_report(), nullptr);
+  EXPECT_EQ(opt.last_report()->step, 6);
+  for (const auto& r : reports) {
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before);
+    EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
+  }
+}
+
+TEST_P(OptimizerTest, TeleportChangesTheTrajectory) {
+  // Guards the bit-identity test above against a teleport that does nothing.
+  auto a = model(), b = model();
+  TeleportOptimizer plain(a, sgd(a)), teleporting(b, sgd(b), teleports());
+  for (int64_t t = 0; t < 4; ++t) {
+    train_step(plain, a, t);
+    train_step(teleporting, b, t);
+  }
+  EXPECT_FALSE(bitwise_equal(a->parameters(), b->parameters()));
+}
+
+TEST_P(OptimizerTest, RolledBackTeleportLeavesThePlainStep) {
+  auto bare_model = model(), wrapped_model = model();
+  auto bare = sgd(bare_model);
+  // GL(n) across a ReLU is no symmetry: the closure sees the loss change.
+  const auto p = wrapped_model->parameters();
+  SymmetryList wrong = {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
+  TeleportOptimizer wrapped(wrapped_model, wrong, sgd(wrapped_model), teleports().lr(1.0));
+  bare->step(closure(*bare, bare_model, 0));
+  wrapped.step(closure(wrapped, wrapped_model, 0));
+  ASSERT_NE(wrapped.last_report(), nullptr);
+  EXPECT_TRUE(wrapped.last_report()->rolled_back)
+      << wrapped.last_report()->loss_before << " " << wrapped.last_report()->loss_after << " "
+      << wrapped.last_report()->steps << " " << wrapped.last_report()->reason;
+  EXPECT_NE(wrapped.last_report()->reason.find("beyond the tolerance"), std::string::npos);
+  EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+}
+
+TEST_P(OptimizerTest, SaveLoadResumesIdentically) {
+  for (bool use_adagrad : {false, true}) {
+    auto make_opt = [&](torch::nn::Sequential& m) {
+      return std::make_unique<TeleportOptimizer>(
+          m, use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m)) : sgd(m),
+          teleports());
+    };
+    auto m = model();
+    auto opt = make_opt(m);
+    for (int64_t t = 0; t < 5; ++t) train_step(*opt, m, t);
+    std::stringstream model_stream, opt_stream;
+    torch::save(m, model_stream);
+    torch::save(*opt, opt_stream);
+    for (int64_t t = 5; t < 11; ++t) train_step(*opt, m, t);
+
+    // A rebuilt model and optimizer (other initial weights, other default options).
+    auto m2 = model(/*seed=*/99);
+    auto opt2 = std::make_unique<TeleportOptimizer>(
+        m2, use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m2)) : sgd(m2),
+        TeleportOptions());
+    torch::load(m2, model_stream);
+    torch::load(*opt2, opt_stream);
+    EXPECT_EQ(opt2->step_count(), 5);
+    EXPECT_EQ(opt2->options().every(), 3);
+    for (int64_t t = 5; t < 11; ++t) train_step(*opt2, m2, t);
+    EXPECT_EQ(opt2->teleport_count(), opt->teleport_count());
+    EXPECT_TRUE(bitwise_equal(m->parameters(), m2->parameters()));
+  }
+}
+
+// A per-parameter state tensor of the inner optimizer.
+template <typename State, typename Get>
+at::Tensor state_of(torch::optim::Optimizer& opt, const at::Tensor& p, Get get) {
+  auto* s = dynamic_cast<State*>(detail::find_state(opt, p));
+  return s == nullptr ? at::Tensor() : get(*s);
+}
+
+TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
+  for (bool use_adagrad : {false, true}) {
+    auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
+    const auto w_in = m->parameters()[0], w_out = m->parameters()[1];
+    std::unique_ptr<torch::optim::Optimizer> inner =
+        use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m)) : sgd(m);
+    auto get = [&](torch::optim::Optimizer& o, const at::Tensor& p) {
+      return use_adagrad
+                 ? state_of<torch::optim::AdagradParamState>(
+                       o, p, [](auto& s) { return s.sum(); })
+                 : state_of<torch::optim::SGDParamState>(
+                       o, p, [](auto& s) { return s.momentum_buffer(); });
+    };
+    at::Tensor in_before, out_before, in_after, out_after;
+    TeleportReport report;
+    TeleportOptimizer* self = nullptr;
+    TeleportOptimizer opt(m, std::move(inner),
+                          teleports().every(0).at({1}).on_report([&](const TeleportReport& r) {
+                            report = r;
+                            in_after = get(self->inner(), w_in).clone();
+                            out_after = get(self->inner(), w_out).clone();
+                          }));
+    self = &opt;
+    train_step(opt, m, 0);
+    in_before = get(opt.inner(), w_in).clone();
+    out_before = get(opt.inner(), w_out).clone();
+    train_step(opt, m, 1);
+    ASSERT_FALSE(report.rolled_back) << report.reason;
+    ASSERT_EQ(report.elements.size(), 1u);
+    const auto& e = report.elements[0];
+    const int power = use_adagrad ? 2 : 1;  // sums of squares scale by the square
+    EXPECT_LE(rel_diff(in_after, in_before * e.g_inv.pow(power).unsqueeze(1)), 1e-13);
+    EXPECT_LE(rel_diff(out_after, out_before * e.g.pow(power).unsqueeze(0)), 1e-13);
+    EXPECT_GT(rel_diff(in_after, in_before), 1e-6);
+  }
+}
+
+TEST_P(OptimizerTest, ResetStartsTheStateAfresh) {
+  auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
+  at::Tensor sum_after;
+  TeleportOptimizer* self = nullptr;
+  TeleportOptimizer opt(m, adagrad(m),
+                        teleports().every(0).at({1}).state_policy(StatePolicy::kReset).on_report(
+                            [&](const TeleportReport&) {
+                              sum_after = state_of<torch::optim::AdagradParamState>(
+                                  self->inner(), m->parameters()[0],
+                                  [](auto& s) { return s.sum(); }).clone();
+                            }));
+  self = &opt;
+  train_step(opt, m, 0);
+  train_step(opt, m, 1);
+  ASSERT_TRUE(sum_after.defined());
+  EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
+}
+
+TEST_P(OptimizerTest, TeleportBatchDrivesTheTeleportAndMapsTheGradient) {
+  for (Method method : {Method::kClosedForm, Method::kAutograd}) {
+    auto m = model();
+    const auto params = m->parameters();
+    const Batch teleport_batch = random_batch(32, 6, 3, f64(), 7);
+    const Batch b = batch(0);
+    const Objective minibatch(m, b.input, b.target, mse());
+    TeleportReport report;
+    std::vector<double> errors;
+    TeleportOptimizer opt(m, sgd(m),
+                          teleports().every(0).at({0}).method(method).on_report(
+                              [&](const TeleportReport& r) {
+                                report = r;
+                                // .grad must be the minibatch gradient at the new weights.
+                                const auto exact =
+                                    torch::autograd::grad({minibatch.loss()}, params);
+                                for (size_t i = 0; i < params.size(); ++i) {
+                                  errors.push_back(rel_diff(params[i].grad(), exact[i]));
+                                }
+                              }));
+    opt.set_teleport_batch(
+        [&] { return std::make_pair(teleport_batch.input, teleport_batch.target); }, mse());
+    backward(minibatch, m);
+    opt.step();
+    ASSERT_FALSE(report.rolled_back) << report.reason;
+    EXPECT_EQ(report.steps, 4);
+    EXPECT_FALSE(std::isnan(report.loss_before));
+    EXPECT_NEAR(report.loss_after, report.loss_before, 1e-10 * report.loss_before);
+    EXPECT_GT(report.grad_norm_sq_after, report.grad_norm_sq_before);
+    ASSERT_EQ(errors.size(), params.size());
+    for (double e : errors) EXPECT_LE(e, 1e-9);
+  }
+}
+
+TEST_P(OptimizerTest, BadInputGetsClearErrors) {
+  auto m = model();
+  TeleportOptimizer opt(m, sgd(m), teleports());
+  EXPECT_NE(error_of([&] { opt.step(); }).find("call loss.backward() before step()"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { TeleportOptimizer(m, nullptr); }).find("expected an inner optimizer"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { TeleportOptimizer(m, sgd(m), TeleportOptions().every(-2)); })
+                .find("expected every >= 0, got -2"),
+            std::string::npos);
+  auto other = model(5);
+  EXPECT_NE(error_of([&] { TeleportOptimizer(m, sgd(other)); })
+                .find("acts on a parameter the inner optimizer does not hold"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { opt.set_teleport_batch(nullptr, mse()); })
+                .find("expected a batch source and a loss function"),
+            std::string::npos);
+}
+
+TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {
+  torch::nn::Sequential m(torch::nn::Linear(6, 5), torch::nn::Tanh(), torch::nn::Linear(5, 3));
+  m->to(device(), torch::kDouble);
+  TeleportOptimizer opt(m, sgd(m), teleports());
+  EXPECT_TRUE(opt.symmetries().empty());
+  EXPECT_FALSE(opt.notes().empty());
+  train_step(opt, m, 0);
+  ASSERT_NE(opt.last_report(), nullptr);
+  EXPECT_NE(opt.last_report()->reason.find("no symmetries"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace teleport::testing
