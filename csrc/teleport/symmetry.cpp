@@ -135,11 +135,31 @@ at::Tensor LayerSymmetry::direction(const std::vector<at::Tensor>& grads) const 
   return d * 2;
 }
 
+// X <- m X (rows) in place; diagonal m multiplies without a temporary.
+static void left_(const at::Tensor& m, bool diagonal, const at::Tensor& x) {
+  if (!x.defined()) return;
+  if (diagonal) {
+    x.mul_(x.dim() == 1 ? m : m.unsqueeze(1));
+  } else {
+    x.copy_(left(m, false, x));
+  }
+}
+
+// X <- X m (columns) in place.
+static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
+  if (!x.defined()) return;
+  if (diagonal) {
+    x.mul_(m.unsqueeze(0));
+  } else {
+    x.copy_(at::mm(x, m));
+  }
+}
+
 void LayerSymmetry::apply_(const GroupElement& e) const {
   at::NoGradGuard no_grad;
-  w_in_.copy_(left(e.g, e.diagonal, w_in_));
-  if (b_in_.defined()) b_in_.copy_(left(e.g, e.diagonal, b_in_));
-  w_out_.copy_(right(w_out_, e.diagonal, e.g_inv));
+  left_(e.g, e.diagonal, w_in_);
+  left_(e.g, e.diagonal, b_in_);
+  right_(w_out_, e.diagonal, e.g_inv);
 }
 
 void LayerSymmetry::transport_gradients_(const GroupElement& e,
@@ -148,12 +168,8 @@ void LayerSymmetry::transport_gradients_(const GroupElement& e,
   // g^{-T} X for the rows, X gᵀ for the columns.
   const at::Tensor g_inv_t = e.diagonal ? e.g_inv : e.g_inv.t();
   const at::Tensor g_t = e.diagonal ? e.g : e.g.t();
-  for (size_t i = 0; i + 1 < grads.size(); ++i) {
-    if (grads[i].defined()) grads[i].copy_(left(g_inv_t, e.diagonal, grads[i]));
-  }
-  if (grads.back().defined()) {
-    grads.back().copy_(right(grads.back(), e.diagonal, g_t));
-  }
+  for (size_t i = 0; i + 1 < grads.size(); ++i) left_(g_inv_t, e.diagonal, grads[i]);
+  right_(grads.back(), e.diagonal, g_t);
 }
 
 void LayerSymmetry::transport_squared_gradients_(
@@ -163,10 +179,8 @@ void LayerSymmetry::transport_squared_gradients_(
               "scaling, not under full GL(n)");
   at::NoGradGuard no_grad;
   const at::Tensor rows = e.g_inv.square();
-  for (size_t i = 0; i + 1 < sums.size(); ++i) {
-    if (sums[i].defined()) sums[i].copy_(left(rows, true, sums[i]));
-  }
-  if (sums.back().defined()) sums.back().copy_(right(sums.back(), true, e.g.square()));
+  for (size_t i = 0; i + 1 < sums.size(); ++i) left_(rows, true, sums[i]);
+  right_(sums.back(), true, e.g.square());
 }
 
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,

@@ -1,0 +1,159 @@
+// teleport-bench: the cost of a teleport against a training step, and the
+// overhead of TeleportOptimizer when teleport is off. Prints JSON.
+#include <common/cli.h>
+#include <teleport/teleport.h>
+
+#include <fmt/format.h>
+#include <torch/cuda.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/optim/sgd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+
+namespace {
+
+using teleport::examples::parse_list;
+
+struct Case {
+  std::vector<int64_t> widths;  // input, hidden..., output
+  int64_t batch;
+};
+
+// Median seconds of `reps` calls of `f`, after one warm-up call; `reset`
+// runs untimed after each call.
+double median_seconds(int reps, torch::Device device, const std::function<void()>& f,
+                      const std::function<void()>& reset = [] {}) {
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  f();
+  reset();
+  sync();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    sync();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    reset();
+    sync();
+  }
+  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+  return t[t.size() / 2];
+}
+
+torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool relu, torch::Device device) {
+  torch::nn::Sequential m;
+  for (size_t i = 0; i + 1 < w.size(); ++i) {
+    m->push_back(torch::nn::Linear(w[i], w[i + 1]));
+    if (i + 2 < w.size()) {
+      if (relu) {
+        m->push_back(torch::nn::ReLU());
+      } else {
+        m->push_back(torch::nn::Identity());
+      }
+    }
+  }
+  m->to(device);
+  return m;
+}
+
+std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device device) {
+  torch::manual_seed(0);
+  auto model = mlp(c.widths, true, device);
+  const auto x = torch::randn({c.batch, c.widths.front()}, torch::TensorOptions(device));
+  const auto y = torch::randint(0, c.widths.back(), {c.batch}, torch::TensorOptions(device).dtype(torch::kLong));
+  auto loss_fn = [](const at::Tensor& out, const at::Tensor& target) {
+    return torch::nn::functional::cross_entropy(out, target);
+  };
+  auto train_step = [&](torch::optim::Optimizer& opt) {
+    opt.zero_grad();
+    loss_fn(model->forward(x), y).backward();
+    opt.step();
+  };
+
+  // A training step, bare and wrapped with teleport off, interleaved so that
+  // both see the same machine load.
+  torch::optim::SGD bare(model->parameters(), torch::optim::SGDOptions(1e-6));
+  teleport::TeleportOptimizer wrapped(
+      model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(1e-6)));
+  std::vector<double> bare_t, wrapped_t;
+  for (int r = 0; r < 5; ++r) {
+    bare_t.push_back(median_seconds(reps, device, [&] { train_step(bare); }));
+    wrapped_t.push_back(median_seconds(reps, device, [&] { train_step(wrapped); }));
+  }
+  std::sort(bare_t.begin(), bare_t.end());
+  std::sort(wrapped_t.begin(), wrapped_t.end());
+  const double step_s = bare_t[2];
+  const double off_overhead = wrapped_t[2] / bare_t[2] - 1;
+
+  // One full teleport: all hidden layers, `teleport_steps` ascent steps.
+  // Weights are restored between repetitions so every one starts alike.
+  auto options = teleport::TeleportOptions().steps(teleport_steps).lr(1e-3).max_growth(1e12);
+  bare.zero_grad();
+  loss_fn(model->forward(x), y).backward();
+  auto time_teleport = [&](const teleport::SymmetryList& syms, teleport::Method method) {
+    const teleport::Objective objective(model, x, y, loss_fn);
+    teleport::detail::Snapshot snapshot(model->parameters());
+    return median_seconds(
+        std::max(3, reps / 4), device,
+        [&] {
+          teleport::teleport(syms, teleport::TeleportOptions(options).method(method),
+                             method == teleport::Method::kAutograd ? &objective : nullptr);
+        },
+        [&] { snapshot.restore(); });
+  };
+  const auto scaling = teleport::discover(model).symmetries;
+  // GL(n) on the same weights: the cost is the same whatever the activation.
+  teleport::SymmetryList gl;
+  for (const auto& s : scaling) {
+    const auto p = s->parameters();
+    gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL,
+                                                           p[0], p[1], p[2]));
+  }
+  const double scaling_s = time_teleport(scaling, teleport::Method::kClosedForm);
+  const double gl_s = time_teleport(gl, teleport::Method::kClosedForm);
+  const double autograd_s = time_teleport(gl, teleport::Method::kAutograd);
+
+  std::string name;
+  for (size_t i = 0; i < c.widths.size(); ++i) name += (i ? "-" : "") + std::to_string(c.widths[i]);
+  return fmt::format(
+      R"({{"name": "{}", "width": {}, "batch": {}, "device": "{}", "teleport_steps": {}, )"
+      R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}, "closed_form_gl": {:.4f}, "autograd": {:.4f}}}, )"
+      R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}, "closed_form_gl": {:.3f}, "autograd": {:.3f}}}, )"
+      R"("autograd_over_closed_form_gl": {:.3f}, "off_overhead": {:.4f}}})",
+      name, c.widths[1], c.batch, device.str(), teleport_steps, step_s * 1e3, scaling_s * 1e3,
+      gl_s * 1e3, autograd_s * 1e3, scaling_s / step_s, gl_s / step_s, autograd_s / step_s,
+      autograd_s / gl_s, off_overhead);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Cost of a teleport against a training step; prints JSON", "teleport-bench"};
+  std::string device_name = "cpu", widths = "512,1024";
+  int64_t batch = 128;
+  int reps = 20, teleport_steps = 10;
+  app.add_option("--device", device_name, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--widths", widths, "hidden widths, one case each (784-W-W-10)");
+  app.add_option("--batch", batch, "batch size")->check(CLI::PositiveNumber);
+  app.add_option("--reps", reps, "repetitions per timing (median)")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-steps", teleport_steps, "ascent steps per teleport")
+      ->check(CLI::PositiveNumber);
+  return teleport::examples::run_cli(app, argc, argv, [&] {
+    if (device_name == "cuda" && !torch::cuda::is_available()) {
+      throw teleport::examples::UsageError("--device cuda: CUDA is not available here");
+    }
+    const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+    std::vector<std::string> cases;
+    for (int64_t w : parse_list<int64_t>(widths, "--widths")) {
+      cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
+    }
+    fmt::print("{{\"cases\": [\n  {}\n]}}\n", fmt::join(cases, ",\n  "));
+    return 0;
+  });
+}
