@@ -5,6 +5,7 @@
 /// Optimization", NeurIPS 2022.
 
 #include <teleport/ascent.h>
+#include <teleport/data/idx.h>
 #include <teleport/discover.h>
 #include <teleport/objective.h>
 #include <teleport/optimizer.h>

