@@ -81,9 +81,11 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
   return total;
 }
 
-// T = η D, scaled down to Frobenius norm max_step when larger.
+// T = η D, scaled down to Frobenius norm max_step when larger (no cap in
+// reference mode).
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o) {
   const at::Tensor t = direction * o.lr();
+  if (o.mode() == Mode::kReference) return t;
   const at::Tensor scale =
       at::clamp_max(o.max_step() / at::clamp_min(t.norm(), 1e-300), 1.0);
   return t * scale;
@@ -101,6 +103,22 @@ std::vector<at::Tensor> batch_gradients(const Objective& objective,
   return grads;
 }
 
+// The group element of one ascent step: the symmetry's own, or in reference
+// mode the published code's I + T with I - T as its "inverse".
+GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const TeleportOptions& o) {
+  if (o.mode() == Mode::kReference && o.parametrization() == Parametrization::kLinear) {
+    const at::Tensor id = sym.diagonal() ? at::ones_like(T) : at::eye(T.size(0), T.options());
+    return {id + T, id - T, sym.diagonal()};
+  }
+  return sym.element(T, o.parametrization());
+}
+
+// The cap on ||∇L||² after the teleport (none in reference mode).
+at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o) {
+  return o.mode() == Mode::kReference ? at::full_like(norm_before, INFINITY)
+                                      : norm_before * o.max_growth();
+}
+
 struct Evaluation {
   at::Tensor loss, F;                  // detached
   std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
@@ -115,13 +133,19 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   std::vector<at::Tensor> Ts;
   std::vector<at::Tensor> current;
   for (const auto& p : params) current.push_back(p.detach());
+  auto in_force = [&] {
+    ParameterOverrides o;
+    for (size_t i = 0; i < params.size(); ++i) o.emplace_back(params[i], current[i]);
+    return o;
+  };
+  // In forward order: a data-dependent action reads its layer's inputs from the
+  // network as the earlier actions left it.
   for (size_t k = 0; k < syms.size(); ++k) {
     Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
-    const auto acted = syms[k]->act(pick(current, where[k]), Ts.back());
+    const auto acted = syms[k]->act(pick(current, where[k]), Ts.back(), &objective, in_force());
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
-  ParameterOverrides overrides;
-  for (size_t i = 0; i < params.size(); ++i) overrides.emplace_back(params[i], current[i]);
+  const ParameterOverrides overrides = in_force();
   const at::Tensor loss = objective.loss(overrides);
   const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
   const at::Tensor F = norm_sq(grads);
@@ -153,13 +177,13 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   a.norm_after = a.norm_before;
   a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
-  const at::Tensor limit = a.norm_before * o.max_growth();
+  const at::Tensor limit = growth_limit(a.norm_before, o);
 
   for (int64_t step = 0; step < o.steps(); ++step) {
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < syms.size(); ++k) {
       const at::Tensor T = capped_step(syms[k]->direction(pick(grads, where[k])), o);
-      elements.push_back(GroupElement::from_algebra(T, syms[k]->diagonal(), o.parametrization()));
+      elements.push_back(step_element(*syms[k], T, o));
     }
     // The gradients after this step, known exactly without a backward pass;
     // the step is taken only if they stay finite and within the growth cap.
@@ -269,7 +293,7 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   a.norm_before = st.norm;
   a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
-  const at::Tensor limit = a.norm_before * o.max_growth();
+  const at::Tensor limit = growth_limit(a.norm_before, o);
   for (int64_t step = 0; step < o.steps(); ++step) {
     std::vector<at::Tensor> candidate;
     for (size_t k = 0; k < c.size(); ++k) {
@@ -296,48 +320,61 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
 
 // Autograd: F(T) = ||∇L((I+T)·w)||² on the objective's batch, ∂F/∂T at T = 0
 // by double backward. One forward, backward and double backward per step,
-// plus one evaluation after the last step to check it.
+// plus one evaluation after the last step to check it. A step that leaves
+// F non-finite or above the growth cap is undone by restoring the weights as
+// they were before it (decided on the device), which works for any action.
 Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                        const Objective& objective, const TeleportOptions& o) {
   const auto where = positions(syms, params);
   Ascent a(syms);
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
   a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
-  std::vector<GroupElement> last;
+  at::Tensor limit;
+  std::vector<at::Tensor> before;           // the weights before the last step
+  std::vector<GroupElement> total_before;   // and the elements applied until then
 
   for (int64_t step = 0; step <= o.steps(); ++step) {
     const bool last_step = step == o.steps();
     const Evaluation ev = evaluate(syms, params, where, objective, !last_step);
-    const at::Tensor& F = ev.F;
-    const at::Tensor& loss = ev.loss;
-
     if (step == 0) {
-      a.norm_before = F;
-      a.norm_after = a.norm_before;
-      a.loss_before = loss;
+      a.norm_before = ev.F;
+      a.norm_after = ev.F;
+      a.loss_before = ev.loss;
+      limit = growth_limit(ev.F, o);
     } else {
-      // Undo the last step if it left the gradient non-finite or too large.
-      const at::Tensor ok = active.logical_and(at::isfinite(F))
-                                .logical_and(F <= a.norm_before * o.max_growth());
+      const at::Tensor ok =
+          active.logical_and(at::isfinite(ev.F)).logical_and(ev.F <= limit);
+      {
+        at::NoGradGuard no_grad;
+        for (size_t i = 0; i < params.size(); ++i) {
+          params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+        }
+      }
       for (size_t k = 0; k < syms.size(); ++k) {
-        const GroupElement undo = last[k].inverse().masked(active.logical_and(ok.logical_not()));
-        syms[k]->apply_(undo);
-        a.total[k] = undo.compose(a.total[k]);
+        a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
+                      at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal};
       }
       a.steps = a.steps + ok.to(at::kLong);
-      a.norm_after = at::where(ok, F, a.norm_after);
+      a.norm_after = at::where(ok, ev.F, a.norm_after);
       active = ok;
     }
     if (last_step) break;
 
-    last.clear();
+    before.clear();
+    for (const auto& p : params) before.push_back(p.detach().clone());
+    total_before = a.total;
+    // Reference mode builds every data-dependent action from the activations
+    // before this step, as the published code does.
+    const Objective pre_step = o.mode() == Mode::kReference ? objective.with_fixed([&] {
+      ParameterOverrides fixed;
+      for (size_t i = 0; i < params.size(); ++i) fixed.emplace_back(params[i], before[i]);
+      return fixed;
+    }())
+                                                             : objective;
     for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T = capped_step(ev.directions[k], o);
-      const GroupElement e =
-          GroupElement::from_algebra(T, syms[k]->diagonal(), o.parametrization()).masked(active);
-      syms[k]->apply_(e);
+      const GroupElement e = step_element(*syms[k], capped_step(ev.directions[k], o), o);
+      syms[k]->apply_(e, &pre_step);
       a.total[k] = e.compose(a.total[k]);
-      last.push_back(e);
     }
   }
   return a;
@@ -406,7 +443,11 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   for (const auto& s : symmetries) {
     TORCH_CHECK(method == Method::kAutograd || s->has_closed_form(), "teleport: ",
                 s->name(), " has no closed-form direction; use Method::kAutograd");
+    TORCH_CHECK(s->transports_gradients() || objective != nullptr, "teleport: ", s->name(),
+                " is data-dependent and needs a batch and a loss (an Objective), got none");
   }
+  report.exact = options.mode() == Mode::kExact;
+  for (const auto& s : symmetries) report.exact = s->exact_for(objective) && report.exact;
   std::vector<at::Tensor> grads;
   if (objective == nullptr) {
     for (const auto& p : params) {
@@ -423,13 +464,19 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   if (method == Method::kClosedForm && objective != nullptr) {
     grads = batch_gradients(*objective, params, loss_before);
   }
+  const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact;
   Ascent a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *objective, options)
-             : all_layer_scalings(symmetries) ? scaling_ascent(symmetries, params, grads, options)
+             : fast_scaling ? scaling_ascent(symmetries, params, grads, options)
                                               : closed_form_ascent(symmetries, params, grads, options);
   if (loss_before.defined()) a.loss_before = loss_before;
   if (objective != nullptr) {
-    // .grad was not the ascent's own gradient: map it to the new point too.
+    // .grad was not the ascent's own gradient: map it to the new point too,
+    // where gradients map; elsewhere it must be computed afresh.
     for (size_t k = 0; k < symmetries.size(); ++k) {
+      if (!symmetries[k]->transports_gradients()) {
+        report.gradients_stale = true;
+        continue;
+      }
       std::vector<at::Tensor> g;
       for (const auto& p : symmetries[k]->parameters()) g.push_back(p.grad());
       symmetries[k]->transport_gradients_(a.total[k], g);
@@ -469,7 +516,8 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     const double change = std::abs(report.loss_after - report.loss_before);
     if (!std::isfinite(report.loss_after)) {
       rollback = "non-finite loss";
-    } else if (change > options.tolerance() * std::abs(report.loss_before)) {
+    } else if (options.mode() == Mode::kExact &&
+               change > options.tolerance() * std::abs(report.loss_before)) {
       rollback = "the loss changed by " + std::to_string(change) + " (relative " +
                  std::to_string(change / std::abs(report.loss_before)) +
                  "), above the tolerance " + std::to_string(options.tolerance());
@@ -477,6 +525,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   }
   if (!rollback.empty()) {
     snapshot.restore();
+    report.gradients_stale = false;
     report.rolled_back = true;
     report.reason = "rolled back: " + rollback;
   } else {

@@ -27,8 +27,12 @@ struct TeleportReport {
   /// Ascent steps taken (fewer than asked when the growth cap stopped it).
   int64_t steps = 0;
   bool rolled_back = false;
-  /// False for arithmetic that does not keep the loss (never the default).
+  /// False for arithmetic that does not keep the loss: reference mode, or a
+  /// data-dependent action on a batch too large for it to be exact.
   bool exact = true;
+  /// True when `.grad` could not be mapped to the new point (data-dependent
+  /// actions) and must be computed afresh before an optimizer step.
+  bool gradients_stale = false;
   /// Why it was rolled back or stopped early; empty otherwise.
   std::string reason;
   double seconds = 0;

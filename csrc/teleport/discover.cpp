@@ -32,12 +32,17 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
   size_t previous_index = 0;
   Allows between = Allows::kGL;
   std::string breaker;
+  // The lone LeakyReLU between two Linear layers, if that is all there is.
+  const torch::nn::LeakyReLUImpl* leaky = nullptr;
+  int nonlinear = 0;
 
   for (size_t i = 0; i < model->size(); ++i) {
     const auto module = model->ptr(i);
     auto* linear = module->as<torch::nn::Linear>();
     if (linear == nullptr) {
       const Allows a = allows(*module);
+      if (a != Allows::kGL) ++nonlinear;
+      if (auto* l = module->as<torch::nn::LeakyReLU>()) leaky = l;
       if (a == Allows::kNothing && breaker.empty()) {
         breaker = "module " + std::to_string(i) + " (" + module->name() + ")";
       }
@@ -55,6 +60,11 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
                               std::to_string(linear->weight.size(1)) +
                               " features, the first gives " +
                               std::to_string(previous->weight.size(0)));
+      } else if (options.data_dependent() && leaky != nullptr && nonlinear == 1 &&
+                 leaky->options.negative_slope() > 0) {
+        found.symmetries.push_back(std::make_shared<DataDependentGL>(
+            leaky->options.negative_slope(), previous->weight, previous->bias, linear->weight,
+            "data-dependent gl(" + pair + ")"));
       } else {
         const SymmetryKind kind = (between == Allows::kGL && options.linear_gl())
                                       ? SymmetryKind::kLinearGL
@@ -69,6 +79,8 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
     previous_index = i;
     between = Allows::kGL;
     breaker.clear();
+    leaky = nullptr;
+    nonlinear = 0;
   }
   return found;
 }

@@ -14,6 +14,9 @@ struct DiscoverOptions {
   /// GL(n) where nothing nonlinear stands between two Linear layers; when
   /// false, the scaling subgroup there too.
   TORCH_ARG(bool, linear_gl) = true;
+  /// The paper's data-dependent GL(n) across a lone LeakyReLU, instead of
+  /// scaling (exact only on batches no larger than the layer's input width).
+  TORCH_ARG(bool, data_dependent) = false;
 };
 
 /// The symmetries found in a model, and a note for every pair of Linear layers
@@ -27,6 +30,7 @@ struct Discovery {
 /// activations, one per hidden layer between two Linear layers:
 ///  - nothing, Identity or Flatten between them: GL(n);
 ///  - ReLU, LeakyReLU (any slope) or Dropout among them: positive scaling;
+///    with `data_dependent`, a LeakyReLU alone: the data-dependent GL(n);
 ///  - any other module: none (a note says which module).
 /// Modules before the first and after the last Linear layer do not matter.
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options = {});

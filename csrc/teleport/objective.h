@@ -15,13 +15,19 @@ using LossFn = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
 /// Parameters replaced by other tensors for one evaluation: {parameter, value}.
 using ParameterOverrides = std::vector<std::pair<at::Tensor, at::Tensor>>;
 
-/// The loss of a torch::nn::Sequential on one batch. Some of its Linear
-/// layers' parameters can be replaced for one evaluation, differentiably,
-/// which is what the autograd direction and the loss checks need.
+/// A loss of the parameters themselves, with some of them replaced.
+using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
+
+/// The loss on one batch, with some parameters replaced for one evaluation,
+/// differentiably: what the autograd direction, the data-dependent action and
+/// the loss checks need. Either a torch::nn::Sequential of Linear layers and
+/// parameter-free modules with a batch and a loss function, or any function of
+/// the parameters (test functions).
 class Objective {
  public:
   Objective(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
             LossFn loss_fn);
+  explicit Objective(ParametricLossFn loss);
 
   /// The loss with the model's own parameters, or with `overrides` in place of
   /// some Linear weights and biases. Differentiable when grad mode is on.
@@ -30,12 +36,25 @@ class Objective {
   /// The model's output on the batch, with optional overrides.
   at::Tensor forward(const ParameterOverrides& overrides = {}) const;
 
-  const torch::nn::Sequential& model() const { return model_; }
+  /// The input (batch × features) of the Linear layer whose weight is
+  /// `weight`, with optional overrides in the layers before it.
+  at::Tensor input_of(const at::Tensor& weight, const ParameterOverrides& overrides = {}) const;
+
+  bool has_model() const { return !model_.is_empty(); }
+
+  /// A copy that evaluates with `fixed` in force wherever a call's own
+  /// overrides say nothing (e.g. the weights as they were before a step).
+  Objective with_fixed(ParameterOverrides fixed) const;
 
  private:
-  torch::nn::Sequential model_;
+  torch::nn::Sequential model_{nullptr};
   at::Tensor input_, target_;
   LossFn loss_fn_;
+  ParametricLossFn parametric_;
+  ParameterOverrides fixed_;
 };
+
+/// The value `p` has under `overrides`: its override, or `p` itself.
+const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor& p);
 
 }  // namespace teleport

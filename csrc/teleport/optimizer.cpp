@@ -166,11 +166,23 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     loss = closure();
   }
   if (teleport_due(options_, step_, teleports_)) {
+    bool fresh_gradients = false;  // data-dependent actions do not map gradients
+    for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
+    TORCH_CHECK(!fresh_gradients || closure != nullptr,
+                "TeleportOptimizer: a data-dependent symmetry leaves the gradient stale; call "
+                "step(closure) so that it can be computed afresh after the teleport");
     last_report_ = run_teleport(closure, loss);
     last_report_.step = step_;
     has_report_ = true;
     ++teleports_;
-    if (!last_report_.rolled_back) apply_state_policy(last_report_);
+    if (!last_report_.rolled_back) {
+      apply_state_policy(last_report_);
+      if (last_report_.gradients_stale) {
+        at::AutoGradMode enable(true);
+        closure();
+        last_report_.gradients_stale = false;
+      }
+    }
     if (options_.on_report()) options_.on_report()(last_report_);
   }
   inner_->step();
@@ -234,6 +246,7 @@ void TeleportOptimizer::apply_state_policy(const TeleportReport& report) {
   // where exact (diagonal scaling), else they are kept.
   for (size_t k = 0; k < symmetries_.size(); ++k) {
     const auto& sym = *symmetries_[k];
+    if (!sym.transports_gradients()) continue;  // nothing maps exactly: kept
     std::vector<at::Tensor> momenta, sums;
     for (const auto& p : sym.parameters()) {
       auto* s = find_state(*inner_, p);

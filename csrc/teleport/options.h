@@ -29,6 +29,17 @@ enum class Parametrization {
   kExp,
 };
 
+/// Whose arithmetic a teleport follows.
+enum class Mode {
+  /// Exact inverses; the loss is kept within the tolerance or rolled back.
+  kExact,
+  /// The published NeurIPS 2022 code's arithmetic, for comparison with the
+  /// paper: I - T as the inverse, data-dependent actions built from the
+  /// activations before each ascent step, no caps and no tolerance check
+  /// (non-finite values still roll back). Its reports are marked inexact.
+  kReference,
+};
+
 /// What happens to the inner optimizer's state (momentum, AdaGrad sums) at a
 /// teleport.
 enum class StatePolicy {
@@ -61,6 +72,7 @@ struct TeleportOptions {
   TORCH_ARG(double, lr) = 1e-3;
   TORCH_ARG(Method, method) = Method::kAuto;
   TORCH_ARG(Parametrization, parametrization) = Parametrization::kLinear;
+  TORCH_ARG(Mode, mode) = Mode::kExact;
 
   // --- safeguards (DESIGN.md §6) ---
   /// Largest relative change of the loss on the teleport batch; beyond it the

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <utility>
 
 namespace teleport {
@@ -155,7 +156,7 @@ static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   }
 }
 
-void LayerSymmetry::apply_(const GroupElement& e) const {
+void LayerSymmetry::apply_(const GroupElement& e, const Objective*) const {
   at::NoGradGuard no_grad;
   left_(e.g, e.diagonal, w_in_);
   left_(e.g, e.diagonal, b_in_);
@@ -184,7 +185,8 @@ void LayerSymmetry::transport_squared_gradients_(
 }
 
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
-                                           const at::Tensor& T) const {
+                                           const at::Tensor& T, const Objective*,
+                                           const ParameterOverrides&) const {
   TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ",
               parameters().size(), " tensors, got ", params.size());
   const GroupElement e = GroupElement::from_algebra(T, diagonal(), Parametrization::kLinear);
@@ -208,6 +210,79 @@ void LayerSymmetry::check_unchanged() const {
                 w_in_.device(), ", ", w_in_.scalar_type(), "), got ", p.device(), ", ",
                 p.scalar_type());
   }
+}
+
+DataDependentGL::DataDependentGL(double negative_slope, at::Tensor w_in, at::Tensor b_in,
+                                 at::Tensor w_out, std::string name)
+    : LayerSymmetry(SymmetryKind::kLinearGL, std::move(w_in), std::move(b_in), std::move(w_out),
+                    std::move(name)),
+      slope_(negative_slope) {
+  TORCH_CHECK(negative_slope > 0 && std::isfinite(negative_slope),
+              "DataDependentGL: expected a LeakyReLU slope > 0 (a bijective activation), got ",
+              negative_slope);
+  if (name_ == "gl(" + std::to_string(width()) + ")") {
+    name_ = "data-dependent " + name_;
+  }
+}
+
+at::Tensor DataDependentGL::direction(const std::vector<at::Tensor>&) const {
+  TORCH_CHECK(false, name_, ": the data-dependent action has no closed-form direction; use "
+                            "Method::kAutograd with a batch");
+}
+
+void DataDependentGL::transport_gradients_(const GroupElement&,
+                                           const std::vector<at::Tensor>&) const {
+  TORCH_CHECK(false, name_, ": gradients do not map under the data-dependent action; compute "
+                            "them afresh after the teleport");
+}
+
+std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
+                                                         const at::Tensor& w,
+                                                         const at::Tensor& b,
+                                                         const at::Tensor& g) const {
+  const auto sigma = [&](const at::Tensor& z) { return at::where(z >= 0, z, z * slope_); };
+  const auto sigma_inv = [&](const at::Tensor& y) { return at::where(y >= 0, y, y / slope_); };
+  const at::Tensor inputs =
+      b.defined() ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
+  const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
+  const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
+  const at::Tensor theta = at::mm(at::linalg_pinv(inputs), target);  // (m [+1]) × n
+  if (!b.defined()) return {theta.t(), at::Tensor()};
+  return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
+}
+
+bool DataDependentGL::exact_for(const Objective* batch) const {
+  TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
+  const at::Tensor h = batch->input_of(w_in_);
+  const int64_t columns = h.size(1) + (b_in_.defined() ? 1 : 0);
+  if (h.size(0) <= columns) return true;
+  TORCH_WARN_ONCE(name_, ": a batch of ", h.size(0), " exceeds the ", columns,
+                  " inputs (+1 for the bias) that keep the data-dependent action exact; the "
+                  "teleport relies on its tolerance");
+  return false;
+}
+
+void DataDependentGL::apply_(const GroupElement& e, const Objective* batch) const {
+  TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
+  at::NoGradGuard no_grad;
+  const at::Tensor h = batch->input_of(w_in_);
+  auto [w, b] = solve(h, w_in_, b_in_, e.g);
+  w_in_.copy_(w);
+  if (b_in_.defined()) b_in_.copy_(b);
+  w_out_.copy_(at::mm(w_out_, e.g_inv));
+}
+
+std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& params,
+                                             const at::Tensor& T, const Objective* batch,
+                                             const ParameterOverrides& in_force) const {
+  TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
+  const at::Tensor g = T + at::eye(T.size(0), T.options());
+  const at::Tensor h = batch->input_of(w_in_, in_force);
+  auto [w, b] = solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g);
+  std::vector<at::Tensor> out = {w};
+  if (b_in_.defined()) out.push_back(b);
+  out.push_back(at::mm(params.back(), at::linalg_inv(g)));
+  return out;
 }
 
 }  // namespace teleport

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <teleport/objective.h>
 #include <teleport/options.h>
 
 #include <ATen/Tensor.h>
@@ -51,8 +52,22 @@ class Symmetry {
   /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 from the gradients alone.
   virtual at::Tensor direction(const std::vector<at::Tensor>& grads) const = 0;
 
-  /// w <- g·w, in place, on the parameters.
-  virtual void apply_(const GroupElement& e) const = 0;
+  /// The group element for algebra element T.
+  virtual GroupElement element(const at::Tensor& T, Parametrization p) const {
+    return GroupElement::from_algebra(T, diagonal(), p);
+  }
+
+  /// w <- g·w, in place, on the parameters. A data-dependent action reads the
+  /// batch (the inputs of its layer in the network as it stands); others
+  /// ignore it.
+  virtual void apply_(const GroupElement& e, const Objective* batch = nullptr) const = 0;
+  /// Whether the action is exact, for all data or on `batch` (a data-dependent
+  /// action is exact only when the batch is small enough; it warns otherwise).
+  virtual bool exact_for(const Objective* batch) const = 0;
+
+  /// Whether gradients map exactly (the action is linear in the weights);
+  /// otherwise gradients must be computed afresh after a teleport.
+  virtual bool transports_gradients() const = 0;
   /// Tensors that transform as gradients do (gradients, momentum buffers):
   /// X -> A_g^{-T} X, in place.
   virtual void transport_gradients_(const GroupElement& e,
@@ -65,9 +80,12 @@ class Symmetry {
                                             const std::vector<at::Tensor>& sums) const = 0;
 
   /// The differentiable action of g = I + T on `params` (in the order of
-  /// parameters()); the result is in the same order.
-  virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params,
-                                      const at::Tensor& T) const = 0;
+  /// parameters()); the result is in the same order. `in_force` holds the
+  /// values the other parameters have at this point of the evaluation, for a
+  /// data-dependent action that reads its layer's inputs from `batch`.
+  virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
+                                      const Objective* batch,
+                                      const ParameterOverrides& in_force) const = 0;
 
   /// Throws unless the parameters still have the shapes, dtype and device they
   /// had when the symmetry was made.
@@ -108,21 +126,58 @@ class LayerSymmetry : public Symmetry {
   at::Tensor zero_algebra() const override;
   bool has_closed_form() const override { return true; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
-  void apply_(const GroupElement& e) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  bool exact_for(const Objective*) const override { return true; }
+  bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
   bool can_transport_squared_gradients() const override { return diagonal(); }
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
-  std::vector<at::Tensor> act(const std::vector<at::Tensor>& params,
-                              const at::Tensor& T) const override;
+  std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
+                              const Objective* batch,
+                              const ParameterOverrides& in_force) const override;
   void check_unchanged() const override;
 
- private:
+ protected:
   SymmetryKind kind_;
   at::Tensor w_in_, b_in_, w_out_;
   std::vector<int64_t> w_in_shape_, w_out_shape_;
   std::string name_;
+};
+
+/// The paper's data-dependent GL(n) across a bijective activation σ
+/// (LeakyReLU of slope a > 0) between two Linear layers: on a batch whose
+/// inputs to the first layer are H (with a column of ones for the bias),
+/// [W_in b_in] -> σ⁻¹(σ(H W_inᵀ + b_in) gᵀ)ᵀ-solved through H⁺, W_out -> W_out g⁻¹.
+/// It keeps the loss on that batch exactly when H has full row rank (batch ≤
+/// width, + 1 with a bias); otherwise it warns once and the teleport relies on
+/// its tolerance. Gradients do not map: they are computed afresh after it.
+class DataDependentGL : public LayerSymmetry {
+ public:
+  DataDependentGL(double negative_slope, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
+                  std::string name = "");
+
+  bool diagonal() const override { return false; }
+  bool has_closed_form() const override { return false; }
+  at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  bool exact_for(const Objective* batch) const override;
+  bool transports_gradients() const override { return false; }
+  void transport_gradients_(const GroupElement& e,
+                            const std::vector<at::Tensor>& grads) const override;
+  bool can_transport_squared_gradients() const override { return false; }
+  std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
+                              const Objective* batch,
+                              const ParameterOverrides& in_force) const override;
+
+  double negative_slope() const { return slope_; }
+
+ private:
+  // [W_in b_in] solving inputs · [W b]ᵀ = σ⁻¹(σ(inputs · [W b]ᵀ) gᵀ).
+  std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
+                                          const at::Tensor& b, const at::Tensor& g) const;
+  double slope_;
 };
 
 using SymmetryList = std::vector<std::shared_ptr<Symmetry>>;

@@ -11,4 +11,5 @@
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
 #include <teleport/schedule.h>
+#include <teleport/so2.h>
 #include <teleport/symmetry.h>

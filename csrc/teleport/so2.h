@@ -1,0 +1,62 @@
+#pragma once
+
+#include <teleport/symmetry.h>
+
+#include <ATen/Tensor.h>
+
+#include <functional>
+#include <string>
+#include <utility>
+
+namespace teleport {
+
+/// (x, y) -> (u, v) or back, on 0-dim tensors, differentiably.
+using PlaneMap =
+    std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>;
+
+/// SO(2) acting on a 2-D parameter w = (x, y) through a change of variables
+/// (x, y) -> (u, v) in which the loss is u² + v²: rotate (u, v), map back. The
+/// algebra element is the angle θ (a 1-element tensor); the ascent moves it
+/// by η ∂||∇L||²/∂θ. Exact for any θ; gradients are computed afresh after it.
+class SO2Symmetry : public Symmetry {
+ public:
+  SO2Symmetry(at::Tensor xy, PlaneMap to_uv, PlaneMap to_xy, std::string name = "so2");
+
+  std::string name() const override { return name_; }
+  bool diagonal() const override { return false; }
+  std::vector<at::Tensor> parameters() const override { return {xy_}; }
+  at::Tensor zero_algebra() const override;
+  bool has_closed_form() const override { return false; }
+  at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
+  /// The rotation by θ = T[0], whatever the parametrization.
+  GroupElement element(const at::Tensor& T, Parametrization p) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  bool exact_for(const Objective*) const override { return true; }
+  bool transports_gradients() const override { return false; }
+  void transport_gradients_(const GroupElement& e,
+                            const std::vector<at::Tensor>& grads) const override;
+  bool can_transport_squared_gradients() const override { return false; }
+  void transport_squared_gradients_(const GroupElement& e,
+                                    const std::vector<at::Tensor>& sums) const override;
+  std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
+                              const Objective* batch,
+                              const ParameterOverrides& in_force) const override;
+  void check_unchanged() const override;
+
+ private:
+  at::Tensor rotate(const at::Tensor& xy, const at::Tensor& g) const;
+
+  at::Tensor xy_;
+  PlaneMap to_uv_, to_xy_;
+  std::string name_;
+};
+
+/// Booth: L = (x + 2y - 7)² + (2x + y - 5)², u = x + 2y - 7, v = 2x + y - 5.
+at::Tensor booth(const at::Tensor& xy);
+std::shared_ptr<SO2Symmetry> booth_symmetry(at::Tensor xy);
+
+/// Rosenbrock: L = 100(x² - y)² + (x - 1)², u = 10(x² - y), v = x - 1.
+at::Tensor rosenbrock(const at::Tensor& xy);
+std::shared_ptr<SO2Symmetry> rosenbrock_symmetry(at::Tensor xy);
+
+}  // namespace teleport
