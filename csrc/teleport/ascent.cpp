@@ -104,9 +104,11 @@ std::vector<at::Tensor> batch_gradients(const Objective& objective,
 }
 
 // The group element of one ascent step: the symmetry's own, or in reference
-// mode the published code's I + T with I - T as its "inverse".
+// mode, for the layer actions, the published code's I + T with I - T as its
+// "inverse" (its SO(2) rotations are exact and stay so).
 GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const TeleportOptions& o) {
-  if (o.mode() == Mode::kReference && o.parametrization() == Parametrization::kLinear) {
+  if (o.mode() == Mode::kReference && o.parametrization() == Parametrization::kLinear &&
+      dynamic_cast<const LayerSymmetry*>(&sym) != nullptr) {
     const at::Tensor id = sym.diagonal() ? at::ones_like(T) : at::eye(T.size(0), T.options());
     return {id + T, id - T, sym.diagonal()};
   }
@@ -162,8 +164,7 @@ struct Ascent {
 
   explicit Ascent(const SymmetryList& syms) {
     for (const auto& s : syms) {
-      total.push_back(
-          GroupElement::from_algebra(s->zero_algebra(), s->diagonal(), Parametrization::kExp));
+      total.push_back(s->element(s->zero_algebra(), Parametrization::kExp));
     }
   }
 };
@@ -473,7 +474,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     // .grad was not the ascent's own gradient: map it to the new point too,
     // where gradients map; elsewhere it must be computed afresh.
     for (size_t k = 0; k < symmetries.size(); ++k) {
-      if (!symmetries[k]->transports_gradients()) {
+      if (!symmetries[k]->transports_gradients() || options.mode() == Mode::kReference) {
         report.gradients_stale = true;
         continue;
       }

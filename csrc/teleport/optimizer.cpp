@@ -166,11 +166,12 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     loss = closure();
   }
   if (teleport_due(options_, step_, teleports_)) {
-    bool fresh_gradients = false;  // data-dependent actions do not map gradients
+    // Data-dependent actions and reference arithmetic do not map gradients.
+    bool fresh_gradients = options_.mode() == Mode::kReference;
     for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
     TORCH_CHECK(!fresh_gradients || closure != nullptr,
-                "TeleportOptimizer: a data-dependent symmetry leaves the gradient stale; call "
-                "step(closure) so that it can be computed afresh after the teleport");
+                "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves the "
+                "gradient stale; call step(closure) so that it can be computed afresh after it");
     last_report_ = run_teleport(closure, loss);
     last_report_.step = step_;
     has_report_ = true;
@@ -214,8 +215,9 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
   report.loss_before = loss.item<double>();
   report.loss_after = after.item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
-  if (!std::isfinite(report.loss_after) ||
-      change > options_.tolerance() * std::abs(report.loss_before)) {
+  const bool too_far = options_.mode() == Mode::kExact &&
+                       change > options_.tolerance() * std::abs(report.loss_before);
+  if (!std::isfinite(report.loss_after) || too_far) {
     snapshot.restore();
     report.rolled_back = true;
     report.elements.clear();
