@@ -1,0 +1,203 @@
+// The paper's teleports: data-dependent GL(n), SO(2) on test functions, and
+// reference mode against exact mode.
+#include "test_util.h"
+
+#include <torch/optim/sgd.h>
+
+namespace teleport::testing {
+namespace {
+
+class PaperTest : public DeviceTest {
+ protected:
+  // The paper's regression: weights, then X, then Y by torch::rand after the seed.
+  struct Regression {
+    torch::nn::Sequential model;
+    at::Tensor x, y;
+  };
+  Regression regression(const std::vector<int64_t>& dims, bool bias, torch::TensorOptions o,
+                        uint64_t seed) {
+    torch::manual_seed(seed);
+    std::vector<at::Tensor> w;
+    for (size_t i = 0; i + 2 < dims.size(); ++i) w.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
+    Regression r{torch::nn::Sequential(), torch::rand({dims[1], dims[0]}).t().contiguous(),
+                 torch::rand({dims.back(), dims[0]}).t().contiguous()};
+    for (size_t i = 0; i < w.size(); ++i) {
+      auto linear = torch::nn::Linear(torch::nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(bias));
+      torch::NoGradGuard no_grad;
+      linear->weight.copy_(w[i]);
+      r.model->push_back(linear);
+      if (i + 1 < w.size()) {
+        r.model->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
+      }
+    }
+    r.model->to(o.device(), o.dtype().toScalarType());
+    r.x = r.x.to(o);
+    r.y = r.y.to(o);
+    return r;
+  }
+  static LossFn half_sse() {
+    return [](const at::Tensor& out, const at::Tensor& t) { return 0.5 * (t - out).square().sum(); };
+  }
+  static SymmetryList data_dependent(const torch::nn::Sequential& m) {
+    return discover(m, DiscoverOptions().data_dependent(true)).symmetries;
+  }
+};
+TELEPORT_DEVICE_TESTS(PaperTest);
+
+TEST_P(PaperTest, DiscoveryOffersDataDependentGLAcrossLeakyReLUWhenAsked) {
+  auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
+  const auto syms = data_dependent(r.model);
+  ASSERT_EQ(syms.size(), 2u);
+  for (const auto& s : syms) {
+    EXPECT_NE(dynamic_cast<DataDependentGL*>(s.get()), nullptr) << s->name();
+    EXPECT_FALSE(s->has_closed_form());
+  }
+  EXPECT_TRUE(discover(r.model).symmetries[0]->diagonal());  // scaling stays the default
+}
+
+TEST_P(PaperTest, DataDependentActionKeepsTheLossOnASmallBatch) {
+  for (bool bias : {false, true}) {
+    auto r = regression({4, 5, 6, 7, 8}, bias, f64(), 12345);
+    const Objective objective(r.model, r.x, r.y, half_sse());
+    const auto syms = data_dependent(r.model);
+    const double before = objective.loss().item<double>();
+    EXPECT_TRUE(syms[0]->exact_for(&objective));
+    torch::manual_seed(3);
+    for (const auto& s : syms) {  // forward order, each on the network as it now stands
+      s->apply_(s->element(torch::randn_like(s->zero_algebra()) * 0.2, Parametrization::kLinear),
+                &objective);
+    }
+    EXPECT_NEAR(objective.loss().item<double>(), before, 1e-10 * before);
+  }
+}
+
+TEST_P(PaperTest, DataDependentTeleportKeepsLossAndRaisesGradNorm) {
+  auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
+  const Objective objective(r.model, r.x, r.y, half_sse());
+  const auto report = teleport(data_dependent(r.model),
+                               TeleportOptions().steps(8).lr(1e-7).max_growth(1e12).max_step(1e12),
+                               &objective);
+  ASSERT_FALSE(report.rolled_back) << report.reason;
+  EXPECT_TRUE(report.exact);
+  EXPECT_TRUE(report.gradients_stale);
+  EXPECT_NEAR(report.loss_after, report.loss_before, 1e-10 * report.loss_before);
+  EXPECT_GT(report.grad_norm_sq_after, 2 * report.grad_norm_sq_before);
+}
+
+TEST_P(PaperTest, DataDependentBeyondTheRankConditionIsMarkedInexact) {
+  auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
+  const auto big = random_batch(20, 5, 8, f64(), 9);  // 20 samples > 5 inputs
+  const Objective objective(r.model, big.input.abs(), big.target, half_sse());
+  const auto before = clone_all(r.model->parameters());
+  const auto report = teleport(data_dependent(r.model), TeleportOptions().steps(2).lr(1e-3),
+                               &objective);
+  EXPECT_FALSE(report.exact);
+  if (report.rolled_back) {
+    EXPECT_TRUE(bitwise_equal(r.model->parameters(), before));
+  } else {
+    EXPECT_LE(std::abs(report.loss_after - report.loss_before), 1e-4 * report.loss_before);
+  }
+}
+
+TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
+  // Seed 0 of the paper's regression, GD to step 5, then its teleport.
+  for (Mode mode : {Mode::kReference, Mode::kExact}) {
+    auto r = regression({4, 5, 6, 7, 8}, false, f32(), 0);
+    torch::optim::SGD sgd(r.model->parameters(), torch::optim::SGDOptions(1e-4));
+    for (int t = 0; t < 5; ++t) {
+      sgd.zero_grad();
+      half_sse()(r.model->forward(r.x), r.y).backward();
+      sgd.step();
+    }
+    const Objective objective(r.model, r.x, r.y, half_sse());
+    const auto report = teleport(
+        data_dependent(r.model),
+        TeleportOptions().steps(8).lr(1e-7).mode(mode).max_growth(1e12).max_step(1e12), &objective);
+    ASSERT_FALSE(report.rolled_back) << report.reason;
+    EXPECT_NEAR(report.loss_before, 595.658, 0.01);
+    if (mode == Mode::kReference) {
+      EXPECT_FALSE(report.exact);
+      EXPECT_NEAR(report.loss_after, 364.909, 0.5);  // the published code: 596 -> 365
+    } else {
+      EXPECT_TRUE(report.exact);
+      EXPECT_NEAR(report.loss_after, report.loss_before, 1e-4 * report.loss_before);
+    }
+  }
+}
+
+std::vector<double> booth_losses(Mode mode, torch::TensorOptions o) {
+  at::Tensor xy = torch::tensor({5.0, -5.0}, o).requires_grad_(true);
+  const SymmetryList syms = {booth_symmetry(xy)};
+  const Objective objective([&](const ParameterOverrides& ov) { return booth(value_of(ov, xy)); });
+  std::vector<double> losses;
+  for (int t = 0; t < 10; ++t) {
+    if (t == 4) {
+      teleport(syms, TeleportOptions().steps(10).lr(1e-3).mode(mode).max_step(1e9).max_growth(1e9),
+               &objective);
+    }
+    const auto loss = booth(xy);
+    const auto grad = torch::autograd::grad({loss}, {xy})[0];
+    losses.push_back(loss.item<double>());
+    torch::NoGradGuard no_grad;
+    xy.sub_(0.08 * grad);
+  }
+  return losses;
+}
+
+TEST_P(PaperTest, BoothMatchesThePublishedSequence) {
+  const std::vector<double> published = {17.95, 3.475, 0.6727, 0.1302, 0.02521, 0.004881};
+  for (Mode mode : {Mode::kExact, Mode::kReference}) {
+    const auto losses = booth_losses(mode, f32());
+    for (size_t i = 0; i < published.size(); ++i) {
+      EXPECT_NEAR(losses[4 + i], published[i], 5e-4 * published[i]) << "step " << 4 + i;
+    }
+  }
+}
+
+TEST_P(PaperTest, RosenbrockKeepsTheLossAtTheTeleport) {
+  at::Tensor xy = torch::tensor({-1.0, -1.0}, f32()).requires_grad_(true);
+  for (int t = 0; t < 99; ++t) {
+    const auto grad = torch::autograd::grad({rosenbrock(xy)}, {xy})[0];
+    torch::NoGradGuard no_grad;
+    xy.sub_(1e-3 * grad);
+  }
+  const Objective objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+  const auto r = teleport({rosenbrock_symmetry(xy)},
+                          TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9), &objective);
+  ASSERT_FALSE(r.rolled_back) << r.reason;
+  EXPECT_NEAR(r.loss_after, r.loss_before, 1e-4 * r.loss_before);
+  EXPECT_GT(r.grad_norm_sq_after, 10 * r.grad_norm_sq_before);
+}
+
+TEST_P(PaperTest, DataDependentTeleportInTheOptimizerNeedsAClosure) {
+  auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
+  TeleportOptimizer opt(r.model,
+                        std::make_unique<torch::optim::SGD>(r.model->parameters(),
+                                                            torch::optim::SGDOptions(1e-4)),
+                        TeleportOptions().at({0}).steps(2).lr(1e-7),
+                        DiscoverOptions().data_dependent(true));
+  opt.set_teleport_batch([&] { return std::make_pair(r.x, r.y); }, half_sse());
+  half_sse()(r.model->forward(r.x), r.y).backward();
+  EXPECT_NE(error_of([&] { opt.step(); }).find("call step(closure)"), std::string::npos);
+  // With one, the gradient the inner step uses is the fresh one at the new point.
+  auto closure = [&] {
+    opt.zero_grad();
+    auto loss = half_sse()(r.model->forward(r.x), r.y);
+    loss.backward();
+    return loss;
+  };
+  std::vector<at::Tensor> fresh;
+  opt.options().on_report([&](const TeleportReport& rep) {
+    ASSERT_FALSE(rep.rolled_back) << rep.reason;
+    const auto exact = torch::autograd::grad({half_sse()(r.model->forward(r.x), r.y)},
+                                             r.model->parameters());
+    for (size_t i = 0; i < exact.size(); ++i) {
+      EXPECT_LE(rel_diff(r.model->parameters()[i].grad(), exact[i]), 1e-12);
+    }
+  });
+  opt.step(closure);
+  EXPECT_EQ(opt.teleport_count(), 1);
+}
+
+}  // namespace
+}  // namespace teleport::testing
