@@ -169,7 +169,8 @@ struct Ascent {
   }
 };
 
-// Closed form: the direction from gradients, the gradients carried along.
+// Closed form: the direction from gradients, the gradients carried along,
+// the weights moved once at the end.
 Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                           std::vector<at::Tensor> grads, const TeleportOptions& o) {
   const auto where = positions(syms, params);
@@ -199,13 +200,14 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
       grads[i].copy_(at::where(active, candidate[i], grads[i]));
     }
     for (size_t k = 0; k < syms.size(); ++k) {
-      const GroupElement e = elements[k].masked(active);
-      syms[k]->apply_(e);
-      a.total[k] = e.compose(a.total[k]);
+      a.total[k] = elements[k].masked(active).compose(a.total[k]);
     }
     a.norm_after = at::where(active, norm, a.norm_after);
     a.steps = a.steps + active.to(at::kLong);
   }
+  // The directions need only the gradients, so the weights move once, by the
+  // product of the steps.
+  for (size_t k = 0; k < syms.size(); ++k) syms[k]->apply_(a.total[k]);
   return a;
 }
 
