@@ -54,6 +54,14 @@ class OptimizerTest : public DeviceTest {
 };
 TELEPORT_DEVICE_TESTS(OptimizerTest);
 
+// A per-parameter state tensor of the inner optimizer.
+template <typename State, typename Get>
+at::Tensor state_of(torch::optim::Optimizer& opt, const at::Tensor& p, Get get) {
+  auto* s = dynamic_cast<State*>(detail::find_state(opt, p));
+  return s == nullptr ? at::Tensor() : get(*s);
+}
+
+
 TEST_P(OptimizerTest, WithTeleportOffIsBitIdenticalToTheBareOptimizer) {
   for (bool use_adagrad : {false, true}) {
     auto bare_model = model(), wrapped_model = model();
@@ -134,6 +142,15 @@ TEST_P(OptimizerTest, RolledBackTeleportLeavesThePlainStep) {
       << wrapped.last_report()->steps << " " << wrapped.last_report()->reason;
   EXPECT_NE(wrapped.last_report()->reason.find("beyond the tolerance"), std::string::npos);
   EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+  // And the inner optimizer's state is the bare one's, bit for bit.
+  std::vector<at::Tensor> bare_state, wrapped_state;
+  for (size_t i = 0; i < p.size(); ++i) {
+    bare_state.push_back(state_of<torch::optim::SGDParamState>(
+        *bare, bare_model->parameters()[i], [](auto& s) { return s.momentum_buffer(); }));
+    wrapped_state.push_back(state_of<torch::optim::SGDParamState>(
+        wrapped.inner(), p[i], [](auto& s) { return s.momentum_buffer(); }));
+  }
+  EXPECT_TRUE(bitwise_equal(bare_state, wrapped_state));
 }
 
 TEST_P(OptimizerTest, SaveLoadResumesIdentically) {
@@ -164,13 +181,6 @@ TEST_P(OptimizerTest, SaveLoadResumesIdentically) {
     EXPECT_EQ(opt2->teleport_count(), opt->teleport_count());
     EXPECT_TRUE(bitwise_equal(m->parameters(), m2->parameters()));
   }
-}
-
-// A per-parameter state tensor of the inner optimizer.
-template <typename State, typename Get>
-at::Tensor state_of(torch::optim::Optimizer& opt, const at::Tensor& p, Get get) {
-  auto* s = dynamic_cast<State*>(detail::find_state(opt, p));
-  return s == nullptr ? at::Tensor() : get(*s);
 }
 
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
@@ -278,6 +288,17 @@ TEST_P(OptimizerTest, BadInputGetsClearErrors) {
             std::string::npos);
   EXPECT_NE(error_of([&] { opt.set_teleport_batch(nullptr, mse()); })
                 .find("expected a batch source and a loss function"),
+            std::string::npos);
+}
+
+TEST_P(OptimizerTest, ReplacedParametersAreReported) {
+  auto m = model();
+  TeleportOptimizer opt(m, sgd(m), teleports());
+  auto* first = m->ptr(0)->as<torch::nn::Linear>();
+  first->weight = first->register_parameter("weight", first->weight.detach().clone());
+  const Batch b = batch(0);
+  mse()(m->forward(b.input), b.target).backward();
+  EXPECT_NE(error_of([&] { opt.step(); }).find("a parameter the model no longer holds"),
             std::string::npos);
 }
 

@@ -1,6 +1,8 @@
 // Properties of the group actions: invariance, equivariance, closed form = autograd.
 #include "test_util.h"
 
+#include <random>
+
 namespace teleport::testing {
 namespace {
 
@@ -190,6 +192,100 @@ TEST_P(SymmetryTest, ResizedParametersAreReported) {
   w_in.resize_({3, 5});
   EXPECT_NE(error_of([&] { s.check_unchanged(); }).find("resized after it was made"),
             std::string::npos);
+}
+
+}  // namespace
+}  // namespace teleport::testing
+
+namespace teleport::testing {
+namespace {
+
+// Random MLPs from a fixed list of seeds: 2 to 6 Linear layers of widths 1 to
+// 64, each hidden layer with no activation, ReLU or LeakyReLU, with or
+// without biases, float64.
+struct RandomMlp {
+  torch::nn::Sequential model;
+  Batch batch;
+  std::string description;
+};
+
+RandomMlp random_mlp(uint64_t seed, torch::TensorOptions options) {
+  std::mt19937 rng(seed);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const int layers = uniform(2, 6);
+  const bool bias = uniform(0, 1) == 1;
+  std::vector<int64_t> widths;
+  for (int i = 0; i <= layers; ++i) widths.push_back(uniform(1, 64));
+  torch::manual_seed(seed);
+  torch::nn::Sequential model;
+  std::string description = "seed " + std::to_string(seed) + (bias ? ", bias:" : ", no bias:");
+  for (int i = 0; i < layers; ++i) {
+    model->push_back(torch::nn::Linear(torch::nn::LinearOptions(widths[i], widths[i + 1]).bias(bias)));
+    description += " " + std::to_string(widths[i]);
+    if (i + 1 == layers) break;
+    switch (uniform(0, 2)) {
+      case 0:
+        description += " -";
+        break;
+      case 1:
+        model->push_back(torch::nn::ReLU());
+        description += " relu";
+        break;
+      default:
+        const double slope = std::uniform_real_distribution<double>(0.01, 0.5)(rng);
+        model->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(slope)));
+        description += " leaky";
+    }
+  }
+  description += " " + std::to_string(widths.back());
+  model->to(options.device(), options.dtype().toScalarType());
+  return {model, random_batch(uniform(1, 16), widths.front(), widths.back(), options, seed + 1),
+          description};
+}
+
+// ||a - b|| <= tol (||b|| + floor): relative, with a floor for gradients of dead units.
+::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b, double tol, double floor = 1e-12) {
+  const double err = (a - b).norm().item<double>(), scale = b.norm().item<double>() + floor;
+  if (err <= tol * scale) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "error " << err << " > " << tol << " * " << scale;
+}
+
+constexpr int kRandomModels = 40;
+
+TEST_P(SymmetryTest, PropertiesHoldOnRandomMlps) {
+  for (uint64_t seed = 0; seed < kRandomModels; ++seed) {
+    auto mlp = random_mlp(seed, f64());
+    SCOPED_TRACE(mlp.description);
+    const Objective objective(mlp.model, mlp.batch.input, mlp.batch.target, mse());
+    const auto syms = discover(mlp.model).symmetries;
+    ASSERT_FALSE(syms.empty());
+    // Closed form = autograd.
+    const auto closed = directions(syms, Method::kClosedForm, &objective);
+    const auto autograd = directions(syms, Method::kAutograd, &objective);
+    for (size_t k = 0; k < syms.size(); ++k) EXPECT_TRUE(close(closed[k], autograd[k], 1e-9));
+    // Invariance of outputs and loss, and equivariance of gradients.
+    backward(objective, mlp.model);
+    const auto params = mlp.model->parameters();
+    std::vector<at::Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.grad().clone());
+    const at::Tensor out = objective.forward().detach();
+    torch::manual_seed(seed);
+    for (const auto& s : syms) {
+      const auto e = GroupElement::from_algebra(torch::randn_like(s->zero_algebra()) * 0.3,
+                                                s->diagonal(), Parametrization::kExp);
+      std::vector<at::Tensor> mine;
+      for (const auto& p : s->parameters()) {
+        for (size_t i = 0; i < params.size(); ++i) {
+          if (params[i].is_same(p)) mine.push_back(grads[i]);
+        }
+      }
+      s->transport_gradients_(e, mine);
+      s->apply_(e);
+    }
+    EXPECT_TRUE(close(objective.forward().detach(), out, 1e-10));
+    backward(objective, mlp.model);
+    for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(grads[i], params[i].grad(), 1e-9));
+  }
 }
 
 }  // namespace

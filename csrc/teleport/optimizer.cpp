@@ -101,6 +101,8 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
   notes_ = std::move(found.notes);
   if (symmetries_.empty()) {
     notes_.push_back("no teleportable pair of Linear layers: teleports do nothing");
+    TORCH_WARN("TeleportOptimizer: ", notes_.front(), " (", notes_.size() - 1,
+               " note(s) from discovery in notes())");
   }
   const auto held = all_params(*inner_);
   for (const auto& s : symmetries_) {
@@ -137,6 +139,21 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList s
   }
 }
 
+void TeleportOptimizer::check_model_unchanged() const {
+  if (model_.is_empty()) return;
+  const auto current = model_->parameters();
+  for (const auto& s : symmetries_) {
+    s->check_unchanged();
+    for (const auto& p : s->parameters()) {
+      bool held = false;
+      for (const auto& q : current) held = held || q.is_same(p);
+      TORCH_CHECK(held, "TeleportOptimizer: ", s->name(),
+                  " acts on a parameter the model no longer holds (was a layer's weight replaced "
+                  "after the optimizer was built?); rebuild the optimizer");
+    }
+  }
+}
+
 void TeleportOptimizer::set_teleport_batch(BatchFn next_batch, LossFn loss_fn) {
   TORCH_CHECK(!model_.is_empty(),
               "set_teleport_batch: expected the optimizer to hold a model, got none");
@@ -166,6 +183,7 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     loss = closure();
   }
   if (teleport_due(options_, step_, teleports_)) {
+    check_model_unchanged();
     // Data-dependent actions and reference arithmetic do not map gradients.
     bool fresh_gradients = options_.mode() == Mode::kReference;
     for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();

@@ -82,6 +82,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   TeleportReport run_teleport(const LossClosure& closure, const at::Tensor& loss);
   void apply_state_policy(const TeleportReport& report);
   void sync_inner();
+  void check_model_unchanged() const;
 
   torch::nn::Sequential model_;
   std::unique_ptr<torch::optim::Optimizer> inner_;
