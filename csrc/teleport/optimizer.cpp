@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/linear.h>
 #include <torch/optim/adagrad.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
@@ -141,7 +142,14 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList s
 
 void TeleportOptimizer::check_model_unchanged() const {
   if (model_.is_empty()) return;
-  const auto current = model_->parameters();
+  // The tensors the Linear layers compute with now (what forward() reads).
+  std::vector<at::Tensor> current;
+  for (const auto& module : model_->children()) {
+    if (auto* linear = module->as<torch::nn::Linear>()) {
+      current.push_back(linear->weight);
+      if (linear->bias.defined()) current.push_back(linear->bias);
+    }
+  }
   for (const auto& s : symmetries_) {
     s->check_unchanged();
     for (const auto& p : s->parameters()) {
