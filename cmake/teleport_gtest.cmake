@@ -8,8 +8,10 @@ elseif(TELEPORT_GTEST_SOURCE_DIR AND EXISTS "${TELEPORT_GTEST_SOURCE_DIR}/CMakeL
   set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
   set(BUILD_GMOCK OFF CACHE BOOL "" FORCE)
   add_subdirectory("${TELEPORT_GTEST_SOURCE_DIR}" "${CMAKE_BINARY_DIR}/_gtest" EXCLUDE_FROM_ALL)
-  add_library(GTest::gtest ALIAS gtest)
-  add_library(GTest::gtest_main ALIAS gtest_main)
+  if(NOT TARGET GTest::gtest)  # GoogleTest >= 1.11 makes these itself
+    add_library(GTest::gtest ALIAS gtest)
+    add_library(GTest::gtest_main ALIAS gtest_main)
+  endif()
   set(TELEPORT_HAVE_GTEST ON)
   message(STATUS "teleport: GoogleTest from ${TELEPORT_GTEST_SOURCE_DIR}")
 else()
