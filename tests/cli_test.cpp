@@ -108,7 +108,7 @@ std::string tiny_mnist() {
 std::string mnist_command(const std::string& json) {
   return std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
          " --optimizer sgd,adagrad --hidden 16,12 --batch-size 16 --epochs 2 --eval-every 3 "
-         "--eval-subset 32 --teleport-every 4 --teleport-lr 10 --quiet --json " + json;
+         "--eval-subset 32 --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " + json;
 }
 
 TEST(CliTest, MnistJsonHasTheSharedShapeAndTestFields) {
@@ -146,6 +146,15 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
     EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
     EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;
   }
+}
+
+TEST(CliTest, CudaWithoutCudaIsAUsageError) {
+  const auto r = run(std::string(TELEPORT_MNIST) + " --device cuda --data " + tiny_mnist() +
+                     " --optimizer sgd --hidden 8 --max-steps 2 --eval-subset 16 --quiet");
+  if (r.code == 0) GTEST_SKIP() << "CUDA is available here";
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--device cuda: CUDA is not available here"), std::string::npos) << r.output;
+  EXPECT_EQ(lines(r.output), 1u) << r.output;
 }
 
 TEST(CliTest, RuntimeErrorsExitWithOneAndOneLine) {

@@ -27,6 +27,24 @@ GroupElement random_element(const Symmetry& s, Parametrization p, double scale) 
   return GroupElement::from_algebra(T, s.diagonal(), p);
 }
 
+// Applies an element from `element_of` to each symmetry in turn, and maps
+// `grads` (copies of the gradients of `params`, in that order) with it.
+template <typename ElementOf>
+void transport_and_apply(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads, ElementOf element_of) {
+  for (const auto& s : syms) {
+    const GroupElement e = element_of(*s);
+    std::vector<at::Tensor> mine;
+    for (const auto& p : s->parameters()) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (params[i].is_same(p)) mine.push_back(grads[i]);
+      }
+    }
+    s->transport_gradients_(e, mine);
+    s->apply_(e);
+  }
+}
+
 void expect_action_keeps_outputs(torch::TensorOptions options, double tol) {
   for (const auto& c : kCases) {
     auto model = make_mlp({5, 7, 6, 4}, c.act, c.bias, options);
@@ -71,17 +89,8 @@ TEST_P(SymmetryTest, GradientsTransportEquivariantly) {
     for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
     // Transport copies of the gradients, then compare with a real backward.
     const auto params = model->parameters();
-    for (const auto& s : syms) {
-      const GroupElement e = random_element(*s, c.param, 0.3);
-      std::vector<at::Tensor> mine;
-      for (const auto& p : s->parameters()) {
-        for (size_t i = 0; i < params.size(); ++i) {
-          if (params[i].is_same(p)) mine.push_back(grads[i]);
-        }
-      }
-      s->transport_gradients_(e, mine);
-      s->apply_(e);
-    }
+    transport_and_apply(syms, params, grads,
+                        [&](const Symmetry& s) { return random_element(s, c.param, 0.3); });
     backward(objective, model);
     for (size_t i = 0; i < params.size(); ++i) {
       EXPECT_LE(rel_diff(grads[i], params[i].grad()), 1e-9) << "parameter " << i;
@@ -270,18 +279,10 @@ TEST_P(SymmetryTest, PropertiesHoldOnRandomMlps) {
     for (const auto& p : params) grads.push_back(p.grad().clone());
     const at::Tensor out = objective.forward().detach();
     torch::manual_seed(seed);
-    for (const auto& s : syms) {
-      const auto e = GroupElement::from_algebra(torch::randn_like(s->zero_algebra()) * 0.3,
-                                                s->diagonal(), Parametrization::kExp);
-      std::vector<at::Tensor> mine;
-      for (const auto& p : s->parameters()) {
-        for (size_t i = 0; i < params.size(); ++i) {
-          if (params[i].is_same(p)) mine.push_back(grads[i]);
-        }
-      }
-      s->transport_gradients_(e, mine);
-      s->apply_(e);
-    }
+    transport_and_apply(syms, params, grads, [](const Symmetry& s) {
+      return GroupElement::from_algebra(torch::randn_like(s.zero_algebra()) * 0.3, s.diagonal(),
+                                        Parametrization::kExp);
+    });
     EXPECT_TRUE(close(objective.forward().detach(), out, 1e-10));
     backward(objective, mlp.model);
     for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(grads[i], params[i].grad(), 1e-9));

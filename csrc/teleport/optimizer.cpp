@@ -63,6 +63,19 @@ std::unique_ptr<torch::optim::OptimizerOptions> defaults_of(
   return inner->defaults().clone();
 }
 
+// Throws unless every parameter the symmetries act on is one of `tensors`.
+void require_among(const SymmetryList& symmetries, const std::vector<at::Tensor>& tensors,
+                   const char* what_is_missing) {
+  for (const auto& s : symmetries) {
+    for (const auto& p : s->parameters()) {
+      bool found = false;
+      for (const auto& q : tensors) found = found || q.is_same(p);
+      TORCH_CHECK(found, "TeleportOptimizer: ", s->name(), " acts on a parameter ",
+                  what_is_missing);
+    }
+  }
+}
+
 void write_int(torch::serialize::OutputArchive& a, const std::string& key, int64_t v) {
   a.write(key, c10::IValue(v));
 }
@@ -105,16 +118,9 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
     TORCH_WARN("TeleportOptimizer: ", notes_.front(), " (", notes_.size() - 1,
                " note(s) from discovery in notes())");
   }
-  const auto held = all_params(*inner_);
-  for (const auto& s : symmetries_) {
-    for (const auto& p : s->parameters()) {
-      bool found_p = false;
-      for (const auto& q : held) found_p = found_p || q.is_same(p);
-      TORCH_CHECK(found_p, "TeleportOptimizer: ", s->name(),
-                  " acts on a parameter the inner optimizer does not hold; build the "
-                  "inner optimizer from model->parameters()");
-    }
-  }
+  require_among(symmetries_, all_params(*inner_),
+                 "the inner optimizer does not hold; build the inner optimizer from "
+                 "model->parameters()");
   const auto params = detail::distinct_parameters(symmetries_);
   for (const auto& p : params) {
     TORCH_CHECK(p.device() == params.front().device() &&
@@ -150,16 +156,10 @@ void TeleportOptimizer::check_model_unchanged() const {
       if (linear->bias.defined()) current.push_back(linear->bias);
     }
   }
-  for (const auto& s : symmetries_) {
-    s->check_unchanged();
-    for (const auto& p : s->parameters()) {
-      bool held = false;
-      for (const auto& q : current) held = held || q.is_same(p);
-      TORCH_CHECK(held, "TeleportOptimizer: ", s->name(),
-                  " acts on a parameter the model no longer holds (was a layer's weight replaced "
-                  "after the optimizer was built?); rebuild the optimizer");
-    }
-  }
+  for (const auto& s : symmetries_) s->check_unchanged();
+  require_among(symmetries_, current,
+                "the model no longer holds (was a layer's weight replaced after the optimizer "
+                "was built?); rebuild the optimizer");
 }
 
 void TeleportOptimizer::set_teleport_batch(BatchFn next_batch, LossFn loss_fn) {
