@@ -197,9 +197,13 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                                cross_entropy(model->forward(x), y).item<double>();
                          }
                        });
+    // gl: the paper's data-dependent GL(n) across each LeakyReLU.
     auto t = std::make_unique<teleport::TeleportOptimizer>(
         model, std::move(inner), options,
-        teleport::DiscoverOptions().linear_gl(c.symmetry == "gl"));
+        teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
+    if (c.symmetry == "gl" && c.teleport_batch == 0) {
+      t->set_teleport_batch([&] { return std::make_pair(x, y); }, cross_entropy);  // the minibatch
+    }
     if (c.teleport_batch > 0) {
       auto gen = std::make_shared<at::Generator>(at::detail::createCPUGenerator(seed + 7919));
       t->set_teleport_batch(
@@ -239,15 +243,29 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
       const auto idx = perm.slice(0, b * c.batch_size, std::min(n, (b + 1) * c.batch_size));
       x = data.train.images.index_select(0, idx).to(device);
       y = data.train.labels.index_select(0, idx).to(device);
-      opt->zero_grad();
-      const auto loss = cross_entropy(model->forward(x), y);
-      loss.backward();
-      loss_value = loss.item<double>();
-      double norm = grad_norm_sq(model);
       const size_t teleports_before = o.run.teleports.size();
       teleport_norm = -1;
-      opt->step();
-      if (teleport_norm >= 0) norm = teleport_norm;
+      double norm = 0;
+      if (c.symmetry == "gl" && teleporting) {
+        // The data-dependent action leaves the gradient stale: the optimizer
+        // runs the closure again after a teleport.
+        loss_value = opt->step([&] {
+                          opt->zero_grad();
+                          auto loss = cross_entropy(model->forward(x), y);
+                          loss.backward();
+                          return loss;
+                        })
+                         .item<double>();
+        norm = grad_norm_sq(model);  // the gradient the update used
+      } else {
+        opt->zero_grad();
+        const auto loss = cross_entropy(model->forward(x), y);
+        loss.backward();
+        loss_value = loss.item<double>();
+        norm = grad_norm_sq(model);
+        opt->step();
+        if (teleport_norm >= 0) norm = teleport_norm;
+      }
       if (o.run.teleports.size() > teleports_before) {
         o.teleport_seconds += o.run.teleports.back().seconds;
       }
@@ -429,8 +447,10 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--device", c.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--seeds", c.seeds, "seeds, e.g. 0,1,2");
-  app.add_option("--symmetry", c.symmetry, "scaling (exact across ReLU)")
-      ->check(CLI::IsMember({"scaling"}));
+  app.add_option("--symmetry", c.symmetry,
+                 "scaling (exact across ReLU and LeakyReLU) or gl (the paper's data-dependent GL(n), "
+                 "LeakyReLU only; exact when the teleport batch is no larger than the layer widths)")
+      ->check(CLI::IsMember({"scaling", "gl"}));
   app.add_option("--teleport-every", c.teleport_every, "teleport every K steps (0 = never)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--teleport-at", at, "teleport at these steps, e.g. 0,100");
@@ -466,6 +486,9 @@ int main(int argc, char** argv) {
   return run_cli(app, argc, argv, [&] {
     if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
     if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
+    if (c.symmetry == "gl" && c.activation != "leaky_relu") {
+      throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
+    }
     return run(c);
   });
 }
