@@ -81,15 +81,29 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   torch::optim::SGD bare(model->parameters(), torch::optim::SGDOptions(1e-6));
   teleport::TeleportOptimizer wrapped(
       model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(1e-6)));
-  std::vector<double> bare_t, wrapped_t;
-  for (int r = 0; r < 5; ++r) {
-    bare_t.push_back(median_seconds(reps, device, [&] { train_step(bare); }));
-    wrapped_t.push_back(median_seconds(reps, device, [&] { train_step(wrapped); }));
+  // Bare and wrapped steps alternate, one each, in alternating order; the
+  // overhead is the median of the pairs' ratios, so that load that changes
+  // over time cancels out.
+  auto seconds_of = [&](torch::optim::Optimizer& opt) {
+    const auto start = std::chrono::steady_clock::now();
+    train_step(opt);
+    if (device.is_cuda()) torch::cuda::synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  train_step(bare);
+  train_step(wrapped);
+  std::vector<double> bare_t, ratios;
+  for (int i = 0; i < 11 * reps; ++i) {
+    const bool bare_first = i % 2 == 0;
+    const double first = seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(bare) : wrapped);
+    const double second = seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(wrapped) : bare);
+    bare_t.push_back(bare_first ? first : second);
+    ratios.push_back(bare_first ? second / first : first / second);
   }
-  std::sort(bare_t.begin(), bare_t.end());
-  std::sort(wrapped_t.begin(), wrapped_t.end());
-  const double step_s = bare_t[2];
-  const double off_overhead = wrapped_t[2] / bare_t[2] - 1;
+  std::nth_element(bare_t.begin(), bare_t.begin() + bare_t.size() / 2, bare_t.end());
+  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+  const double step_s = bare_t[bare_t.size() / 2];
+  const double off_overhead = ratios[ratios.size() / 2] - 1;
 
   // One full teleport: all hidden layers, `teleport_steps` ascent steps.
   // Weights are restored between repetitions so every one starts alike.

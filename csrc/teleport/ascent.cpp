@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <chrono>
+#include <optional>
 #include <cmath>
 #include <utility>
 
@@ -160,6 +161,9 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
 
 struct Ascent {
   at::Tensor norm_before, norm_after, loss_before, steps;
+  // Where the path decided before touching anything that its result is finite
+  // (and otherwise applied the identity): a 0-dim bool; undefined elsewhere.
+  at::Tensor finite;
   std::vector<GroupElement> total;  // one per symmetry, starting at the identity
 
   explicit Ascent(const SymmetryList& syms) {
@@ -180,6 +184,9 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
   const at::Tensor limit = growth_limit(a.norm_before, o);
+  // One inverse of the product instead of a product of inverses (the
+  // reference arithmetic's "inverses" are I - T and must be multiplied).
+  const bool invert_at_end = o.mode() == Mode::kExact;
 
   for (int64_t step = 0; step < o.steps(); ++step) {
     std::vector<GroupElement> elements;
@@ -200,14 +207,22 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
       grads[i].copy_(at::where(active, candidate[i], grads[i]));
     }
     for (size_t k = 0; k < syms.size(); ++k) {
-      a.total[k] = elements[k].masked(active).compose(a.total[k]);
+      const GroupElement e = elements[k].masked(active);
+      if (invert_at_end && !e.diagonal) {
+        a.total[k].g = at::mm(e.g, a.total[k].g);
+      } else {
+        a.total[k] = e.compose(a.total[k]);
+      }
     }
     a.norm_after = at::where(active, norm, a.norm_after);
     a.steps = a.steps + active.to(at::kLong);
   }
   // The directions need only the gradients, so the weights move once, by the
-  // product of the steps.
-  for (size_t k = 0; k < syms.size(); ++k) syms[k]->apply_(a.total[k]);
+  // product of the steps, with that product's exact inverse.
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (invert_at_end && !a.total[k].diagonal) a.total[k].g_inv = at::linalg_inv(a.total[k].g);
+    syms[k]->apply_(a.total[k]);
+  }
   return a;
 }
 
@@ -274,7 +289,8 @@ bool all_layer_scalings(const SymmetryList& syms) {
 }
 
 Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
-                      const std::vector<at::Tensor>& grads, const TeleportOptions& o) {
+                      const std::vector<at::Tensor>& grads, const TeleportOptions& o,
+                      bool decide_before_apply) {
   const auto where = positions(syms, params);
   std::vector<ScalingSlot> slots(params.size());
   for (size_t k = 0; k < syms.size(); ++k) {
@@ -313,6 +329,21 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     a.steps = a.steps + active.to(at::kLong);
   }
   a.norm_after = st.norm;
+  if (decide_before_apply) {
+    // The new gradients are finite when their squared norm is; the new weights
+    // when |w| times the largest factor any entry gets is. Otherwise apply the
+    // identity: multiplying by 1 leaves every bit as it was, so no copy is
+    // needed to roll back.
+    std::vector<at::Tensor> largest;
+    for (const auto& p : params) {
+      const auto [low, high] = at::aminmax(p.detach());  // NaN propagates
+      largest.push_back(at::maximum(high, -low));
+    }
+    at::Tensor bound = at::stack(largest).max();
+    for (const auto& ck : c) bound = bound * at::clamp_min(ck.max(), 1) * at::clamp_min(ck.reciprocal().max(), 1);
+    a.finite = at::isfinite(st.norm).logical_and(at::isfinite(bound));
+    for (auto& ck : c) ck = at::where(a.finite, ck, at::ones_like(ck));
+  }
   for (size_t k = 0; k < syms.size(); ++k) {
     a.total[k] = GroupElement{c[k], c[k].reciprocal(), true};
     syms[k]->apply_(a.total[k]);
@@ -462,14 +493,19 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     }
   }
 
-  const detail::Snapshot snapshot(params);
+  const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact &&
+                            method == Method::kClosedForm;
+  // The scaling path from .grad decides finiteness before it touches anything;
+  // every other path keeps a copy to roll back to.
+  const bool self_checking = fast_scaling && objective == nullptr;
+  std::optional<detail::Snapshot> snapshot;
+  if (!self_checking) snapshot.emplace(params);
   at::Tensor loss_before;
   if (method == Method::kClosedForm && objective != nullptr) {
     grads = batch_gradients(*objective, params, loss_before);
   }
-  const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact;
   Ascent a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *objective, options)
-             : fast_scaling ? scaling_ascent(symmetries, params, grads, options)
+             : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
                                               : closed_form_ascent(symmetries, params, grads, options);
   if (loss_before.defined()) a.loss_before = loss_before;
   if (objective != nullptr) {
@@ -490,9 +526,13 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   std::vector<at::Tensor> checks = {a.norm_before, a.norm_after, a.steps.to(a.norm_before.dtype())};
   // A sum is non-finite when any entry is (or, harmlessly, when it overflows),
   // and costs one read where isfinite() would allocate.
-  std::vector<at::Tensor> sums;
-  for (const auto& p : params) sums.push_back(p.detach().sum());
-  checks.push_back(at::stack(sums).sum().to(a.norm_before.dtype()));
+  if (a.finite.defined()) {
+    checks.push_back(at::where(a.finite, 0.0, NAN).to(a.norm_before.dtype()));
+  } else {
+    std::vector<at::Tensor> sums;
+    for (const auto& p : params) sums.push_back(p.detach().sum());
+    checks.push_back(at::stack(sums).sum().to(a.norm_before.dtype()));
+  }
   if (objective != nullptr) {
     at::NoGradGuard no_grad;
     checks.push_back(a.loss_before);
@@ -527,7 +567,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     }
   }
   if (!rollback.empty()) {
-    snapshot.restore();
+    if (snapshot) snapshot->restore();  // else nothing was changed
     report.gradients_stale = false;
     report.rolled_back = true;
     report.reason = "rolled back: " + rollback;
