@@ -23,29 +23,6 @@ struct Case {
   int64_t batch;
 };
 
-// Median seconds of `reps` calls of `f`, after one warm-up call; `reset`
-// runs untimed after each call.
-double median_seconds(int reps, torch::Device device, const std::function<void()>& f,
-                      const std::function<void()>& reset = [] {}) {
-  auto sync = [&] {
-    if (device.is_cuda()) torch::cuda::synchronize();
-  };
-  f();
-  reset();
-  sync();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    f();
-    sync();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    reset();
-    sync();
-  }
-  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-  return t[t.size() / 2];
-}
-
 torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool relu, torch::Device device) {
   torch::nn::Sequential m;
   for (size_t i = 0; i + 1 < w.size(); ++i) {
@@ -105,21 +82,32 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   const double step_s = bare_t[bare_t.size() / 2];
   const double off_overhead = ratios[ratios.size() / 2] - 1;
 
-  // One full teleport: all hidden layers, `teleport_steps` ascent steps.
-  // Weights are restored between repetitions so every one starts alike.
+  // One full teleport: all hidden layers, `teleport_steps` ascent steps, each
+  // timed right after a training step so that their ratio sees one machine
+  // load. Weights and gradients are restored after each, outside the timing.
   auto options = teleport::TeleportOptions().steps(teleport_steps).lr(1e-3).max_growth(1e12);
-  bare.zero_grad();
-  loss_fn(model->forward(x), y).backward();
+  struct Timing {
+    double seconds, in_steps;
+  };
   auto time_teleport = [&](const teleport::SymmetryList& syms, teleport::Method method) {
     const teleport::Objective objective(model, x, y, loss_fn);
-    teleport::detail::Snapshot snapshot(model->parameters());
-    return median_seconds(
-        std::max(3, reps / 4), device,
-        [&] {
-          teleport::teleport(syms, teleport::TeleportOptions(options).method(method),
-                             method == teleport::Method::kAutograd ? &objective : nullptr);
-        },
-        [&] { snapshot.restore(); });
+    const auto opts = teleport::TeleportOptions(options).method(method);
+    std::vector<double> seconds, ratios;
+    for (int r = 0; r <= std::max(3, reps / 2); ++r) {
+      const double step = seconds_of(bare);  // leaves a fresh gradient in .grad
+      teleport::detail::Snapshot snapshot(model->parameters());
+      const auto start = std::chrono::steady_clock::now();
+      teleport::teleport(syms, opts, method == teleport::Method::kAutograd ? &objective : nullptr);
+      if (device.is_cuda()) torch::cuda::synchronize();
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      snapshot.restore();
+      if (r == 0) continue;  // warm-up
+      seconds.push_back(t);
+      ratios.push_back(t / step);
+    }
+    std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+    std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+    return Timing{seconds[seconds.size() / 2], ratios[ratios.size() / 2]};
   };
   const auto scaling = teleport::discover(model).symmetries;
   // GL(n) on the same weights: the cost is the same whatever the activation.
@@ -129,9 +117,9 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
     gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL,
                                                            p[0], p[1], p[2]));
   }
-  const double scaling_s = time_teleport(scaling, teleport::Method::kClosedForm);
-  const double gl_s = time_teleport(gl, teleport::Method::kClosedForm);
-  const double autograd_s = time_teleport(gl, teleport::Method::kAutograd);
+  const Timing scaling_t = time_teleport(scaling, teleport::Method::kClosedForm);
+  const Timing gl_t = time_teleport(gl, teleport::Method::kClosedForm);
+  const Timing autograd_t = time_teleport(gl, teleport::Method::kAutograd);
 
   std::string name;
   for (size_t i = 0; i < c.widths.size(); ++i) name += (i ? "-" : "") + std::to_string(c.widths[i]);
@@ -140,9 +128,9 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}, "closed_form_gl": {:.4f}, "autograd": {:.4f}}}, )"
       R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}, "closed_form_gl": {:.3f}, "autograd": {:.3f}}}, )"
       R"("autograd_over_closed_form_gl": {:.3f}, "off_overhead": {:.4f}}})",
-      name, c.widths[1], c.batch, device.str(), teleport_steps, step_s * 1e3, scaling_s * 1e3,
-      gl_s * 1e3, autograd_s * 1e3, scaling_s / step_s, gl_s / step_s, autograd_s / step_s,
-      autograd_s / gl_s, off_overhead);
+      name, c.widths[1], c.batch, device.str(), teleport_steps, step_s * 1e3,
+      scaling_t.seconds * 1e3, gl_t.seconds * 1e3, autograd_t.seconds * 1e3, scaling_t.in_steps,
+      gl_t.in_steps, autograd_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
 }
 
 }  // namespace

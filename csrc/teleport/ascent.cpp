@@ -310,24 +310,29 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   Ascent a(syms);
   ScalingState st = scaling_state(slots, c);
   a.norm_before = st.norm;
-  a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
+  std::vector<at::Tensor> taken;  // `active` after each step
   const at::Tensor limit = growth_limit(a.norm_before, o);
+  // Every operation here is on vectors of the widths or on scalars, so their
+  // count, not their size, is the cost: each line is kept to what it needs.
   for (int64_t step = 0; step < o.steps(); ++step) {
     std::vector<at::Tensor> candidate;
     for (size_t k = 0; k < c.size(); ++k) {
       const at::Tensor T = capped_step(st.directions[k], o);
-      candidate.push_back(c[k] * GroupElement::from_algebra(T, true, o.parametrization()).g);
+      candidate.push_back(c[k] * (o.parametrization() == Parametrization::kExp ? at::exp(T) : T + 1));
     }
     ScalingState next = scaling_state(slots, candidate);
-    active = active.logical_and(at::isfinite(next.norm)).logical_and(next.norm <= limit);
-    for (size_t k = 0; k < c.size(); ++k) {
-      c[k] = at::where(active, candidate[k], c[k]);
-      st.directions[k] = at::where(active, next.directions[k], st.directions[k]);
-    }
+    // NaN fails the comparison, and so does +inf below a finite limit.
+    active = active.logical_and(next.norm <= limit);
+    taken.push_back(active);
+    // Once a step is refused every later one is too, so the directions need
+    // no mask: only what is kept does.
+    for (size_t k = 0; k < c.size(); ++k) c[k] = at::where(active, candidate[k], c[k]);
+    st.directions = std::move(next.directions);
     st.norm = at::where(active, next.norm, st.norm);
-    a.steps = a.steps + active.to(at::kLong);
   }
+  a.steps = taken.empty() ? at::zeros({}, params.front().options().dtype(at::kLong))
+                          : at::stack(taken).sum();
   a.norm_after = st.norm;
   if (decide_before_apply) {
     // The new gradients are finite when their squared norm is; the new weights
