@@ -4,6 +4,9 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
 #include <chrono>
 #include <optional>
 #include <cmath>
@@ -234,9 +237,10 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
 // symmetries on both sides, and none otherwise. The weights and gradients are
 // touched once, at the end. Same result as closed_form_ascent, far cheaper.
 struct ScalingSlot {
-  at::Tensor q;          // the squared gradient
+  bool bias = false;
   int row = -1, col = -1;  // the symmetries on its rows and columns, -1 for none
-  at::Tensor row_sums, col_sums;  // Q 1 and Qᵀ 1 where a side has no symmetry
+  at::Tensor q;            // the squared gradient, for biases and weights with both
+  at::Tensor row_sums, col_sums;  // Q 1 or Qᵀ 1 for weights with one side only
 };
 
 struct ScalingState {
@@ -255,23 +259,23 @@ ScalingState scaling_state(const std::vector<ScalingSlot>& slots,
   auto add = [&](size_t k, const at::Tensor& x) { halves[k] = halves[k].defined() ? halves[k] + x : x; };
   std::vector<at::Tensor> norm_parts;
   for (const auto& s : slots) {
-    if (s.q.dim() == 1) {  // a bias: rows only
+    if (s.bias) {  // rows only
       const at::Tensor part = s.q * r[s.row];
       norm_parts.push_back(part.sum());
       add(s.row, -part);
-      continue;
-    }
-    const at::Tensor row_mass = s.col >= 0 ? at::mv(s.q, q[s.col]) : s.row_sums;  // (Q q)_j
-    if (s.row >= 0) {
-      const at::Tensor part = r[s.row] * row_mass;
+    } else if (s.col < 0) {  // rows only: Σ_k Q_jk = row_sums_j
+      const at::Tensor part = r[s.row] * s.row_sums;
       norm_parts.push_back(part.sum());
       add(s.row, -part);
+    } else if (s.row < 0) {  // columns only: Σ_j Q_jk = col_sums_k
+      const at::Tensor part = q[s.col] * s.col_sums;
+      norm_parts.push_back(part.sum());
+      add(s.col, part);
     } else {
-      norm_parts.push_back(row_mass.sum());
-    }
-    if (s.col >= 0) {
-      const at::Tensor col_mass = s.row >= 0 ? at::mv(s.q.t(), r[s.row]) : s.col_sums;  // (Qᵀ r)_k
-      add(s.col, q[s.col] * col_mass);
+      const at::Tensor part = r[s.row] * at::mv(s.q, q[s.col]);  // r_j (Q q)_j
+      norm_parts.push_back(part.sum());
+      add(s.row, -part);
+      add(s.col, q[s.col] * at::mv(s.q.t(), r[s.row]));  // q_k (Qᵀ r)_k
     }
   }
   ScalingState st;
@@ -288,6 +292,115 @@ bool all_layer_scalings(const SymmetryList& syms) {
   return true;
 }
 
+// The scaling ascent on CPU: the same arithmetic as the loop in
+// scaling_ascent, with the vector work (widths-sized, a few microseconds in
+// all) in plain loops instead of dozens of ATen calls per step, and the
+// matrix-vector products through at::mv. Returns the scales c.
+// Scales weights and gradients once by the scales c found by the ascent.
+Ascent finish_scaling(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                      const std::vector<at::Tensor>& grads,
+                      const std::vector<std::vector<size_t>>& where, std::vector<at::Tensor> c,
+                      Ascent a, bool decide_before_apply) {
+  if (decide_before_apply) {
+    // The new gradients are finite when their squared norm is; the new weights
+    // when |w| times the largest factor any entry gets is. Otherwise apply the
+    // identity: multiplying by 1 leaves every bit as it was, so no copy is
+    // needed to roll back.
+    std::vector<at::Tensor> largest;
+    for (const auto& p : params) {
+      const auto [low, high] = at::aminmax(p.detach());  // NaN propagates
+      largest.push_back(at::maximum(high, -low));
+    }
+    at::Tensor bound = at::stack(largest).max();
+    for (const auto& ck : c) bound = bound * at::clamp_min(ck.max(), 1) * at::clamp_min(ck.reciprocal().max(), 1);
+    a.finite = at::isfinite(a.norm_after).logical_and(at::isfinite(bound));
+    for (auto& ck : c) ck = at::where(a.finite, ck, at::ones_like(ck));
+  }
+  for (size_t k = 0; k < syms.size(); ++k) {
+    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true};
+    syms[k]->apply_(a.total[k]);
+    syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
+  }
+  return a;
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
+                                         const std::vector<int64_t>& widths,
+                                         const TeleportOptions& o, double& norm_before,
+                                         double& norm_after, int64_t& steps) {
+  using Vec = std::vector<double>;
+  auto as_tensor = [](const Vec& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, c10::CppTypeToScalarType<scalar_t>::value);
+    std::copy(v.begin(), v.end(), t.data_ptr<scalar_t>());
+    return t;
+  };
+  // ||∇L||² and the directions at scales c.
+  auto state = [&](const std::vector<Vec>& c, std::vector<Vec>& dirs) {
+    std::vector<Vec> q(c.size()), r(c.size());
+    dirs.assign(c.size(), Vec());
+    for (size_t k = 0; k < c.size(); ++k) {
+      dirs[k].assign(c[k].size(), 0.0);
+      for (double ck : c[k]) {
+        q[k].push_back(ck * ck);
+        r[k].push_back(1 / (ck * ck));
+      }
+    }
+    double norm = 0;
+    // Adds part_j = w_j m_j to the norm, and ± 2 part_j to the directions of `k`.
+    auto accumulate = [&](const Vec& w, const scalar_t* m, int k, double sign) {
+      for (size_t j = 0; j < w.size(); ++j) {
+        const double part = w[j] * m[j];
+        norm += part;
+        dirs[k][j] += sign * 2 * part;
+      }
+    };
+    for (const auto& s : slots) {
+      if (s.bias) {
+        accumulate(r[s.row], s.q.data_ptr<scalar_t>(), s.row, -1);
+      } else if (s.col < 0) {
+        accumulate(r[s.row], s.row_sums.data_ptr<scalar_t>(), s.row, -1);
+      } else if (s.row < 0) {
+        accumulate(q[s.col], s.col_sums.data_ptr<scalar_t>(), s.col, +1);
+      } else {
+        const at::Tensor row_mass = at::mv(s.q, as_tensor(q[s.col]));
+        accumulate(r[s.row], row_mass.data_ptr<scalar_t>(), s.row, -1);
+        const at::Tensor col_mass = at::mv(s.q.t(), as_tensor(r[s.row])).contiguous();
+        const scalar_t* cm = col_mass.data_ptr<scalar_t>();
+        for (size_t k = 0; k < q[s.col].size(); ++k) dirs[s.col][k] += 2 * q[s.col][k] * cm[k];
+      }
+    }
+    return norm;
+  };
+
+  std::vector<Vec> c, dirs, next_dirs;
+  for (int64_t n : widths) c.emplace_back(static_cast<size_t>(n), 1.0);
+  norm_before = norm_after = state(c, dirs);
+  const double limit = norm_before * o.max_growth();
+  steps = 0;
+  for (int64_t step = 0; step < o.steps(); ++step) {
+    std::vector<Vec> candidate = c;
+    for (size_t k = 0; k < c.size(); ++k) {
+      double length = 0;  // of T = η D, capped at max_step
+      for (double d : dirs[k]) length += d * o.lr() * d * o.lr();
+      const double scale = o.lr() * std::min(1.0, o.max_step() / std::max(std::sqrt(length), 1e-300));
+      for (size_t j = 0; j < c[k].size(); ++j) {
+        const double t = dirs[k][j] * scale;
+        candidate[k][j] *= o.parametrization() == Parametrization::kExp ? std::exp(t) : 1 + t;
+      }
+    }
+    const double norm = state(candidate, next_dirs);
+    if (!(norm <= limit)) break;  // NaN fails too; every later step would be refused
+    c = std::move(candidate);
+    dirs = std::move(next_dirs);
+    norm_after = norm;
+    ++steps;
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& ck : c) out.push_back(as_tensor(ck));
+  return out;
+}
+
 Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                       const std::vector<at::Tensor>& grads, const TeleportOptions& o,
                       bool decide_before_apply) {
@@ -300,14 +413,34 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   }
   for (size_t i = 0; i < params.size(); ++i) {
     auto& s = slots[i];
-    s.q = grads[i].square();
-    if (s.q.dim() == 2 && s.col < 0) s.row_sums = s.q.sum(1);
-    if (s.q.dim() == 2 && s.row < 0) s.col_sums = s.q.sum(0);
+    const at::Tensor& g = grads[i];
+    s.bias = g.dim() == 1;
+    if (s.bias || (s.row >= 0 && s.col >= 0)) {
+      s.q = g.square();
+    } else if (s.col < 0) {
+      s.row_sums = g.square().sum(1);
+    } else {
+      s.col_sums = g.square().sum(0);
+    }
   }
   std::vector<at::Tensor> c;
   for (const auto& sym : syms) c.push_back(at::ones({sym->zero_algebra().size(0)}, params.front().options()));
 
   Ascent a(syms);
+  if (params.front().device().is_cpu()) {
+    std::vector<int64_t> widths;
+    for (const auto& ck : c) widths.push_back(ck.size(0));
+    double before = 0, after = 0;
+    int64_t taken = 0;
+    AT_DISPATCH_FLOATING_TYPES(params.front().scalar_type(), "scaling_loop_cpu", [&] {
+      c = scaling_loop_cpu<scalar_t>(slots, widths, o, before, after, taken);
+    });
+    const auto scalar = params.front().options().dtype(at::kDouble);
+    a.norm_before = at::full({}, before, scalar).to(params.front().scalar_type());
+    a.norm_after = at::full({}, after, scalar).to(params.front().scalar_type());
+    a.steps = at::full({}, taken, params.front().options().dtype(at::kLong));
+    return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
+  }
   ScalingState st = scaling_state(slots, c);
   a.norm_before = st.norm;
   at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
@@ -334,27 +467,7 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   a.steps = taken.empty() ? at::zeros({}, params.front().options().dtype(at::kLong))
                           : at::stack(taken).sum();
   a.norm_after = st.norm;
-  if (decide_before_apply) {
-    // The new gradients are finite when their squared norm is; the new weights
-    // when |w| times the largest factor any entry gets is. Otherwise apply the
-    // identity: multiplying by 1 leaves every bit as it was, so no copy is
-    // needed to roll back.
-    std::vector<at::Tensor> largest;
-    for (const auto& p : params) {
-      const auto [low, high] = at::aminmax(p.detach());  // NaN propagates
-      largest.push_back(at::maximum(high, -low));
-    }
-    at::Tensor bound = at::stack(largest).max();
-    for (const auto& ck : c) bound = bound * at::clamp_min(ck.max(), 1) * at::clamp_min(ck.reciprocal().max(), 1);
-    a.finite = at::isfinite(st.norm).logical_and(at::isfinite(bound));
-    for (auto& ck : c) ck = at::where(a.finite, ck, at::ones_like(ck));
-  }
-  for (size_t k = 0; k < syms.size(); ++k) {
-    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true};
-    syms[k]->apply_(a.total[k]);
-    syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
-  }
-  return a;
+  return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
 }
 
 // Autograd: F(T) = ||∇L((I+T)·w)||² on the objective's batch, ∂F/∂T at T = 0
