@@ -148,6 +148,7 @@ struct Outcome {
   std::vector<double> eval_steps, eval_seconds, eval_loss;  // on the train subset
   Eval train_final{}, test_final{};
   double train_seconds = 0, teleport_seconds = 0;
+  int64_t diverged_at = -1;  // the step whose loss was not finite, or -1
 };
 
 Outcome train(const Config& c, const Data& data, const std::string& optimizer, double lr,
@@ -277,11 +278,14 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
       progress.update(fmt::format("{} seed {}", o.run.label, seed), step + 1, total,
                       double(step + 1) / per_epoch, o.eval_loss.back(), o.train_seconds,
                       step + 1 == total);
-      if (!std::isfinite(loss_value)) {
-        throw std::runtime_error(fmt::format("{} seed {}: the loss became {} at step {}",
-                                             o.run.label, seed, loss_value, step));
+      if (!std::isfinite(loss_value)) {  // diverged: stop this run, report it, go on
+        o.diverged_at = step;
+        progress.update(fmt::format("{} seed {} diverged", o.run.label, seed), step + 1, total,
+                        double(step + 1) / per_epoch, loss_value, o.train_seconds, true);
+        break;
       }
     }
+    if (o.diverged_at >= 0) break;
   }
   o.train_final = evaluate(model, data.train.images.to(device), data.train.labels.to(device));
   o.test_final = evaluate(model, data.test.images.to(device), data.test.labels.to(device));
@@ -360,6 +364,7 @@ int run(const Config& c) {
                        {"train_seconds", json_number(o.train_seconds)},
                        {"teleport_seconds", json_number(o.teleport_seconds)},
                        {"target_loss", json_number(target)},
+                       {"diverged_at", std::to_string(o.diverged_at)},
                        {"steps_to_target", json_number(steps)},
                        {"seconds_to_target", json_number(seconds)},
                        {"eval", json_object({{"step", json_array(o.eval_steps)},
@@ -397,6 +402,13 @@ int run(const Config& c) {
              "run", "seed", "lr", "train_loss", "test_loss", "test_acc", "seconds", "steps_to",
              "secs_to", "tp_share", "teleports", "drift");
   for (const auto& r : rows) fmt::print("{}\n", r);
+  for (const auto& r : runs) {
+    for (const auto& [key, value] : r.extra) {
+      if (key == "diverged_at" && value != "-1") {
+        fmt::print("{} seed {} diverged: its loss was not finite at step {}\n", r.label, r.seed, value);
+      }
+    }
+  }
   fmt::print("(train_loss on all {} training images; steps_to/secs_to: first evaluation on the first {} "
              "training images at or below the baseline's final one; drift: largest relative loss "
              "change at a measured teleport)\n",

@@ -34,7 +34,10 @@ def main():
                      for t in teleports if t["loss_before"] is not None and t["loss_after"] is not None
                      and not t["rolled_back"]), default=None)
         share = sum(r["teleport_seconds"] for r in rs) / sum(r["train_seconds"] for r in rs)
-        print(f"| {setting} | {label} | {rs[0]['lr']:g} | {mean([r['train_loss'] for r in rs]):.4f} "
+        diverged = sum(r.get("diverged_at", -1) >= 0 for r in rs)
+        if diverged:
+            label += f" ({diverged} diverged)"
+        print(f"| {setting} | {label} | {rs[0]['lr']:g} | {fmt(mean([r['train_loss'] for r in rs]), '.4f')} "
               f"| {100 * mean([r['test_accuracy'] for r in rs]):.2f} "
               f"| {reached}/{len(rs)} | {fmt(mean(ratios_steps), '.2f')} | {fmt(mean(ratios_secs), '.2f')} "
               f"| {100 * share:.1f}% | {sum(not t['rolled_back'] for t in teleports)}/{len(teleports)} "
