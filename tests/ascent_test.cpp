@@ -90,6 +90,41 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
   }
 }
 
+// Scalings run their vector work in plain loops on CPU and as tensor
+// operations elsewhere; on CPU both can run, and must agree.
+TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
+  for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
+    for (double growth : {1e6, 1.3}) {  // with and without the growth cap stopping it
+      std::vector<TeleportReport> reports;
+      std::vector<std::vector<at::Tensor>> weights, grads;
+      for (bool tensor_ops : {false, true}) {
+        auto s = make(Act::kReLU, f64(), 6);
+        const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+        backward(objective, s.model);
+        detail::scaling_tensor_ops_on_cpu = tensor_ops;
+        reports.push_back(teleport(
+            s.syms, ascent().steps(20).lr(growth < 2 ? 5.0 : 0.5).max_growth(growth).parametrization(p)));
+        detail::scaling_tensor_ops_on_cpu = false;
+        weights.push_back(clone_all(s.model->parameters()));
+        std::vector<at::Tensor> g;
+        for (const auto& t : s.model->parameters()) g.push_back(t.grad().clone());
+        grads.push_back(g);
+      }
+      ASSERT_FALSE(reports[0].rolled_back) << reports[0].reason;
+      EXPECT_EQ(reports[0].steps, reports[1].steps);
+      if (growth < 2) {
+        EXPECT_LT(reports[0].steps, 20);
+      }
+      EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
+                  1e-12 * reports[1].grad_norm_sq_after);
+      for (size_t i = 0; i < weights[0].size(); ++i) {
+        EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-12);
+        EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-12);
+      }
+    }
+  }
+}
+
 // GL(n) declared by hand across a ReLU is not a symmetry: the loss changes,
 // and the check on the batch must catch it.
 SymmetryList wrong_symmetry(torch::nn::Sequential& model) {

@@ -15,6 +15,8 @@
 namespace teleport {
 namespace detail {
 
+bool scaling_tensor_ops_on_cpu = false;
+
 Snapshot::Snapshot(std::vector<at::Tensor> params) : params_(std::move(params)) {
   at::NoGradGuard no_grad;
   for (const auto& p : params_) {
@@ -427,7 +429,7 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   for (const auto& sym : syms) c.push_back(at::ones({sym->zero_algebra().size(0)}, params.front().options()));
 
   Ascent a(syms);
-  if (params.front().device().is_cpu()) {
+  if (params.front().device().is_cpu() && !detail::scaling_tensor_ops_on_cpu) {
     std::vector<int64_t> widths;
     for (const auto& ck : c) widths.push_back(ck.size(0));
     double before = 0, after = 0;

@@ -75,6 +75,11 @@ class Snapshot {
   std::vector<at::Tensor> params_, values_, grads_;
 };
 
+/// Scaling teleports on CPU run their vector work in plain loops; when true,
+/// as tensor operations, the way they run on other devices. For tests that
+/// check the two agree.
+extern bool scaling_tensor_ops_on_cpu;
+
 /// The distinct parameters of `symmetries`, in first-seen order.
 std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries);
 
