@@ -1,6 +1,10 @@
 // teleport(): the ascent keeps the loss, raises the gradient, and its safeguards hold.
 #include "test_util.h"
 
+#include <teleport/internal/scaling_path.h>
+
+#include <optional>
+
 namespace teleport::testing {
 namespace {
 
@@ -91,8 +95,10 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
 }
 
 // Scalings run their vector work in plain loops on CPU and as tensor
-// operations elsewhere; on CPU both can run, and must agree.
+// operations elsewhere; on CPU both can run, and must agree. (On CUDA there is
+// only one path: nothing to compare.)
 TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
+  if (GetParam() != torch::kCPU) GTEST_SKIP() << "the plain loops run on CPU only";
   for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
     for (double growth : {1e6, 1.3}) {  // with and without the growth cap stopping it
       std::vector<TeleportReport> reports;
@@ -101,10 +107,10 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
         auto s = make(Act::kReLU, f64(), 6);
         const Objective objective(s.model, s.batch.input, s.batch.target, mse());
         backward(objective, s.model);
-        detail::scaling_tensor_ops_on_cpu = tensor_ops;
+        std::optional<detail::ScalingTensorOpsOnCpu> switched;
+        if (tensor_ops) switched.emplace();
         reports.push_back(teleport(
             s.syms, ascent().steps(20).lr(growth < 2 ? 5.0 : 0.5).max_growth(growth).parametrization(p)));
-        detail::scaling_tensor_ops_on_cpu = false;
         weights.push_back(clone_all(s.model->parameters()));
         std::vector<at::Tensor> g;
         for (const auto& t : s.model->parameters()) g.push_back(t.grad().clone());
@@ -142,6 +148,7 @@ TEST_P(AscentTest, RollbackWhenTheLossChangesBeyondTolerance) {
   const auto r = teleport(wrong_symmetry(s.model), ascent(), &objective);
   EXPECT_TRUE(r.rolled_back) << r.loss_before << " " << r.loss_after;
   EXPECT_NE(r.reason.find("above the tolerance"), std::string::npos) << r.reason;
+  EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos) << r.reason;
   EXPECT_TRUE(r.elements.empty());
   EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
   std::vector<at::Tensor> after;
@@ -176,6 +183,7 @@ TEST_P(AscentTest, GrowthCapStopsTheAscent) {
     EXPECT_LE(r.grad_norm_sq_after, 1.5 * r.grad_norm_sq_before);
     EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
     EXPECT_NE(r.reason.find("stopped after"), std::string::npos);
+    EXPECT_GT(r.shortened, 0);
     backward(objective, s.model);
     double norm = 0;
     for (const auto& p : detail::distinct_parameters(s.syms)) {
@@ -194,6 +202,123 @@ TEST_P(AscentTest, StepCapBoundsEachStep) {
     const double step = (e.g - torch::eye(e.g.size(0), e.g.options())).norm().item<double>();
     EXPECT_LE(step, 0.01 + 1e-12);
     EXPECT_GT(step, 0.0099);
+  }
+}
+
+// ||∇L||² over the symmetries' parameters, from a fresh backward pass.
+double fresh_grad_norm_sq(const Objective& objective, torch::nn::Sequential& model,
+                          const SymmetryList& syms) {
+  backward(objective, model);
+  double norm = 0;
+  for (const auto& p : detail::distinct_parameters(syms)) norm += p.grad().square().sum().item<double>();
+  return norm;
+}
+
+// Never worse: on every closed-form path (GL; scaling in plain loops and in
+// tensor operations), with ascent rates from gentle to far too large, a kept
+// teleport has raised ||∇L||² (measured afresh) and kept the loss; one that
+// could not is rolled back untouched.
+TEST_P(AscentTest, KeptTeleportsRaiseTheObjectiveOnEveryPath) {
+  int64_t refused = 0, kept = 0;
+  for (Act act : {Act::kIdentity, Act::kReLU}) {
+    for (bool tensor_ops : {false, true}) {
+      if (tensor_ops && GetParam() != torch::kCPU) continue;  // one path off the CPU
+      for (double lr : {0.05, 0.5, 5.0, 50.0}) {
+        for (uint64_t seed : {11, 12, 13}) {
+          auto s = make(act, f64(), seed);
+          const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+          const double loss = backward(objective, s.model);
+          double before = 0;
+          for (const auto& p : detail::distinct_parameters(s.syms)) {
+            before += p.grad().square().sum().item<double>();
+          }
+          const auto weights = clone_all(s.model->parameters());
+          std::optional<detail::ScalingTensorOpsOnCpu> switched;
+          if (tensor_ops) switched.emplace();
+          const auto r = teleport(s.syms, ascent().steps(10).lr(lr).max_step(1e6).max_growth(1e4));
+          switched.reset();
+          refused += r.shortened;
+          if (r.rolled_back) {
+            EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+            continue;
+          }
+          ++kept;
+          const double after = fresh_grad_norm_sq(objective, s.model, s.syms);
+          EXPECT_GT(after, before) << "lr " << lr << " seed " << seed;
+          EXPECT_NEAR(after, r.grad_norm_sq_after, 1e-8 * after);
+          EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-9 * loss);
+          EXPECT_LE(r.steps + r.shortened, 10 + TeleportOptions().max_halvings() + 1);
+        }
+      }
+    }
+  }
+  EXPECT_GT(refused, 0);  // the large rates overshoot: the rule was exercised
+  EXPECT_GT(kept, 0);
+}
+
+// A teleport that ends no better than it started is rolled back: with zero
+// gradients no step can raise ||∇L||².
+TEST_P(AscentTest, TeleportThatRaisesNothingIsRolledBack) {
+  for (Act act : {Act::kIdentity, Act::kReLU}) {
+    auto s = make(act, f64());
+    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    backward(objective, s.model);
+    for (auto& p : s.model->parameters()) p.grad().zero_();
+    const auto weights = clone_all(s.model->parameters());
+    const auto r = teleport(s.syms, ascent());
+    EXPECT_TRUE(r.rolled_back);
+    EXPECT_EQ(r.steps, 0);
+    EXPECT_NE(r.reason.find("no ascent step raised"), std::string::npos) << r.reason;
+    EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos) << r.reason;  // said once, by the flag
+    EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+  }
+}
+
+// A scale 1 + t must stay positive across a ReLU: with a step cap above 1 and
+// a large rate the step is shortened, and the loss stays exact.
+TEST_P(AscentTest, LargeStepCapKeepsScalingsPositive) {
+  for (bool tensor_ops : {false, true}) {
+    if (tensor_ops && GetParam() != torch::kCPU) continue;
+    auto s = make(Act::kReLU, f64(), 5);
+    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    const double loss = backward(objective, s.model);
+    std::optional<detail::ScalingTensorOpsOnCpu> switched;
+    if (tensor_ops) switched.emplace();
+    const auto r = teleport(s.syms, ascent().steps(10).lr(50).max_step(1.8).max_growth(1e12));
+    switched.reset();
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    for (const auto& e : r.elements) EXPECT_GT(e.g.min().item<double>(), 0);
+    EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
+  }
+}
+
+// A step whose I + T is singular is refused before anything is written: with
+// no halving left the teleport rolls back with weights and .grad untouched;
+// with halvings a shorter step is taken.
+TEST_P(AscentTest, SingularStepIsRefusedNotThrown) {
+  for (int64_t halvings : {0, 5}) {
+    auto w_in = torch::ones({1, 1}, f64()).requires_grad_(true);
+    auto w_out = torch::ones({1, 1}, f64()).requires_grad_(true);
+    w_in.mutable_grad() = torch::ones({1, 1}, f64());  // D = 2 (0 - 1) = -2
+    w_out.mutable_grad() = torch::zeros({1, 1}, f64());
+    const SymmetryList syms = {
+        std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, w_in, at::Tensor(), w_out)};
+    // lr 0.5: T = -1, g = I + T = 0.
+    const auto options = TeleportOptions().steps(3).lr(0.5).max_step(10).max_halvings(halvings);
+    TeleportReport r;
+    ASSERT_EQ(error_of([&] { r = teleport(syms, options); }), "");
+    if (halvings == 0) {
+      EXPECT_TRUE(r.rolled_back);
+      EXPECT_EQ(w_in.item<double>(), 1.0);
+      EXPECT_EQ(w_in.grad().item<double>(), 1.0);
+      EXPECT_EQ(w_out.grad().item<double>(), 0.0);
+    } else {
+      ASSERT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_GE(r.shortened, 1);
+      EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
+      // Still the same function: w_out w_in unchanged.
+      EXPECT_NEAR((w_out * w_in).item<double>(), 1.0, 1e-12);
+    }
   }
 }
 
@@ -217,6 +342,12 @@ TEST_P(AscentTest, BadInputGetsClearErrors) {
   EXPECT_NE(error_of([&] { teleport(s.syms, ascent().steps(-1)); }).find("expected steps >= 0, got -1"),
             std::string::npos);
   EXPECT_NE(error_of([&] { teleport(s.syms, ascent().tolerance(0)); }).find("expected tolerance > 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().max_step(INFINITY)); })
+                .find("expected a finite max_step > 0, got inf"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().max_halvings(-1)); })
+                .find("expected max_halvings >= 0, got -1"),
             std::string::npos);
   auto other = make(Act::kReLU, f32());
   SymmetryList mixed = {s.syms[0], other.syms[0]};

@@ -43,7 +43,7 @@ class OptimizerTest : public DeviceTest {
   }
   std::unique_ptr<SGD> sgd(torch::nn::Sequential& m) {
     return std::make_unique<SGD>(m->parameters(),
-                                 SGDOptions(0.05).momentum(0.9).weight_decay(1e-3));
+                                 SGDOptions(0.05).momentum(0.9));
   }
   std::unique_ptr<Adagrad> adagrad(torch::nn::Sequential& m) {
     return std::make_unique<Adagrad>(m->parameters(), AdagradOptions(0.05));

@@ -75,7 +75,7 @@ TEST_P(PaperTest, DataDependentTeleportKeepsLossAndRaisesGradNorm) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
   const Objective objective(r.model, r.x, r.y, half_sse());
   const auto report = teleport(data_dependent(r.model),
-                               TeleportOptions().steps(8).lr(1e-7).max_growth(1e12).max_step(1e12),
+                               TeleportOptions().steps(8).lr(1e-7).max_growth(100).max_step(1e12),
                                &objective);
   ASSERT_FALSE(report.rolled_back) << report.reason;
   EXPECT_TRUE(report.exact);
@@ -88,15 +88,14 @@ TEST_P(PaperTest, DataDependentBeyondTheRankConditionIsMarkedInexact) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
   const auto big = random_batch(20, 5, 8, f64(), 9);  // 20 samples > 5 inputs
   const Objective objective(r.model, big.input.abs(), big.target, half_sse());
-  const auto before = clone_all(r.model->parameters());
-  const auto report = teleport(data_dependent(r.model), TeleportOptions().steps(2).lr(1e-3),
-                               &objective);
+  // With the tolerance out of the way, the loss really moves: the action is
+  // not exact on this batch, and the report says so.
+  const auto report = teleport(data_dependent(r.model),
+                               TeleportOptions().steps(2).lr(1e-3).tolerance(1e30), &objective);
   EXPECT_FALSE(report.exact);
-  if (report.rolled_back) {
-    EXPECT_TRUE(bitwise_equal(r.model->parameters(), before));
-  } else {
-    EXPECT_LE(std::abs(report.loss_after - report.loss_before), 1e-4 * report.loss_before);
-  }
+  ASSERT_FALSE(report.rolled_back) << report.reason;
+  EXPECT_GT(std::abs(objective.loss().item<double>() - report.loss_before),
+            1e-8 * report.loss_before);
 }
 
 TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
@@ -110,17 +109,22 @@ TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
       sgd.step();
     }
     const Objective objective(r.model, r.x, r.y, half_sse());
+    // The tolerance (1 = 100%) does not decide here: the loss is measured
+    // afresh against a bound of its own.
     const auto report = teleport(
         data_dependent(r.model),
-        TeleportOptions().steps(8).lr(1e-7).mode(mode).max_growth(1e12).max_step(1e12), &objective);
+        TeleportOptions().steps(8).lr(1e-7).mode(mode).max_growth(1e12).max_step(1e12).tolerance(1),
+        &objective);
     ASSERT_FALSE(report.rolled_back) << report.reason;
     EXPECT_NEAR(report.loss_before, 595.658, 0.01);
+    const double after = half_sse()(r.model->forward(r.x), r.y).item<double>();
     if (mode == Mode::kReference) {
       EXPECT_FALSE(report.exact);
-      EXPECT_NEAR(report.loss_after, 364.909, 0.5);  // the published code: 596 -> 365
+      EXPECT_NEAR(after, 364.909, 0.5);  // the published code: 596 -> 365
     } else {
       EXPECT_TRUE(report.exact);
-      EXPECT_NEAR(report.loss_after, report.loss_before, 1e-4 * report.loss_before);
+      EXPECT_NEAR(after, report.loss_before, 1e-5 * report.loss_before);
+      EXPECT_GT(report.grad_norm_sq_after, report.grad_norm_sq_before);
     }
   }
 }
@@ -162,11 +166,100 @@ TEST_P(PaperTest, RosenbrockKeepsTheLossAtTheTeleport) {
     xy.sub_(1e-3 * grad);
   }
   const Objective objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+  const double before = rosenbrock(xy).item<double>();
   const auto r = teleport({rosenbrock_symmetry(xy)},
-                          TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9), &objective);
+                          TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9).tolerance(1),
+                          &objective);
   ASSERT_FALSE(r.rolled_back) << r.reason;
-  EXPECT_NEAR(r.loss_after, r.loss_before, 1e-4 * r.loss_before);
+  // Measured afresh, against a bound of its own (the tolerance is 100%).
+  EXPECT_NEAR(rosenbrock(xy).item<double>(), before, 1e-5 * before);
   EXPECT_GT(r.grad_norm_sq_after, 10 * r.grad_norm_sq_before);
+}
+
+// ||∇L||² of `objective` at the parameters' current values.
+double grad_norm_sq(const Objective& objective, const std::vector<at::Tensor>& params) {
+  double total = 0;
+  for (const auto& g : torch::autograd::grad({objective.loss()}, params)) {
+    total += g.square().sum().item<double>();
+  }
+  return total;
+}
+
+// Never worse on the autograd paths: SO(2) rotations of Rosenbrock from
+// random points and the data-dependent GL(n) on random regressions, with
+// ascent rates up to far too large. A kept teleport has raised ||∇L||²
+// (measured afresh) and kept the loss; refused steps are reported.
+TEST_P(PaperTest, KeptTeleportsRaiseTheObjectiveOnTheAutogradPaths) {
+  int64_t refused = 0, kept = 0;
+  torch::manual_seed(21);
+  const at::Tensor starts = torch::rand({4, 2}, f64()) * 4 - 2;
+  for (int64_t i = 0; i < starts.size(0); ++i) {
+    for (double lr : {1e-3, 1e-2, 1e-1, 1.0}) {
+      at::Tensor xy = starts[i].clone().requires_grad_(true);
+      const Objective objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+      const double loss = rosenbrock(xy).item<double>(), before = grad_norm_sq(objective, {xy});
+      const auto r = teleport({rosenbrock_symmetry(xy)},
+                              TeleportOptions().steps(10).lr(lr).max_step(1e9).max_growth(1e9), &objective);
+      refused += r.shortened;
+      if (r.rolled_back) continue;
+      ++kept;
+      const double after = grad_norm_sq(objective, {xy});
+      EXPECT_GT(after, before) << "start " << i << " lr " << lr;
+      EXPECT_NEAR(after, r.grad_norm_sq_after, 1e-9 * after);
+      EXPECT_NEAR(rosenbrock(xy).item<double>(), loss, 1e-9 * loss);
+    }
+  }
+  for (const std::vector<int64_t>& dims : {std::vector<int64_t>{4, 5, 6, 7, 8}, {2, 4, 6, 5, 3}}) {
+    for (uint64_t seed : {31, 32}) {
+      for (double lr : {1e-8, 1e-6, 1e-4}) {
+        auto r = regression(dims, false, f64(), seed);
+        const Objective objective(r.model, r.x, r.y, half_sse());
+        const auto params = r.model->parameters();
+        const double loss = objective.loss().item<double>(), before = grad_norm_sq(objective, params);
+        const auto rep = teleport(data_dependent(r.model),
+                                  TeleportOptions().steps(6).lr(lr).max_step(1e6).max_growth(1e6),
+                                  &objective);
+        refused += rep.shortened;
+        if (rep.rolled_back) continue;
+        ++kept;
+        const double after = grad_norm_sq(objective, params);
+        EXPECT_GT(after, before) << "seed " << seed << " lr " << lr;
+        EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-8 * loss);
+      }
+    }
+  }
+  EXPECT_GT(refused, 0);
+  EXPECT_GT(kept, 0);
+}
+
+// Non-finite weights or activations: the teleport is skipped and reported,
+// never an exception from the linear algebra underneath.
+TEST_P(PaperTest, NonFiniteInputsAreSkippedNotThrown) {
+  for (bool in_weights : {true, false}) {
+    auto r = regression({4, 5, 6, 7, 8}, true, f64(), 7);
+    at::Tensor x = r.x.clone();
+    if (in_weights) {
+      torch::NoGradGuard no_grad;
+      r.model->parameters()[2][0][0] = std::numeric_limits<double>::infinity();
+    } else {
+      x[0][0] = std::numeric_limits<double>::quiet_NaN();
+    }
+    const auto weights = clone_all(r.model->parameters());
+    const Objective objective(r.model, x, r.y, half_sse());
+    TeleportReport rep;
+    ASSERT_EQ(error_of([&] {
+                rep = teleport(data_dependent(r.model), TeleportOptions().steps(3).lr(1e-6),
+                               &objective);
+              }),
+              "");
+    EXPECT_TRUE(rep.rolled_back);
+    EXPECT_NE(rep.reason.find("non-finite"), std::string::npos) << rep.reason;
+    auto now = r.model->parameters();
+    for (size_t i = 0; i < now.size(); ++i) {  // bitwise, NaN and inf included
+      EXPECT_TRUE(torch::equal(now[i].isnan(), weights[i].isnan()));
+      EXPECT_TRUE(torch::equal(torch::nan_to_num(now[i]), torch::nan_to_num(weights[i])));
+    }
+  }
 }
 
 TEST_P(PaperTest, DataDependentTeleportInTheOptimizerNeedsAClosure) {

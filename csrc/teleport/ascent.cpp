@@ -1,5 +1,7 @@
 #include <teleport/ascent.h>
 
+#include <teleport/internal/scaling_path.h>
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -15,7 +17,14 @@
 namespace teleport {
 namespace detail {
 
-bool scaling_tensor_ops_on_cpu = false;
+namespace {
+bool scaling_tensor_ops_on_cpu = false;  // see internal/scaling_path.h
+}  // namespace
+
+ScalingTensorOpsOnCpu::ScalingTensorOpsOnCpu() : previous_(scaling_tensor_ops_on_cpu) {
+  scaling_tensor_ops_on_cpu = true;
+}
+ScalingTensorOpsOnCpu::~ScalingTensorOpsOnCpu() { scaling_tensor_ops_on_cpu = previous_; }
 
 Snapshot::Snapshot(std::vector<at::Tensor> params) : params_(std::move(params)) {
   at::NoGradGuard no_grad;
@@ -87,14 +96,27 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
   return total;
 }
 
-// T = η D, scaled down to Frobenius norm max_step when larger (no cap in
-// reference mode).
-at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o) {
+// Whether a diagonal step under the linear parametrization must keep every
+// factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
+bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
+  return sym.diagonal() && o.parametrization() == Parametrization::kLinear &&
+         o.mode() == Mode::kExact;
+}
+
+// T = η D, scaled down to Frobenius norm max_step when larger, and for
+// diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
+// reference mode). The factors are computed in double so that a cap of 1e300
+// over a tiny norm cannot overflow a float.
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
+                       bool keep_positive) {
   const at::Tensor t = direction * o.lr();
   if (o.mode() == Mode::kReference) return t;
-  const at::Tensor scale =
-      at::clamp_max(o.max_step() / at::clamp_min(t.norm(), 1e-300), 1.0);
-  return t * scale;
+  at::Tensor factor =
+      at::clamp_max(o.max_step() / at::clamp_min(t.norm().to(at::kDouble), 1e-300), 1.0);
+  if (keep_positive) {
+    factor = at::minimum(factor, 0.5 / at::clamp_min(-t.min().to(at::kDouble), 1e-300));
+  }
+  return t * factor.to(t.scalar_type());
 }
 
 // The gradients of the objective's loss at the current weights, without
@@ -116,7 +138,7 @@ GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const Telepo
   if (o.mode() == Mode::kReference && o.parametrization() == Parametrization::kLinear &&
       dynamic_cast<const LayerSymmetry*>(&sym) != nullptr) {
     const at::Tensor id = sym.diagonal() ? at::ones_like(T) : at::eye(T.size(0), T.options());
-    return {id + T, id - T, sym.diagonal()};
+    return {id + T, id - T, sym.diagonal(), {}};
   }
   return sym.element(T, o.parametrization());
 }
@@ -125,6 +147,70 @@ GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const Telepo
 at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o) {
   return o.mode() == Mode::kReference ? at::full_like(norm_before, INFINITY)
                                       : norm_before * o.max_growth();
+}
+
+// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
+// is kept. In exact mode it must raise the objective and stay within the
+// cap; the reference arithmetic keeps any finite step. NaN fails either way.
+at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
+                   const at::Tensor& limit, const TeleportOptions& o) {
+  if (o.mode() == Mode::kReference) return at::isfinite(candidate);
+  return (candidate > current).logical_and(candidate <= limit);
+}
+
+// The ascent's bookkeeping, kept on the device: an attempt that is refused
+// halves every later step; the ascent ends when `steps` attempts were kept or
+// more than max_halvings were refused (in reference mode, at the first).
+class Control {
+ public:
+  Control(const at::Tensor& like, const TeleportOptions& o)
+      : steps_(o.steps()),
+        halvings_(o.mode() == Mode::kExact ? o.max_halvings() : 0),
+        active_(at::full({}, o.steps() > 0, like.options().dtype(at::kBool))),
+        scale_(at::ones({}, like.options())),
+        taken_(at::zeros({}, like.options().dtype(at::kLong))),
+        refused_(at::zeros({}, like.options().dtype(at::kLong))),
+        on_cpu_(like.device().is_cpu()) {}
+
+  /// How many attempts at most.
+  int64_t attempts() const { return steps_ + halvings_ + 1; }
+  /// The factor of the next attempt's step (1, halved at each refusal).
+  const at::Tensor& scale() const { return scale_; }
+  /// Whether the ascent still runs: `ok` below must be and-ed with it.
+  const at::Tensor& active() const { return active_; }
+
+  /// Records attempt `ok` (already and-ed with active()).
+  void record(const at::Tensor& ok) {
+    const at::Tensor refused = active_.logical_and(ok.logical_not());
+    taken_ = taken_ + ok.to(at::kLong);
+    refused_ = refused_ + refused.to(at::kLong);
+    scale_ = at::where(refused, scale_ * 0.5, scale_);
+    active_ = active_.logical_and(taken_ < steps_).logical_and(refused_ <= halvings_);
+  }
+  /// Whether the loop may stop after attempt `i`. On CPU reading the flag is
+  /// free; elsewhere it is a host synchronisation, so it is read only once the
+  /// attempts that an ascent with no refusal needs are done.
+  bool done(int64_t i) const {
+    if (i + 1 == attempts()) return true;
+    if (!on_cpu_ && i + 1 < steps_) return false;
+    return !active_.item<bool>();
+  }
+  const at::Tensor& taken() const { return taken_; }
+  const at::Tensor& refused() const { return refused_; }
+
+ private:
+  int64_t steps_, halvings_;
+  at::Tensor active_, scale_, taken_, refused_;
+  bool on_cpu_;
+};
+
+// Whether every element of one attempt is invertible (a 0-dim bool).
+at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like) {
+  at::Tensor ok = at::ones({}, like.options().dtype(at::kBool));
+  for (const auto& e : elements) {
+    if (e.invertible.defined()) ok = ok.logical_and(e.invertible);
+  }
+  return ok;
 }
 
 struct Evaluation {
@@ -165,10 +251,13 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
 }
 
 struct Ascent {
-  at::Tensor norm_before, norm_after, loss_before, steps;
+  at::Tensor norm_before, norm_after, loss_before, steps, shortened;
   // Where the path decided before touching anything that its result is finite
   // (and otherwise applied the identity): a 0-dim bool; undefined elsewhere.
   at::Tensor finite;
+  // False where the product of the steps could not be inverted (the identity
+  // was applied instead and the teleport rolls back); undefined = invertible.
+  at::Tensor invertible;
   std::vector<GroupElement> total;  // one per symmetry, starting at the identity
 
   explicit Ascent(const SymmetryList& syms) {
@@ -186,48 +275,63 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   Ascent a(syms);
   a.norm_before = norm_sq(grads);
   a.norm_after = a.norm_before;
-  a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
-  at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
+  Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
   // One inverse of the product instead of a product of inverses (the
   // reference arithmetic's "inverses" are I - T and must be multiplied).
   const bool invert_at_end = o.mode() == Mode::kExact;
 
-  for (int64_t step = 0; step < o.steps(); ++step) {
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T = capped_step(syms[k]->direction(pick(grads, where[k])), o);
+      const at::Tensor T = capped_step(syms[k]->direction(pick(grads, where[k])), o,
+                                       keeps_positive(*syms[k], o)) *
+                           control.scale();
       elements.push_back(step_element(*syms[k], T, o));
     }
     // The gradients after this step, known exactly without a backward pass;
-    // the step is taken only if they stay finite and within the growth cap.
+    // the step is kept only if they raise the objective within the cap.
     std::vector<at::Tensor> candidate;
     for (const auto& g : grads) candidate.push_back(g.clone());
     for (size_t k = 0; k < syms.size(); ++k) {
       syms[k]->transport_gradients_(elements[k], pick(candidate, where[k]));
     }
     const at::Tensor norm = norm_sq(candidate);
-    active = active.logical_and(at::isfinite(norm)).logical_and(norm <= limit);
+    const at::Tensor ok = control.active()
+                              .logical_and(accepts(norm, a.norm_after, limit, o))
+                              .logical_and(all_invertible(elements, norm));
     for (size_t i = 0; i < grads.size(); ++i) {
-      grads[i].copy_(at::where(active, candidate[i], grads[i]));
+      grads[i].copy_(at::where(ok, candidate[i], grads[i]));
     }
     for (size_t k = 0; k < syms.size(); ++k) {
-      const GroupElement e = elements[k].masked(active);
+      const GroupElement e = elements[k].masked(ok);
       if (invert_at_end && !e.diagonal) {
         a.total[k].g = at::mm(e.g, a.total[k].g);
       } else {
         a.total[k] = e.compose(a.total[k]);
       }
     }
-    a.norm_after = at::where(active, norm, a.norm_after);
-    a.steps = a.steps + active.to(at::kLong);
+    a.norm_after = at::where(ok, norm, a.norm_after);
+    control.record(ok);
+    if (control.done(attempt)) break;
   }
+  a.steps = control.taken();
+  a.shortened = control.refused();
   // The directions need only the gradients, so the weights move once, by the
-  // product of the steps, with that product's exact inverse.
+  // product of the steps, with that product's exact inverse. Where that
+  // inverse fails the identity is applied and the teleport rolls back.
   for (size_t k = 0; k < syms.size(); ++k) {
-    if (invert_at_end && !a.total[k].diagonal) a.total[k].g_inv = at::linalg_inv(a.total[k].g);
-    syms[k]->apply_(a.total[k]);
+    if (invert_at_end && !a.total[k].diagonal) {
+      auto [inverse, info] = at::linalg_inv_ex(a.total[k].g);
+      const at::Tensor invertible = info.eq(0);
+      a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
+      a.total[k].g_inv = inverse;
+    }
   }
+  if (a.invertible.defined()) {
+    for (auto& e : a.total) e = e.masked(a.invertible);
+  }
+  for (size_t k = 0; k < syms.size(); ++k) syms[k]->apply_(a.total[k]);
   return a;
 }
 
@@ -319,7 +423,7 @@ Ascent finish_scaling(const SymmetryList& syms, const std::vector<at::Tensor>& p
     for (auto& ck : c) ck = at::where(a.finite, ck, at::ones_like(ck));
   }
   for (size_t k = 0; k < syms.size(); ++k) {
-    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true};
+    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true, {}};
     syms[k]->apply_(a.total[k]);
     syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
   }
@@ -330,7 +434,8 @@ template <typename scalar_t>
 std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
                                          const std::vector<int64_t>& widths,
                                          const TeleportOptions& o, double& norm_before,
-                                         double& norm_after, int64_t& steps) {
+                                         double& norm_after, int64_t& steps,
+                                         int64_t& refused) {
   using Vec = std::vector<double>;
   auto as_tensor = [](const Vec& v) {
     at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, c10::CppTypeToScalarType<scalar_t>::value);
@@ -379,24 +484,37 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
   for (int64_t n : widths) c.emplace_back(static_cast<size_t>(n), 1.0);
   norm_before = norm_after = state(c, dirs);
   const double limit = norm_before * o.max_growth();
+  const bool linear = o.parametrization() == Parametrization::kLinear;
   steps = 0;
-  for (int64_t step = 0; step < o.steps(); ++step) {
+  refused = 0;
+  double halved = 1;  // the factor every step gets after the refusals so far
+  // The same rules as Control: kept only if it raises the norm within the cap.
+  while (steps < o.steps() && refused <= o.max_halvings()) {
     std::vector<Vec> candidate = c;
     for (size_t k = 0; k < c.size(); ++k) {
-      double length = 0;  // of T = η D, capped at max_step
-      for (double d : dirs[k]) length += d * o.lr() * d * o.lr();
-      const double scale = o.lr() * std::min(1.0, o.max_step() / std::max(std::sqrt(length), 1e-300));
+      double length = 0, lowest = INFINITY;  // of T = η D: capped as capped_step does
+      for (double d : dirs[k]) {
+        length += d * o.lr() * d * o.lr();
+        lowest = std::min(lowest, d * o.lr());
+      }
+      double factor = std::min(1.0, o.max_step() / std::max(std::sqrt(length), 1e-300));
+      if (linear) factor = std::min(factor, 0.5 / std::max(-lowest, 1e-300));
+      const double scale = o.lr() * factor * halved;
       for (size_t j = 0; j < c[k].size(); ++j) {
         const double t = dirs[k][j] * scale;
-        candidate[k][j] *= o.parametrization() == Parametrization::kExp ? std::exp(t) : 1 + t;
+        candidate[k][j] *= linear ? 1 + t : std::exp(t);
       }
     }
     const double norm = state(candidate, next_dirs);
-    if (!(norm <= limit)) break;  // NaN fails too; every later step would be refused
-    c = std::move(candidate);
-    dirs = std::move(next_dirs);
-    norm_after = norm;
-    ++steps;
+    if (norm > norm_after && norm <= limit) {  // NaN fails
+      c = std::move(candidate);
+      dirs = std::move(next_dirs);
+      norm_after = norm;
+      ++steps;
+    } else {
+      ++refused;
+      halved *= 0.5;
+    }
   }
   std::vector<at::Tensor> out;
   for (const auto& ck : c) out.push_back(as_tensor(ck));
@@ -433,90 +551,66 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     std::vector<int64_t> widths;
     for (const auto& ck : c) widths.push_back(ck.size(0));
     double before = 0, after = 0;
-    int64_t taken = 0;
+    int64_t taken = 0, refused = 0;
     AT_DISPATCH_FLOATING_TYPES(params.front().scalar_type(), "scaling_loop_cpu", [&] {
-      c = scaling_loop_cpu<scalar_t>(slots, widths, o, before, after, taken);
+      c = scaling_loop_cpu<scalar_t>(slots, widths, o, before, after, taken, refused);
     });
     const auto scalar = params.front().options().dtype(at::kDouble);
     a.norm_before = at::full({}, before, scalar).to(params.front().scalar_type());
     a.norm_after = at::full({}, after, scalar).to(params.front().scalar_type());
     a.steps = at::full({}, taken, params.front().options().dtype(at::kLong));
+    a.shortened = at::full({}, refused, params.front().options().dtype(at::kLong));
     return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
   }
   ScalingState st = scaling_state(slots, c);
   a.norm_before = st.norm;
-  at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
-  std::vector<at::Tensor> taken;  // `active` after each step
+  Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
   // Every operation here is on vectors of the widths or on scalars, so their
   // count, not their size, is the cost: each line is kept to what it needs.
-  for (int64_t step = 0; step < o.steps(); ++step) {
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<at::Tensor> candidate;
     for (size_t k = 0; k < c.size(); ++k) {
-      const at::Tensor T = capped_step(st.directions[k], o);
+      const at::Tensor T =
+          capped_step(st.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
       candidate.push_back(c[k] * (o.parametrization() == Parametrization::kExp ? at::exp(T) : T + 1));
     }
     ScalingState next = scaling_state(slots, candidate);
-    // NaN fails the comparison, and so does +inf below a finite limit.
-    active = active.logical_and(next.norm <= limit);
-    taken.push_back(active);
-    // Once a step is refused every later one is too, so the directions need
-    // no mask: only what is kept does.
-    for (size_t k = 0; k < c.size(); ++k) c[k] = at::where(active, candidate[k], c[k]);
-    st.directions = std::move(next.directions);
-    st.norm = at::where(active, next.norm, st.norm);
+    const at::Tensor ok = control.active().logical_and(accepts(next.norm, st.norm, limit, o));
+    for (size_t k = 0; k < c.size(); ++k) {
+      c[k] = at::where(ok, candidate[k], c[k]);
+      st.directions[k] = at::where(ok, next.directions[k], st.directions[k]);
+    }
+    st.norm = at::where(ok, next.norm, st.norm);
+    control.record(ok);
+    if (control.done(attempt)) break;
   }
-  a.steps = taken.empty() ? at::zeros({}, params.front().options().dtype(at::kLong))
-                          : at::stack(taken).sum();
+  a.steps = control.taken();
+  a.shortened = control.refused();
   a.norm_after = st.norm;
   return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
 }
 
 // Autograd: F(T) = ||∇L((I+T)·w)||² on the objective's batch, ∂F/∂T at T = 0
-// by double backward. One forward, backward and double backward per step,
-// plus one evaluation after the last step to check it. A step that leaves
-// F non-finite or above the growth cap is undone by restoring the weights as
-// they were before it (decided on the device), which works for any action.
+// by double backward. One forward, backward and double backward per attempt.
+// A refused attempt is undone by restoring the weights as they were before it
+// (decided on the device), which works for any action, and the next attempt
+// goes half as far along the same direction.
 Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                        const Objective& objective, const TeleportOptions& o) {
   const auto where = positions(syms, params);
   Ascent a(syms);
-  at::Tensor active = at::ones({}, params.front().options().dtype(at::kBool));
-  a.steps = at::zeros({}, params.front().options().dtype(at::kLong));
-  at::Tensor limit;
-  std::vector<at::Tensor> before;           // the weights before the last step
-  std::vector<GroupElement> total_before;   // and the elements applied until then
+  Evaluation here = evaluate(syms, params, where, objective, true);
+  a.norm_before = here.F;
+  a.norm_after = here.F;
+  a.loss_before = here.loss;
+  const at::Tensor limit = growth_limit(here.F, o);
+  Control control(here.F, o);
 
-  for (int64_t step = 0; step <= o.steps(); ++step) {
-    const bool last_step = step == o.steps();
-    const Evaluation ev = evaluate(syms, params, where, objective, !last_step);
-    if (step == 0) {
-      a.norm_before = ev.F;
-      a.norm_after = ev.F;
-      a.loss_before = ev.loss;
-      limit = growth_limit(ev.F, o);
-    } else {
-      const at::Tensor ok =
-          active.logical_and(at::isfinite(ev.F)).logical_and(ev.F <= limit);
-      {
-        at::NoGradGuard no_grad;
-        for (size_t i = 0; i < params.size(); ++i) {
-          params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
-        }
-      }
-      for (size_t k = 0; k < syms.size(); ++k) {
-        a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
-                      at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal};
-      }
-      a.steps = a.steps + ok.to(at::kLong);
-      a.norm_after = at::where(ok, ev.F, a.norm_after);
-      active = ok;
-    }
-    if (last_step) break;
-
-    before.clear();
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    std::vector<at::Tensor> before;  // the weights before this attempt
     for (const auto& p : params) before.push_back(p.detach().clone());
-    total_before = a.total;
+    const std::vector<GroupElement> total_before = a.total;
     // Reference mode builds every data-dependent action from the activations
     // before this step, as the published code does.
     const Objective pre_step = o.mode() == Mode::kReference ? objective.with_fixed([&] {
@@ -525,12 +619,35 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       return fixed;
     }())
                                                              : objective;
+    std::vector<GroupElement> elements;
     for (size_t k = 0; k < syms.size(); ++k) {
-      const GroupElement e = step_element(*syms[k], capped_step(ev.directions[k], o), o);
-      syms[k]->apply_(e, &pre_step);
-      a.total[k] = e.compose(a.total[k]);
+      const at::Tensor T =
+          capped_step(here.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
+      elements.push_back(step_element(*syms[k], T, o));
+      syms[k]->apply_(elements.back(), &pre_step);
+      a.total[k] = elements.back().compose(a.total[k]);
     }
+    Evaluation next = evaluate(syms, params, where, objective, true);
+    const at::Tensor ok = control.active()
+                              .logical_and(accepts(next.F, a.norm_after, limit, o))
+                              .logical_and(all_invertible(elements, next.F));
+    {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < params.size(); ++i) {
+        params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+      }
+    }
+    for (size_t k = 0; k < syms.size(); ++k) {
+      a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
+                    at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal, {}};
+      here.directions[k] = at::where(ok, next.directions[k], here.directions[k]);
+    }
+    a.norm_after = at::where(ok, next.F, a.norm_after);
+    control.record(ok);
+    if (control.done(attempt)) break;
   }
+  a.steps = control.taken();
+  a.shortened = control.refused();
   return a;
 }
 
@@ -624,63 +741,77 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   if (method == Method::kClosedForm && objective != nullptr) {
     grads = batch_gradients(*objective, params, loss_before);
   }
-  Ascent a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *objective, options)
-             : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
-                                              : closed_form_ascent(symmetries, params, grads, options);
-  if (loss_before.defined()) a.loss_before = loss_before;
-  if (objective != nullptr) {
-    // .grad was not the ascent's own gradient: map it to the new point too,
-    // where gradients map; elsewhere it must be computed afresh.
-    for (size_t k = 0; k < symmetries.size(); ++k) {
-      if (!symmetries[k]->transports_gradients() || options.mode() == Mode::kReference) {
-        report.gradients_stale = true;
-        continue;
+  Ascent a(symmetries);
+  try {
+    a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *objective, options)
+        : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
+                       : closed_form_ascent(symmetries, params, grads, options);
+    if (objective != nullptr) {
+      // .grad was not the ascent's own gradient: map it to the new point too,
+      // where gradients map; elsewhere it must be computed afresh.
+      for (size_t k = 0; k < symmetries.size(); ++k) {
+        if (!symmetries[k]->transports_gradients() || options.mode() == Mode::kReference) {
+          report.gradients_stale = true;
+          continue;
+        }
+        std::vector<at::Tensor> g;
+        for (const auto& p : symmetries[k]->parameters()) g.push_back(p.grad());
+        symmetries[k]->transport_gradients_(a.total[k], g);
       }
-      std::vector<at::Tensor> g;
-      for (const auto& p : symmetries[k]->parameters()) g.push_back(p.grad());
-      symmetries[k]->transport_gradients_(a.total[k], g);
     }
+  } catch (...) {
+    if (snapshot) snapshot->restore();  // nothing half-written survives an error
+    throw;
   }
+  if (loss_before.defined()) a.loss_before = loss_before;
 
   // One host synchronisation for all the checks.
-  std::vector<at::Tensor> checks = {a.norm_before, a.norm_after, a.steps.to(a.norm_before.dtype())};
+  const auto dtype = a.norm_before.dtype();
+  std::vector<at::Tensor> checks = {a.norm_before, a.norm_after, a.steps.to(dtype),
+                                    a.shortened.to(dtype)};
   // A sum is non-finite when any entry is (or, harmlessly, when it overflows),
   // and costs one read where isfinite() would allocate.
   if (a.finite.defined()) {
-    checks.push_back(at::where(a.finite, 0.0, NAN).to(a.norm_before.dtype()));
+    checks.push_back(at::where(a.finite, 0.0, NAN).to(dtype));
   } else {
     std::vector<at::Tensor> sums;
     for (const auto& p : params) sums.push_back(p.detach().sum());
-    checks.push_back(at::stack(sums).sum().to(a.norm_before.dtype()));
+    checks.push_back(at::stack(sums).sum().to(dtype));
   }
+  checks.push_back(a.invertible.defined() ? a.invertible.to(dtype) : at::ones({}, a.norm_before.options()));
   if (objective != nullptr) {
     at::NoGradGuard no_grad;
-    checks.push_back(a.loss_before);
-    checks.push_back(objective->loss().detach());
+    checks.push_back(a.loss_before.to(dtype));
+    checks.push_back(objective->loss().detach().to(dtype));
   }
   const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
   const double* v = host.data_ptr<double>();
   report.grad_norm_sq_before = v[0];
   report.grad_norm_sq_after = v[1];
   report.steps = static_cast<int64_t>(v[2]);
-  const bool all_finite = std::isfinite(v[3]);
+  report.shortened = static_cast<int64_t>(v[3]);
+  const bool all_finite = std::isfinite(v[4]);
+  const bool invertible = v[5] != 0;
   if (objective != nullptr) {
-    report.loss_before = v[4];
-    report.loss_after = v[5];
+    report.loss_before = v[6];
+    report.loss_after = v[7];
   }
-  if (report.steps < options.steps()) {
-    report.reason = "stopped after " + std::to_string(report.steps) +
-                    " steps: the next would break the growth cap or be non-finite";
-  }
+  const bool guarded = options.mode() == Mode::kExact;
   std::string rollback;
-  if (!all_finite || !std::isfinite(report.grad_norm_sq_after)) {
+  if (!std::isfinite(report.grad_norm_sq_before)) {
+    rollback = "non-finite weights or gradients before the teleport: skipped";
+  } else if (!invertible) {
+    rollback = "the product of the ascent steps could not be inverted";
+  } else if (!all_finite || !std::isfinite(report.grad_norm_sq_after)) {
     rollback = "non-finite weights or gradients";
+  } else if (guarded && !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
+    rollback = "no ascent step raised ||grad L||^2 (" + std::to_string(report.shortened) +
+               " refused and halved)";
   } else if (objective != nullptr) {
     const double change = std::abs(report.loss_after - report.loss_before);
     if (!std::isfinite(report.loss_after)) {
       rollback = "non-finite loss";
-    } else if (options.mode() == Mode::kExact &&
-               change > options.tolerance() * std::abs(report.loss_before)) {
+    } else if (guarded && change > options.tolerance() * std::abs(report.loss_before)) {
       rollback = "the loss changed by " + std::to_string(change) + " (relative " +
                  std::to_string(change / std::abs(report.loss_before)) +
                  "), above the tolerance " + std::to_string(options.tolerance());
@@ -690,8 +821,14 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     if (snapshot) snapshot->restore();  // else nothing was changed
     report.gradients_stale = false;
     report.rolled_back = true;
-    report.reason = "rolled back: " + rollback;
+    report.reason = rollback;
   } else {
+    if (report.steps < options.steps()) {
+      report.reason = "stopped after " + std::to_string(report.steps) + " of " +
+                      std::to_string(options.steps()) + " steps: " +
+                      std::to_string(report.shortened) +
+                      " refused (lower, non-finite or beyond the growth cap) and halved";
+    }
     report.elements = std::move(a.total);
   }
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -24,8 +24,12 @@ struct TeleportReport {
   /// ||∇L||² over the parameters the symmetries act on.
   double grad_norm_sq_before = std::numeric_limits<double>::quiet_NaN();
   double grad_norm_sq_after = std::numeric_limits<double>::quiet_NaN();
-  /// Ascent steps taken (fewer than asked when the growth cap stopped it).
+  /// Ascent steps taken: each one raised ||∇L||² (fewer than asked when no
+  /// shortened step did).
   int64_t steps = 0;
+  /// Attempts refused (lower, non-finite, singular or beyond the growth cap),
+  /// each halving the steps after it.
+  int64_t shortened = 0;
   bool rolled_back = false;
   /// False for arithmetic that does not keep the loss: reference mode, or a
   /// data-dependent action on a batch too large for it to be exact.
@@ -33,7 +37,8 @@ struct TeleportReport {
   /// True when `.grad` could not be mapped to the new point (data-dependent
   /// actions) and must be computed afresh before an optimizer step.
   bool gradients_stale = false;
-  /// Why it was rolled back or stopped early; empty otherwise.
+  /// Why it was rolled back (then `rolled_back` is true) or stopped early;
+  /// empty otherwise.
   std::string reason;
   double seconds = 0;
   /// The group element applied, one per symmetry (empty when rolled back).
@@ -42,7 +47,7 @@ struct TeleportReport {
 
 /// Teleports the symmetries' parameters: `options.steps()` steps of gradient
 /// ascent on ||∇L||² within the group, each re-centred at the identity, with
-/// the safeguards of DESIGN.md §6. The weights change in place, and so do the
+/// the safeguards of docs/design.md §6. The weights change in place, and so do the
 /// gradients in `.grad` (mapped exactly, so an optimizer step that follows sees
 /// the gradient at the new point).
 ///
@@ -74,11 +79,6 @@ class Snapshot {
  private:
   std::vector<at::Tensor> params_, values_, grads_;
 };
-
-/// Scaling teleports on CPU run their vector work in plain loops; when true,
-/// as tensor operations, the way they run on other devices. For tests that
-/// check the two agree.
-extern bool scaling_tensor_ops_on_cpu;
 
 /// The distinct parameters of `symmetries`, in first-seen order.
 std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries);

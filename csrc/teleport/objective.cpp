@@ -21,10 +21,15 @@ Objective::Objective(torch::nn::Sequential model, at::Tensor input,
   TORCH_CHECK(!model_.is_empty(), "Objective: expected a model, got an empty holder");
   TORCH_CHECK(input_.defined(), "Objective: expected an input batch, got an undefined tensor");
   TORCH_CHECK(loss_fn_ != nullptr, "Objective: expected a loss function, got none");
+  std::vector<at::Tensor> tensors = model_->parameters();
+  tensors.push_back(input_);
+  devices_ = devices_of(tensors);
+  random_ = std::make_shared<const RandomState>(devices_);
 }
 
 Objective::Objective(ParametricLossFn loss) : parametric_(std::move(loss)) {
   TORCH_CHECK(parametric_ != nullptr, "Objective: expected a loss function, got none");
+  random_ = std::make_shared<const RandomState>();
 }
 
 namespace {
@@ -52,14 +57,37 @@ at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
 
 }  // namespace
 
+namespace {
+
+// Runs `f` with the generators as `random` captured them, then puts back
+// the state they had before.
+template <typename F>
+at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& devices, F&& f) {
+  const RandomState now(devices);
+  random.restore();
+  at::Tensor out;
+  try {
+    out = f();
+  } catch (...) {
+    now.restore();
+    throw;
+  }
+  now.restore();
+  return out;
+}
+
+}  // namespace
+
 at::Tensor Objective::forward(const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "Objective::forward: this objective has no model");
-  return run(model_, input_, overrides, fixed_, at::Tensor());
+  return replayed(*random_, devices_,
+                  [&] { return run(model_, input_, overrides, fixed_, at::Tensor()); });
 }
 
 at::Tensor Objective::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "Objective::input_of: this objective has no model");
-  at::Tensor x = run(model_, input_, overrides, fixed_, weight);
+  at::Tensor x =
+      replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); });
   return x.reshape({-1, x.size(-1)});
 }
 
@@ -70,7 +98,8 @@ Objective Objective::with_fixed(ParameterOverrides fixed) const {
 }
 
 at::Tensor Objective::loss(const ParameterOverrides& overrides) const {
-  at::Tensor l = parametric_ ? parametric_(overrides) : loss_fn_(forward(overrides), target_);
+  at::Tensor l = parametric_ ? replayed(*random_, devices_, [&] { return parametric_(overrides); })
+                             : loss_fn_(forward(overrides), target_);
   TORCH_CHECK(l.numel() == 1, "Objective: expected the loss function to return a scalar, got ",
               l.sizes());
   return l.reshape({});

@@ -1,9 +1,12 @@
 #pragma once
 
+#include <teleport/random_state.h>
+
 #include <ATen/Tensor.h>
 #include <torch/nn/modules/container/sequential.h>
 
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -23,6 +26,11 @@ using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
 /// the loss checks need. Either a torch::nn::Sequential of Linear layers and
 /// parameter-free modules with a batch and a loss function, or any function of
 /// the parameters (test functions).
+///
+/// Every evaluation sees the same randomness (dropout masks): the random
+/// generators are set to their state at construction for each evaluation and
+/// put back after it, so the loss differs between evaluations only by what
+/// the parameters do, and evaluating it draws nothing from the stream.
 class Objective {
  public:
   Objective(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
@@ -52,6 +60,8 @@ class Objective {
   LossFn loss_fn_;
   ParametricLossFn parametric_;
   ParameterOverrides fixed_;
+  std::shared_ptr<const RandomState> random_;
+  std::vector<c10::Device> devices_;
 };
 
 /// The value `p` has under `overrides`: its override, or `p` itself.

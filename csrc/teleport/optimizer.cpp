@@ -1,11 +1,14 @@
 #include <teleport/optimizer.h>
 
+#include <teleport/random_state.h>
 #include <teleport/schedule.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
@@ -17,6 +20,9 @@ namespace {
 
 using torch::optim::Optimizer;
 using torch::optim::OptimizerParamGroup;
+
+// 2: the options as one unit (TeleportOptions::serialize), every field.
+constexpr int64_t kCheckpointVersion = 2;
 
 // The key the inner optimizer's state map uses for `p`. LibTorch 1.x keys by
 // the TensorImpl pointer printed as a string, 2.x by the pointer itself.
@@ -79,18 +85,39 @@ void require_among(const SymmetryList& symmetries, const std::vector<at::Tensor>
 void write_int(torch::serialize::OutputArchive& a, const std::string& key, int64_t v) {
   a.write(key, c10::IValue(v));
 }
-void write_double(torch::serialize::OutputArchive& a, const std::string& key, double v) {
-  a.write(key, c10::IValue(v));
-}
 int64_t read_int(torch::serialize::InputArchive& a, const std::string& key) {
   c10::IValue v;
   a.read(key, v);
   return v.toInt();
 }
-double read_double(torch::serialize::InputArchive& a, const std::string& key) {
-  c10::IValue v;
-  a.read(key, v);
-  return v.toDouble();
+
+// Why kTransport cannot carry this optimizer's state, or "" when it can.
+// Weight decay added to the gradient (SGD with momentum, Adagrad, Adam,
+// RMSprop) mixes λw into the buffers, and w transforms by A, ∇L by A^{-T}: no
+// map carries the mixture (docs/design.md §9). AdamW's decoupled decay does
+// not touch the buffers.
+std::string untransportable(const Optimizer& opt) {
+  for (const auto& group : opt.param_groups()) {
+    const auto* o = &group.options();
+    double decay = 0;
+    std::string what;
+    if (const auto* sgd = dynamic_cast<const torch::optim::SGDOptions*>(o)) {
+      if (sgd->momentum() != 0) decay = sgd->weight_decay(), what = "SGD's momentum buffer";
+    } else if (const auto* a = dynamic_cast<const torch::optim::AdagradOptions*>(o)) {
+      decay = a->weight_decay(), what = "Adagrad's sums";
+    } else if (const auto* a = dynamic_cast<const torch::optim::AdamOptions*>(o)) {
+      decay = a->weight_decay(), what = "Adam's moments";
+    } else if (const auto* r = dynamic_cast<const torch::optim::RMSpropOptions*>(o)) {
+      decay = r->weight_decay(), what = "RMSprop's averages";
+    }
+    if (decay != 0) {
+      return "StatePolicy::kTransport cannot carry " + what + " with weight_decay " +
+             std::to_string(decay) +
+             ": they hold ∇L + λw, and no map carries that sum exactly; use "
+             "StatePolicy::kKeep or kReset, or decoupled decay (AdamW)";
+    }
+  }
+  return "";
 }
 
 }  // namespace
@@ -144,6 +171,13 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList s
   for (const auto& s : symmetries_) {
     TORCH_CHECK(s != nullptr, "TeleportOptimizer: expected symmetries, got a null one");
   }
+  check_state_policy();
+}
+
+void TeleportOptimizer::check_state_policy() const {
+  if (options_.state_policy() != StatePolicy::kTransport) return;
+  const std::string why = untransportable(*inner_);
+  TORCH_CHECK(why.empty(), "TeleportOptimizer: ", why);
 }
 
 void TeleportOptimizer::check_model_unchanged() const {
@@ -185,46 +219,70 @@ void TeleportOptimizer::sync_inner() {
 
 at::Tensor TeleportOptimizer::step(LossClosure closure) {
   sync_inner();
+  if (!teleport_due(options_, step_, teleports_)) {
+    ++step_;
+    return inner_->step(closure);  // exactly the bare optimizer's step
+  }
+  check_model_unchanged();
+  check_state_policy();
+  // Data-dependent actions and reference arithmetic do not map gradients.
+  bool fresh_gradients = options_.mode() == Mode::kReference;
+  for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
+  TORCH_CHECK(!fresh_gradients || closure != nullptr,
+              "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves the "
+              "gradient stale; call step(closure) so that it can be computed afresh after it");
+  // Every call of the closure here replays the randomness of the first (dropout
+  // masks), so the losses before and after differ only by the teleport, and
+  // the random stream advances as by the one call of a plain step.
+  const RandomState random(devices_of(all_params(*this)));
+  LossClosure replay = nullptr;
   at::Tensor loss;
   if (closure != nullptr) {
+    replay = [&random, &closure] {
+      random.restore();
+      at::AutoGradMode enable(true);
+      return closure();
+    };
     at::AutoGradMode enable(true);
     loss = closure();
   }
-  if (teleport_due(options_, step_, teleports_)) {
-    check_model_unchanged();
-    // Data-dependent actions and reference arithmetic do not map gradients.
-    bool fresh_gradients = options_.mode() == Mode::kReference;
-    for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
-    TORCH_CHECK(!fresh_gradients || closure != nullptr,
-                "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves the "
-                "gradient stale; call step(closure) so that it can be computed afresh after it");
-    last_report_ = run_teleport(closure, loss);
-    last_report_.step = step_;
-    has_report_ = true;
-    ++teleports_;
-    if (!last_report_.rolled_back) {
-      apply_state_policy(last_report_);
-      if (last_report_.gradients_stale) {
-        at::AutoGradMode enable(true);
-        closure();
-        last_report_.gradients_stale = false;
-      }
+  // The loss at the point the inner step starts from, with its gradient in .grad.
+  at::Tensor current = loss;
+  last_report_ = run_teleport(replay, loss, current);
+  last_report_.step = step_;
+  has_report_ = true;
+  ++teleports_;
+  if (!last_report_.rolled_back) {
+    apply_state_policy(last_report_);
+    if (last_report_.gradients_stale) {
+      current = replay();
+      last_report_.gradients_stale = false;
     }
-    if (options_.on_report()) options_.on_report()(last_report_);
   }
-  inner_->step();
+  if (options_.on_report()) options_.on_report()(last_report_);
+  // The inner optimizer's first call of the closure would compute what is
+  // already there; later calls (LBFGS's line search) evaluate new points.
+  LossClosure inner_closure = nullptr;
+  if (closure != nullptr) {
+    inner_closure = [first = std::make_shared<bool>(true), current, closure] {
+      if (!*first) return closure();
+      *first = false;
+      return current;
+    };
+  }
+  inner_->step(inner_closure);
   ++step_;
   return loss;
 }
 
-TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
-                                               const at::Tensor& loss) {
+TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const at::Tensor& loss,
+                                               at::Tensor& current) {
   if (next_batch_) {
     auto batch = next_batch_();
     const Objective objective(model_, batch.first, batch.second, loss_fn_);
     return teleport(symmetries_, options_, &objective);
   }
-  if (closure == nullptr || symmetries_.empty()) {
+  if (replay == nullptr || symmetries_.empty()) {
     return teleport(symmetries_, options_);
   }
   // Closed form from .grad, then the closure measures the loss at the new
@@ -233,11 +291,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
   const detail::Snapshot snapshot(all_params(*this));
   TeleportReport report = teleport(symmetries_, options_);
   if (report.rolled_back) return report;
-  at::Tensor after;
-  {
-    at::AutoGradMode enable(true);
-    after = closure();
-  }
+  const at::Tensor after = replay();
   report.loss_before = loss.item<double>();
   report.loss_after = after.item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
@@ -247,9 +301,11 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& closure,
     snapshot.restore();
     report.rolled_back = true;
     report.elements.clear();
-    report.reason = "rolled back: the loss went from " + std::to_string(report.loss_before) +
-                    " to " + std::to_string(report.loss_after) + ", beyond the tolerance " +
+    report.reason = "the loss went from " + std::to_string(report.loss_before) + " to " +
+                    std::to_string(report.loss_after) + ", beyond the tolerance " +
                     std::to_string(options_.tolerance());
+  } else {
+    current = after;
   }
   return report;
 }
@@ -291,24 +347,10 @@ void TeleportOptimizer::apply_state_policy(const TeleportReport& report) {
 }
 
 void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
-  write_int(archive, "teleport/version", 1);
+  write_int(archive, "teleport/version", kCheckpointVersion);
   write_int(archive, "teleport/step", step_);
   write_int(archive, "teleport/teleports", teleports_);
-  write_int(archive, "teleport/options/every", options_.every());
-  archive.write("teleport/options/at",
-                at::tensor(options_.at().empty() ? std::vector<int64_t>{-1} : options_.at()));
-  write_int(archive, "teleport/options/until", options_.until());
-  write_int(archive, "teleport/options/max_teleports", options_.max_teleports());
-  write_int(archive, "teleport/options/steps", options_.steps());
-  write_double(archive, "teleport/options/lr", options_.lr());
-  write_int(archive, "teleport/options/method", static_cast<int64_t>(options_.method()));
-  write_int(archive, "teleport/options/parametrization",
-            static_cast<int64_t>(options_.parametrization()));
-  write_double(archive, "teleport/options/tolerance", options_.tolerance());
-  write_double(archive, "teleport/options/max_step", options_.max_step());
-  write_double(archive, "teleport/options/max_growth", options_.max_growth());
-  write_int(archive, "teleport/options/state_policy",
-            static_cast<int64_t>(options_.state_policy()));
+  options_.serialize(archive);
 
   write_int(archive, "groups/count", static_cast<int64_t>(param_groups_.size()));
   for (size_t i = 0; i < param_groups_.size(); ++i) {
@@ -348,30 +390,12 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
-  TORCH_CHECK(read_int(archive, "teleport/version") == 1,
-              "TeleportOptimizer::load: expected a checkpoint of version 1");
+  const int64_t version = read_int(archive, "teleport/version");
+  TORCH_CHECK(version == kCheckpointVersion, "TeleportOptimizer::load: expected a checkpoint of version ",
+              kCheckpointVersion, ", got ", version);
   step_ = read_int(archive, "teleport/step");
   teleports_ = read_int(archive, "teleport/teleports");
-  options_.every(read_int(archive, "teleport/options/every"));
-  at::Tensor at_steps;
-  archive.read("teleport/options/at", at_steps);
-  std::vector<int64_t> at_list(at_steps.data_ptr<int64_t>(),
-                               at_steps.data_ptr<int64_t>() + at_steps.numel());
-  if (at_list == std::vector<int64_t>{-1}) at_list.clear();
-  options_.at(at_list);
-  options_.until(read_int(archive, "teleport/options/until"));
-  options_.max_teleports(read_int(archive, "teleport/options/max_teleports"));
-  options_.steps(read_int(archive, "teleport/options/steps"));
-  options_.lr(read_double(archive, "teleport/options/lr"));
-  options_.method(static_cast<Method>(read_int(archive, "teleport/options/method")));
-  options_.parametrization(
-      static_cast<Parametrization>(read_int(archive, "teleport/options/parametrization")));
-  options_.tolerance(read_double(archive, "teleport/options/tolerance"));
-  options_.max_step(read_double(archive, "teleport/options/max_step"));
-  options_.max_growth(read_double(archive, "teleport/options/max_growth"));
-  options_.state_policy(
-      static_cast<StatePolicy>(read_int(archive, "teleport/options/state_policy")));
-  options_.validate();
+  options_.serialize(archive);  // every option but on_report, which stays
 
   const int64_t groups = read_int(archive, "groups/count");
   TORCH_CHECK(groups == static_cast<int64_t>(param_groups_.size()),

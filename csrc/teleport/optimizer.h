@@ -27,8 +27,11 @@ namespace teleport {
 ///
 /// step() teleports, when the schedule says so, from the gradient already in
 /// `.grad` (closed form: no extra forward or backward pass), then lets the inner
-/// optimizer step. step(closure) also measures the loss before and after and
-/// rolls back a teleport that changed it beyond the tolerance.
+/// optimizer step. step(closure) also measures the loss before and after, with
+/// the same randomness (dropout masks) both times, and rolls back a teleport
+/// that changed it beyond the tolerance; the closure is passed on to the inner
+/// optimizer (LBFGS needs it). Without a teleport due, step() is exactly the
+/// inner optimizer's step.
 ///
 /// The param groups are this optimizer's own and are copied to the inner one
 /// before each step, so set learning rates here (LR schedulers built on this
@@ -79,8 +82,14 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   }
 
  private:
-  TeleportReport run_teleport(const LossClosure& closure, const at::Tensor& loss);
+  // One teleport; `replay` calls the closure with the randomness of its first
+  // call, `loss` is that call's loss; `current` becomes the loss at the new
+  // point where the closure measured it.
+  TeleportReport run_teleport(const LossClosure& replay, const at::Tensor& loss,
+                              at::Tensor& current);
   void apply_state_policy(const TeleportReport& report);
+  // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
+  void check_state_policy() const;
   void sync_inner();
   void check_model_unchanged() const;
 

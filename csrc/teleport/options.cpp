@@ -1,8 +1,11 @@
 #include <teleport/options.h>
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/serialize/archive.h>
 
 #include <cmath>
+#include <string>
 
 namespace teleport {
 
@@ -20,10 +23,84 @@ void TeleportOptions::validate() const {
   TORCH_CHECK(std::isfinite(lr()) && lr() > 0,
               "TeleportOptions: expected a finite lr > 0, got ", lr());
   TORCH_CHECK(tolerance() > 0, "TeleportOptions: expected tolerance > 0, got ", tolerance());
-  TORCH_CHECK(max_step() > 0, "TeleportOptions: expected max_step > 0, got ", max_step());
+  TORCH_CHECK(std::isfinite(max_step()) && max_step() > 0,
+              "TeleportOptions: expected a finite max_step > 0, got ", max_step());
   TORCH_CHECK(max_growth() >= 1,
               "TeleportOptions: expected max_growth >= 1 (a ratio of gradient norms), got ",
               max_growth());
+  TORCH_CHECK(max_halvings() >= 0, "TeleportOptions: expected max_halvings >= 0, got ",
+              max_halvings());
+}
+
+namespace {
+
+constexpr int64_t kVersion = 1;
+const std::string kPrefix = "teleport/options/";
+
+void put(torch::serialize::OutputArchive& a, const std::string& key, c10::IValue v) {
+  a.write(kPrefix + key, v);
+}
+c10::IValue get(torch::serialize::InputArchive& a, const std::string& key) {
+  c10::IValue v;
+  a.read(kPrefix + key, v);
+  return v;
+}
+
+// An enum read back, checked against its number of values.
+template <typename E>
+E get_enum(torch::serialize::InputArchive& a, const std::string& key, int64_t count) {
+  const int64_t v = get(a, key).toInt();
+  TORCH_CHECK(v >= 0 && v < count, "TeleportOptions: a checkpoint holds ", key, " = ", v,
+              ", expected 0 to ", count - 1);
+  return static_cast<E>(v);
+}
+
+}  // namespace
+
+void TeleportOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  put(archive, "version", kVersion);
+  put(archive, "every", every());
+  // A tensor holds the list; {-1} stands for the empty one (steps are >= 0).
+  archive.write(kPrefix + "at", ::at::tensor(at().empty() ? std::vector<int64_t>{-1} : at()));
+  put(archive, "until", until());
+  put(archive, "max_teleports", max_teleports());
+  put(archive, "steps", steps());
+  put(archive, "lr", lr());
+  put(archive, "method", static_cast<int64_t>(method()));
+  put(archive, "parametrization", static_cast<int64_t>(parametrization()));
+  put(archive, "mode", static_cast<int64_t>(mode()));
+  put(archive, "tolerance", tolerance());
+  put(archive, "max_step", max_step());
+  put(archive, "max_growth", max_growth());
+  put(archive, "max_halvings", max_halvings());
+  put(archive, "state_policy", static_cast<int64_t>(state_policy()));
+}
+
+void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
+  const int64_t version = get(archive, "version").toInt();
+  TORCH_CHECK(version == kVersion, "TeleportOptions: expected options of version ", kVersion,
+              ", got ", version);
+  every(get(archive, "every").toInt());
+  ::at::Tensor steps_at;
+  archive.read(kPrefix + "at", steps_at);
+  steps_at = steps_at.to(::at::kLong).contiguous();
+  std::vector<int64_t> list(steps_at.data_ptr<int64_t>(),
+                            steps_at.data_ptr<int64_t>() + steps_at.numel());
+  if (list == std::vector<int64_t>{-1}) list.clear();
+  at(list);
+  until(get(archive, "until").toInt());
+  max_teleports(get(archive, "max_teleports").toInt());
+  steps(get(archive, "steps").toInt());
+  lr(get(archive, "lr").toDouble());
+  method(get_enum<Method>(archive, "method", 3));
+  parametrization(get_enum<Parametrization>(archive, "parametrization", 2));
+  mode(get_enum<Mode>(archive, "mode", 2));
+  tolerance(get(archive, "tolerance").toDouble());
+  max_step(get(archive, "max_step").toDouble());
+  max_growth(get(archive, "max_growth").toDouble());
+  max_halvings(get(archive, "max_halvings").toInt());
+  state_policy(get_enum<StatePolicy>(archive, "state_policy", 3));
+  validate();
 }
 
 }  // namespace teleport

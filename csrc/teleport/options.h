@@ -7,6 +7,11 @@
 #include <limits>
 #include <vector>
 
+namespace torch::serialize {
+class OutputArchive;
+class InputArchive;
+}  // namespace torch::serialize
+
 namespace teleport {
 
 struct TeleportReport;
@@ -15,7 +20,7 @@ struct TeleportReport;
 enum class Method {
   /// Closed form when every symmetry has one, autograd otherwise.
   kAuto,
-  /// From the gradients alone (DESIGN.md §3): no forward or backward pass.
+  /// From the gradients alone (docs/design.md §3): no forward or backward pass.
   kClosedForm,
   /// Double backward through the action; needs a batch and a loss.
   kAutograd,
@@ -74,16 +79,24 @@ struct TeleportOptions {
   TORCH_ARG(Parametrization, parametrization) = Parametrization::kLinear;
   TORCH_ARG(Mode, mode) = Mode::kExact;
 
-  // --- safeguards (DESIGN.md §6) ---
+  // --- safeguards (docs/design.md §6) ---
   /// Largest relative change of the loss on the teleport batch; beyond it the
   /// teleport is rolled back.
   TORCH_ARG(double, tolerance) = 1e-4;
-  /// Cap on the Frobenius norm of each ascent step T (per symmetry); < 1 keeps
-  /// I + T invertible and diagonal scalings positive.
+  /// Cap on the Frobenius norm of each ascent step T (per symmetry). Under the
+  /// linear parametrization a diagonal step is also shortened so that every
+  /// factor 1 + t stays >= 1/2 (a scaling must stay positive across a ReLU),
+  /// and a step whose I + T is singular is refused (halved and tried again).
   TORCH_ARG(double, max_step) = 0.5;
   /// Cap on ||∇L||² after / before over one teleport; an ascent step that would
   /// pass it is not taken, and the ascent stops there.
   TORCH_ARG(double, max_growth) = 10.0;
+  /// Never worse: an ascent step is kept only if it raises ||∇L||² (and stays
+  /// finite, invertible and within max_growth); otherwise it is halved and
+  /// tried again, at most this many times in one teleport, after which the
+  /// ascent stops. A teleport that raised nothing is rolled back. Reference
+  /// mode keeps the published, unguarded arithmetic.
+  TORCH_ARG(int64_t, max_halvings) = 5;
 
   // --- the optimizer ---
   TORCH_ARG(StatePolicy, state_policy) = StatePolicy::kTransport;
@@ -95,6 +108,12 @@ struct TeleportOptions {
  public:
   /// Throws a c10::Error naming the first option that is out of range.
   void validate() const;
+
+  /// Every option but on_report, under "teleport/options/" with a version,
+  /// as torch::optim's options serialise (checkpoints).
+  void serialize(torch::serialize::OutputArchive& archive) const;
+  /// Reads what serialize() wrote; on_report is left as it is.
+  void serialize(torch::serialize::InputArchive& archive);
 };
 
 }  // namespace teleport

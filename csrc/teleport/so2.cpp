@@ -32,7 +32,7 @@ at::Tensor SO2Symmetry::direction(const std::vector<at::Tensor>&) const {
 
 GroupElement SO2Symmetry::element(const at::Tensor& T, Parametrization) const {
   const at::Tensor g = rotation(T);
-  return {g, g.t().contiguous(), false};
+  return {g, g.t().contiguous(), false, {}};
 }
 
 at::Tensor SO2Symmetry::rotate(const at::Tensor& xy, const at::Tensor& g) const {

@@ -41,7 +41,9 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
     e.g_inv = at::reciprocal(e.g);
   } else {
     e.g = T + at::eye(T.size(0), T.options());
-    e.g_inv = at::linalg_inv(e.g);
+    auto [inverse, info] = at::linalg_inv_ex(e.g);
+    e.g_inv = inverse;
+    e.invertible = info.eq(0);
   }
   return e;
 }
@@ -62,12 +64,19 @@ GroupElement GroupElement::compose(const GroupElement& other) const {
   e.diagonal = diagonal;
   e.g = diagonal ? g * other.g : at::mm(g, other.g);
   e.g_inv = diagonal ? other.g_inv * g_inv : at::mm(other.g_inv, g_inv);
+  if (invertible.defined() && other.invertible.defined()) {
+    e.invertible = invertible.logical_and(other.invertible);
+  } else {
+    e.invertible = invertible.defined() ? invertible : other.invertible;
+  }
   return e;
 }
 
 GroupElement GroupElement::masked(const at::Tensor& keep) const {
   const GroupElement id = identity_like(*this);
-  return {at::where(keep, g, id.g), at::where(keep, g_inv, id.g_inv), diagonal};
+  GroupElement e{at::where(keep, g, id.g), at::where(keep, g_inv, id.g_inv), diagonal, {}};
+  if (invertible.defined()) e.invertible = invertible.logical_or(keep.logical_not());
+  return e;
 }
 
 LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in,
@@ -246,7 +255,12 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
       b.defined() ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
   const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
-  const at::Tensor theta = at::mm(at::linalg_pinv(inputs), target);  // (m [+1]) × n
+  // The SVD behind pinv throws on non-finite input; such a step gives NaN
+  // weights instead, which the ascent refuses (or the teleport rolls back).
+  const at::Tensor finite = at::isfinite(inputs).all().logical_and(at::isfinite(target).all());
+  const at::Tensor theta = at::where(
+      finite, at::mm(at::linalg_pinv(at::where(finite, inputs, 0.0)), at::where(finite, target, 0.0)),
+      NAN);  // (m [+1]) × n
   if (!b.defined()) return {theta.t(), at::Tensor()};
   return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
 }
@@ -281,7 +295,7 @@ std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& para
   auto [w, b] = solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g);
   std::vector<at::Tensor> out = {w};
   if (b_in_.defined()) out.push_back(b);
-  out.push_back(at::mm(params.back(), at::linalg_inv(g)));
+  out.push_back(at::mm(params.back(), std::get<0>(at::linalg_inv_ex(g))));
   return out;
 }
 

@@ -17,6 +17,10 @@ struct GroupElement {
   at::Tensor g;
   at::Tensor g_inv;
   bool diagonal = false;
+  /// A 0-dim bool, false where g could not be inverted (g_inv is then
+  /// meaningless); undefined when g is invertible by construction. Decided on
+  /// the device: the ascent refuses such a step without a host synchronisation.
+  at::Tensor invertible;
 
   /// g for the algebra element T (a matrix, or a vector when diagonal).
   static GroupElement from_algebra(const at::Tensor& T, bool diagonal,
@@ -26,7 +30,7 @@ struct GroupElement {
   /// this ∘ other: first other, then this.
   GroupElement compose(const GroupElement& other) const;
   /// g⁻¹ (the two tensors swapped).
-  GroupElement inverse() const { return {g_inv, g, diagonal}; }
+  GroupElement inverse() const { return {g_inv, g, diagonal, invertible}; }
   /// This element where `keep` (a 0-dim bool tensor) is true, the identity
   /// elsewhere; decided on the device, with no host synchronisation.
   GroupElement masked(const at::Tensor& keep) const;
@@ -108,7 +112,7 @@ enum class SymmetryKind {
 /// data, so gradients map as ∇W_in -> g^{-T} ∇W_in, ∇b_in -> g^{-T} ∇b_in,
 /// ∇W_out -> ∇W_out gᵀ, and the ascent direction at the identity has the
 /// closed form 2 (∇W_outᵀ ∇W_out - ∇W_in ∇W_inᵀ - ∇b_in ∇b_inᵀ), its diagonal
-/// for scaling (DESIGN.md §3).
+/// for scaling (docs/design.md §3).
 class LayerSymmetry : public Symmetry {
  public:
   /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n.

@@ -10,6 +10,7 @@
 #include <teleport/objective.h>
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
+#include <teleport/random_state.h>
 #include <teleport/schedule.h>
 #include <teleport/so2.h>
 #include <teleport/symmetry.h>

@@ -1,0 +1,30 @@
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <ATen/core/Generator.h>
+#include <c10/core/Device.h>
+
+#include <utility>
+#include <vector>
+
+namespace teleport {
+
+/// The state of the default random generators of the CPU and of some devices,
+/// captured so that two evaluations of a loss see the same randomness
+/// (dropout masks): the loss before a teleport and after it must differ only
+/// by what the teleport did.
+class RandomState {
+ public:
+  /// Captures the CPU's generator and that of every device in `devices`.
+  explicit RandomState(const std::vector<c10::Device>& devices = {});
+  /// Sets the generators back to the captured state.
+  void restore() const;
+
+ private:
+  std::vector<std::pair<at::Generator, at::Tensor>> states_;
+};
+
+/// The distinct devices of `tensors`.
+std::vector<c10::Device> devices_of(const std::vector<at::Tensor>& tensors);
+
+}  // namespace teleport
