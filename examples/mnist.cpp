@@ -451,7 +451,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
   app.add_option("--optimizer", c.optimizers, "sgd, adagrad, or sgd,adagrad");
   app.add_option("--lr", c.lr, "learning rate (default: sgd 0.2, adagrad 0.02)")
-      ->check(CLI::PositiveNumber);
+      ->check(finite_above(0));
   app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
   app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);
   app.add_option("--epochs", c.epochs, "epochs")->check(CLI::PositiveNumber);
@@ -473,15 +473,15 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(-1, 1 << 30));
   app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(finite_above(0));
   app.add_option("--teleport-batch", c.teleport_batch,
                  "0 = teleport on the minibatch gradient (closed form); M > 0 = on M training images")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before per teleport")
-      ->check(CLI::Range(1.0, 1e300));
-  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(CLI::PositiveNumber);
+      ->check(finite_above(1.0, true));
+  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(finite_above(0));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
-      ->check(CLI::PositiveNumber);
+      ->check(finite_above(0));
   app.add_option("--state-policy", c.state_policy, "keep, reset or transport")
       ->check(CLI::IsMember({"keep", "reset", "transport"}));
   app.add_option("--eval-every", c.eval_every, "evaluate the train subset every N steps")

@@ -10,6 +10,7 @@
 #include <torch/optim/sgd.h>
 
 #include <chrono>
+#include <cmath>
 
 namespace {
 
@@ -119,13 +120,18 @@ Run train(const Config& c, const std::vector<int64_t>& dims, int64_t seed, bool 
     return loss;
   };
   const auto t0 = std::chrono::steady_clock::now();
+  int64_t diverged_at = -1;  // the step whose loss was not finite, or -1
   for (int64_t t = 0; t < c.steps; ++t) {
     opt.step(closure);
     run.loss.push_back(loss_now);
     run.grad_norm_sq.push_back(norm_now);
     run.seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (!std::isfinite(loss_now)) {  // diverged: stop this run and report it
+      diverged_at = t;
+      break;
+    }
   }
-  run.extra = {{"lr", json_number(lr)}};
+  run.extra = {{"lr", json_number(lr)}, {"diverged_at", std::to_string(diverged_at)}};
   return run;
 }
 
@@ -145,15 +151,16 @@ int run(Config c) {
     runs.push_back(train(c, dims, seed, false));
     runs.push_back(train(c, dims, seed, true));
   }
-  // Means over seeds, at a few steps.
-  auto mean_at = [&](bool teleporting, size_t t) {
+  // Means over seeds, at a few steps; a run that diverged counts as NaN after.
+  auto mean_over = [&](bool teleporting, size_t t, const std::vector<double> Run::*values) {
     double s = 0;
     int n = 0;
-    for (size_t i = teleporting ? 1 : 0; i < runs.size(); i += 2) {
-      if (t < runs[i].loss.size()) s += runs[i].loss[t], ++n;
+    for (size_t i = teleporting ? 1 : 0; i < runs.size(); i += 2, ++n) {
+      s += t < (runs[i].*values).size() ? (runs[i].*values)[t] : NAN;
     }
     return s / n;
   };
+  auto mean_at = [&](bool teleporting, size_t t) { return mean_over(teleporting, t, &Run::loss); };
   fmt::print("mean loss over {} seeds ({}, {} mode)\n{:>6} {:>14} {:>14}\n", seeds.size(), c.optimizer,
              c.mode, "step", c.optimizer, c.optimizer + "+teleport");
   for (size_t t : {size_t(0), size_t(5), size_t(10), size_t(20), size_t(50), size_t(100),
@@ -161,6 +168,10 @@ int run(Config c) {
     if (t < size_t(c.steps)) fmt::print("{:>6} {:>14.6g} {:>14.6g}\n", t, mean_at(false, t), mean_at(true, t));
   }
   for (const auto& r : runs) {
+    if (r.loss.size() < size_t(c.steps)) {
+      fmt::print("{} seed {} diverged: its loss was not finite at step {}\n", r.label, r.seed,
+                 r.loss.size() - 1);
+    }
     for (const auto& tp : r.teleports) {
       fmt::print("seed {:>6} teleport at {}: loss {:.6g} -> {:.6g} ({:+.2e} relative), |grad|^2 {:.6g} "
                  "-> {:.6g}{}{}\n",
@@ -185,10 +196,8 @@ int run(Config c) {
     for (bool teleporting : {false, true}) {
       Curve curve{c.optimizer + (teleporting ? "+teleport" : "") + " (mean)", {}, {}, {}};
       for (int64_t t = 0; t < c.steps; ++t) {
-        double secs = 0;
-        for (size_t i = teleporting ? 1 : 0; i < runs.size(); i += 2) secs += runs[i].seconds[t];
         curve.steps.push_back(double(t));
-        curve.seconds.push_back(secs / seeds.size());
+        curve.seconds.push_back(mean_over(teleporting, t, &Run::seconds));
         curve.values.push_back(mean_at(teleporting, t));
       }
       curves.push_back(curve);
@@ -209,12 +218,12 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"leaky_relu", "identity"}));
   app.add_flag("--bias", c.bias, "give the layers biases (the paper has none)");
   app.add_option("--optimizer", c.optimizer, "sgd or adagrad")->check(CLI::IsMember({"sgd", "adagrad"}));
-  app.add_option("--lr", c.lr, "learning rate (default: sgd 1e-4, adagrad 0.1)")->check(CLI::PositiveNumber);
+  app.add_option("--lr", c.lr, "learning rate (default: sgd 1e-4, adagrad 0.1)")->check(finite_above(0));
   app.add_option("--steps", c.steps, "optimizer steps")->check(CLI::PositiveNumber);
   app.add_option("--teleport-at", c.teleport_at, "teleport before these steps, e.g. 5");
   app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(finite_above(0));
   app.add_option("--mode", c.mode, "exact or reference (the published arithmetic)")
       ->check(CLI::IsMember({"exact", "reference"}));
   app.add_option("--symmetry", c.symmetry,
@@ -222,11 +231,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "scaling"}));
   app.add_option("--state-policy", c.state_policy, "keep (the paper), reset or transport")
       ->check(CLI::IsMember({"keep", "reset", "transport"}));
-  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(CLI::PositiveNumber);
+  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(finite_above(0));
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before")
-      ->check(CLI::Range(1.0, 1e300));
+      ->check(finite_above(1.0, true));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls back (exact mode)")
-      ->check(CLI::PositiveNumber);
+      ->check(finite_above(0));
   app.add_option("--seeds", c.seeds, "seeds");
   app.add_option("--json", c.json, "write the runs as JSON");
   app.add_option("--csv", c.csv, "write the per-step losses as CSV");

@@ -118,18 +118,18 @@ int main(int argc, char** argv) {
   app.add_option("--function", c.function, "booth or rosenbrock")
       ->check(CLI::IsMember({"booth", "rosenbrock"}));
   app.add_option("--start", c.start, "starting point x,y");
-  app.add_option("--lr", c.lr, "gradient-descent learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--lr", c.lr, "gradient-descent learning rate")->check(finite_above(0));
   app.add_option("--steps", c.steps, "gradient-descent steps")->check(CLI::PositiveNumber);
   app.add_option("--teleport-at", c.teleport_at, "teleport before these steps, e.g. 4 or 99,199");
   app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate on the angle")
-      ->check(CLI::PositiveNumber);
+      ->check(finite_above(0));
   app.add_option("--theta0", c.theta0, "angle the ascent starts from (radians)");
   app.add_option("--max-step", c.max_step, "cap on each ascent step (radians)")
-      ->check(CLI::PositiveNumber);
+      ->check(finite_above(0));
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before")
-      ->check(CLI::Range(1.0, 1e300));
+      ->check(finite_above(1.0, true));
   app.add_option("--mode", c.mode, "exact or reference")->check(CLI::IsMember({"exact", "reference"}));
   app.add_option("--json", c.json, "write the runs as JSON");
   app.add_option("--csv", c.csv, "write the per-step losses as CSV");

@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -19,8 +21,27 @@ struct Result {
   std::string output;  // stdout and stderr
 };
 
+// A folder of this process's own, so that parallel runs of the suite never
+// write over each other's files.
+// It is removed when the process ends.
+const std::string& scratch() {
+  struct Dir {
+    std::string path;
+    Dir() : path(::testing::TempDir() + "teleport_cli_XXXXXX") {
+      if (mkdtemp(path.data()) == nullptr) std::abort();
+      path += "/";
+    }
+    ~Dir() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  };
+  static const Dir dir;
+  return dir.path;
+}
+
 Result run(const std::string& command) {
-  const std::string out = ::testing::TempDir() + "teleport_cli_output";
+  const std::string out = scratch() + "output";
   const int status = std::system((command + " >" + out + " 2>&1").c_str());
   std::ifstream in(out);
   std::stringstream text;
@@ -65,7 +86,7 @@ void expect_run_shape(const std::string& json, const std::vector<std::string>& l
   }
 }
 
-const std::string kTmp = ::testing::TempDir();
+const std::string kTmp = scratch();
 
 TEST(CliTest, RegressionWritesTheDocumentedJson) {
   const auto r = run(std::string(TELEPORT_REGRESSION) + " --steps 12 --seeds 0 --json " + kTmp + "r.json");

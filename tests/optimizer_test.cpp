@@ -1,7 +1,9 @@
 // TeleportOptimizer: a drop-in for the optimizer it wraps.
 #include "test_util.h"
 
+#include <torch/nn/modules/dropout.h>
 #include <torch/optim/adagrad.h>
+#include <torch/optim/lbfgs.h>
 #include <torch/optim/schedulers/step_lr.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize.h>
@@ -181,6 +183,153 @@ TEST_P(OptimizerTest, SaveLoadResumesIdentically) {
     EXPECT_EQ(opt2->teleport_count(), opt->teleport_count());
     EXPECT_TRUE(bitwise_equal(m->parameters(), m2->parameters()));
   }
+}
+
+// Every option survives a checkpoint into an optimizer built with defaults.
+TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
+  auto m = model();
+  const auto set = TeleportOptions()
+                       .every(7)
+                       .at({2, 9})
+                       .until(500)
+                       .max_teleports(4)
+                       .steps(3)
+                       .lr(0.25)
+                       .method(Method::kAutograd)
+                       .parametrization(Parametrization::kExp)
+                       .mode(Mode::kReference)
+                       .tolerance(3e-3)
+                       .max_step(0.125)
+                       .max_growth(6.5)
+                       .max_halvings(2)
+                       .state_policy(StatePolicy::kReset);
+  TeleportOptimizer opt(m, sgd(m), set);
+  std::stringstream stream;
+  torch::save(opt, stream);
+  auto m2 = model(5);
+  bool called = false;
+  TeleportOptimizer loaded(m2, sgd(m2), TeleportOptions().on_report([&](const TeleportReport&) { called = true; }));
+  torch::load(loaded, stream);
+  const auto& o = loaded.options();
+  EXPECT_EQ(o.every(), 7);
+  EXPECT_EQ(o.at(), (std::vector<int64_t>{2, 9}));
+  EXPECT_EQ(o.until(), 500);
+  EXPECT_EQ(o.max_teleports(), 4);
+  EXPECT_EQ(o.steps(), 3);
+  EXPECT_EQ(o.lr(), 0.25);
+  EXPECT_EQ(o.method(), Method::kAutograd);
+  EXPECT_EQ(o.parametrization(), Parametrization::kExp);
+  EXPECT_EQ(o.mode(), Mode::kReference);
+  EXPECT_EQ(o.tolerance(), 3e-3);
+  EXPECT_EQ(o.max_step(), 0.125);
+  EXPECT_EQ(o.max_growth(), 6.5);
+  EXPECT_EQ(o.max_halvings(), 2);
+  EXPECT_EQ(o.state_policy(), StatePolicy::kReset);
+  ASSERT_TRUE(o.on_report() != nullptr);  // the loading optimizer's own callback stays
+  o.on_report()(TeleportReport{});
+  EXPECT_TRUE(called);
+}
+
+// Dropout draws new masks at every forward; the loss before and after a
+// teleport must see the same ones, or every exact teleport looks inexact.
+TEST_P(OptimizerTest, DropoutModelsTeleportWithTheSameMasksBeforeAndAfter) {
+  torch::manual_seed(3);
+  torch::nn::Sequential m(torch::nn::Linear(6, 16), torch::nn::ReLU(), torch::nn::Dropout(0.5),
+                          torch::nn::Linear(16, 12), torch::nn::ReLU(), torch::nn::Linear(12, 3));
+  m->to(device(), torch::kDouble);
+  m->train();
+  std::vector<TeleportReport> reports;
+  TeleportOptimizer opt(m, sgd(m),
+                        teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  for (int64_t t = 0; t < 16; ++t) opt.step(closure(opt, m, t));
+  ASSERT_EQ(reports.size(), 8u);
+  for (const auto& r : reports) {
+    EXPECT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before);
+  }
+  // The random stream advanced as by one call of the closure: what a plain
+  // step draws next, this one draws next too.
+  auto a = model(), b = model();
+  const auto draw = [&](torch::optim::Optimizer& o, torch::nn::Sequential& mm, bool) {
+    torch::manual_seed(8);
+    o.step([&] {
+      o.zero_grad();
+      auto loss = mse()(torch::dropout(mm->forward(batch(0).input), 0.5, true), batch(0).target);
+      loss.backward();
+      return loss;
+    });
+    return torch::rand({4}, torch::kDouble);
+  };
+  TeleportOptimizer plain(a, sgd(a)), teleporting(b, sgd(b), teleports().every(1));
+  EXPECT_TRUE(torch::equal(draw(plain, a, false), draw(teleporting, b, true)));
+  EXPECT_EQ(teleporting.teleport_count(), 1);
+  EXPECT_FALSE(teleporting.last_report()->rolled_back) << teleporting.last_report()->reason;
+}
+
+// LBFGS needs its closure: it is passed through, and with teleports the
+// training still converges; with none due it is the bare LBFGS, bit for bit.
+TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosure) {
+  const auto lbfgs = [](torch::nn::Sequential& mm) {
+    return std::make_unique<torch::optim::LBFGS>(mm->parameters(),
+                                                 torch::optim::LBFGSOptions(0.5).max_iter(5));
+  };
+  auto bare_model = model(), plain_model = model(), tele_model = model();
+  auto bare = lbfgs(bare_model);
+  TeleportOptimizer plain(plain_model, lbfgs(plain_model));
+  TeleportOptimizer tele(tele_model, lbfgs(tele_model), teleports().state_policy(StatePolicy::kKeep));
+  double first = 0, last = 0;
+  for (int64_t t = 0; t < 10; ++t) {
+    bare->step(closure(*bare, bare_model, 0));
+    plain.step(closure(plain, plain_model, 0));
+    const double loss = tele.step(closure(tele, tele_model, 0)).item<double>();
+    if (t == 0) first = loss;
+    last = loss;
+  }
+  EXPECT_TRUE(bitwise_equal(bare_model->parameters(), plain_model->parameters()));
+  EXPECT_GT(tele.teleport_count(), 0);
+  EXPECT_LT(last, 0.5 * first);
+}
+
+// Weight decay added to the gradient puts λw into the inner buffers, which no
+// map carries: kTransport refuses it clearly; kKeep teleports, keeping the
+// data loss (what the closure returns) exactly.
+TEST_P(OptimizerTest, WeightDecayWithTransportIsRefusedAndKeepWorks) {
+  auto m = model();
+  const auto decayed = [](torch::nn::Sequential& mm) {
+    return std::make_unique<SGD>(mm->parameters(), SGDOptions(0.05).momentum(0.9).weight_decay(1e-3));
+  };
+  const std::string error = error_of([&] { TeleportOptimizer opt(m, decayed(m), teleports()); });
+  EXPECT_NE(error.find("kTransport cannot carry SGD's momentum buffer with weight_decay"),
+            std::string::npos)
+      << error;
+  EXPECT_NE(error_of([&] {
+              TeleportOptimizer opt(m, std::make_unique<Adagrad>(m->parameters(),
+                                                                 AdagradOptions(0.1).weight_decay(0.1)),
+                                    teleports());
+            }).find("Adagrad's sums"),
+            std::string::npos);
+  // Without momentum SGD holds no state: nothing to carry, so it is accepted.
+  EXPECT_EQ(error_of([&] {
+              TeleportOptimizer opt(
+                  m, std::make_unique<SGD>(m->parameters(), SGDOptions(0.05).weight_decay(1e-3)),
+                  teleports());
+            }),
+            "");
+  std::vector<TeleportReport> reports;
+  TeleportOptimizer keep(m, decayed(m),
+                         teleports().state_policy(StatePolicy::kKeep).on_report(
+                             [&](const TeleportReport& r) { reports.push_back(r); }));
+  for (int64_t t = 0; t < 7; ++t) keep.step(closure(keep, m, t));
+  ASSERT_EQ(reports.size(), 3u);
+  for (const auto& r : reports) {
+    EXPECT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before);
+  }
+  // A group turned to weight decay later is caught at the next teleport.
+  TeleportOptimizer later(m, sgd(m), teleports());
+  static_cast<SGDOptions&>(later.param_groups()[0].options()).weight_decay(1e-2);
+  EXPECT_NE(error_of([&] { later.step(closure(later, m, 0)); }).find("weight_decay"),
+            std::string::npos);
 }
 
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {

@@ -222,7 +222,7 @@ struct Evaluation {
 // ∂F/∂T by double backward.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                     const std::vector<std::vector<size_t>>& where, const Objective& objective,
-                    bool with_directions) {
+                    bool with_directions, Mode mode = Mode::kExact) {
   at::AutoGradMode enable(true);
   std::vector<at::Tensor> Ts;
   std::vector<at::Tensor> current;
@@ -236,7 +236,8 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   // network as the earlier actions left it.
   for (size_t k = 0; k < syms.size(); ++k) {
     Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
-    const auto acted = syms[k]->act(pick(current, where[k]), Ts.back(), &objective, in_force());
+    const auto acted =
+        syms[k]->act(pick(current, where[k]), Ts.back(), &objective, in_force(), mode);
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
   const ParameterOverrides overrides = in_force();
@@ -600,7 +601,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
                        const Objective& objective, const TeleportOptions& o) {
   const auto where = positions(syms, params);
   Ascent a(syms);
-  Evaluation here = evaluate(syms, params, where, objective, true);
+  Evaluation here = evaluate(syms, params, where, objective, true, o.mode());
   a.norm_before = here.F;
   a.norm_after = here.F;
   a.loss_before = here.loss;
@@ -624,10 +625,10 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       const at::Tensor T =
           capped_step(here.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
       elements.push_back(step_element(*syms[k], T, o));
-      syms[k]->apply_(elements.back(), &pre_step);
+      syms[k]->apply_(elements.back(), &pre_step, o.mode());
       a.total[k] = elements.back().compose(a.total[k]);
     }
-    Evaluation next = evaluate(syms, params, where, objective, true);
+    Evaluation next = evaluate(syms, params, where, objective, true, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));

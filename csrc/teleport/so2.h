@@ -30,7 +30,8 @@ class SO2Symmetry : public Symmetry {
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   /// The rotation by θ = T[0], whatever the parametrization.
   GroupElement element(const at::Tensor& T, Parametrization p) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+                      Mode mode = Mode::kExact) const override;
   bool exact_for(const Objective*) const override { return true; }
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
@@ -40,7 +41,8 @@ class SO2Symmetry : public Symmetry {
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                               const Objective* batch,
-                              const ParameterOverrides& in_force) const override;
+                              const ParameterOverrides& in_force,
+                                      Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;
 
  private:

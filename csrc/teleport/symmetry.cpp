@@ -165,7 +165,7 @@ static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   }
 }
 
-void LayerSymmetry::apply_(const GroupElement& e, const Objective*) const {
+void LayerSymmetry::apply_(const GroupElement& e, const Objective*, Mode) const {
   at::NoGradGuard no_grad;
   left_(e.g, e.diagonal, w_in_);
   left_(e.g, e.diagonal, b_in_);
@@ -195,7 +195,7 @@ void LayerSymmetry::transport_squared_gradients_(
 
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
                                            const at::Tensor& T, const Objective*,
-                                           const ParameterOverrides&) const {
+                                           const ParameterOverrides&, Mode) const {
   TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ",
               parameters().size(), " tensors, got ", params.size());
   const GroupElement e = GroupElement::from_algebra(T, diagonal(), Parametrization::kLinear);
@@ -248,7 +248,8 @@ void DataDependentGL::transport_gradients_(const GroupElement&,
 std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& w,
                                                          const at::Tensor& b,
-                                                         const at::Tensor& g) const {
+                                                         const at::Tensor& g,
+                                                         Mode mode) const {
   const auto sigma = [&](const at::Tensor& z) { return at::where(z >= 0, z, z * slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::where(y >= 0, y, y / slope_); };
   const at::Tensor inputs =
@@ -258,9 +259,16 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
   // The SVD behind pinv throws on non-finite input; such a step gives NaN
   // weights instead, which the ascent refuses (or the teleport rolls back).
   const at::Tensor finite = at::isfinite(inputs).all().logical_and(at::isfinite(target).all());
-  const at::Tensor theta = at::where(
-      finite, at::mm(at::linalg_pinv(at::where(finite, inputs, 0.0)), at::where(finite, target, 0.0)),
-      NAN);  // (m [+1]) × n
+  const at::Tensor pinv = at::linalg_pinv(at::where(finite, inputs, 0.0));
+  const at::Tensor safe_target = at::where(finite, target, 0.0);
+  at::Tensor theta;  // (m [+1]) × n
+  if (mode == Mode::kReference) {
+    theta = at::mm(pinv, safe_target);
+  } else {
+    const at::Tensor current = b.defined() ? at::cat({w.t(), b.unsqueeze(0)}, 0) : w.t();
+    theta = current + at::mm(pinv, safe_target - at::where(finite, z, 0.0));
+  }
+  theta = at::where(finite, theta, NAN);
   if (!b.defined()) return {theta.t(), at::Tensor()};
   return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
 }
@@ -276,11 +284,11 @@ bool DataDependentGL::exact_for(const Objective* batch) const {
   return false;
 }
 
-void DataDependentGL::apply_(const GroupElement& e, const Objective* batch) const {
+void DataDependentGL::apply_(const GroupElement& e, const Objective* batch, Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   at::NoGradGuard no_grad;
   const at::Tensor h = batch->input_of(w_in_);
-  auto [w, b] = solve(h, w_in_, b_in_, e.g);
+  auto [w, b] = solve(h, w_in_, b_in_, e.g, mode);
   w_in_.copy_(w);
   if (b_in_.defined()) b_in_.copy_(b);
   w_out_.copy_(at::mm(w_out_, e.g_inv));
@@ -288,14 +296,15 @@ void DataDependentGL::apply_(const GroupElement& e, const Objective* batch) cons
 
 std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& params,
                                              const at::Tensor& T, const Objective* batch,
-                                             const ParameterOverrides& in_force) const {
+                                             const ParameterOverrides& in_force,
+                                             Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   const at::Tensor g = T + at::eye(T.size(0), T.options());
   const at::Tensor h = batch->input_of(w_in_, in_force);
-  auto [w, b] = solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g);
+  auto [w, b] = solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g, mode);
   std::vector<at::Tensor> out = {w};
   if (b_in_.defined()) out.push_back(b);
-  out.push_back(at::mm(params.back(), std::get<0>(at::linalg_inv_ex(g))));
+  out.push_back(at::mm(params.back(), at::linalg_inv(g)));  // g = I at T = 0
   return out;
 }
 

@@ -63,8 +63,10 @@ class Symmetry {
 
   /// w <- g·w, in place, on the parameters. A data-dependent action reads the
   /// batch (the inputs of its layer in the network as it stands); others
-  /// ignore it.
-  virtual void apply_(const GroupElement& e, const Objective* batch = nullptr) const = 0;
+  /// ignore it. `mode` kReference asks for the published code's arithmetic
+  /// where it differs (the data-dependent action); others ignore it.
+  virtual void apply_(const GroupElement& e, const Objective* batch = nullptr,
+                      Mode mode = Mode::kExact) const = 0;
   /// Whether the action is exact, for all data or on `batch` (a data-dependent
   /// action is exact only when the batch is small enough; it warns otherwise).
   virtual bool exact_for(const Objective* batch) const = 0;
@@ -89,7 +91,8 @@ class Symmetry {
   /// data-dependent action that reads its layer's inputs from `batch`.
   virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                                       const Objective* batch,
-                                      const ParameterOverrides& in_force) const = 0;
+                                      const ParameterOverrides& in_force,
+                                      Mode mode = Mode::kExact) const = 0;
 
   /// Throws unless the parameters still have the shapes, dtype and device they
   /// had when the symmetry was made.
@@ -130,7 +133,8 @@ class LayerSymmetry : public Symmetry {
   at::Tensor zero_algebra() const override;
   bool has_closed_form() const override { return true; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+                      Mode mode = Mode::kExact) const override;
   bool exact_for(const Objective*) const override { return true; }
   bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
@@ -140,7 +144,8 @@ class LayerSymmetry : public Symmetry {
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                               const Objective* batch,
-                              const ParameterOverrides& in_force) const override;
+                              const ParameterOverrides& in_force,
+                                      Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;
 
  protected:
@@ -153,7 +158,13 @@ class LayerSymmetry : public Symmetry {
 /// The paper's data-dependent GL(n) across a bijective activation σ
 /// (LeakyReLU of slope a > 0) between two Linear layers: on a batch whose
 /// inputs to the first layer are H (with a column of ones for the bias),
-/// [W_in b_in] -> σ⁻¹(σ(H W_inᵀ + b_in) gᵀ)ᵀ-solved through H⁺, W_out -> W_out g⁻¹.
+/// θ = [W_in b_in]ᵀ moves by the least change that solves
+/// H θ' = σ⁻¹(σ(H θ) gᵀ): θ' = θ + H⁺(σ⁻¹(σ(H θ) gᵀ) − H θ), and
+/// W_out -> W_out g⁻¹. At g = I it is the identity, so the ascent direction
+/// at T = 0 is the derivative of the action actually applied. (The published
+/// code takes the least-norm solution θ' = H⁺ σ⁻¹(...) instead, which at
+/// g = I projects θ onto the span of the batch and changes the gradient;
+/// Mode::kReference does that.)
 /// It keeps the loss on that batch exactly when H has full row rank (batch ≤
 /// width, + 1 with a bias); otherwise it warns once and the teleport relies on
 /// its tolerance. Gradients do not map: they are computed afresh after it.
@@ -165,7 +176,8 @@ class DataDependentGL : public LayerSymmetry {
   bool diagonal() const override { return false; }
   bool has_closed_form() const override { return false; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr) const override;
+  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+                      Mode mode = Mode::kExact) const override;
   bool exact_for(const Objective* batch) const override;
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
@@ -173,14 +185,17 @@ class DataDependentGL : public LayerSymmetry {
   bool can_transport_squared_gradients() const override { return false; }
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                               const Objective* batch,
-                              const ParameterOverrides& in_force) const override;
+                              const ParameterOverrides& in_force,
+                                      Mode mode = Mode::kExact) const override;
 
   double negative_slope() const { return slope_; }
 
  private:
-  // [W_in b_in] solving inputs · [W b]ᵀ = σ⁻¹(σ(inputs · [W b]ᵀ) gᵀ).
+  // [W_in b_in] solving inputs · [W b]ᵀ = σ⁻¹(σ(inputs · [W b]ᵀ) gᵀ): the
+  // least change in exact mode, the least-norm solution in reference mode.
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
-                                          const at::Tensor& b, const at::Tensor& g) const;
+                                          const at::Tensor& b, const at::Tensor& g,
+                                          Mode mode) const;
   double slope_;
 };
 

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -47,6 +48,22 @@ inline int run_cli(CLI::App& app, int argc, char** argv, const std::function<int
     fmt::print(stderr, "{}: {}\n", app.get_name(), e.what());
     return 1;
   }
+}
+
+/// A finite number above `low` (or equal to it, with `inclusive`); inf and nan
+/// are usage errors, so no out-of-range value reaches the library.
+inline CLI::Validator finite_above(double low, bool inclusive = false) {
+  return CLI::Validator(
+      [low, inclusive](std::string& text) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(text, v) || !std::isfinite(v) ||
+            (inclusive ? v < low : v <= low)) {
+          return fmt::format("expected a finite number {} {}, got {}", inclusive ? ">=" : ">", low,
+                             text);
+        }
+        return "";
+      },
+      fmt::format("FINITE{}{}", inclusive ? ">=" : ">", low));
 }
 
 /// "4,5,6" -> {4, 5, 6}; a malformed list is a UsageError naming the flag.

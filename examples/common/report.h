@@ -48,11 +48,11 @@ inline std::string json_array(const std::vector<double>& v) {
 inline std::string json_report(const TeleportReport& r) {
   return fmt::format(
       R"({{"step": {}, "loss_before": {}, "loss_after": {}, "grad_norm_sq_before": {}, )"
-      R"("grad_norm_sq_after": {}, "ascent_steps": {}, "rolled_back": {}, "exact": {}, )"
-      R"("seconds": {}, "reason": {}}})",
+      R"("grad_norm_sq_after": {}, "ascent_steps": {}, "shortened": {}, "rolled_back": {}, )"
+      R"("exact": {}, "seconds": {}, "reason": {}}})",
       r.step, json_number(r.loss_before), json_number(r.loss_after),
       json_number(r.grad_norm_sq_before), json_number(r.grad_norm_sq_after), r.steps,
-      r.rolled_back, r.exact, json_number(r.seconds), json_string(r.reason));
+      r.shortened, r.rolled_back, r.exact, json_number(r.seconds), json_string(r.reason));
 }
 
 /// Key/value pairs whose values are already JSON.
