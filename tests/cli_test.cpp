@@ -162,11 +162,27 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
                                  std::string(TELEPORT_REGRESSION) + " --activation tanh",
                                  std::string(TELEPORT_TEST_FUNCTIONS) + " --start 1,2,3",
                                  std::string(TELEPORT_MNIST) + " --seeds 0,,1",
-                                 std::string(TELEPORT_MNIST) + " --optimizer adam"}) {
+                                 std::string(TELEPORT_MNIST) + " --optimizer adam",
+                                 std::string(TELEPORT_REGRESSION) + " --max-step inf",
+                                 std::string(TELEPORT_REGRESSION) + " --tolerance nan",
+                                 std::string(TELEPORT_MNIST) + " --max-growth 1e400",
+                                 std::string(TELEPORT_TEST_FUNCTIONS) + " --teleport-lr -1"}) {
     const auto r = run(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
     EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;
   }
+}
+
+// A run whose loss stops being finite ends there and is reported, and a huge
+// but finite cap is a valid input, never an overflow error.
+TEST(CliTest, DivergingRegressionIsReportedNotAborted) {
+  const auto r = run(std::string(TELEPORT_REGRESSION) +
+                     " --dims 5,9,11,8,13,3 --lr 1e-4 --steps 20 --seeds 0 --max-step 1e300 --json " +
+                     kTmp + "diverged.json");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("diverged: its loss was not finite at step"), std::string::npos) << r.output;
+  EXPECT_NE(read(kTmp + "diverged.json").find("\"diverged_at\": "), std::string::npos);
+  EXPECT_EQ(read(kTmp + "diverged.json").find("\"diverged_at\": -1"), std::string::npos);
 }
 
 TEST(CliTest, CudaWithoutCudaIsAUsageError) {
