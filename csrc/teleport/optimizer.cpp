@@ -94,7 +94,7 @@ int64_t read_int(torch::serialize::InputArchive& a, const std::string& key) {
 // Why kTransport cannot carry this optimizer's state, or "" when it can.
 // Weight decay added to the gradient (SGD with momentum, Adagrad, Adam,
 // RMSprop) mixes λw into the buffers, and w transforms by A, ∇L by A^{-T}: no
-// map carries the mixture (docs/design.md §9). AdamW's decoupled decay does
+// map carries the mixture (docs/design.md §7). AdamW's decoupled decay does
 // not touch the buffers.
 std::string untransportable(const Optimizer& opt) {
   for (const auto& group : opt.param_groups()) {
