@@ -3,7 +3,10 @@
 
 #include <torch/nn/modules/dropout.h>
 #include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/lbfgs.h>
+#include <torch/optim/rmsprop.h>
 #include <torch/optim/schedulers/step_lr.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize.h>
@@ -330,6 +333,96 @@ TEST_P(OptimizerTest, WeightDecayWithTransportIsRefusedAndKeepWorks) {
   static_cast<SGDOptions&>(later.param_groups()[0].options()).weight_decay(1e-2);
   EXPECT_NE(error_of([&] { later.step(closure(later, m, 0)); }).find("weight_decay"),
             std::string::npos);
+}
+
+// Every buffer of every torch::optim optimizer, by kind, under a scaling
+// teleport (inner learning rate 0, so only the teleport moves the weights):
+// p ⊙ m is invariant for gradient-like buffers, p² ⊙ v for squared ones.
+// Under full GL(n) gradient-like buffers map by g^{-T} and squared ones are
+// kept, and the report says so.
+TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
+  namespace o = torch::optim;
+  using Make = std::function<std::unique_ptr<o::Optimizer>(std::vector<at::Tensor>)>;
+  using Get = std::function<std::vector<std::pair<bool, at::Tensor>>(o::OptimizerParamState*)>;
+  // {name, make, buffers as (squared?, tensor)}
+  const std::vector<std::tuple<std::string, Make, Get>> cases = {
+      {"sgd momentum", [](auto p) { return std::make_unique<o::SGD>(p, o::SGDOptions(0).momentum(0.9)); },
+       [](auto* s) { return std::vector<std::pair<bool, at::Tensor>>{{false, static_cast<o::SGDParamState*>(s)->momentum_buffer()}}; }},
+      {"adagrad", [](auto p) { return std::make_unique<o::Adagrad>(p, o::AdagradOptions(0)); },
+       [](auto* s) { return std::vector<std::pair<bool, at::Tensor>>{{true, static_cast<o::AdagradParamState*>(s)->sum()}}; }},
+      {"adam amsgrad", [](auto p) { return std::make_unique<o::Adam>(p, o::AdamOptions(0).amsgrad(true)); },
+       [](auto* s) {
+         auto* a = static_cast<o::AdamParamState*>(s);
+         return std::vector<std::pair<bool, at::Tensor>>{{false, a->exp_avg()}, {true, a->exp_avg_sq()}, {true, a->max_exp_avg_sq()}};
+       }},
+      {"adamw", [](auto p) { return std::make_unique<o::AdamW>(p, o::AdamWOptions(0)); },
+       [](auto* s) {
+         auto* a = static_cast<o::AdamWParamState*>(s);
+         return std::vector<std::pair<bool, at::Tensor>>{{false, a->exp_avg()}, {true, a->exp_avg_sq()}};
+       }},
+      {"rmsprop centered", [](auto p) { return std::make_unique<o::RMSprop>(p, o::RMSpropOptions(0).centered(true).momentum(0.5)); },
+       [](auto* s) {
+         auto* r = static_cast<o::RMSpropParamState*>(s);
+         return std::vector<std::pair<bool, at::Tensor>>{{false, r->grad_avg()}, {true, r->square_avg()}};
+       }},
+  };
+  for (Act act : {Act::kReLU, Act::kIdentity}) {
+    for (const auto& [name, make, get] : cases) {
+      auto m = make_mlp({6, 8, 7, 3}, act, true, f64(), 2);
+      const auto params = m->parameters();
+      // The buffers' invariants (or, under GL, the buffers) just before the teleport.
+      std::vector<std::vector<std::pair<bool, at::Tensor>>> before;
+      bool checked = false;
+      TeleportOptimizer opt(
+          m, make(params),
+          teleports().every(0).at({3}).lr(0.5).on_report([&](const TeleportReport& r) {
+            ASSERT_FALSE(r.rolled_back) << name << ": " << r.reason;
+            checked = true;
+            const bool gl = act == Act::kIdentity;
+            bool squared_buffers = false;
+            for (const auto& b : before[0]) squared_buffers = squared_buffers || b.first;
+            EXPECT_EQ(r.state_kept, gl && squared_buffers) << name;
+            EXPECT_EQ(r.state_note.empty(), !r.state_kept) << name;
+            for (size_t i = 0; i < params.size(); ++i) {
+              const auto now = get(detail::find_state(opt.inner(), params[i]));
+              for (size_t j = 0; j < now.size(); ++j) {
+                const auto& [squared, buffer] = now[j];
+                const auto& old = before[i][j].second;
+                if (!gl) {
+                  const at::Tensor p2 = squared ? params[i].detach().square() : params[i].detach();
+                  EXPECT_LE(rel_diff(p2 * buffer, old), 1e-12) << name << " parameter " << i << " buffer " << j;
+                } else if (squared) {
+                  EXPECT_TRUE(torch::equal(buffer, old)) << name << " parameter " << i << " buffer " << j;
+                }
+              }
+            }
+            if (gl && !before[0][0].first) {
+              // Gradient-like: W0 rows by g0^{-T}; W1 rows by g1^{-T} and columns by g0ᵀ.
+              const auto &e0 = r.elements[0], &e1 = r.elements[1];
+              const auto m0 = get(detail::find_state(opt.inner(), params[0]))[0].second;
+              EXPECT_LE(rel_diff(m0, torch::mm(e0.g_inv.t(), before[0][0].second)), 1e-10) << name;
+              const auto m1 = get(detail::find_state(opt.inner(), params[2]))[0].second;
+              EXPECT_LE(rel_diff(m1, torch::mm(torch::mm(e1.g_inv.t(), before[2][0].second), e0.g.t())), 1e-10)
+                  << name;
+            }
+          }));
+      for (int64_t t = 0; t < 4; ++t) {
+        if (t == 3) {
+          before.clear();
+          for (const auto& p : params) {
+            auto buffers = get(detail::find_state(opt.inner(), p));
+            for (auto& [squared, buffer] : buffers) {
+              if (act == Act::kReLU) buffer = (squared ? p.detach().square() : p.detach()) * buffer;
+              buffer = buffer.clone();
+            }
+            before.push_back(buffers);
+          }
+        }
+        opt.step(closure(opt, m, t));
+      }
+      EXPECT_TRUE(checked) << name;
+    }
+  }
 }
 
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {

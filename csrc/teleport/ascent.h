@@ -37,6 +37,11 @@ struct TeleportReport {
   /// True when `.grad` could not be mapped to the new point (data-dependent
   /// actions) and must be computed afresh before an optimizer step.
   bool gradients_stale = false;
+  /// With StatePolicy::kTransport: true when some inner-optimizer buffer was
+  /// kept because no exact map exists (squared gradients under full GL(n)),
+  /// and `state_note` says which.
+  bool state_kept = false;
+  std::string state_note;
   /// Why it was rolled back (then `rolled_back` is true) or stopped early;
   /// empty otherwise.
   std::string reason;

@@ -8,6 +8,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
@@ -118,6 +119,39 @@ std::string untransportable(const Optimizer& opt) {
     }
   }
   return "";
+}
+
+// The inner state's buffers of one parameter, by what they hold
+// (docs/design.md §7).
+struct Buffers {
+  at::Tensor gradient_like;          // maps as gradients do
+  std::vector<at::Tensor> squared;   // sums or averages of squared gradients
+  bool known = true;                 // false for a state type not listed here
+};
+
+Buffers buffers_of(torch::optim::OptimizerParamState* s) {
+  namespace o = torch::optim;
+  Buffers b;
+  if (s == nullptr) return b;
+  if (auto* x = dynamic_cast<o::SGDParamState*>(s)) {
+    b.gradient_like = x->momentum_buffer();
+  } else if (auto* x = dynamic_cast<o::AdagradParamState*>(s)) {
+    b.squared = {x->sum()};
+  } else if (auto* x = dynamic_cast<o::AdamParamState*>(s)) {
+    b.gradient_like = x->exp_avg();
+    b.squared = {x->exp_avg_sq(), x->max_exp_avg_sq()};
+  } else if (auto* x = dynamic_cast<o::AdamWParamState*>(s)) {
+    b.gradient_like = x->exp_avg();
+    b.squared = {x->exp_avg_sq(), x->max_exp_avg_sq()};
+  } else if (auto* x = dynamic_cast<o::RMSpropParamState*>(s)) {
+    // Its momentum_buffer accumulates lr g/(√v + ε): under an exact scaling of
+    // v that ratio is invariant up to ε, so the buffer is kept as it is.
+    b.gradient_like = x->grad_avg();
+    b.squared = {x->square_avg()};
+  } else {
+    b.known = false;
+  }
+  return b;
 }
 
 }  // namespace
@@ -310,7 +344,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   return report;
 }
 
-void TeleportOptimizer::apply_state_policy(const TeleportReport& report) {
+void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
   if (options_.state_policy() == StatePolicy::kKeep || report.elements.empty()) return;
   if (options_.state_policy() == StatePolicy::kReset) {
     for (const auto& p : detail::distinct_parameters(symmetries_)) {
@@ -326,23 +360,49 @@ void TeleportOptimizer::apply_state_policy(const TeleportReport& report) {
     }
     return;
   }
-  // Transport: gradient-like buffers map as gradients do; Adagrad sums only
-  // where exact (diagonal scaling), else they are kept.
+  // Transport, by buffer kind: gradient-like buffers map as gradients do;
+  // squared ones only where exact (diagonal scaling), else they are kept and
+  // the report says so.
   for (size_t k = 0; k < symmetries_.size(); ++k) {
     const auto& sym = *symmetries_[k];
-    if (!sym.transports_gradients()) continue;  // nothing maps exactly: kept
-    std::vector<at::Tensor> momenta, sums;
+    std::vector<at::Tensor> gradient_like;
+    std::vector<std::vector<at::Tensor>> squared;  // [slot][parameter]
+    bool unknown = false;
     for (const auto& p : sym.parameters()) {
-      auto* s = find_state(*inner_, p);
-      auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(s);
-      auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s);
-      momenta.push_back(sgd ? sgd->momentum_buffer() : at::Tensor());
-      sums.push_back(adagrad ? adagrad->sum() : at::Tensor());
+      const Buffers b = buffers_of(find_state(*inner_, p));
+      unknown = unknown || !b.known;
+      gradient_like.push_back(b.gradient_like);
+      if (squared.size() < b.squared.size()) squared.resize(b.squared.size());
+      for (size_t j = 0; j < b.squared.size(); ++j) {
+        squared[j].resize(sym.parameters().size());
+        squared[j][gradient_like.size() - 1] = b.squared[j];
+      }
     }
-    sym.transport_gradients_(report.elements[k], momenta);
+    if (unknown && !noted_unknown_state_) {
+      noted_unknown_state_ = true;
+      notes_.push_back("the inner optimizer's state is of a type teleport does not know: it is "
+                       "kept as it is at every teleport");
+    }
+    bool has_squared = false;
+    for (auto& slot : squared) {
+      slot.resize(sym.parameters().size());
+      for (const auto& t : slot) has_squared = has_squared || t.defined();
+    }
+    if (!sym.transports_gradients()) {  // nothing maps exactly
+      report.state_kept = true;
+      continue;
+    }
+    sym.transport_gradients_(report.elements[k], gradient_like);
+    if (!has_squared) continue;
     if (sym.can_transport_squared_gradients()) {
-      sym.transport_squared_gradients_(report.elements[k], sums);
+      for (const auto& slot : squared) sym.transport_squared_gradients_(report.elements[k], slot);
+    } else {
+      report.state_kept = true;
     }
+  }
+  if (report.state_kept) {
+    report.state_note = "squared-gradient buffers (or all state, after a data-dependent action) "
+                        "kept: no elementwise map is exact under this group";
   }
 }
 

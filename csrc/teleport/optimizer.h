@@ -87,7 +87,9 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // point where the closure measured it.
   TeleportReport run_teleport(const LossClosure& replay, const at::Tensor& loss,
                               at::Tensor& current);
-  void apply_state_policy(const TeleportReport& report);
+  // Maps, resets or keeps the inner state (docs/design.md §7); notes in `report`
+  // what was kept because no exact map exists.
+  void apply_state_policy(TeleportReport& report);
   // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
   void check_state_policy() const;
   void sync_inner();
@@ -104,6 +106,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   int64_t teleports_ = 0;
   TeleportReport last_report_;
   bool has_report_ = false;
+  bool noted_unknown_state_ = false;
 };
 
 namespace detail {
