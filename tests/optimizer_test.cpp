@@ -56,6 +56,29 @@ class OptimizerTest : public DeviceTest {
   static TeleportOptions teleports() {
     return TeleportOptions().every(3).steps(4).lr(0.05).max_growth(1e6);
   }
+  using MakeInner = std::function<std::unique_ptr<torch::optim::Optimizer>(torch::nn::Sequential&)>;
+  // Every torch::optim optimizer, in the configurations whose state differs.
+  static std::vector<std::pair<std::string, MakeInner>> every_optimizer() {
+    namespace o = torch::optim;
+    auto params = [](torch::nn::Sequential& m) { return m->parameters(); };
+    return {
+        {"sgd", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05)); }},
+        {"momentum", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9)); }},
+        {"nesterov", [=](auto& m) {
+           return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9).nesterov(true));
+         }},
+        {"adagrad", [=](auto& m) { return std::make_unique<o::Adagrad>(params(m), o::AdagradOptions(0.05)); }},
+        {"adam", [=](auto& m) { return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01)); }},
+        {"adam amsgrad", [=](auto& m) {
+           return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01).amsgrad(true));
+         }},
+        {"adamw", [=](auto& m) { return std::make_unique<o::AdamW>(params(m), o::AdamWOptions(0.01)); }},
+        {"rmsprop", [=](auto& m) {
+           return std::make_unique<o::RMSprop>(params(m), o::RMSpropOptions(0.01).centered(true).momentum(0.5));
+         }},
+        {"lbfgs", [=](auto& m) { return std::make_unique<o::LBFGS>(params(m), o::LBFGSOptions(0.5).max_iter(3)); }},
+    };
+  }
 };
 TELEPORT_DEVICE_TESTS(OptimizerTest);
 
@@ -68,22 +91,22 @@ at::Tensor state_of(torch::optim::Optimizer& opt, const at::Tensor& p, Get get) 
 
 
 TEST_P(OptimizerTest, WithTeleportOffIsBitIdenticalToTheBareOptimizer) {
-  for (bool use_adagrad : {false, true}) {
+  for (const auto& [name, make] : every_optimizer()) {
     auto bare_model = model(), wrapped_model = model();
-    std::unique_ptr<torch::optim::Optimizer> bare =
-        use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(bare_model))
-                    : sgd(bare_model);
-    TeleportOptimizer wrapped(wrapped_model,
-                              use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(
-                                                adagrad(wrapped_model))
-                                          : sgd(wrapped_model));
+    auto bare = make(bare_model);
+    TeleportOptimizer wrapped(wrapped_model, make(wrapped_model));
     for (int64_t t = 0; t < 50; ++t) {
-      train_step(*bare, bare_model, t);
-      train_step(wrapped, wrapped_model, t);
+      if (name == "lbfgs") {  // needs its closure
+        bare->step(closure(*bare, bare_model, t));
+        wrapped.step(closure(wrapped, wrapped_model, t));
+      } else {
+        train_step(*bare, bare_model, t);
+        train_step(wrapped, wrapped_model, t);
+      }
     }
-    EXPECT_EQ(wrapped.teleport_count(), 0);
-    EXPECT_EQ(wrapped.step_count(), 50);
-    EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+    EXPECT_EQ(wrapped.teleport_count(), 0) << name;
+    EXPECT_EQ(wrapped.step_count(), 50) << name;
+    EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters())) << name;
   }
 }
 
@@ -158,33 +181,29 @@ TEST_P(OptimizerTest, RolledBackTeleportLeavesThePlainStep) {
   EXPECT_TRUE(bitwise_equal(bare_state, wrapped_state));
 }
 
+// A checkpoint taken mid-run with teleports loads into a rebuilt model and
+// optimizer (other initial weights, default options) and resumes bit for bit,
+// for every optimizer.
 TEST_P(OptimizerTest, SaveLoadResumesIdentically) {
-  for (bool use_adagrad : {false, true}) {
-    auto make_opt = [&](torch::nn::Sequential& m) {
-      return std::make_unique<TeleportOptimizer>(
-          m, use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m)) : sgd(m),
-          teleports());
-    };
+  for (const auto& [name, make] : every_optimizer()) {
+    SCOPED_TRACE(name);
     auto m = model();
-    auto opt = make_opt(m);
-    for (int64_t t = 0; t < 5; ++t) train_step(*opt, m, t);
+    TeleportOptimizer opt(m, make(m), teleports());
+    for (int64_t t = 0; t < 5; ++t) opt.step(closure(opt, m, t));
     std::stringstream model_stream, opt_stream;
     torch::save(m, model_stream);
-    torch::save(*opt, opt_stream);
-    for (int64_t t = 5; t < 11; ++t) train_step(*opt, m, t);
+    torch::save(opt, opt_stream);
+    for (int64_t t = 5; t < 11; ++t) opt.step(closure(opt, m, t));
 
-    // A rebuilt model and optimizer (other initial weights, other default options).
     auto m2 = model(/*seed=*/99);
-    auto opt2 = std::make_unique<TeleportOptimizer>(
-        m2, use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m2)) : sgd(m2),
-        TeleportOptions());
+    TeleportOptimizer opt2(m2, make(m2), TeleportOptions());
     torch::load(m2, model_stream);
-    torch::load(*opt2, opt_stream);
-    EXPECT_EQ(opt2->step_count(), 5);
-    EXPECT_EQ(opt2->options().every(), 3);
-    for (int64_t t = 5; t < 11; ++t) train_step(*opt2, m2, t);
-    EXPECT_EQ(opt2->teleport_count(), opt->teleport_count());
-    EXPECT_TRUE(bitwise_equal(m->parameters(), m2->parameters()));
+    torch::load(opt2, opt_stream);
+    EXPECT_EQ(opt2.step_count(), 5) << name;
+    EXPECT_EQ(opt2.options().every(), 3) << name;
+    for (int64_t t = 5; t < 11; ++t) opt2.step(closure(opt2, m2, t));
+    EXPECT_EQ(opt2.teleport_count(), opt.teleport_count()) << name;
+    EXPECT_TRUE(bitwise_equal(m->parameters(), m2->parameters())) << name;
   }
 }
 
@@ -271,17 +290,64 @@ TEST_P(OptimizerTest, DropoutModelsTeleportWithTheSameMasksBeforeAndAfter) {
 
 // LBFGS needs its closure: it is passed through, and with teleports the
 // training still converges; with none due it is the bare LBFGS, bit for bit.
-TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosure) {
+// Its history is carried: under scaling p ⊙ y (gradient differences, the last
+// gradient) and s ⊘ p (steps, the search direction) are invariant elementwise,
+// and so every yᵀs, ρ = 1/yᵀs kept.
+TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosureAndHistoryCarried) {
+  namespace o = torch::optim;
   const auto lbfgs = [](torch::nn::Sequential& mm) {
-    return std::make_unique<torch::optim::LBFGS>(mm->parameters(),
-                                                 torch::optim::LBFGSOptions(0.5).max_iter(5));
+    return std::make_unique<o::LBFGS>(mm->parameters(), o::LBFGSOptions(0.5).max_iter(5));
   };
   auto bare_model = model(), plain_model = model(), tele_model = model();
   auto bare = lbfgs(bare_model);
   TeleportOptimizer plain(plain_model, lbfgs(plain_model));
-  TeleportOptimizer tele(tele_model, lbfgs(tele_model), teleports().state_policy(StatePolicy::kKeep));
+  const auto params = tele_model->parameters();
+  // Per-parameter views of LBFGS's flat vectors, and the invariants they keep.
+  const auto views = [&](const at::Tensor& flat) {
+    std::vector<at::Tensor> out;
+    int64_t offset = 0;
+    for (const auto& p : params) {
+      out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()));
+      offset += p.numel();
+    }
+    return out;
+  };
+  const auto invariants = [&](o::LBFGSParamState& st) {
+    std::vector<at::Tensor> out;
+    auto add = [&](const at::Tensor& flat, bool weight_like) {
+      const auto v = views(flat);
+      for (size_t i = 0; i < v.size(); ++i) {
+        const auto p = params[i].detach();
+        out.push_back((weight_like ? v[i] / p : v[i] * p).clone());
+      }
+    };
+    for (const auto& y : st.old_dirs()) add(y, false);
+    for (const auto& s : st.old_stps()) add(s, true);
+    add(st.prev_flat_grad(), false);
+    add(st.d(), true);
+    return out;
+  };
+  std::vector<at::Tensor> before;
+  int64_t checked = 0;
+  TeleportOptimizer* self = nullptr;
+  TeleportOptimizer tele(tele_model, lbfgs(tele_model), teleports().on_report([&](const TeleportReport& r) {
+    if (before.empty()) return;  // no history yet
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    auto& st = static_cast<o::LBFGSParamState&>(*detail::find_state(self->inner(), params.front()));
+    const auto now = invariants(st);
+    ASSERT_EQ(now.size(), before.size());
+    for (size_t i = 0; i < now.size(); ++i) EXPECT_LE(rel_diff(now[i], before[i]), 1e-10) << i;
+    for (size_t i = 0; i < st.old_dirs().size(); ++i) {
+      const double ys = st.old_dirs()[i].dot(st.old_stps()[i]).item<double>();
+      EXPECT_NEAR(ys * st.ro()[i].item<double>(), 1.0, 1e-10);
+    }
+    ++checked;
+  }));
+  self = &tele;
   double first = 0, last = 0;
   for (int64_t t = 0; t < 10; ++t) {
+    auto* st = dynamic_cast<o::LBFGSParamState*>(detail::find_state(tele.inner(), params.front()));
+    before = st != nullptr && !st->old_dirs().empty() ? invariants(*st) : std::vector<at::Tensor>{};
     bare->step(closure(*bare, bare_model, 0));
     plain.step(closure(plain, plain_model, 0));
     const double loss = tele.step(closure(tele, tele_model, 0)).item<double>();
@@ -290,6 +356,7 @@ TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosure) {
   }
   EXPECT_TRUE(bitwise_equal(bare_model->parameters(), plain_model->parameters()));
   EXPECT_GT(tele.teleport_count(), 0);
+  EXPECT_GT(checked, 0);
   EXPECT_LT(last, 0.5 * first);
 }
 

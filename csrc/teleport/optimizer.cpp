@@ -9,10 +9,13 @@
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
+#include <torch/optim/lbfgs.h>
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
+#include <deque>
+#include <memory>
 #include <sstream>
 #include <type_traits>
 
@@ -22,7 +25,8 @@ namespace {
 using torch::optim::Optimizer;
 using torch::optim::OptimizerParamGroup;
 
-// 2: the options as one unit (TeleportOptions::serialize), every field.
+// 2: the options as one unit (TeleportOptions::serialize), every field; the
+// state of every torch::optim optimizer by parameter position.
 constexpr int64_t kCheckpointVersion = 2;
 
 // The key the inner optimizer's state map uses for `p`. LibTorch 1.x keys by
@@ -148,10 +152,179 @@ Buffers buffers_of(torch::optim::OptimizerParamState* s) {
     // v that ratio is invariant up to ε, so the buffer is kept as it is.
     b.gradient_like = x->grad_avg();
     b.squared = {x->square_avg()};
-  } else {
+  } else if (dynamic_cast<o::LBFGSParamState*>(s) == nullptr) {  // LBFGS: transport_lbfgs()
     b.known = false;
   }
   return b;
+}
+
+// Per-parameter views of a flat vector laid out as LBFGS lays out its
+// parameters (concatenated, in order); writing a view writes the vector.
+std::vector<at::Tensor> flat_views(const at::Tensor& flat, const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> out;
+  int64_t offset = 0;
+  for (const auto& p : params) {
+    out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()));
+    offset += p.numel();
+  }
+  return out;
+}
+
+// What the inner state of one parameter is, for checkpoints.
+enum class StateKind : int64_t {
+  kNone = 0, kSGD = 1, kAdagrad = 2, kAdam = 4, kAdamW = 5, kRMSprop = 6, kLBFGS = 7,
+  kOther = 8,  // through the optimizer's own save()
+};
+
+StateKind kind_of(torch::optim::OptimizerParamState* s) {
+  namespace o = torch::optim;
+  if (s == nullptr) return StateKind::kNone;
+  if (dynamic_cast<o::SGDParamState*>(s)) return StateKind::kSGD;
+  if (dynamic_cast<o::AdagradParamState*>(s)) return StateKind::kAdagrad;
+  if (dynamic_cast<o::AdamParamState*>(s)) return StateKind::kAdam;
+  if (dynamic_cast<o::AdamWParamState*>(s)) return StateKind::kAdamW;
+  if (dynamic_cast<o::RMSpropParamState*>(s)) return StateKind::kRMSprop;
+  if (dynamic_cast<o::LBFGSParamState*>(s)) return StateKind::kLBFGS;
+  return StateKind::kOther;
+}
+
+// A tensor that may be undefined, and lists of them.
+void put(torch::serialize::OutputArchive& a, const std::string& key, const at::Tensor& t) {
+  write_int(a, key + "/defined", t.defined());
+  if (t.defined()) a.write(key, t);
+}
+at::Tensor take(torch::serialize::InputArchive& a, const std::string& key, c10::Device device) {
+  if (!read_int(a, key + "/defined")) return {};
+  at::Tensor t;
+  a.read(key, t);
+  return t.to(device);
+}
+template <typename List>
+void put_list(torch::serialize::OutputArchive& a, const std::string& key, const List& list) {
+  write_int(a, key + "/size", static_cast<int64_t>(list.size()));
+  int64_t i = 0;
+  for (const auto& t : list) put(a, key + "/" + std::to_string(i++), t);
+}
+template <typename List>
+List take_list(torch::serialize::InputArchive& a, const std::string& key, c10::Device device) {
+  List list;
+  const int64_t n = read_int(a, key + "/size");
+  for (int64_t i = 0; i < n; ++i) list.push_back(take(a, key + "/" + std::to_string(i), device));
+  return list;
+}
+void put_double(torch::serialize::OutputArchive& a, const std::string& key, double v) {
+  a.write(key, c10::IValue(v));
+}
+double take_double(torch::serialize::InputArchive& a, const std::string& key) {
+  c10::IValue v;
+  a.read(key, v);
+  return v.toDouble();
+}
+
+void write_state(torch::serialize::OutputArchive& a, const std::string& key,
+                 torch::optim::OptimizerParamState& state) {
+  namespace o = torch::optim;
+  auto* s = &state;
+  if (auto* x = dynamic_cast<o::SGDParamState*>(s)) {
+    put(a, key + "momentum_buffer", x->momentum_buffer());
+  } else if (auto* x = dynamic_cast<o::AdagradParamState*>(s)) {
+    write_int(a, key + "step", static_cast<int64_t>(x->step()));
+    put(a, key + "sum", x->sum());
+  } else if (auto* x = dynamic_cast<o::AdamParamState*>(s)) {
+    write_int(a, key + "step", static_cast<int64_t>(x->step()));
+    put(a, key + "exp_avg", x->exp_avg());
+    put(a, key + "exp_avg_sq", x->exp_avg_sq());
+    put(a, key + "max_exp_avg_sq", x->max_exp_avg_sq());
+  } else if (auto* x = dynamic_cast<o::AdamWParamState*>(s)) {
+    write_int(a, key + "step", static_cast<int64_t>(x->step()));
+    put(a, key + "exp_avg", x->exp_avg());
+    put(a, key + "exp_avg_sq", x->exp_avg_sq());
+    put(a, key + "max_exp_avg_sq", x->max_exp_avg_sq());
+  } else if (auto* x = dynamic_cast<o::RMSpropParamState*>(s)) {
+    write_int(a, key + "step", static_cast<int64_t>(x->step()));
+    put(a, key + "square_avg", x->square_avg());
+    put(a, key + "momentum_buffer", x->momentum_buffer());
+    put(a, key + "grad_avg", x->grad_avg());
+  } else if (auto* x = dynamic_cast<o::LBFGSParamState*>(s)) {
+    write_int(a, key + "func_evals", x->func_evals());
+    write_int(a, key + "n_iter", x->n_iter());
+    put_double(a, key + "t", x->t());
+    put_double(a, key + "prev_loss", x->prev_loss());
+    put(a, key + "d", x->d());
+    put(a, key + "H_diag", x->H_diag());
+    put(a, key + "prev_flat_grad", x->prev_flat_grad());
+    put_list(a, key + "old_dirs", x->old_dirs());
+    put_list(a, key + "old_stps", x->old_stps());
+    put_list(a, key + "ro", x->ro());
+    write_int(a, key + "has_al", x->al().has_value());
+    if (x->al().has_value()) put_list(a, key + "al", *x->al());
+  }
+}
+
+std::unique_ptr<torch::optim::OptimizerParamState> read_state(torch::serialize::InputArchive& a,
+                                                             const std::string& key, StateKind kind,
+                                                             c10::Device device) {
+  namespace o = torch::optim;
+  auto step_of = [&](auto& state) {
+    using StepT = std::decay_t<decltype(state.step())>;
+    state.step(static_cast<StepT>(read_int(a, key + "step")));
+  };
+  switch (kind) {
+    case StateKind::kSGD: {
+      auto s = std::make_unique<o::SGDParamState>();
+      s->momentum_buffer(take(a, key + "momentum_buffer", device));
+      return s;
+    }
+    case StateKind::kAdagrad: {
+      auto s = std::make_unique<o::AdagradParamState>();
+      step_of(*s);
+      s->sum(take(a, key + "sum", device));
+      return s;
+    }
+    case StateKind::kAdam: {
+      auto s = std::make_unique<o::AdamParamState>();
+      step_of(*s);
+      s->exp_avg(take(a, key + "exp_avg", device));
+      s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
+      s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
+      return s;
+    }
+    case StateKind::kAdamW: {
+      auto s = std::make_unique<o::AdamWParamState>();
+      step_of(*s);
+      s->exp_avg(take(a, key + "exp_avg", device));
+      s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
+      s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
+      return s;
+    }
+    case StateKind::kRMSprop: {
+      auto s = std::make_unique<o::RMSpropParamState>();
+      step_of(*s);
+      s->square_avg(take(a, key + "square_avg", device));
+      s->momentum_buffer(take(a, key + "momentum_buffer", device));
+      s->grad_avg(take(a, key + "grad_avg", device));
+      return s;
+    }
+    case StateKind::kLBFGS: {
+      auto s = std::make_unique<o::LBFGSParamState>();
+      s->func_evals(read_int(a, key + "func_evals"));
+      s->n_iter(read_int(a, key + "n_iter"));
+      s->t(take_double(a, key + "t"));
+      s->prev_loss(take_double(a, key + "prev_loss"));
+      s->d(take(a, key + "d", device));
+      s->H_diag(take(a, key + "H_diag", device));
+      s->prev_flat_grad(take(a, key + "prev_flat_grad", device));
+      s->old_dirs(take_list<std::deque<at::Tensor>>(a, key + "old_dirs", device));
+      s->old_stps(take_list<std::deque<at::Tensor>>(a, key + "old_stps", device));
+      s->ro(take_list<std::deque<at::Tensor>>(a, key + "ro", device));
+      if (read_int(a, key + "has_al")) {
+        s->al(take_list<std::vector<at::Tensor>>(a, key + "al", device));
+      }
+      return s;
+    }
+    default:
+      TORCH_INTERNAL_ASSERT(false, "read_state: no state of kind ", static_cast<int64_t>(kind));
+  }
 }
 
 }  // namespace
@@ -400,9 +573,53 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
       report.state_kept = true;
     }
   }
+  transport_lbfgs(report);
   if (report.state_kept) {
     report.state_note = "squared-gradient buffers (or all state, after a data-dependent action) "
                         "kept: no elementwise map is exact under this group";
+  }
+}
+
+// LBFGS keeps one state for all its parameters, as flat vectors: gradient
+// differences y and the previous gradient map as gradients, steps s and the
+// search direction as weights, so every yᵀs (and ρ = 1/yᵀs) is unchanged.
+// H_diag (yᵀs / yᵀy) is kept: it is a scalar the next update recomputes.
+void TeleportOptimizer::transport_lbfgs(TeleportReport& report) {
+  const auto params = all_params(*inner_);
+  if (params.empty()) return;
+  auto* state = dynamic_cast<torch::optim::LBFGSParamState*>(find_state(*inner_, params.front()));
+  if (state == nullptr) return;
+  std::vector<at::Tensor> gradient_like(state->old_dirs().begin(), state->old_dirs().end());
+  std::vector<at::Tensor> weight_like(state->old_stps().begin(), state->old_stps().end());
+  gradient_like.push_back(state->prev_flat_grad());
+  weight_like.push_back(state->d());
+  for (size_t k = 0; k < symmetries_.size(); ++k) {
+    const auto& sym = *symmetries_[k];
+    if (!sym.transports_gradients()) {
+      report.state_kept = true;
+      continue;
+    }
+    std::vector<size_t> where;  // the symmetry's parameters among the optimizer's
+    for (const auto& p : sym.parameters()) {
+      for (size_t j = 0; j < params.size(); ++j) {
+        if (params[j].is_same(p)) where.push_back(j);
+      }
+    }
+    auto pick = [&](const at::Tensor& flat) {
+      std::vector<at::Tensor> views;
+      if (!flat.defined()) return views;
+      const auto all = flat_views(flat, params);
+      for (size_t j : where) views.push_back(all[j]);
+      return views;
+    };
+    at::NoGradGuard no_grad;
+    const GroupElement& e = report.elements[k];
+    for (const auto& y : gradient_like) {
+      if (y.defined()) sym.transport_gradients_(e, pick(y));
+    }
+    for (const auto& s : weight_like) {
+      if (s.defined()) sym.transport_gradients_(e.contragredient(), pick(s));
+    }
   }
 }
 
@@ -418,28 +635,20 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
     param_groups_[i].options().serialize(group);
     archive.write("groups/" + std::to_string(i), group);
   }
-  // The inner state, by parameter position.
+  // The inner state, by parameter position, for every torch::optim optimizer
+  // (their own save() writes undefined buffers, such as Adam's max_exp_avg_sq
+  // without amsgrad, that the archive cannot hold); others through their own.
   auto& inner = const_cast<Optimizer&>(*inner_);
   const auto params = all_params(inner);
   bool native = false;
   for (size_t j = 0; j < params.size(); ++j) {
     const std::string key = "state/" + std::to_string(j) + "/";
-    auto* s = find_state(inner, params[j]);
-    if (s == nullptr) {
-      write_int(archive, key + "kind", 0);
-    } else if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(s)) {
-      write_int(archive, key + "kind", 1);
-      write_int(archive, key + "has_momentum", sgd->momentum_buffer().defined());
-      if (sgd->momentum_buffer().defined()) {
-        archive.write(key + "momentum_buffer", sgd->momentum_buffer());
-      }
-    } else if (auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s)) {
-      write_int(archive, key + "kind", 2);
-      write_int(archive, key + "step", static_cast<int64_t>(adagrad->step()));
-      archive.write(key + "sum", adagrad->sum());
-    } else {
-      write_int(archive, key + "kind", 3);
+    const StateKind kind = kind_of(find_state(inner, params[j]));
+    write_int(archive, key + "kind", static_cast<int64_t>(kind));
+    if (kind == StateKind::kOther) {
       native = true;
+    } else if (kind != StateKind::kNone) {
+      write_state(archive, key, *find_state(inner, params[j]));
     }
   }
   if (native) {
@@ -477,26 +686,15 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
                 "TeleportOptimizer::load: the checkpoint holds fewer parameters than the "
                 "optimizer (", params.size(), ")");
     const int64_t kind = probe.toInt();
-    if (kind == 0) {
+    TORCH_CHECK(kind >= 0 && kind <= static_cast<int64_t>(StateKind::kOther),
+                "TeleportOptimizer::load: unknown state kind ", kind, " for parameter ", j);
+    if (kind == static_cast<int64_t>(StateKind::kNone)) {
       erase_state(*inner_, params[j]);
-    } else if (kind == 1) {
-      auto s = std::make_unique<torch::optim::SGDParamState>();
-      if (read_int(archive, key + "has_momentum")) {
-        at::Tensor buffer;
-        archive.read(key + "momentum_buffer", buffer);
-        s->momentum_buffer(buffer.to(params[j].options()));
-      }
-      set_state(*inner_, params[j], std::move(s));
-    } else if (kind == 2) {
-      auto s = std::make_unique<torch::optim::AdagradParamState>();
-      using StepT = std::decay_t<decltype(s->step())>;
-      s->step(static_cast<StepT>(read_int(archive, key + "step")));
-      at::Tensor sum;
-      archive.read(key + "sum", sum);
-      s->sum(sum.to(params[j].options()));
-      set_state(*inner_, params[j], std::move(s));
-    } else {
+    } else if (kind == static_cast<int64_t>(StateKind::kOther)) {
       native = true;
+    } else {
+      set_state(*inner_, params[j],
+                read_state(archive, key, static_cast<StateKind>(kind), params[j].device()));
     }
   }
   if (native) {

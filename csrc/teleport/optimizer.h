@@ -90,6 +90,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // Maps, resets or keeps the inner state (docs/design.md §7); notes in `report`
   // what was kept because no exact map exists.
   void apply_state_policy(TeleportReport& report);
+  void transport_lbfgs(TeleportReport& report);
   // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
   void check_state_policy() const;
   void sync_inner();

@@ -31,6 +31,13 @@ struct GroupElement {
   GroupElement compose(const GroupElement& other) const;
   /// g⁻¹ (the two tensors swapped).
   GroupElement inverse() const { return {g_inv, g, diagonal, invertible}; }
+  /// g^{-T}: the element whose gradient map (Symmetry::transport_gradients_)
+  /// is this element's map of weights, X -> A_g X. Weight-like buffers (LBFGS
+  /// steps) are carried with it.
+  GroupElement contragredient() const {
+    return diagonal ? GroupElement{g_inv, g, true, invertible}
+                    : GroupElement{g_inv.t(), g.t(), false, invertible};
+  }
   /// This element where `keep` (a 0-dim bool tensor) is true, the identity
   /// elsewhere; decided on the device, with no host synchronisation.
   GroupElement masked(const at::Tensor& keep) const;
