@@ -11,6 +11,9 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 
 #include <unistd.h>
@@ -43,8 +46,34 @@ struct Data {
   teleport::data::ImageSet train, test;
 };
 
-// The best baselines of a sweep over 3 seeds, 3 epochs (docs/results.md).
-double default_lr(const std::string& optimizer) { return optimizer == "sgd" ? 0.2 : 0.02; }
+// The optimizers --optimizer takes, each with the best learning rate of a
+// sweep over 3 seeds, 3 epochs of the default MLP (docs/results.md).
+const std::map<std::string, double>& default_lrs() {
+  static const std::map<std::string, double> lrs = {
+      {"sgd", 0.2},       {"momentum", 0.02}, {"nesterov", 0.015},
+      {"adagrad", 0.02},  {"rmsprop", 1e-3},   {"adam", 1e-3},
+      {"adamw", 2e-3}};
+  return lrs;
+}
+
+// `momentum` and `nesterov` are SGD with momentum 0.9 (the second with
+// Nesterov's form); `sgd` takes --momentum. AdamW keeps LibTorch's default
+// decoupled weight decay (1e-2).
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
+                                                        std::vector<at::Tensor> params, double lr,
+                                                        double momentum) {
+  namespace o = torch::optim;
+  if (name == "sgd") return std::make_unique<o::SGD>(params, o::SGDOptions(lr).momentum(momentum));
+  if (name == "momentum") return std::make_unique<o::SGD>(params, o::SGDOptions(lr).momentum(0.9));
+  if (name == "nesterov") {
+    return std::make_unique<o::SGD>(params, o::SGDOptions(lr).momentum(0.9).nesterov(true));
+  }
+  if (name == "adagrad") return std::make_unique<o::Adagrad>(params, o::AdagradOptions(lr));
+  if (name == "rmsprop") return std::make_unique<o::RMSprop>(params, o::RMSpropOptions(lr));
+  if (name == "adam") return std::make_unique<o::Adam>(params, o::AdamOptions(lr));
+  TORCH_CHECK(name == "adamw", "make_optimizer: unknown optimizer ", name);
+  return std::make_unique<o::AdamW>(params, o::AdamWOptions(lr));
+}
 
 Data load(const Config& c) {
   const bool fashion = c.dataset == "fashion";
@@ -156,14 +185,8 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
   const auto hidden = parse_list<int64_t>(c.hidden, "--hidden");
   torch::manual_seed(seed);
   auto model = build_model(hidden, c.activation, device);
-  std::unique_ptr<torch::optim::Optimizer> inner;
-  if (optimizer == "sgd") {
-    inner = std::make_unique<torch::optim::SGD>(model->parameters(),
-                                                torch::optim::SGDOptions(lr).momentum(c.momentum));
-  } else {
-    inner = std::make_unique<torch::optim::Adagrad>(model->parameters(),
-                                                    torch::optim::AdagradOptions(lr));
-  }
+  std::unique_ptr<torch::optim::Optimizer> inner =
+      make_optimizer(optimizer, model->parameters(), lr, c.momentum);
   Outcome o;
   o.run.label = optimizer + (teleporting ? "+teleport" : "");
   o.run.seed = seed;
@@ -310,8 +333,11 @@ int run(const Config& c) {
     std::stringstream in(c.optimizers);
     std::string item;
     while (std::getline(in, item, ',')) {
-      if (item != "sgd" && item != "adagrad") {
-        throw UsageError(fmt::format("--optimizer: expected sgd, adagrad or both, got '{}'", item));
+      if (default_lrs().count(item) == 0) {
+        throw UsageError(fmt::format(
+            "--optimizer: expected a comma-separated list of sgd, momentum, nesterov, adagrad, "
+            "rmsprop, adam, adamw; got '{}'",
+            item));
       }
       out.push_back(item);
     }
@@ -336,7 +362,7 @@ int run(const Config& c) {
   std::vector<Curve> curves;
   std::vector<std::string> rows;
   for (const auto& optimizer : optimizers) {
-    const double lr = c.lr > 0 ? c.lr : default_lr(optimizer);
+    const double lr = c.lr > 0 ? c.lr : default_lrs().at(optimizer);
     std::vector<double> step_ratio, second_ratio;
     for (int64_t seed : seeds) {
       std::vector<Outcome> pair;
@@ -449,8 +475,10 @@ int main(int argc, char** argv) {
   app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
   app.add_option("--activation", c.activation, "relu or leaky_relu")
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
-  app.add_option("--optimizer", c.optimizers, "sgd, adagrad, or sgd,adagrad");
-  app.add_option("--lr", c.lr, "learning rate (default: sgd 0.2, adagrad 0.02)")
+  app.add_option("--optimizer", c.optimizers,
+                 "comma-separated: sgd, momentum (SGD, momentum 0.9), nesterov, adagrad, rmsprop, "
+                 "adam, adamw");
+  app.add_option("--lr", c.lr, "learning rate (default: each optimizer's tuned one, docs/results.md)")
       ->check(finite_above(0));
   app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
   app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);

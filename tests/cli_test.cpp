@@ -141,6 +141,25 @@ TEST(CliTest, MnistJsonHasTheSharedShapeAndTestFields) {
   EXPECT_NE(json.find("\"test_accuracy\": "), std::string::npos);
 }
 
+// Every optimizer --optimizer names runs, with and without teleport, and its
+// teleports are kept (their state carried, not refused).
+TEST(CliTest, MnistRunsEveryOptimizer) {
+  const std::string all = "sgd,momentum,nesterov,adagrad,rmsprop,adam,adamw";
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --optimizer " + all +
+                     " --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
+                     " --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " +
+                     kTmp + "all.json");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto json = read(kTmp + "all.json");
+  std::vector<std::string> labels;
+  std::stringstream names(all);
+  for (std::string name; std::getline(names, name, ',');) {
+    labels.push_back(name);
+    labels.push_back(name + "+teleport");
+  }
+  expect_run_shape(json, labels);
+}
+
 TEST(CliTest, SameSeedGivesBitIdenticalRunsAndBaselineAndTeleportStartAlike) {
   ASSERT_EQ(run(mnist_command(kTmp + "m2.json")).code, 0);
   ASSERT_EQ(run(mnist_command(kTmp + "m3.json")).code, 0);
@@ -162,7 +181,7 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
                                  std::string(TELEPORT_REGRESSION) + " --activation tanh",
                                  std::string(TELEPORT_TEST_FUNCTIONS) + " --start 1,2,3",
                                  std::string(TELEPORT_MNIST) + " --seeds 0,,1",
-                                 std::string(TELEPORT_MNIST) + " --optimizer adam",
+                                 std::string(TELEPORT_MNIST) + " --optimizer adamax",
                                  std::string(TELEPORT_REGRESSION) + " --max-step inf",
                                  std::string(TELEPORT_REGRESSION) + " --tolerance nan",
                                  std::string(TELEPORT_MNIST) + " --max-growth 1e400",
