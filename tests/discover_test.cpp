@@ -1,6 +1,11 @@
 // Which symmetries discover() finds in a Sequential, and what it refuses.
 #include "test_util.h"
 
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/pooling.h>
+
 #include <torch/nn/modules/dropout.h>
 
 namespace teleport::testing {
@@ -53,6 +58,37 @@ TEST_P(DiscoverTest, ShapeChangeBetweenLayersGivesNoSymmetry) {
   EXPECT_TRUE(found.symmetries.empty());
   ASSERT_EQ(found.notes.size(), 1u);
   EXPECT_NE(found.notes[0].find("takes 10 features, the first gives 5"), std::string::npos);
+}
+
+// CNNs: convolutions, pooling, dropout and nested containers carry the chain;
+// BatchNorm, grouped convolutions and a missing Flatten break it, with a note.
+TEST_P(DiscoverTest, FindsConvolutionalSymmetriesAndReportsWhatBreaksThem) {
+  namespace nn = torch::nn;
+  Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::MaxPool2d(2), ReLU(),
+                 Nested(nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::Dropout2d(0.5)), nn::AvgPool2d(2),
+                 nn::Flatten(), Linear(6, 8), nn::Dropout(0.5), ReLU(), Linear(8, 3));
+  auto found = discover(cnn);
+  ASSERT_EQ(found.symmetries.size(), 3u);
+  EXPECT_EQ(found.symmetries[0]->name(), "scaling(layers 0 and 3.0)");
+  EXPECT_EQ(found.symmetries[1]->name(), "scaling(layers 3.0 and 6)");
+  EXPECT_EQ(found.symmetries[2]->name(), "scaling(layers 6 and 9)");
+  EXPECT_TRUE(found.notes.empty());
+  // Nothing nonlinear between: GL, through average pooling and a flatten too.
+  Sequential linear(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::AvgPool2d(2), nn::Flatten(), Linear(4 * 9, 3));
+  found = discover(linear);
+  ASSERT_EQ(found.symmetries.size(), 1u);
+  EXPECT_EQ(found.symmetries[0]->name(), "gl(layers 0 and 3)");
+
+  Sequential broken(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::BatchNorm2d(4), ReLU(),
+                    nn::Conv2d(nn::Conv2dOptions(4, 4, 3).groups(2)), ReLU(),
+                    nn::Conv2d(nn::Conv2dOptions(4, 2, 1)), Linear(5, 3));
+  found = discover(broken);
+  EXPECT_TRUE(found.symmetries.empty());
+  ASSERT_EQ(found.notes.size(), 3u);
+  EXPECT_NE(found.notes[0].find("BatchNorm2dImpl) makes the layer before it scale-invariant"),
+            std::string::npos) << found.notes[0];
+  EXPECT_NE(found.notes[1].find("grouped convolution"), std::string::npos) << found.notes[1];
+  EXPECT_NE(found.notes[2].find("no Flatten between"), std::string::npos) << found.notes[2];
 }
 
 TEST_P(DiscoverTest, NothingToFindInOneLayerOrEmptyModels) {

@@ -1,7 +1,9 @@
 // TeleportOptimizer: a drop-in for the optimizer it wraps.
 #include "test_util.h"
 
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/pooling.h>
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
@@ -570,6 +572,108 @@ TEST_P(OptimizerTest, UserDefinedOptimizerKeepsItsStateAndIsNoted) {
   int64_t notes = 0;
   for (const auto& n : opt.notes()) notes += n.find("does not know") != std::string::npos;
   EXPECT_EQ(notes, 1);
+}
+
+// The classic MNIST network of the LibTorch examples, smaller: a custom Module
+// that declares its symmetries, one line per pair of layers.
+struct SmallCnnImpl : torch::nn::Module {
+  torch::nn::Conv2d conv1{torch::nn::Conv2dOptions(1, 4, 3)};
+  torch::nn::Conv2d conv2{torch::nn::Conv2dOptions(4, 6, 3)};
+  torch::nn::Linear fc1{6 * 2 * 2, 8}, fc2{8, 3};
+  SmallCnnImpl() {
+    register_module("conv1", conv1);
+    register_module("conv2", conv2);
+    register_module("fc1", fc1);
+    register_module("fc2", fc2);
+  }
+  at::Tensor forward(at::Tensor x) {
+    // 14 x 14 in: conv 12, pool 6, conv 4, pool 2.
+    x = torch::relu(torch::max_pool2d(conv1->forward(x), 2));
+    x = torch::relu(torch::max_pool2d(torch::dropout(conv2->forward(x), 0.3, is_training()), 2));
+    x = torch::relu(fc1->forward(x.flatten(1)));
+    return fc2->forward(torch::dropout(x, 0.3, is_training()));
+  }
+  SymmetryList symmetries() {
+    return {teleport::scaling(conv1, conv2), teleport::scaling(conv2, fc1), teleport::scaling(fc1, fc2)};
+  }
+};
+TORCH_MODULE(SmallCnn);
+
+TEST_P(OptimizerTest, CustomModuleTeleportsItsDeclaredSymmetries) {
+  torch::manual_seed(7);
+  SmallCnn net;
+  net->to(device(), torch::kDouble);
+  torch::manual_seed(8);
+  const at::Tensor x = torch::randn({16, 1, 14, 14}, f64());
+  const at::Tensor y = torch::randint(0, 3, {16}, torch::TensorOptions(device()).dtype(torch::kLong));
+  std::vector<TeleportReport> reports;
+  TeleportOptimizer opt(net->symmetries(),
+                        std::make_unique<SGD>(net->parameters(), SGDOptions(0.05).momentum(0.9)),
+                        teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  auto closure = [&] {
+    opt.zero_grad();
+    auto loss = torch::nll_loss(torch::log_softmax(net->forward(x), 1), y);
+    loss.backward();
+    return loss;
+  };
+  for (int64_t t = 0; t < 8; ++t) opt.step(closure);
+  ASSERT_EQ(reports.size(), 4u);
+  for (const auto& r : reports) {
+    EXPECT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before);
+    EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
+  }
+  // A wrong declaration (GL across ReLU and max-pooling) changes the loss:
+  // rolled back, and the step is the bare optimizer's, bit for bit.
+  torch::manual_seed(7);
+  SmallCnn fresh_a;
+  torch::manual_seed(7);
+  SmallCnn fresh_b;
+  fresh_a->to(device(), torch::kDouble);
+  fresh_b->to(device(), torch::kDouble);
+  SGD bare(fresh_a->parameters(), SGDOptions(0.05));
+  TeleportOptimizer wrong({teleport::gl(fresh_b->conv1, fresh_b->conv2)},
+                          std::make_unique<SGD>(fresh_b->parameters(), SGDOptions(0.05)),
+                          teleports().every(1).lr(1.0));
+  fresh_a->eval();
+  fresh_b->eval();
+  const auto step = [&](torch::optim::Optimizer& o, SmallCnn& m) {
+    o.step([&] {
+      o.zero_grad();
+      auto loss = torch::nll_loss(torch::log_softmax(m->forward(x), 1), y);
+      loss.backward();
+      return loss;
+    });
+  };
+  step(bare, fresh_a);
+  step(wrong, fresh_b);
+  ASSERT_NE(wrong.last_report(), nullptr);
+  EXPECT_TRUE(wrong.last_report()->rolled_back);
+  EXPECT_NE(wrong.last_report()->reason.find("beyond the tolerance"), std::string::npos)
+      << wrong.last_report()->reason;
+  EXPECT_TRUE(bitwise_equal(fresh_a->parameters(), fresh_b->parameters()));
+}
+
+// A Sequential CNN: discover() finds its symmetries, and step() teleports
+// from .grad keeping the loss.
+TEST_P(OptimizerTest, SequentialCnnTeleportsFromGrad) {
+  namespace nn = torch::nn;
+  torch::manual_seed(9);
+  nn::Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::MaxPool2d(2), nn::ReLU(),
+                     nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::ReLU(), nn::Flatten(), nn::Linear(6 * 3 * 3, 3));
+  cnn->to(device(), torch::kDouble);
+  const at::Tensor x = torch::randn({8, 1, 12, 12}, f64()), y = torch::randn({8, 3}, f64());
+  TeleportOptimizer opt(cnn, std::make_unique<SGD>(cnn->parameters(), SGDOptions(0.01)),
+                        teleports().every(1));
+  ASSERT_EQ(opt.symmetries().size(), 2u);
+  for (int64_t t = 0; t < 3; ++t) {
+    opt.zero_grad();
+    const auto loss = mse()(cnn->forward(x), y);
+    loss.backward();
+    opt.step();
+    ASSERT_FALSE(opt.last_report()->rolled_back) << opt.last_report()->reason;
+  }
+  EXPECT_EQ(opt.teleport_count(), 3);
 }
 
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {

@@ -1,6 +1,11 @@
 // Properties of the group actions: invariance, equivariance, closed form = autograd.
 #include "test_util.h"
 
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/pooling.h>
+
 #include <random>
 
 namespace teleport::testing {
@@ -287,6 +292,111 @@ TEST_P(SymmetryTest, PropertiesHoldOnRandomMlps) {
     backward(objective, mlp.model);
     for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(grads[i], params[i].grad(), 1e-9));
   }
+}
+
+}  // namespace
+}  // namespace teleport::testing
+
+namespace teleport::testing {
+namespace {
+
+namespace nn = torch::nn;
+
+// Convolutional nets whose symmetries discover() finds: each with its input
+// shape and the kinds of its symmetries, in order.
+struct ConvNet {
+  std::string description;
+  nn::Sequential model;
+  std::vector<int64_t> input;
+  std::vector<SymmetryKind> kinds;
+};
+
+std::vector<ConvNet> conv_nets(torch::TensorOptions options) {
+  using K = SymmetryKind;
+  torch::manual_seed(4);
+  std::vector<ConvNet> nets = {
+      {"conv-relu-maxpool-conv (scaling), conv-flatten-linear (scaling)",
+       nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::ReLU(), nn::MaxPool2d(2),
+                      nn::Conv2d(nn::Conv2dOptions(4, 3, 3).padding(1)), nn::Dropout2d(0.0), nn::ReLU(),
+                      nn::Flatten(), nn::Linear(3 * 3 * 3, 5)),
+       {6, 2, 8, 8}, {K::kScaling, K::kScaling}},
+      {"conv-conv (GL, nothing between), 1x1 conv-avgpool-conv (GL)",
+       nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::Conv2d(nn::Conv2dOptions(4, 5, 1)),
+                      nn::AvgPool2d(2), nn::Conv2d(nn::Conv2dOptions(5, 3, 3).bias(false)), nn::Tanh()),
+       {5, 2, 8, 8}, {K::kLinearGL, K::kLinearGL}},
+      {"conv1d-flatten-linear (GL), nested Sequential",
+       nn::Sequential(Nested(nn::Conv1d(nn::Conv1dOptions(3, 4, 2))), nn::Flatten(),
+                      nn::Linear(4 * 5, 6), nn::LeakyReLU(), nn::Linear(6, 2)),
+       {7, 3, 6}, {K::kLinearGL, K::kScaling}},
+      {"conv3d-relu-conv3d (scaling)",
+       nn::Sequential(nn::Conv3d(nn::Conv3dOptions(2, 3, 2)), nn::ReLU(), nn::Conv3d(nn::Conv3dOptions(3, 2, 2)),
+                      nn::Flatten()),
+       {3, 2, 4, 4, 4}, {K::kScaling}},
+  };
+  for (auto& n : nets) n.model->to(options.device(), options.dtype().toScalarType());
+  return nets;
+}
+
+// The loss of a conv net on a random batch, with the target its own shape.
+Objective conv_objective(ConvNet& net, torch::TensorOptions options) {
+  torch::manual_seed(5);
+  const at::Tensor x = torch::randn(net.input, options);
+  at::Tensor y;
+  {
+    torch::NoGradGuard no_grad;
+    y = torch::randn_like(net.model->forward(x));
+  }
+  return Objective(net.model, x, y, mse());
+}
+
+// Invariance (≤ 1e-10, float64), gradient equivariance and closed form =
+// autograd, for every convolutional action: Conv1d/2d/3d, scaling and GL,
+// channel blocks after a flatten, nested containers.
+TEST_P(SymmetryTest, ConvolutionalActionsAreExactAndEquivariant) {
+  for (auto& net : conv_nets(f64())) {
+    SCOPED_TRACE(net.description);
+    const Objective objective = conv_objective(net, f64());
+    const auto syms = discover(net.model).symmetries;
+    ASSERT_EQ(syms.size(), net.kinds.size());
+    for (size_t k = 0; k < syms.size(); ++k) {
+      EXPECT_EQ(static_cast<const LayerSymmetry&>(*syms[k]).kind(), net.kinds[k]) << syms[k]->name();
+    }
+    const auto closed = directions(syms, Method::kClosedForm, &objective);
+    const auto autograd = directions(syms, Method::kAutograd, &objective);
+    for (size_t k = 0; k < syms.size(); ++k) EXPECT_TRUE(close(closed[k], autograd[k], 1e-9));
+    backward(objective, net.model);
+    const auto params = net.model->parameters();
+    std::vector<at::Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.grad().clone());
+    const at::Tensor out = objective.forward().detach();
+    const double loss = objective.loss().item<double>();
+    const auto before = clone_all(params);
+    torch::manual_seed(6);
+    transport_and_apply(syms, params, grads, [](const Symmetry& s) {
+      return random_element(s, Parametrization::kExp, 0.3);
+    });
+    EXPECT_FALSE(bitwise_equal(params, before));
+    EXPECT_TRUE(close(objective.forward().detach(), out, 1e-10));
+    EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
+    backward(objective, net.model);
+    for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(grads[i], params[i].grad(), 1e-9));
+  }
+}
+
+TEST_P(SymmetryTest, ConvolutionalShapesAreCheckedClearly) {
+  nn::Conv2d conv(nn::Conv2dOptions(2, 4, 3)), other(nn::Conv2d(nn::Conv2dOptions(5, 3, 3)));
+  nn::Conv2d grouped(nn::Conv2dOptions(4, 4, 3).groups(2));
+  nn::Linear linear(4 * 9 + 1, 3);
+  EXPECT_NE(error_of([&] { scaling(conv, other); }).find("expected W_out with 4 input channels, got [3, 5, 3, 3]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { scaling(conv, linear); }).find("expected a multiple of 4 columns, got [3, 37]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { scaling(conv, grouped); }).find("expected a convolution with groups = 1"),
+            std::string::npos);
+  nn::Tanh tanh;
+  EXPECT_NE(error_of([&] { gl(conv, tanh); }).find("expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got"),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { gl(conv, nn::Conv2d(nn::Conv2dOptions(4, 2, 1))); }), "");
 }
 
 }  // namespace

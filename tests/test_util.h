@@ -36,6 +36,14 @@ inline std::string device_name(const ::testing::TestParamInfo<torch::DeviceType>
   INSTANTIATE_TEST_SUITE_P(Devices, Fixture, ::testing::Values(torch::kCPU, torch::kCUDA), \
                            ::teleport::testing::device_name)
 
+/// A Sequential that can stand inside another (LibTorch stores only modules
+/// with a non-templated forward in a Sequential), as torchvision's models do.
+struct NestedImpl : torch::nn::SequentialImpl {
+  using SequentialImpl::SequentialImpl;
+  at::Tensor forward(at::Tensor x) { return SequentialImpl::forward(x); }
+};
+TORCH_MODULE(Nested);
+
 enum class Act { kIdentity, kReLU, kLeakyReLU };
 
 /// Linear layers of `widths` (input first) with `act` between them, on

@@ -532,16 +532,23 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     for (size_t j = 0; j + 1 < where[k].size(); ++j) slots[where[k][j]].row = static_cast<int>(k);
     slots[where[k].back()].col = static_cast<int>(k);
   }
+  // A Conv weight or a Linear after a flatten is a [rows, n_col, inner] block
+  // matrix whose entries in one (row, column) share their factors: Q sums the
+  // squares over `inner`.
   for (size_t i = 0; i < params.size(); ++i) {
     auto& s = slots[i];
     const at::Tensor& g = grads[i];
     s.bias = g.dim() == 1;
-    if (s.bias || (s.row >= 0 && s.col >= 0)) {
+    const int64_t n_col = s.col >= 0 ? syms[static_cast<size_t>(s.col)]->zero_algebra().size(0) : 1;
+    const at::Tensor q3 = s.bias ? at::Tensor() : g.square().reshape({g.size(0), n_col, -1});
+    if (s.bias) {
       s.q = g.square();
+    } else if (s.row >= 0 && s.col >= 0) {
+      s.q = q3.sum(2);
     } else if (s.col < 0) {
-      s.row_sums = g.square().sum(1);
+      s.row_sums = q3.sum(at::IntArrayRef{1, 2});
     } else {
-      s.col_sums = g.square().sum(0);
+      s.col_sums = q3.sum(at::IntArrayRef{0, 2});
     }
   }
   std::vector<at::Tensor> c;

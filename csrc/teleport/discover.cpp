@@ -2,68 +2,150 @@
 
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace teleport {
 namespace {
 
-// What the modules between two Linear layers allow.
+using torch::nn::Module;
+
+// What the modules between two layers allow.
 enum class Allows { kGL, kScaling, kNothing };
 
-Allows allows(const torch::nn::Module& m) {
-  if (m.as<torch::nn::Identity>() || m.as<torch::nn::Flatten>()) return Allows::kGL;
-  if (m.as<torch::nn::ReLU>() || m.as<torch::nn::LeakyReLU>()) return Allows::kScaling;
-  // A dropout mask is diagonal: it commutes with diagonal g only.
-  if (m.as<torch::nn::Dropout>()) return Allows::kScaling;
+Allows allows(const Module& m) {
+  // Linear per channel: any g commutes with them.
+  if (m.as<torch::nn::Identity>() || m.as<torch::nn::Flatten>() || m.as<torch::nn::AvgPool1d>() ||
+      m.as<torch::nn::AvgPool2d>() || m.as<torch::nn::AvgPool3d>() ||
+      m.as<torch::nn::AdaptiveAvgPool1d>() || m.as<torch::nn::AdaptiveAvgPool2d>() ||
+      m.as<torch::nn::AdaptiveAvgPool3d>()) {
+    return Allows::kGL;
+  }
+  // Positively homogeneous per channel, or a diagonal mask: positive diagonal g only.
+  if (m.as<torch::nn::ReLU>() || m.as<torch::nn::LeakyReLU>() || m.as<torch::nn::Dropout>() ||
+      m.as<torch::nn::Dropout2d>() || m.as<torch::nn::Dropout3d>() || m.as<torch::nn::MaxPool1d>() ||
+      m.as<torch::nn::MaxPool2d>() || m.as<torch::nn::MaxPool3d>() ||
+      m.as<torch::nn::AdaptiveMaxPool1d>() || m.as<torch::nn::AdaptiveMaxPool2d>() ||
+      m.as<torch::nn::AdaptiveMaxPool3d>()) {
+    return Allows::kScaling;
+  }
   return Allows::kNothing;
 }
 
+bool is_batch_norm(const Module& m) {
+  return m.as<torch::nn::BatchNorm1d>() || m.as<torch::nn::BatchNorm2d>() ||
+         m.as<torch::nn::BatchNorm3d>();
+}
+
 Allows narrower(Allows a, Allows b) { return a > b ? a : b; }
+
+// A layer the group acts between: a Linear or a Conv of groups 1.
+struct Layer {
+  at::Tensor weight, bias;
+  bool conv = false;
+  int64_t groups = 1;
+};
+
+bool layer_of(const Module& m, Layer& out) {
+  if (const auto* l = m.as<torch::nn::Linear>()) {
+    out = {l->weight, l->bias, false, 1};
+    return true;
+  }
+  if (const auto* c = m.as<torch::nn::Conv1d>()) {
+    out = {c->weight, c->bias, true, c->options.groups()};
+    return true;
+  }
+  if (const auto* c = m.as<torch::nn::Conv2d>()) {
+    out = {c->weight, c->bias, true, c->options.groups()};
+    return true;
+  }
+  if (const auto* c = m.as<torch::nn::Conv3d>()) {
+    out = {c->weight, c->bias, true, c->options.groups()};
+    return true;
+  }
+  return false;
+}
+
+// The modules of a Sequential in order, nested Sequentials expanded, each with
+// its path ("3" or "2.1").
+void leaves(const torch::nn::SequentialImpl& seq, const std::string& prefix,
+            std::vector<std::pair<std::string, std::shared_ptr<Module>>>& out) {
+  for (size_t i = 0; i < seq.size(); ++i) {
+    const auto module = seq.ptr(i);
+    const std::string path = prefix + std::to_string(i);
+    if (const auto* nested = module->as<torch::nn::Sequential>()) {
+      leaves(*nested, path + ".", out);
+    } else {
+      out.emplace_back(path, module);
+    }
+  }
+}
 
 }  // namespace
 
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options) {
   TORCH_CHECK(!model.is_empty(), "discover: expected a Sequential, got an empty holder");
+  std::vector<std::pair<std::string, std::shared_ptr<Module>>> modules;
+  leaves(*model, "", modules);
+
   Discovery found;
-  torch::nn::LinearImpl* previous = nullptr;
-  size_t previous_index = 0;
+  Layer previous;
+  bool have_previous = false;
+  std::string previous_path;
   Allows between = Allows::kGL;
   std::string breaker;
+  bool flattened = false;
   // The lone LeakyReLU between two Linear layers, if that is all there is.
   const torch::nn::LeakyReLUImpl* leaky = nullptr;
   int nonlinear = 0;
 
-  for (size_t i = 0; i < model->size(); ++i) {
-    const auto module = model->ptr(i);
-    auto* linear = module->as<torch::nn::Linear>();
-    if (linear == nullptr) {
+  for (const auto& [path, module] : modules) {
+    Layer layer;
+    if (!layer_of(*module, layer)) {
       const Allows a = allows(*module);
       if (a != Allows::kGL) ++nonlinear;
       if (auto* l = module->as<torch::nn::LeakyReLU>()) leaky = l;
+      if (module->as<torch::nn::Flatten>()) flattened = true;
       if (a == Allows::kNothing && breaker.empty()) {
-        breaker = "module " + std::to_string(i) + " (" + module->name() + ")";
+        breaker = "module " + path + " (" + module->name() + ")" +
+                  (is_batch_norm(*module)
+                       ? " makes the layer before it scale-invariant, a different group"
+                       : " is not known to commute with any supported group");
       }
       between = narrower(between, a);
       continue;
     }
-    if (previous != nullptr) {
-      const std::string pair =
-          "layers " + std::to_string(previous_index) + " and " + std::to_string(i);
+    if (have_previous) {
+      const std::string pair = "layers " + previous_path + " and " + path;
+      const int64_t n = previous.weight.size(0);
+      std::string why;
       if (between == Allows::kNothing) {
-        found.notes.push_back("no symmetry between " + pair + ": " + breaker +
-                              " is not known to commute with any supported group");
-      } else if (linear->weight.size(1) != previous->weight.size(0)) {
-        found.notes.push_back("no symmetry between " + pair + ": the second takes " +
-                              std::to_string(linear->weight.size(1)) +
-                              " features, the first gives " +
-                              std::to_string(previous->weight.size(0)));
-      } else if (options.data_dependent() && leaky != nullptr && nonlinear == 1 &&
-                 leaky->options.negative_slope() > 0) {
+        why = breaker;
+      } else if (previous.groups != 1 || layer.groups != 1) {
+        why = "a grouped convolution (groups > 1) is not supported";
+      } else if (!previous.conv && layer.conv) {
+        why = "a Linear before a Conv (its outputs are not channels)";
+      } else if (previous.conv && !layer.conv && !flattened) {
+        why = "a Conv before a Linear with no Flatten between (the Linear acts on the last "
+              "dimension, not the channels)";
+      } else if (previous.conv && !layer.conv ? layer.weight.size(1) % n != 0
+                                              : layer.weight.size(1) != n) {
+        why = "the second takes " + std::to_string(layer.weight.size(1)) +
+              " features, the first gives " + std::to_string(n);
+      }
+      if (!why.empty()) {
+        found.notes.push_back("no symmetry between " + pair + ": " + why);
+      } else if (options.data_dependent() && !previous.conv && !layer.conv && leaky != nullptr &&
+                 nonlinear == 1 && leaky->options.negative_slope() > 0) {
         found.symmetries.push_back(std::make_shared<DataDependentGL>(
-            leaky->options.negative_slope(), previous->weight, previous->bias, linear->weight,
+            leaky->options.negative_slope(), previous.weight, previous.bias, layer.weight,
             "data-dependent gl(" + pair + ")"));
       } else {
         const SymmetryKind kind = (between == Allows::kGL && options.linear_gl())
@@ -72,13 +154,15 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
         const std::string name =
             std::string(kind == SymmetryKind::kLinearGL ? "gl" : "scaling") + "(" + pair + ")";
         found.symmetries.push_back(std::make_shared<LayerSymmetry>(
-            kind, previous->weight, previous->bias, linear->weight, name));
+            kind, previous.weight, previous.bias, layer.weight, name));
       }
     }
-    previous = linear;
-    previous_index = i;
+    previous = layer;
+    have_previous = true;
+    previous_path = path;
     between = Allows::kGL;
     breaker.clear();
+    flattened = false;
     leaky = nullptr;
     nonlinear = 0;
   }

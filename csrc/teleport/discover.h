@@ -26,13 +26,17 @@ struct Discovery {
   std::vector<std::string> notes;
 };
 
-/// The symmetries of a torch::nn::Sequential of Linear layers and elementwise
-/// activations, one per hidden layer between two Linear layers:
-///  - nothing, Identity or Flatten between them: GL(n);
-///  - ReLU, LeakyReLU (any slope) or Dropout among them: positive scaling;
-///    with `data_dependent`, a LeakyReLU alone: the data-dependent GL(n);
-///  - any other module: none (a note says which module).
-/// Modules before the first and after the last Linear layer do not matter.
+/// The symmetries of a torch::nn::Sequential (nested Sequentials expanded), one
+/// per pair of consecutive layers (Linear, or Conv1d/2d/3d of groups 1):
+///  - only Identity, Flatten, AvgPool or AdaptiveAvgPool between them: GL(n);
+///  - ReLU, LeakyReLU (any slope), Dropout/Dropout2d/3d, MaxPool or
+///    AdaptiveMaxPool among them: positive scaling; with `data_dependent`, a
+///    LeakyReLU alone between two Linear layers: the data-dependent GL(n);
+///  - a Conv followed by a Linear needs a Flatten between them: each channel
+///    then owns a block of the Linear's columns;
+///  - any other module (BatchNorm among them), a grouped convolution, a Linear
+///    before a Conv, or shapes that do not fit: none, and a note says why.
+/// Modules before the first and after the last layer do not matter.
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options = {});
 
 }  // namespace teleport

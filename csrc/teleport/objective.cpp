@@ -2,6 +2,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <functional>
+#include <torch/nn/functional/conv.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
 namespace teleport {
@@ -34,24 +38,85 @@ Objective::Objective(ParametricLossFn loss) : parametric_(std::move(loss)) {
 
 namespace {
 
-// Runs the model on x up to (not including) the Linear layer whose weight is
-// `stop`, or to the end when `stop` is undefined; `overrides` first, then `fixed`.
+using Lookup = std::function<const at::Tensor&(const at::Tensor&)>;
+
+// A convolution with its module's options and the given weight and bias.
+template <typename FuncOptions, typename Impl, typename F>
+at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                    F&& functional) {
+  TORCH_CHECK(c10::holds_alternative<torch::enumtype::kZeros>(conv.options.padding_mode()),
+              "Objective: expected convolutions with zero padding, got another padding mode");
+  return functional(x, w, FuncOptions()
+                              .bias(b)
+                              .stride(conv.options.stride())
+                              .padding(conv.options.padding())
+                              .dilation(conv.options.dilation())
+                              .groups(conv.options.groups()));
+}
+
+// The layer `m` (a Linear or a Conv) applied to x with its parameters looked
+// up; false for any other module. `stopped` when `m`'s weight is `stop`.
+bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup,
+                 const at::Tensor& stop, bool& stopped) {
+  namespace F = torch::nn::functional;
+  at::Tensor weight, bias;
+  if (const auto* l = m.as<torch::nn::Linear>()) {
+    weight = l->weight, bias = l->bias;
+  } else if (const auto* c1 = m.as<torch::nn::Conv1d>()) {
+    weight = c1->weight, bias = c1->bias;
+  } else if (const auto* c2 = m.as<torch::nn::Conv2d>()) {
+    weight = c2->weight, bias = c2->bias;
+  } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
+    weight = c3->weight, bias = c3->bias;
+  } else {
+    return false;
+  }
+  if (stop.defined() && weight.is_same(stop)) {
+    stopped = true;
+    return true;
+  }
+  const at::Tensor& w = lookup(weight);
+  const at::Tensor& b = lookup(bias);
+  if (m.as<torch::nn::Linear>()) {
+    x = at::linear(x, w, b);
+  } else if (const auto* c1 = m.as<torch::nn::Conv1d>()) {
+    x = convolve<F::Conv1dFuncOptions>(*c1, x, w, b, [](auto&&... a) { return F::conv1d(a...); });
+  } else if (const auto* c2 = m.as<torch::nn::Conv2d>()) {
+    x = convolve<F::Conv2dFuncOptions>(*c2, x, w, b, [](auto&&... a) { return F::conv2d(a...); });
+  } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
+    x = convolve<F::Conv3dFuncOptions>(*c3, x, w, b, [](auto&&... a) { return F::conv3d(a...); });
+  }
+  return true;
+}
+
+// Runs the modules of `seq` (nested Sequentials too) on x; true when it
+// reached the layer whose weight is `stop` (x is then that layer's input).
+bool run_into(torch::nn::SequentialImpl& seq, at::Tensor& x, const Lookup& lookup,
+              const at::Tensor& stop) {
+  for (auto& module : seq) {
+    if (auto* nested = module.ptr()->as<torch::nn::Sequential>()) {
+      if (run_into(*nested, x, lookup, stop)) return true;
+      continue;
+    }
+    bool stopped = false;
+    if (!apply_layer(*module.ptr(), x, lookup, stop, stopped)) x = module.forward(x);
+    if (stopped) return true;
+  }
+  return false;
+}
+
+// Runs the model on x up to (not including) the layer whose weight is `stop`,
+// or to the end when `stop` is undefined; `overrides` first, then `fixed`.
 at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
                const ParameterOverrides& overrides, const ParameterOverrides& fixed,
                const at::Tensor& stop) {
-  auto lookup = [&](const at::Tensor& p) -> const at::Tensor& {
+  const Lookup lookup = [&](const at::Tensor& p) -> const at::Tensor& {
     const at::Tensor& v = value_of(overrides, p);
     return v.is_same(p) ? value_of(fixed, p) : v;
   };
-  for (auto& module : *model.ptr()) {
-    if (auto* linear = module.ptr()->as<torch::nn::Linear>()) {
-      if (stop.defined() && linear->weight.is_same(stop)) return x;
-      x = at::linear(x, lookup(linear->weight), lookup(linear->bias));
-    } else {
-      x = module.forward(x);
-    }
-  }
-  TORCH_CHECK(!stop.defined(), "Objective::input_of: the model has no Linear layer with that weight");
+  const bool reached = run_into(*model.ptr(), x, lookup, stop);
+  TORCH_CHECK(reached || !stop.defined(),
+              "Objective::input_of: the model has no Linear or Conv layer with that weight");
   return x;
 }
 

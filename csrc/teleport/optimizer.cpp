@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
@@ -348,7 +349,7 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
   symmetries_ = std::move(found.symmetries);
   notes_ = std::move(found.notes);
   if (symmetries_.empty()) {
-    notes_.push_back("no teleportable pair of Linear layers: teleports do nothing");
+    notes_.push_back("no teleportable pair of layers: teleports do nothing");
     TORCH_WARN("TeleportOptimizer: ", notes_.front(), " (", notes_.size() - 1,
                " note(s) from discovery in notes())");
   }
@@ -378,8 +379,16 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList s
   for (const auto& s : symmetries_) {
     TORCH_CHECK(s != nullptr, "TeleportOptimizer: expected symmetries, got a null one");
   }
+  require_among(symmetries_, all_params(*inner_),
+                "the inner optimizer does not hold; build the inner optimizer from the "
+                "model's parameters");
   check_state_policy();
 }
+
+TeleportOptimizer::TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<Optimizer> inner,
+                                     TeleportOptions options)
+    : TeleportOptimizer(torch::nn::Sequential(nullptr), std::move(symmetries), std::move(inner),
+                        std::move(options)) {}
 
 void TeleportOptimizer::check_state_policy() const {
   if (options_.state_policy() != StatePolicy::kTransport) return;
@@ -389,13 +398,17 @@ void TeleportOptimizer::check_state_policy() const {
 
 void TeleportOptimizer::check_model_unchanged() const {
   if (model_.is_empty()) return;
-  // The tensors the Linear layers compute with now (what forward() reads).
+  // The tensors the layers compute with now (what forward() reads).
   std::vector<at::Tensor> current;
-  for (const auto& module : model_->children()) {
-    if (auto* linear = module->as<torch::nn::Linear>()) {
-      current.push_back(linear->weight);
-      if (linear->bias.defined()) current.push_back(linear->bias);
-    }
+  auto add = [&](const at::Tensor& weight, const at::Tensor& bias) {
+    current.push_back(weight);
+    if (bias.defined()) current.push_back(bias);
+  };
+  for (const auto& module : model_->modules(/*include_self=*/false)) {
+    if (const auto* l = module->as<torch::nn::Linear>()) add(l->weight, l->bias);
+    if (const auto* c = module->as<torch::nn::Conv1d>()) add(c->weight, c->bias);
+    if (const auto* c = module->as<torch::nn::Conv2d>()) add(c->weight, c->bias);
+    if (const auto* c = module->as<torch::nn::Conv3d>()) add(c->weight, c->bias);
   }
   for (const auto& s : symmetries_) s->check_unchanged();
   require_among(symmetries_, current,

@@ -45,6 +45,18 @@ class TeleportOptimizer : public torch::optim::Optimizer {
                     std::unique_ptr<torch::optim::Optimizer> inner,
                     TeleportOptions options = {}, DiscoverOptions discover_options = {});
 
+  /// Teleports the given symmetries of any model, for instance a custom Module
+  /// that declares them with teleport::scaling(a, b) and teleport::gl(a, b):
+  ///
+  ///   teleport::TeleportOptimizer opt(syms,
+  ///       std::make_unique<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.01)),
+  ///       teleport::TeleportOptions().every(100));
+  ///
+  /// Teleports run from `.grad` in closed form; step(closure) measures the loss
+  /// before and after, so a declaration that is no symmetry is rolled back.
+  TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<torch::optim::Optimizer> inner,
+                    TeleportOptions options = {});
+
   /// Teleports the given symmetries; `model` serves the teleport batch and may
   /// be an empty holder (`torch::nn::Sequential(nullptr)`) when none is used.
   TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,

@@ -5,20 +5,39 @@
 
 #include <cmath>
 #include <utility>
+#include <vector>
 
 namespace teleport {
 namespace {
 
-// m X, where m acts on X's rows (X a matrix or a vector); m is a diagonal
-// (vector) or a matrix.
-at::Tensor left(const at::Tensor& m, bool diagonal, const at::Tensor& x) {
-  if (diagonal) return x.dim() == 1 ? m * x : m.unsqueeze(1) * x;
-  return x.dim() == 1 ? at::mv(m, x) : at::mm(m, x);
+// Every tensor the group acts on is a matrix once reshaped (docs/design.md
+// §2): W_in on its dimension 0 (rows of a Linear weight, output channels of a
+// Conv weight, a bias), W_out on its dimension 1, whose size(1) / n entries per
+// group index form a block (one input column of a Linear, one input channel of
+// a Conv, or the H·W columns a channel owns after a flatten).
+
+// The shape that broadcasts a vector over dimension `dim` of x.
+std::vector<int64_t> along(const at::Tensor& x, int64_t dim, int64_t size) {
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[static_cast<size_t>(dim)] = size;
+  return shape;
 }
 
-// X m, where m acts on X's columns.
+// m X on dimension 0 of X; m is a diagonal (vector) or a matrix.
+at::Tensor left(const at::Tensor& m, bool diagonal, const at::Tensor& x) {
+  if (diagonal) return x * m.view(along(x, 0, m.size(0)));
+  return at::mm(m, x.reshape({m.size(0), -1})).view(x.sizes());
+}
+
+// X m on dimension 1 of X, block by block.
 at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
-  return diagonal ? x * m.unsqueeze(0) : at::mm(x, m);
+  const int64_t n = m.size(0), block = x.size(1) / n;
+  if (diagonal) {
+    const at::Tensor scale = block == 1 ? m : m.repeat_interleave(block);
+    return x * scale.view(along(x, 1, x.size(1)));
+  }
+  const at::Tensor x3 = x.reshape({x.size(0), n, -1});  // [outer, n, inner]
+  return at::matmul(x3.transpose(1, 2), m).transpose(1, 2).reshape(x.sizes());
 }
 
 std::string shape_of(const at::Tensor& t) {
@@ -88,12 +107,21 @@ LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in
       name_(std::move(name)) {
   TORCH_CHECK(w_in_.defined() && w_out_.defined(),
               "LayerSymmetry: expected defined weights W_in and W_out");
-  TORCH_CHECK(w_in_.dim() == 2 && w_out_.dim() == 2,
-              "LayerSymmetry: expected 2-D weights, got W_in ", shape_of(w_in_),
-              " and W_out ", shape_of(w_out_));
-  TORCH_CHECK(w_out_.size(1) == w_in_.size(0),
-              "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ",
-              w_in_.size(0), " columns, got ", shape_of(w_out_));
+  TORCH_CHECK(w_in_.dim() >= 2 && w_out_.dim() >= 2,
+              "LayerSymmetry: expected Linear or Conv weights (2-D or more), got W_in ",
+              shape_of(w_in_), " and W_out ", shape_of(w_out_));
+  const int64_t n = w_in_.size(0);
+  if (w_out_.dim() > 2 || w_in_.dim() == 2) {
+    // A Conv takes W_in's n outputs as its input channels, a Linear as its columns.
+    TORCH_CHECK(w_out_.size(1) == n, "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ",
+                n, w_out_.dim() > 2 ? " input channels" : " columns", ", got ", shape_of(w_out_));
+  } else {
+    // Conv -> Flatten -> Linear: channel c owns a block of columns.
+    TORCH_CHECK(w_out_.size(1) % n == 0,
+                "LayerSymmetry: a Linear after a flattened Conv of ", n,
+                " channels must take a whole block of columns per channel: expected a multiple "
+                "of ", n, " columns, got ", shape_of(w_out_));
+  }
   TORCH_CHECK(at::isFloatingType(w_in_.scalar_type()),
               "LayerSymmetry: expected floating-point weights, got ",
               w_in_.scalar_type());
@@ -132,36 +160,38 @@ at::Tensor LayerSymmetry::zero_algebra() const {
 at::Tensor LayerSymmetry::direction(const std::vector<at::Tensor>& grads) const {
   TORCH_CHECK(grads.size() == parameters().size(), name_, ": expected ",
               parameters().size(), " gradients, got ", grads.size());
-  const at::Tensor& g_in = grads.front();
-  const at::Tensor& g_out = grads.back();
+  const int64_t n = width();
+  const at::Tensor rows = grads.front().reshape({n, -1});                     // [n, rest]
+  const at::Tensor cols = grads.back().reshape({grads.back().size(0), n, -1});  // [outer, n, inner]
   at::Tensor d;
   if (diagonal()) {
-    d = g_out.square().sum(0) - g_in.square().sum(1);
+    d = cols.square().sum(at::IntArrayRef{0, 2}) - rows.square().sum(1);
     if (b_in_.defined()) d = d - grads[1].square();
   } else {
-    d = at::mm(g_out.t(), g_out) - at::mm(g_in, g_in.t());
+    const at::Tensor m = cols.transpose(1, 2).reshape({-1, n});  // [outer·inner, n]
+    d = at::mm(m.t(), m) - at::mm(rows, rows.t());
     if (b_in_.defined()) d = d - at::outer(grads[1], grads[1]);
   }
   return d * 2;
 }
 
-// X <- m X (rows) in place; diagonal m multiplies without a temporary.
+// X <- m X (dimension 0) in place; a diagonal m multiplies without a temporary.
 static void left_(const at::Tensor& m, bool diagonal, const at::Tensor& x) {
   if (!x.defined()) return;
   if (diagonal) {
-    x.mul_(x.dim() == 1 ? m : m.unsqueeze(1));
+    x.mul_(m.view(along(x, 0, m.size(0))));
   } else {
     x.copy_(left(m, false, x));
   }
 }
 
-// X <- X m (columns) in place.
+// X <- X m (dimension 1, block by block) in place.
 static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   if (!x.defined()) return;
-  if (diagonal) {
-    x.mul_(m.unsqueeze(0));
+  if (diagonal && x.size(1) == m.size(0)) {
+    x.mul_(m.view(along(x, 1, m.size(0))));
   } else {
-    x.copy_(at::mm(x, m));
+    x.copy_(right(x, diagonal, m));
   }
 }
 
@@ -226,6 +256,9 @@ DataDependentGL::DataDependentGL(double negative_slope, at::Tensor w_in, at::Ten
     : LayerSymmetry(SymmetryKind::kLinearGL, std::move(w_in), std::move(b_in), std::move(w_out),
                     std::move(name)),
       slope_(negative_slope) {
+  TORCH_CHECK(w_in_.dim() == 2 && w_out_.dim() == 2,
+              "DataDependentGL: expected two Linear weights (2-D), got W_in ", shape_of(w_in_),
+              " and W_out ", shape_of(w_out_));
   TORCH_CHECK(negative_slope > 0 && std::isfinite(negative_slope),
               "DataDependentGL: expected a LeakyReLU slope > 0 (a bijective activation), got ",
               negative_slope);

@@ -7,6 +7,7 @@
 #include <teleport/ascent.h>
 #include <teleport/data/idx.h>
 #include <teleport/discover.h>
+#include <teleport/layers.h>
 #include <teleport/objective.h>
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
