@@ -7,6 +7,8 @@
 #include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/pooling.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
 
@@ -133,12 +135,62 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       gl_t.in_steps, autograd_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
 }
 
+// The network of the LibTorch MNIST example as a Sequential (dropout left
+// out: it does not change the cost), at `batch`: a training step against a
+// closed-form teleport of all its scalings from .grad, each teleport timed
+// right after a step.
+std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
+  namespace nn = torch::nn;
+  torch::manual_seed(0);
+  nn::Sequential model(nn::Conv2d(nn::Conv2dOptions(1, 10, 5)), nn::MaxPool2d(2), nn::ReLU(),
+                       nn::Conv2d(nn::Conv2dOptions(10, 20, 5)), nn::MaxPool2d(2), nn::ReLU(),
+                       nn::Flatten(), nn::Linear(320, 50), nn::ReLU(), nn::Linear(50, 10));
+  model->to(device);
+  const auto x = torch::randn({batch, 1, 28, 28}, torch::TensorOptions(device));
+  const auto y = torch::randint(0, 10, {batch}, torch::TensorOptions(device).dtype(torch::kLong));
+  torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(1e-6));
+  auto step_seconds = [&] {
+    const auto start = std::chrono::steady_clock::now();
+    sgd.zero_grad();
+    torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+    sgd.step();
+    if (device.is_cuda()) torch::cuda::synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  const auto syms = teleport::discover(model).symmetries;
+  const auto options = teleport::TeleportOptions().steps(teleport_steps).lr(1e-3).max_growth(1e12);
+  std::vector<double> steps, seconds, ratios;
+  for (int r = 0; r <= std::max(3, reps); ++r) {
+    const double step = step_seconds();
+    teleport::detail::Snapshot snapshot(model->parameters());
+    const auto start = std::chrono::steady_clock::now();
+    teleport::teleport(syms, options);
+    if (device.is_cuda()) torch::cuda::synchronize();
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    snapshot.restore();
+    if (r == 0) continue;  // warm-up
+    steps.push_back(step);
+    seconds.push_back(t);
+    ratios.push_back(t / step);
+  }
+  auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  return fmt::format(
+      R"({{"name": "mnist-cnn", "batch": {}, "device": "{}", "symmetries": {}, "teleport_steps": {}, )"
+      R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}}}, )"
+      R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}}}}})",
+      batch, device.str(), syms.size(), teleport_steps, median(steps) * 1e3, median(seconds) * 1e3,
+      median(ratios));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Cost of a teleport against a training step; prints JSON", "teleport-bench"};
   std::string device_name = "cpu", widths = "512,1024";
-  int64_t batch = 128;
+  int64_t batch = 128, cnn_batch = 64;
   int reps = 20, teleport_steps = 10;
   app.add_option("--device", device_name, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--widths", widths, "hidden widths, one case each (784-W-W-10)");
@@ -146,6 +198,8 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "repetitions per timing (median)")->check(CLI::PositiveNumber);
   app.add_option("--teleport-steps", teleport_steps, "ascent steps per teleport")
       ->check(CLI::PositiveNumber);
+  app.add_option("--cnn-batch", cnn_batch, "batch of the MNIST CNN case (0 = skip it)")
+      ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
     if (device_name == "cuda" && !torch::cuda::is_available()) {
       throw teleport::examples::UsageError("--device cuda: CUDA is not available here");
@@ -155,6 +209,7 @@ int main(int argc, char** argv) {
     for (int64_t w : parse_list<int64_t>(widths, "--widths")) {
       cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
     }
+    if (cnn_batch > 0) cases.push_back(run_cnn_case(cnn_batch, reps, teleport_steps, device));
     fmt::print("{{\"cases\": [\n  {}\n]}}\n", fmt::join(cases, ",\n  "));
     return 0;
   });

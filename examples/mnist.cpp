@@ -10,6 +10,8 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
@@ -30,7 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Config {
   std::string dataset = "mnist", data_dir, device = "auto";
-  std::string hidden = "128,128", activation = "relu", optimizers = "sgd,adagrad";
+  std::string model = "mlp", hidden = "128,128", activation = "relu", optimizers = "sgd,adagrad";
   std::string seeds = "0", symmetry = "scaling", state_policy = "transport";
   double lr = 0, momentum = 0;
   int64_t batch_size = 64, epochs = 3, max_steps = 0, eval_every = 100, eval_subset = 10000;
@@ -93,8 +95,48 @@ Data load(const Config& c) {
   }
 }
 
-torch::nn::Sequential build_model(const std::vector<int64_t>& hidden, const std::string& act,
-                                  torch::Device device) {
+// The network of the LibTorch MNIST example, as a custom Module that declares
+// its symmetries: positive scalings, since ReLU, max-pooling and dropout stand
+// between its layers. (It returns logits; the example's log_softmax + NLL is
+// the cross-entropy used here.)
+struct NetImpl : torch::nn::Module {
+  torch::nn::Conv2d conv1{torch::nn::Conv2dOptions(1, 10, 5)};
+  torch::nn::Conv2d conv2{torch::nn::Conv2dOptions(10, 20, 5)};
+  torch::nn::Dropout2d conv2_drop;
+  torch::nn::Linear fc1{320, 50}, fc2{50, 10};
+
+  NetImpl() {
+    register_module("conv1", conv1);
+    register_module("conv2", conv2);
+    register_module("conv2_drop", conv2_drop);
+    register_module("fc1", fc1);
+    register_module("fc2", fc2);
+  }
+  at::Tensor forward(at::Tensor x) {
+    x = x.view({-1, 1, 28, 28});
+    x = torch::relu(torch::max_pool2d(conv1->forward(x), 2));
+    x = torch::relu(torch::max_pool2d(conv2_drop->forward(conv2->forward(x)), 2));
+    x = torch::relu(fc1->forward(x.view({-1, 320})));
+    x = torch::dropout(x, /*p=*/0.5, /*train=*/is_training());
+    return fc2->forward(x);
+  }
+  teleport::SymmetryList symmetries() {
+    return {teleport::scaling(conv1, conv2), teleport::scaling(conv2, fc1),
+            teleport::scaling(fc1, fc2)};
+  }
+};
+TORCH_MODULE(Net);
+
+// Either network, as the training loop sees it.
+struct Model {
+  std::shared_ptr<torch::nn::Module> module;  // parameters, train() and eval()
+  std::function<at::Tensor(const at::Tensor&)> forward;
+  torch::nn::Sequential mlp{nullptr};  // the MLP, for discover() and teleport batches
+  teleport::SymmetryList declared;     // the CNN's own symmetries
+};
+
+torch::nn::Sequential build_mlp(const std::vector<int64_t>& hidden, const std::string& act,
+                                torch::Device device) {
   torch::nn::Sequential model;
   int64_t in = 784;
   for (int64_t h : hidden) {
@@ -119,25 +161,36 @@ struct Eval {
   double loss, accuracy;
 };
 
-Eval evaluate(torch::nn::Sequential& model, const at::Tensor& x, const at::Tensor& y) {
+Model build_model(const Config& c, torch::Device device) {
+  if (c.model == "cnn") {
+    Net net;
+    net->to(device);
+    return {net.ptr(), [net](const at::Tensor& x) mutable { return net->forward(x); }, nullptr,
+            net->symmetries()};
+  }
+  auto mlp = build_mlp(parse_list<int64_t>(c.hidden, "--hidden"), c.activation, device);
+  return {mlp.ptr(), [mlp](const at::Tensor& x) mutable { return mlp->forward(x); }, mlp, {}};
+}
+
+Eval evaluate(Model& model, const at::Tensor& x, const at::Tensor& y) {
   torch::NoGradGuard no_grad;
-  model->eval();
+  model.module->eval();
   double loss = 0, correct = 0;
   for (int64_t i = 0; i < x.size(0); i += 10000) {
     const auto xb = x.slice(0, i, i + 10000), yb = y.slice(0, i, i + 10000);
-    const auto out = model->forward(xb);
+    const auto out = model.forward(xb);
     loss += torch::nn::functional::cross_entropy(
                 out, yb, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                 .item<double>();
     correct += out.argmax(1).eq(yb).sum().item<double>();
   }
-  model->train();
+  model.module->train();
   return {loss / x.size(0), correct / x.size(0)};
 }
 
-double grad_norm_sq(torch::nn::Sequential& model) {
+double grad_norm_sq(Model& model) {
   double total = 0;
-  for (const auto& p : model->parameters()) {
+  for (const auto& p : model.module->parameters()) {
     if (p.grad().defined()) total += p.grad().square().sum().item<double>();
   }
   return total;
@@ -182,11 +235,10 @@ struct Outcome {
 
 Outcome train(const Config& c, const Data& data, const std::string& optimizer, double lr,
               int64_t seed, bool teleporting, torch::Device device, Progress& progress) {
-  const auto hidden = parse_list<int64_t>(c.hidden, "--hidden");
   torch::manual_seed(seed);
-  auto model = build_model(hidden, c.activation, device);
+  Model model = build_model(c, device);
   std::unique_ptr<torch::optim::Optimizer> inner =
-      make_optimizer(optimizer, model->parameters(), lr, c.momentum);
+      make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
   Outcome o;
   o.run.label = optimizer + (teleporting ? "+teleport" : "");
   o.run.seed = seed;
@@ -218,13 +270,16 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                            torch::NoGradGuard no_grad;
                            o.run.teleports.back().loss_before = loss_value;
                            o.run.teleports.back().loss_after =
-                               cross_entropy(model->forward(x), y).item<double>();
+                               cross_entropy(model.forward(x), y).item<double>();
                          }
                        });
-    // gl: the paper's data-dependent GL(n) across each LeakyReLU.
-    auto t = std::make_unique<teleport::TeleportOptimizer>(
-        model, std::move(inner), options,
-        teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
+    // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
+    // across each LeakyReLU); the CNN declares its own.
+    auto t = model.mlp.is_empty()
+                 ? std::make_unique<teleport::TeleportOptimizer>(model.declared, std::move(inner), options)
+                 : std::make_unique<teleport::TeleportOptimizer>(
+                       model.mlp, std::move(inner), options,
+                       teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
     if (c.symmetry == "gl" && c.teleport_batch == 0) {
       t->set_teleport_batch([&] { return std::make_pair(x, y); }, cross_entropy);  // the minibatch
     }
@@ -270,12 +325,13 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
       const size_t teleports_before = o.run.teleports.size();
       teleport_norm = -1;
       double norm = 0;
-      if (c.symmetry == "gl" && teleporting) {
+      if ((c.symmetry == "gl" && teleporting) || c.model == "cnn") {
         // The data-dependent action leaves the gradient stale: the optimizer
-        // runs the closure again after a teleport.
+        // runs the closure again after a teleport. The CNN's dropout: the
+        // closure lets the optimizer measure the loss with the same masks.
         loss_value = opt->step([&] {
                           opt->zero_grad();
-                          auto loss = cross_entropy(model->forward(x), y);
+                          auto loss = cross_entropy(model.forward(x), y);
                           loss.backward();
                           return loss;
                         })
@@ -283,7 +339,7 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
         norm = grad_norm_sq(model);  // the gradient the update used
       } else {
         opt->zero_grad();
-        const auto loss = cross_entropy(model->forward(x), y);
+        const auto loss = cross_entropy(model.forward(x), y);
         loss.backward();
         loss_value = loss.item<double>();
         norm = grad_norm_sq(model);
@@ -442,7 +498,8 @@ int run(const Config& c) {
 
   const JsonFields config = {
       {"example", json_string("mnist")}, {"dataset", json_string(c.dataset)},
-      {"hidden", json_string(c.hidden)}, {"activation", json_string(c.activation)},
+      {"model", json_string(c.model)}, {"hidden", json_string(c.hidden)},
+      {"activation", json_string(c.activation)},
       {"optimizers", json_string(c.optimizers)}, {"momentum", json_number(c.momentum)},
       {"batch_size", std::to_string(c.batch_size)}, {"epochs", std::to_string(c.epochs)},
       {"max_steps", std::to_string(c.max_steps)}, {"device", json_string(device.str())},
@@ -473,6 +530,10 @@ int main(int argc, char** argv) {
   app.add_option("--dataset", c.dataset, "mnist or fashion")->check(CLI::IsMember({"mnist", "fashion"}));
   app.add_option("--data", c.data_dir, "directory with the IDX files");
   app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
+  app.add_option("--model", c.model,
+                 "mlp (Linear layers of --hidden, --activation) or cnn (the LibTorch MNIST "
+                 "example's network: two convolutions, max-pooling, dropout, two Linear layers)")
+      ->check(CLI::IsMember({"mlp", "cnn"}));
   app.add_option("--activation", c.activation, "relu or leaky_relu")
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
   app.add_option("--optimizer", c.optimizers,
@@ -528,6 +589,10 @@ int main(int argc, char** argv) {
     if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
     if (c.symmetry == "gl" && c.activation != "leaky_relu") {
       throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
+    }
+    if (c.model == "cnn" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
+      throw UsageError("--model cnn teleports by the scalings it declares, from the minibatch: "
+                       "--symmetry gl and --teleport-batch need --model mlp");
     }
     return run(c);
   });

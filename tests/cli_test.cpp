@@ -160,6 +160,22 @@ TEST(CliTest, MnistRunsEveryOptimizer) {
   expect_run_shape(json, labels);
 }
 
+// The CNN of the LibTorch example runs with and without teleport, its
+// teleports kept; its config names the model; teleport batches need the MLP.
+TEST(CliTest, MnistRunsTheCnn) {
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                     " --model cnn --optimizer sgd --batch-size 16 --epochs 1 --eval-every 3"
+                     " --eval-subset 32 --teleport-every 2 --teleport-lr 1 --quiet --json " +
+                     kTmp + "cnn.json");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto json = read(kTmp + "cnn.json");
+  expect_run_shape(json, {"sgd", "sgd+teleport"});
+  EXPECT_NE(json.find("\"model\": \"cnn\""), std::string::npos);
+  const auto usage = run(std::string(TELEPORT_MNIST) + " --model cnn --teleport-batch 64");
+  EXPECT_EQ(usage.code, 2) << usage.output;
+  EXPECT_EQ(lines(usage.output), 1u) << usage.output;
+}
+
 TEST(CliTest, SameSeedGivesBitIdenticalRunsAndBaselineAndTeleportStartAlike) {
   ASSERT_EQ(run(mnist_command(kTmp + "m2.json")).code, 0);
   ASSERT_EQ(run(mnist_command(kTmp + "m3.json")).code, 0);
