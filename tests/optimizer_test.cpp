@@ -511,7 +511,9 @@ template <typename Map>
 typename Map::key_type key_for(const Map&, const at::Tensor& p) {
   using Key = typename Map::key_type;
   if constexpr (std::is_same_v<Key, std::string>) {
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
   } else {
     return static_cast<Key>(p.unsafeGetTensorImpl());
   }

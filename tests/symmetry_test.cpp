@@ -6,6 +6,9 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/pooling.h>
 
+#include <teleport/internal/scaling_path.h>
+
+#include <optional>
 #include <random>
 
 namespace teleport::testing {
@@ -380,6 +383,47 @@ TEST_P(SymmetryTest, ConvolutionalActionsAreExactAndEquivariant) {
     EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
     backward(objective, net.model);
     for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(grads[i], params[i].grad(), 1e-9));
+  }
+}
+
+// A whole teleport of a conv net: the closed form (scaling on squared
+// gradients, in plain loops and in tensor operations; GL step by step) and
+// autograd reach the same weights, keep the loss and report the true ||∇L||².
+TEST_P(SymmetryTest, ConvolutionalTeleportsAgreeAcrossPaths) {
+  const auto nets = conv_nets(f64());
+  for (size_t i = 0; i < nets.size(); ++i) {
+    SCOPED_TRACE(nets[i].description);
+    std::vector<std::vector<at::Tensor>> weights;
+    std::vector<TeleportReport> reports;
+    const int paths = GetParam() == torch::kCPU ? 3 : 2;
+    for (int path = 0; path < paths; ++path) {
+      auto net = conv_nets(f64())[i];
+      const Objective objective = conv_objective(net, f64());
+      const double loss = objective.loss().item<double>();
+      std::optional<detail::ScalingTensorOpsOnCpu> switched;
+      if (path == 2) switched.emplace();
+      const auto method = path == 1 ? Method::kAutograd : Method::kClosedForm;
+      const auto syms = discover(net.model).symmetries;
+      reports.push_back(teleport(syms,
+                                 TeleportOptions().steps(6).lr(0.05).max_growth(1e6).method(method),
+                                 &objective));
+      switched.reset();
+      ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
+      EXPECT_GT(reports.back().grad_norm_sq_after, reports.back().grad_norm_sq_before);
+      EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
+      double fresh = 0;
+      for (const auto& g : torch::autograd::grad({objective.loss()}, detail::distinct_parameters(syms))) {
+        fresh += g.square().sum().item<double>();
+      }
+      EXPECT_NEAR(fresh, reports.back().grad_norm_sq_after, 1e-9 * fresh);
+      weights.push_back(clone_all(net.model->parameters()));
+    }
+    for (int path = 1; path < paths; ++path) {
+      EXPECT_EQ(reports[path].steps, reports[0].steps) << "path " << path;
+      for (size_t j = 0; j < weights[0].size(); ++j) {
+        EXPECT_TRUE(close(weights[path][j], weights[0][j], 1e-9)) << "path " << path << " parameter " << j;
+      }
+    }
   }
 }
 

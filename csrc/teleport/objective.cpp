@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <string>
+#include <torch/enum.h>
 #include <torch/nn/functional/conv.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
@@ -44,8 +46,9 @@ using Lookup = std::function<const at::Tensor&(const at::Tensor&)>;
 template <typename FuncOptions, typename Impl, typename F>
 at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     F&& functional) {
-  TORCH_CHECK(c10::holds_alternative<torch::enumtype::kZeros>(conv.options.padding_mode()),
-              "Objective: expected convolutions with zero padding, got another padding mode");
+  // By name: the variant type differs between LibTorch versions.
+  const std::string mode = torch::enumtype::get_enum_name(conv.options.padding_mode());
+  TORCH_CHECK(mode == "kZeros", "Objective: expected convolutions with zero padding, got ", mode);
   return functional(x, w, FuncOptions()
                               .bias(b)
                               .stride(conv.options.stride())
