@@ -92,7 +92,7 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
     double seconds, in_steps;
   };
   auto time_teleport = [&](const teleport::SymmetryList& syms, teleport::Method method) {
-    const teleport::Objective objective(model, x, y, loss_fn);
+    const teleport::BatchLoss objective(model, x, y, loss_fn);
     const auto opts = teleport::TeleportOptions(options).method(method);
     std::vector<double> seconds, ratios;
     for (int r = 0; r <= std::max(3, reps / 2); ++r) {

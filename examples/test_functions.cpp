@@ -28,7 +28,7 @@ Run descend(const Config& c, bool teleporting) {
   auto f = [booth](const at::Tensor& w) { return booth ? teleport::booth(w) : teleport::rosenbrock(w); };
   const teleport::SymmetryList syms = {booth ? teleport::booth_symmetry(xy)
                                              : teleport::rosenbrock_symmetry(xy)};
-  const teleport::Objective objective(
+  const teleport::BatchLoss objective(
       [&](const teleport::ParameterOverrides& o) { return f(teleport::value_of(o, xy)); });
   const auto options = teleport::TeleportOptions()
                            .steps(c.teleport_steps)

@@ -30,7 +30,7 @@ TEST_P(AscentTest, TeleportKeepsLossAndRaisesGradNorm) {
   for (auto options : {f64(), f32()}) {
     for (Act act : {Act::kIdentity, Act::kReLU, Act::kLeakyReLU}) {
       auto s = make(act, options);
-      const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+      const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
       const TeleportReport r = teleport(s.syms, ascent(), &objective);
       ASSERT_FALSE(r.rolled_back) << r.reason;
       EXPECT_EQ(r.steps, 5);
@@ -51,7 +51,7 @@ TEST_P(AscentTest, TeleportKeepsLossAndRaisesGradNorm) {
 
 TEST_P(AscentTest, TeleportFromGradLeavesExactGradient) {
   auto s = make(Act::kReLU, f64());
-  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
   backward(objective, s.model);
   const TeleportReport r = teleport(s.syms, ascent());
   ASSERT_FALSE(r.rolled_back) << r.reason;
@@ -80,8 +80,8 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
       const double lr = scalings_only ? 2.0 : 0.5;
       auto a = scalings_only ? make(Act::kLeakyReLU, f64(), 4) : mixed(4);
       auto b = scalings_only ? make(Act::kLeakyReLU, f64(), 4) : mixed(4);
-      const Objective oa(a.model, a.batch.input, a.batch.target, mse());
-      const Objective ob(b.model, b.batch.input, b.batch.target, mse());
+      const BatchLoss oa(a.model, a.batch.input, a.batch.target, mse());
+      const BatchLoss ob(b.model, b.batch.input, b.batch.target, mse());
       const auto ra = teleport(a.syms, ascent().lr(lr).parametrization(p).method(Method::kClosedForm), &oa);
       const auto rb = teleport(b.syms, ascent().lr(lr).parametrization(p).method(Method::kAutograd), &ob);
       ASSERT_FALSE(ra.rolled_back || rb.rolled_back) << ra.reason << rb.reason;
@@ -105,7 +105,7 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
       std::vector<std::vector<at::Tensor>> weights, grads;
       for (bool tensor_ops : {false, true}) {
         auto s = make(Act::kReLU, f64(), 6);
-        const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+        const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
         backward(objective, s.model);
         std::optional<detail::ScalingTensorOpsOnCpu> switched;
         if (tensor_ops) switched.emplace();
@@ -140,7 +140,7 @@ SymmetryList wrong_symmetry(torch::nn::Sequential& model) {
 
 TEST_P(AscentTest, RollbackWhenTheLossChangesBeyondTolerance) {
   auto s = make(Act::kReLU, f64());
-  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
   backward(objective, s.model);
   const auto weights = clone_all(s.model->parameters());
   std::vector<at::Tensor> grads;
@@ -162,7 +162,7 @@ TEST_P(AscentTest, RollbackWhenTheLossChangesBeyondTolerance) {
 
 TEST_P(AscentTest, NonFiniteGradientRollsBack) {
   auto s = make(Act::kReLU, f64());
-  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
   backward(objective, s.model);
   s.model->parameters()[0].grad()[0][0] = std::numeric_limits<double>::quiet_NaN();
   const auto weights = clone_all(s.model->parameters());
@@ -175,7 +175,7 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
 TEST_P(AscentTest, GrowthCapStopsTheAscent) {
   for (Method m : {Method::kClosedForm, Method::kAutograd}) {
     auto s = make(Act::kReLU, f64());
-    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
     const auto r = teleport(s.syms, ascent().steps(50).max_growth(1.5).method(m), &objective);
     ASSERT_FALSE(r.rolled_back) << r.reason;
     EXPECT_LT(r.steps, 50);
@@ -195,7 +195,7 @@ TEST_P(AscentTest, GrowthCapStopsTheAscent) {
 
 TEST_P(AscentTest, StepCapBoundsEachStep) {
   auto s = make(Act::kIdentity, f64());
-  const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
   const auto r = teleport(s.syms, ascent().steps(1).lr(1e3).max_step(0.01), &objective);
   ASSERT_FALSE(r.rolled_back) << r.reason;
   for (const auto& e : r.elements) {
@@ -206,7 +206,7 @@ TEST_P(AscentTest, StepCapBoundsEachStep) {
 }
 
 // ||∇L||² over the symmetries' parameters, from a fresh backward pass.
-double fresh_grad_norm_sq(const Objective& objective, torch::nn::Sequential& model,
+double fresh_grad_norm_sq(const BatchLoss& objective, torch::nn::Sequential& model,
                           const SymmetryList& syms) {
   backward(objective, model);
   double norm = 0;
@@ -226,7 +226,7 @@ TEST_P(AscentTest, KeptTeleportsRaiseTheObjectiveOnEveryPath) {
       for (double lr : {0.05, 0.5, 5.0, 50.0}) {
         for (uint64_t seed : {11, 12, 13}) {
           auto s = make(act, f64(), seed);
-          const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+          const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
           const double loss = backward(objective, s.model);
           double before = 0;
           for (const auto& p : detail::distinct_parameters(s.syms)) {
@@ -261,7 +261,7 @@ TEST_P(AscentTest, KeptTeleportsRaiseTheObjectiveOnEveryPath) {
 TEST_P(AscentTest, TeleportThatRaisesNothingIsRolledBack) {
   for (Act act : {Act::kIdentity, Act::kReLU}) {
     auto s = make(act, f64());
-    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
     backward(objective, s.model);
     for (auto& p : s.model->parameters()) p.grad().zero_();
     const auto weights = clone_all(s.model->parameters());
@@ -280,7 +280,7 @@ TEST_P(AscentTest, LargeStepCapKeepsScalingsPositive) {
   for (bool tensor_ops : {false, true}) {
     if (tensor_ops && GetParam() != torch::kCPU) continue;
     auto s = make(Act::kReLU, f64(), 5);
-    const Objective objective(s.model, s.batch.input, s.batch.target, mse());
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
     const double loss = backward(objective, s.model);
     std::optional<detail::ScalingTensorOpsOnCpu> switched;
     if (tensor_ops) switched.emplace();

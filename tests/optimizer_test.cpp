@@ -739,7 +739,7 @@ TEST_P(OptimizerTest, TeleportBatchDrivesTheTeleportAndMapsTheGradient) {
     const auto params = m->parameters();
     const Batch teleport_batch = random_batch(32, 6, 3, f64(), 7);
     const Batch b = batch(0);
-    const Objective minibatch(m, b.input, b.target, mse());
+    const BatchLoss minibatch(m, b.input, b.target, mse());
     TeleportReport report;
     std::vector<double> errors;
     TeleportOptimizer opt(m, sgd(m),

@@ -58,7 +58,7 @@ TEST_P(PaperTest, DiscoveryOffersDataDependentGLAcrossLeakyReLUWhenAsked) {
 TEST_P(PaperTest, DataDependentActionKeepsTheLossOnASmallBatch) {
   for (bool bias : {false, true}) {
     auto r = regression({4, 5, 6, 7, 8}, bias, f64(), 12345);
-    const Objective objective(r.model, r.x, r.y, half_sse());
+    const BatchLoss objective(r.model, r.x, r.y, half_sse());
     const auto syms = data_dependent(r.model);
     const double before = objective.loss().item<double>();
     EXPECT_TRUE(syms[0]->exact_for(&objective));
@@ -73,7 +73,7 @@ TEST_P(PaperTest, DataDependentActionKeepsTheLossOnASmallBatch) {
 
 TEST_P(PaperTest, DataDependentTeleportKeepsLossAndRaisesGradNorm) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
-  const Objective objective(r.model, r.x, r.y, half_sse());
+  const BatchLoss objective(r.model, r.x, r.y, half_sse());
   const auto report = teleport(data_dependent(r.model),
                                TeleportOptions().steps(8).lr(1e-7).max_growth(100).max_step(1e12),
                                &objective);
@@ -87,7 +87,7 @@ TEST_P(PaperTest, DataDependentTeleportKeepsLossAndRaisesGradNorm) {
 TEST_P(PaperTest, DataDependentBeyondTheRankConditionIsMarkedInexact) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
   const auto big = random_batch(20, 5, 8, f64(), 9);  // 20 samples > 5 inputs
-  const Objective objective(r.model, big.input.abs(), big.target, half_sse());
+  const BatchLoss objective(r.model, big.input.abs(), big.target, half_sse());
   // With the tolerance out of the way, the loss really moves: the action is
   // not exact on this batch, and the report says so.
   const auto report = teleport(data_dependent(r.model),
@@ -108,7 +108,7 @@ TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
       half_sse()(r.model->forward(r.x), r.y).backward();
       sgd.step();
     }
-    const Objective objective(r.model, r.x, r.y, half_sse());
+    const BatchLoss objective(r.model, r.x, r.y, half_sse());
     // The tolerance (1 = 100%) does not decide here: the loss is measured
     // afresh against a bound of its own.
     const auto report = teleport(
@@ -132,7 +132,7 @@ TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
 std::vector<double> booth_losses(Mode mode, torch::TensorOptions o) {
   at::Tensor xy = torch::tensor({5.0, -5.0}, o).requires_grad_(true);
   const SymmetryList syms = {booth_symmetry(xy)};
-  const Objective objective([&](const ParameterOverrides& ov) { return booth(value_of(ov, xy)); });
+  const BatchLoss objective([&](const ParameterOverrides& ov) { return booth(value_of(ov, xy)); });
   std::vector<double> losses;
   for (int t = 0; t < 10; ++t) {
     if (t == 4) {
@@ -165,7 +165,7 @@ TEST_P(PaperTest, RosenbrockKeepsTheLossAtTheTeleport) {
     torch::NoGradGuard no_grad;
     xy.sub_(1e-3 * grad);
   }
-  const Objective objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+  const BatchLoss objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
   const double before = rosenbrock(xy).item<double>();
   const auto r = teleport({rosenbrock_symmetry(xy)},
                           TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9).tolerance(1),
@@ -177,7 +177,7 @@ TEST_P(PaperTest, RosenbrockKeepsTheLossAtTheTeleport) {
 }
 
 // ||∇L||² of `objective` at the parameters' current values.
-double grad_norm_sq(const Objective& objective, const std::vector<at::Tensor>& params) {
+double grad_norm_sq(const BatchLoss& objective, const std::vector<at::Tensor>& params) {
   double total = 0;
   for (const auto& g : torch::autograd::grad({objective.loss()}, params)) {
     total += g.square().sum().item<double>();
@@ -196,7 +196,7 @@ TEST_P(PaperTest, KeptTeleportsRaiseTheObjectiveOnTheAutogradPaths) {
   for (int64_t i = 0; i < starts.size(0); ++i) {
     for (double lr : {1e-3, 1e-2, 1e-1, 1.0}) {
       at::Tensor xy = starts[i].clone().requires_grad_(true);
-      const Objective objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+      const BatchLoss objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
       const double loss = rosenbrock(xy).item<double>(), before = grad_norm_sq(objective, {xy});
       const auto r = teleport({rosenbrock_symmetry(xy)},
                               TeleportOptions().steps(10).lr(lr).max_step(1e9).max_growth(1e9), &objective);
@@ -213,7 +213,7 @@ TEST_P(PaperTest, KeptTeleportsRaiseTheObjectiveOnTheAutogradPaths) {
     for (uint64_t seed : {31, 32}) {
       for (double lr : {1e-8, 1e-6, 1e-4}) {
         auto r = regression(dims, false, f64(), seed);
-        const Objective objective(r.model, r.x, r.y, half_sse());
+        const BatchLoss objective(r.model, r.x, r.y, half_sse());
         const auto params = r.model->parameters();
         const double loss = objective.loss().item<double>(), before = grad_norm_sq(objective, params);
         const auto rep = teleport(data_dependent(r.model),
@@ -245,7 +245,7 @@ TEST_P(PaperTest, NonFiniteInputsAreSkippedNotThrown) {
       x[0][0] = std::numeric_limits<double>::quiet_NaN();
     }
     const auto weights = clone_all(r.model->parameters());
-    const Objective objective(r.model, x, r.y, half_sse());
+    const BatchLoss objective(r.model, x, r.y, half_sse());
     TeleportReport rep;
     ASSERT_EQ(error_of([&] {
                 rep = teleport(data_dependent(r.model), TeleportOptions().steps(3).lr(1e-6),

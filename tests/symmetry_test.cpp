@@ -57,7 +57,7 @@ void expect_action_keeps_outputs(torch::TensorOptions options, double tol) {
   for (const auto& c : kCases) {
     auto model = make_mlp({5, 7, 6, 4}, c.act, c.bias, options);
     const auto batch = random_batch(9, 5, 4, options);
-    const Objective objective(model, batch.input, batch.target, mse());
+    const BatchLoss objective(model, batch.input, batch.target, mse());
     torch::NoGradGuard no_grad;
     const at::Tensor out = objective.forward();
     const double loss = objective.loss().item<double>();
@@ -90,7 +90,7 @@ TEST_P(SymmetryTest, GradientsTransportEquivariantly) {
   for (const auto& c : kCases) {
     auto model = make_mlp({5, 7, 6, 4}, c.act, c.bias, f64());
     const auto batch = random_batch(9, 5, 4, f64());
-    const Objective objective(model, batch.input, batch.target, mse());
+    const BatchLoss objective(model, batch.input, batch.target, mse());
     backward(objective, model);
     const auto syms = discover(model).symmetries;
     std::vector<at::Tensor> grads;
@@ -110,7 +110,7 @@ TEST_P(SymmetryTest, ClosedFormDirectionMatchesAutograd) {
   for (const auto& c : kCases) {
     auto model = make_mlp({5, 7, 6, 4}, c.act, c.bias, f64(), 3);
     const auto batch = random_batch(9, 5, 4, f64());
-    const Objective objective(model, batch.input, batch.target, mse());
+    const BatchLoss objective(model, batch.input, batch.target, mse());
     const auto syms = discover(model).symmetries;
     const auto closed = directions(syms, Method::kClosedForm, &objective);
     const auto autograd = directions(syms, Method::kAutograd, &objective);
@@ -125,7 +125,7 @@ TEST_P(SymmetryTest, ClosedFormDirectionMatchesAutograd) {
 TEST_P(SymmetryTest, ClosedFormFromGradMatchesBatchGradient) {
   auto model = make_mlp({5, 7, 4}, Act::kReLU, true, f64());
   const auto batch = random_batch(9, 5, 4, f64());
-  const Objective objective(model, batch.input, batch.target, mse());
+  const BatchLoss objective(model, batch.input, batch.target, mse());
   backward(objective, model);
   const auto syms = discover(model).symmetries;
   EXPECT_LE(rel_diff(directions(syms, Method::kClosedForm)[0],
@@ -158,7 +158,7 @@ TEST_P(SymmetryTest, MaskedElementIsIdentityWhenFalse) {
 TEST_P(SymmetryTest, SquaredGradientsTransportAsSquares) {
   auto model = make_mlp({5, 7, 4}, Act::kReLU, true, f64());
   const auto batch = random_batch(9, 5, 4, f64());
-  const Objective objective(model, batch.input, batch.target, mse());
+  const BatchLoss objective(model, batch.input, batch.target, mse());
   backward(objective, model);
   const auto s = discover(model).symmetries.at(0);
   const auto e = random_element(*s, Parametrization::kLinear, 0.3);
@@ -273,7 +273,7 @@ TEST_P(SymmetryTest, PropertiesHoldOnRandomMlps) {
   for (uint64_t seed = 0; seed < kRandomModels; ++seed) {
     auto mlp = random_mlp(seed, f64());
     SCOPED_TRACE(mlp.description);
-    const Objective objective(mlp.model, mlp.batch.input, mlp.batch.target, mse());
+    const BatchLoss objective(mlp.model, mlp.batch.input, mlp.batch.target, mse());
     const auto syms = discover(mlp.model).symmetries;
     ASSERT_FALSE(syms.empty());
     // Closed form = autograd.
@@ -341,7 +341,7 @@ std::vector<ConvNet> conv_nets(torch::TensorOptions options) {
 }
 
 // The loss of a conv net on a random batch, with the target its own shape.
-Objective conv_objective(ConvNet& net, torch::TensorOptions options) {
+BatchLoss conv_objective(ConvNet& net, torch::TensorOptions options) {
   torch::manual_seed(5);
   const at::Tensor x = torch::randn(net.input, options);
   at::Tensor y;
@@ -349,7 +349,7 @@ Objective conv_objective(ConvNet& net, torch::TensorOptions options) {
     torch::NoGradGuard no_grad;
     y = torch::randn_like(net.model->forward(x));
   }
-  return Objective(net.model, x, y, mse());
+  return BatchLoss(net.model, x, y, mse());
 }
 
 // Invariance (≤ 1e-10, float64), gradient equivariance and closed form =
@@ -358,7 +358,7 @@ Objective conv_objective(ConvNet& net, torch::TensorOptions options) {
 TEST_P(SymmetryTest, ConvolutionalActionsAreExactAndEquivariant) {
   for (auto& net : conv_nets(f64())) {
     SCOPED_TRACE(net.description);
-    const Objective objective = conv_objective(net, f64());
+    const BatchLoss objective = conv_objective(net, f64());
     const auto syms = discover(net.model).symmetries;
     ASSERT_EQ(syms.size(), net.kinds.size());
     for (size_t k = 0; k < syms.size(); ++k) {
@@ -398,7 +398,7 @@ TEST_P(SymmetryTest, ConvolutionalTeleportsAgreeAcrossPaths) {
     const int paths = GetParam() == torch::kCPU ? 3 : 2;
     for (int path = 0; path < paths; ++path) {
       auto net = conv_nets(f64())[i];
-      const Objective objective = conv_objective(net, f64());
+      const BatchLoss objective = conv_objective(net, f64());
       const double loss = objective.loss().item<double>();
       std::optional<detail::ScalingTensorOpsOnCpu> switched;
       if (path == 2) switched.emplace();

@@ -83,7 +83,7 @@ inline Batch random_batch(int64_t n, int64_t in, int64_t out, torch::TensorOptio
 }
 
 /// Fills .grad with the gradient of the objective's loss; returns the loss.
-inline double backward(const Objective& objective, torch::nn::Sequential& model) {
+inline double backward(const BatchLoss& objective, torch::nn::Sequential& model) {
   for (auto& p : model->parameters()) {
     if (p.grad().defined()) p.grad().zero_();
   }

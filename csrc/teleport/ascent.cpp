@@ -119,13 +119,13 @@ at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
   return t * factor.to(t.scalar_type());
 }
 
-// The gradients of the objective's loss at the current weights, without
+// The gradients of the batch's loss at the current weights, without
 // touching `.grad`; the loss itself comes back through `loss`.
-std::vector<at::Tensor> batch_gradients(const Objective& objective,
+std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
                                         const std::vector<at::Tensor>& params,
                                         at::Tensor& loss) {
   at::AutoGradMode enable(true);
-  loss = objective.loss();
+  loss = batch.loss();
   auto grads = torch::autograd::grad({loss}, params);
   loss = loss.detach();
   return grads;
@@ -150,7 +150,7 @@ at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o)
 }
 
 // Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
-// is kept. In exact mode it must raise the objective and stay within the
+// is kept. In exact mode it must raise the batch and stay within the
 // cap; the reference arithmetic keeps any finite step. NaN fails either way.
 at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
                    const at::Tensor& limit, const TeleportOptions& o) {
@@ -218,10 +218,10 @@ struct Evaluation {
   std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
 };
 
-// F(T) = ||∇L((I+T)·w)||² on the objective's batch at T = 0 and, when asked,
+// F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked,
 // ∂F/∂T by double backward.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
-                    const std::vector<std::vector<size_t>>& where, const Objective& objective,
+                    const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
                     bool with_directions, Mode mode = Mode::kExact) {
   at::AutoGradMode enable(true);
   std::vector<at::Tensor> Ts;
@@ -237,11 +237,11 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   for (size_t k = 0; k < syms.size(); ++k) {
     Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
     const auto acted =
-        syms[k]->act(pick(current, where[k]), Ts.back(), &objective, in_force(), mode);
+        syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force(), mode);
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
   const ParameterOverrides overrides = in_force();
-  const at::Tensor loss = objective.loss(overrides);
+  const at::Tensor loss = batch.loss(overrides);
   const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
   const at::Tensor F = norm_sq(grads);
   Evaluation ev{loss.detach(), F.detach(), {}};
@@ -291,7 +291,7 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
       elements.push_back(step_element(*syms[k], T, o));
     }
     // The gradients after this step, known exactly without a backward pass;
-    // the step is kept only if they raise the objective within the cap.
+    // the step is kept only if they raise the batch within the cap.
     std::vector<at::Tensor> candidate;
     for (const auto& g : grads) candidate.push_back(g.clone());
     for (size_t k = 0; k < syms.size(); ++k) {
@@ -599,16 +599,16 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
 }
 
-// Autograd: F(T) = ||∇L((I+T)·w)||² on the objective's batch, ∂F/∂T at T = 0
+// Autograd: F(T) = ||∇L((I+T)·w)||² on the batch, ∂F/∂T at T = 0
 // by double backward. One forward, backward and double backward per attempt.
 // A refused attempt is undone by restoring the weights as they were before it
 // (decided on the device), which works for any action, and the next attempt
 // goes half as far along the same direction.
 Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
-                       const Objective& objective, const TeleportOptions& o) {
+                       const BatchLoss& batch, const TeleportOptions& o) {
   const auto where = positions(syms, params);
   Ascent a(syms);
-  Evaluation here = evaluate(syms, params, where, objective, true, o.mode());
+  Evaluation here = evaluate(syms, params, where, batch, true, o.mode());
   a.norm_before = here.F;
   a.norm_after = here.F;
   a.loss_before = here.loss;
@@ -621,12 +621,12 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
     const std::vector<GroupElement> total_before = a.total;
     // Reference mode builds every data-dependent action from the activations
     // before this step, as the published code does.
-    const Objective pre_step = o.mode() == Mode::kReference ? objective.with_fixed([&] {
+    const BatchLoss pre_step = o.mode() == Mode::kReference ? batch.with_fixed([&] {
       ParameterOverrides fixed;
       for (size_t i = 0; i < params.size(); ++i) fixed.emplace_back(params[i], before[i]);
       return fixed;
     }())
-                                                             : objective;
+                                                             : batch;
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < syms.size(); ++k) {
       const at::Tensor T =
@@ -635,7 +635,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       syms[k]->apply_(elements.back(), &pre_step, o.mode());
       a.total[k] = elements.back().compose(a.total[k]);
     }
-    Evaluation next = evaluate(syms, params, where, objective, true, o.mode());
+    Evaluation next = evaluate(syms, params, where, batch, true, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));
@@ -662,20 +662,20 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
 }  // namespace
 
 std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method,
-                                   const Objective* objective) {
+                                   const BatchLoss* batch) {
   TORCH_CHECK(!symmetries.empty(), "directions: expected symmetries, got none");
   method = resolve_method(symmetries, method);
   const auto params = detail::distinct_parameters(symmetries);
   const auto where = positions(symmetries, params);
   if (method == Method::kAutograd) {
-    TORCH_CHECK(objective != nullptr,
+    TORCH_CHECK(batch != nullptr,
                 "directions: the autograd direction needs a batch and a loss, got none");
-    return evaluate(symmetries, params, where, *objective, true).directions;
+    return evaluate(symmetries, params, where, *batch, true).directions;
   }
   std::vector<at::Tensor> grads;
-  if (objective != nullptr) {
+  if (batch != nullptr) {
     at::Tensor loss;
-    grads = batch_gradients(*objective, params, loss);
+    grads = batch_gradients(*batch, params, loss);
   } else {
     for (const auto& p : params) {
       TORCH_CHECK(p.grad().defined(), "directions: expected gradients in .grad, got none");
@@ -698,7 +698,7 @@ Method resolve_method(const SymmetryList& symmetries, Method method) {
 }
 
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
-                        const Objective* objective) {
+                        const BatchLoss* batch) {
   const auto start = Clock::now();
   options.validate();
   TeleportReport report;
@@ -716,19 +716,19 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
                 p.device(), ", ", p.scalar_type());
   }
   const Method method = resolve_method(symmetries, options.method());
-  TORCH_CHECK(method == Method::kClosedForm || objective != nullptr,
-              "teleport: the autograd direction needs a batch and a loss (an Objective), "
+  TORCH_CHECK(method == Method::kClosedForm || batch != nullptr,
+              "teleport: the autograd direction needs a batch and a loss (a BatchLoss), "
               "got none");
   for (const auto& s : symmetries) {
     TORCH_CHECK(method == Method::kAutograd || s->has_closed_form(), "teleport: ",
                 s->name(), " has no closed-form direction; use Method::kAutograd");
-    TORCH_CHECK(s->transports_gradients() || objective != nullptr, "teleport: ", s->name(),
-                " is data-dependent and needs a batch and a loss (an Objective), got none");
+    TORCH_CHECK(s->transports_gradients() || batch != nullptr, "teleport: ", s->name(),
+                " is data-dependent and needs a batch and a loss (a BatchLoss), got none");
   }
   report.exact = options.mode() == Mode::kExact;
-  for (const auto& s : symmetries) report.exact = s->exact_for(objective) && report.exact;
+  for (const auto& s : symmetries) report.exact = s->exact_for(batch) && report.exact;
   std::vector<at::Tensor> grads;
-  if (objective == nullptr) {
+  if (batch == nullptr) {
     for (const auto& p : params) {
       TORCH_CHECK(p.grad().defined(),
                   "teleport: expected gradients in .grad (call loss.backward() before "
@@ -742,19 +742,19 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
                             method == Method::kClosedForm;
   // The scaling path from .grad decides finiteness before it touches anything;
   // every other path keeps a copy to roll back to.
-  const bool self_checking = fast_scaling && objective == nullptr;
+  const bool self_checking = fast_scaling && batch == nullptr;
   std::optional<detail::Snapshot> snapshot;
   if (!self_checking) snapshot.emplace(params);
   at::Tensor loss_before;
-  if (method == Method::kClosedForm && objective != nullptr) {
-    grads = batch_gradients(*objective, params, loss_before);
+  if (method == Method::kClosedForm && batch != nullptr) {
+    grads = batch_gradients(*batch, params, loss_before);
   }
   Ascent a(symmetries);
   try {
-    a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *objective, options)
+    a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
         : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
                        : closed_form_ascent(symmetries, params, grads, options);
-    if (objective != nullptr) {
+    if (batch != nullptr) {
       // .grad was not the ascent's own gradient: map it to the new point too,
       // where gradients map; elsewhere it must be computed afresh.
       for (size_t k = 0; k < symmetries.size(); ++k) {
@@ -787,10 +787,10 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     checks.push_back(at::stack(sums).sum().to(dtype));
   }
   checks.push_back(a.invertible.defined() ? a.invertible.to(dtype) : at::ones({}, a.norm_before.options()));
-  if (objective != nullptr) {
+  if (batch != nullptr) {
     at::NoGradGuard no_grad;
     checks.push_back(a.loss_before.to(dtype));
-    checks.push_back(objective->loss().detach().to(dtype));
+    checks.push_back(batch->loss().detach().to(dtype));
   }
   const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
   const double* v = host.data_ptr<double>();
@@ -800,7 +800,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   report.shortened = static_cast<int64_t>(v[3]);
   const bool all_finite = std::isfinite(v[4]);
   const bool invertible = v[5] != 0;
-  if (objective != nullptr) {
+  if (batch != nullptr) {
     report.loss_before = v[6];
     report.loss_after = v[7];
   }
@@ -815,7 +815,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   } else if (guarded && !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
     rollback = "no ascent step raised ||grad L||^2 (" + std::to_string(report.shortened) +
                " refused and halved)";
-  } else if (objective != nullptr) {
+  } else if (batch != nullptr) {
     const double change = std::abs(report.loss_after - report.loss_before);
     if (!std::isfinite(report.loss_after)) {
       rollback = "non-finite loss";

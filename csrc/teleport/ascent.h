@@ -1,6 +1,6 @@
 #pragma once
 
-#include <teleport/objective.h>
+#include <teleport/batch_loss.h>
 #include <teleport/options.h>
 #include <teleport/symmetry.h>
 
@@ -56,19 +56,19 @@ struct TeleportReport {
 /// gradients in `.grad` (mapped exactly, so an optimizer step that follows sees
 /// the gradient at the new point).
 ///
-/// Without an objective the direction comes from `.grad` in closed form and
+/// Without a batch the direction comes from `.grad` in closed form and
 /// the checks are the non-finite test and the caps. With one (a batch and a
 /// loss) the direction comes from that batch's gradient, the loss is measured
 /// before and after, and a change beyond `options.tolerance()` rolls back.
 /// A rolled-back teleport leaves weights and gradients bitwise as they were.
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
-                        const Objective* objective = nullptr);
+                        const BatchLoss* batch = nullptr);
 
 /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 for each symmetry: in closed form from the
-/// objective's batch gradient (or from `.grad` when there is no objective), or
-/// by double backward on the objective (Method::kAutograd).
+/// batch's gradient (or from `.grad` when there is no batch), or
+/// by double backward on the batch (Method::kAutograd).
 std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method,
-                                   const Objective* objective = nullptr);
+                                   const BatchLoss* batch = nullptr);
 
 /// Resolves kAuto: closed form when every symmetry has one.
 Method resolve_method(const SymmetryList& symmetries, Method method);

@@ -499,7 +499,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
                                                at::Tensor& current) {
   if (next_batch_) {
     auto batch = next_batch_();
-    const Objective objective(model_, batch.first, batch.second, loss_fn_);
+    const BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
     return teleport(symmetries_, options_, &objective);
   }
   if (replay == nullptr || symmetries_.empty()) {

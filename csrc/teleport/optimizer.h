@@ -2,7 +2,7 @@
 
 #include <teleport/ascent.h>
 #include <teleport/discover.h>
-#include <teleport/objective.h>
+#include <teleport/batch_loss.h>
 #include <teleport/options.h>
 #include <teleport/symmetry.h>
 

@@ -43,7 +43,7 @@ at::Tensor SO2Symmetry::rotate(const at::Tensor& xy, const at::Tensor& g) const 
   return at::stack({x, y}).reshape(xy.sizes());
 }
 
-void SO2Symmetry::apply_(const GroupElement& e, const Objective*, Mode) const {
+void SO2Symmetry::apply_(const GroupElement& e, const BatchLoss*, Mode) const {
   at::NoGradGuard no_grad;
   xy_.copy_(rotate(xy_.detach(), e.g));
 }
@@ -59,7 +59,7 @@ void SO2Symmetry::transport_squared_gradients_(const GroupElement&,
 }
 
 std::vector<at::Tensor> SO2Symmetry::act(const std::vector<at::Tensor>& params,
-                                         const at::Tensor& T, const Objective*,
+                                         const at::Tensor& T, const BatchLoss*,
                                          const ParameterOverrides&, Mode) const {
   TORCH_CHECK(params.size() == 1, name_, ": expected 1 tensor, got ", params.size());
   return {rotate(params[0], rotation(T))};

@@ -30,9 +30,9 @@ class SO2Symmetry : public Symmetry {
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   /// The rotation by θ = T[0], whatever the parametrization.
   GroupElement element(const at::Tensor& T, Parametrization p) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+  void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const override;
-  bool exact_for(const Objective*) const override { return true; }
+  bool exact_for(const BatchLoss*) const override { return true; }
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
@@ -40,7 +40,7 @@ class SO2Symmetry : public Symmetry {
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const Objective* batch,
+                              const BatchLoss* batch,
                               const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;

@@ -195,7 +195,7 @@ static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   }
 }
 
-void LayerSymmetry::apply_(const GroupElement& e, const Objective*, Mode) const {
+void LayerSymmetry::apply_(const GroupElement& e, const BatchLoss*, Mode) const {
   at::NoGradGuard no_grad;
   left_(e.g, e.diagonal, w_in_);
   left_(e.g, e.diagonal, b_in_);
@@ -224,7 +224,7 @@ void LayerSymmetry::transport_squared_gradients_(
 }
 
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
-                                           const at::Tensor& T, const Objective*,
+                                           const at::Tensor& T, const BatchLoss*,
                                            const ParameterOverrides&, Mode) const {
   TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ",
               parameters().size(), " tensors, got ", params.size());
@@ -306,7 +306,7 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
   return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
 }
 
-bool DataDependentGL::exact_for(const Objective* batch) const {
+bool DataDependentGL::exact_for(const BatchLoss* batch) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   const at::Tensor h = batch->input_of(w_in_);
   const int64_t columns = h.size(1) + (b_in_.defined() ? 1 : 0);
@@ -317,7 +317,7 @@ bool DataDependentGL::exact_for(const Objective* batch) const {
   return false;
 }
 
-void DataDependentGL::apply_(const GroupElement& e, const Objective* batch, Mode mode) const {
+void DataDependentGL::apply_(const GroupElement& e, const BatchLoss* batch, Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   at::NoGradGuard no_grad;
   const at::Tensor h = batch->input_of(w_in_);
@@ -328,7 +328,7 @@ void DataDependentGL::apply_(const GroupElement& e, const Objective* batch, Mode
 }
 
 std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& params,
-                                             const at::Tensor& T, const Objective* batch,
+                                             const at::Tensor& T, const BatchLoss* batch,
                                              const ParameterOverrides& in_force,
                                              Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");

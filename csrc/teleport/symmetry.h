@@ -1,6 +1,6 @@
 #pragma once
 
-#include <teleport/objective.h>
+#include <teleport/batch_loss.h>
 #include <teleport/options.h>
 
 #include <ATen/Tensor.h>
@@ -72,11 +72,11 @@ class Symmetry {
   /// batch (the inputs of its layer in the network as it stands); others
   /// ignore it. `mode` kReference asks for the published code's arithmetic
   /// where it differs (the data-dependent action); others ignore it.
-  virtual void apply_(const GroupElement& e, const Objective* batch = nullptr,
+  virtual void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const = 0;
   /// Whether the action is exact, for all data or on `batch` (a data-dependent
   /// action is exact only when the batch is small enough; it warns otherwise).
-  virtual bool exact_for(const Objective* batch) const = 0;
+  virtual bool exact_for(const BatchLoss* batch) const = 0;
 
   /// Whether gradients map exactly (the action is linear in the weights);
   /// otherwise gradients must be computed afresh after a teleport.
@@ -97,7 +97,7 @@ class Symmetry {
   /// values the other parameters have at this point of the evaluation, for a
   /// data-dependent action that reads its layer's inputs from `batch`.
   virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                                      const Objective* batch,
+                                      const BatchLoss* batch,
                                       const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const = 0;
 
@@ -140,9 +140,9 @@ class LayerSymmetry : public Symmetry {
   at::Tensor zero_algebra() const override;
   bool has_closed_form() const override { return true; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+  void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const override;
-  bool exact_for(const Objective*) const override { return true; }
+  bool exact_for(const BatchLoss*) const override { return true; }
   bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
@@ -150,7 +150,7 @@ class LayerSymmetry : public Symmetry {
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const Objective* batch,
+                              const BatchLoss* batch,
                               const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;
@@ -183,15 +183,15 @@ class DataDependentGL : public LayerSymmetry {
   bool diagonal() const override { return false; }
   bool has_closed_form() const override { return false; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
-  void apply_(const GroupElement& e, const Objective* batch = nullptr,
+  void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const override;
-  bool exact_for(const Objective* batch) const override;
+  bool exact_for(const BatchLoss* batch) const override;
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
   bool can_transport_squared_gradients() const override { return false; }
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const Objective* batch,
+                              const BatchLoss* batch,
                               const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const override;
 

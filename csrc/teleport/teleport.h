@@ -8,7 +8,7 @@
 #include <teleport/data/idx.h>
 #include <teleport/discover.h>
 #include <teleport/layers.h>
-#include <teleport/objective.h>
+#include <teleport/batch_loss.h>
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
 #include <teleport/random_state.h>

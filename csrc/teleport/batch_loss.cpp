@@ -1,4 +1,4 @@
-#include <teleport/objective.h>
+#include <teleport/batch_loss.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -18,23 +18,23 @@ const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor
   return p;
 }
 
-Objective::Objective(torch::nn::Sequential model, at::Tensor input,
+BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input,
                      at::Tensor target, LossFn loss_fn)
     : model_(std::move(model)),
       input_(std::move(input)),
       target_(std::move(target)),
       loss_fn_(std::move(loss_fn)) {
-  TORCH_CHECK(!model_.is_empty(), "Objective: expected a model, got an empty holder");
-  TORCH_CHECK(input_.defined(), "Objective: expected an input batch, got an undefined tensor");
-  TORCH_CHECK(loss_fn_ != nullptr, "Objective: expected a loss function, got none");
+  TORCH_CHECK(!model_.is_empty(), "BatchLoss: expected a model, got an empty holder");
+  TORCH_CHECK(input_.defined(), "BatchLoss: expected an input batch, got an undefined tensor");
+  TORCH_CHECK(loss_fn_ != nullptr, "BatchLoss: expected a loss function, got none");
   std::vector<at::Tensor> tensors = model_->parameters();
   tensors.push_back(input_);
   devices_ = devices_of(tensors);
   random_ = std::make_shared<const RandomState>(devices_);
 }
 
-Objective::Objective(ParametricLossFn loss) : parametric_(std::move(loss)) {
-  TORCH_CHECK(parametric_ != nullptr, "Objective: expected a loss function, got none");
+BatchLoss::BatchLoss(ParametricLossFn loss) : parametric_(std::move(loss)) {
+  TORCH_CHECK(parametric_ != nullptr, "BatchLoss: expected a loss function, got none");
   random_ = std::make_shared<const RandomState>();
 }
 
@@ -48,7 +48,7 @@ at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, 
                     F&& functional) {
   // By name: the variant type differs between LibTorch versions.
   const std::string mode = torch::enumtype::get_enum_name(conv.options.padding_mode());
-  TORCH_CHECK(mode == "kZeros", "Objective: expected convolutions with zero padding, got ", mode);
+  TORCH_CHECK(mode == "kZeros", "BatchLoss: expected convolutions with zero padding, got ", mode);
   return functional(x, w, FuncOptions()
                               .bias(b)
                               .stride(conv.options.stride())
@@ -119,7 +119,7 @@ at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
   };
   const bool reached = run_into(*model.ptr(), x, lookup, stop);
   TORCH_CHECK(reached || !stop.defined(),
-              "Objective::input_of: the model has no Linear or Conv layer with that weight");
+              "BatchLoss::input_of: the model has no Linear or Conv layer with that weight");
   return x;
 }
 
@@ -146,29 +146,29 @@ at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& d
 
 }  // namespace
 
-at::Tensor Objective::forward(const ParameterOverrides& overrides) const {
-  TORCH_CHECK(has_model(), "Objective::forward: this objective has no model");
+at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
+  TORCH_CHECK(has_model(), "BatchLoss::forward: this objective has no model");
   return replayed(*random_, devices_,
                   [&] { return run(model_, input_, overrides, fixed_, at::Tensor()); });
 }
 
-at::Tensor Objective::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
-  TORCH_CHECK(has_model(), "Objective::input_of: this objective has no model");
+at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
+  TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
   at::Tensor x =
       replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); });
   return x.reshape({-1, x.size(-1)});
 }
 
-Objective Objective::with_fixed(ParameterOverrides fixed) const {
-  Objective copy = *this;
+BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {
+  BatchLoss copy = *this;
   copy.fixed_ = std::move(fixed);
   return copy;
 }
 
-at::Tensor Objective::loss(const ParameterOverrides& overrides) const {
+at::Tensor BatchLoss::loss(const ParameterOverrides& overrides) const {
   at::Tensor l = parametric_ ? replayed(*random_, devices_, [&] { return parametric_(overrides); })
                              : loss_fn_(forward(overrides), target_);
-  TORCH_CHECK(l.numel() == 1, "Objective: expected the loss function to return a scalar, got ",
+  TORCH_CHECK(l.numel() == 1, "BatchLoss: expected the loss function to return a scalar, got ",
               l.sizes());
   return l.reshape({});
 }

@@ -31,11 +31,11 @@ using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
 /// generators are set to their state at construction for each evaluation and
 /// put back after it, so the loss differs between evaluations only by what
 /// the parameters do, and evaluating it draws nothing from the stream.
-class Objective {
+class BatchLoss {
  public:
-  Objective(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
+  BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
             LossFn loss_fn);
-  explicit Objective(ParametricLossFn loss);
+  explicit BatchLoss(ParametricLossFn loss);
 
   /// The loss with the model's own parameters, or with `overrides` in place of
   /// some Linear weights and biases. Differentiable when grad mode is on.
@@ -52,7 +52,7 @@ class Objective {
 
   /// A copy that evaluates with `fixed` in force wherever a call's own
   /// overrides say nothing (e.g. the weights as they were before a step).
-  Objective with_fixed(ParameterOverrides fixed) const;
+  BatchLoss with_fixed(ParameterOverrides fixed) const;
 
  private:
   torch::nn::Sequential model_{nullptr};
