@@ -40,6 +40,9 @@ struct Config {
   int64_t teleport_batch = 0;
   std::vector<int64_t> teleport_at;
   double teleport_lr = 10, max_growth = 1.5, max_step = 0.5, tolerance = 1e-4;
+  std::string objective = "grad_norm";
+  double stall_fraction = 0, stall_decay = 0.9;
+  int64_t stall_cooldown = 100;
   std::string json, csv, plot, log;
   bool no_baseline = false, no_teleport = false, quiet = false;
 };
@@ -56,6 +59,13 @@ const std::map<std::string, double>& default_lrs() {
       {"adagrad", 0.02},  {"rmsprop", 1e-3},   {"adam", 1e-3},
       {"adamw", 2e-3}};
   return lrs;
+}
+
+// The CNN's own where its sweep (docs/results.md) tuned one; the MLP's otherwise.
+double default_lr(const std::string& model, const std::string& optimizer) {
+  static const std::map<std::string, double> cnn = {{"sgd", 0.2}, {"adagrad", 0.01}};
+  if (model == "cnn" && cnn.count(optimizer) > 0) return cnn.at(optimizer);
+  return default_lrs().at(optimizer);
 }
 
 // `momentum` and `nesterov` are SGD with momentum 0.9 (the second with
@@ -261,6 +271,11 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                        .max_growth(c.max_growth)
                        .max_step(c.max_step)
                        .tolerance(c.tolerance)
+                       .objective(c.objective == "balance" ? teleport::Objective::kBalance
+                                                           : teleport::Objective::kGradNorm)
+                       .stall_fraction(c.stall_fraction)
+                       .stall_decay(c.stall_decay)
+                       .stall_cooldown(c.stall_cooldown)
                        .state_policy(policies.at(c.state_policy))
                        .on_report([&](const teleport::TeleportReport& r) {
                          o.run.teleports.push_back(r);
@@ -418,7 +433,7 @@ int run(const Config& c) {
   std::vector<Curve> curves;
   std::vector<std::string> rows;
   for (const auto& optimizer : optimizers) {
-    const double lr = c.lr > 0 ? c.lr : default_lrs().at(optimizer);
+    const double lr = c.lr > 0 ? c.lr : default_lr(c.model, optimizer);
     std::vector<double> step_ratio, second_ratio;
     for (int64_t seed : seeds) {
       std::vector<Outcome> pair;
@@ -511,6 +526,8 @@ int run(const Config& c) {
       {"teleport_batch", std::to_string(c.teleport_batch)},
       {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
       {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
+      {"objective", json_string(c.objective)}, {"stall_fraction", json_number(c.stall_fraction)},
+      {"stall_decay", json_number(c.stall_decay)}, {"stall_cooldown", std::to_string(c.stall_cooldown)},
       {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
   if (!c.json.empty()) write_json(c.json, config, runs);
   if (!c.csv.empty()) write_csv(c.csv, runs);
@@ -571,6 +588,20 @@ int main(int argc, char** argv) {
   app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(finite_above(0));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
       ->check(finite_above(0));
+  app.add_option("--objective", c.objective,
+                 "what a teleport optimizes: grad_norm (the paper: raise |grad|^2) or balance (lower "
+                 "the sum of squared weights, each unit's in and out norms equal); "
+                 "preconditioned, look_ahead and flatness are not available yet")
+      ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance"}));
+  app.add_option("--stall-fraction", c.stall_fraction,
+                 "also teleport when |grad|^2 falls below this fraction of its running mean "
+                 "(training stalls); 0 = off")
+      ->check(CLI::Range(0.0, 0.999999));
+  app.add_option("--stall-decay", c.stall_decay, "weight of the past in that running mean")
+      ->check(CLI::Range(0.0, 0.999999));
+  app.add_option("--stall-cooldown", c.stall_cooldown,
+                 "steps before the first on-demand teleport and between two")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--state-policy", c.state_policy, "keep, reset or transport")
       ->check(CLI::IsMember({"keep", "reset", "transport"}));
   app.add_option("--eval-every", c.eval_every, "evaluate the train subset every N steps")
@@ -589,6 +620,13 @@ int main(int argc, char** argv) {
     if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
     if (c.symmetry == "gl" && c.activation != "leaky_relu") {
       throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
+    }
+    if (c.objective != "grad_norm" && c.objective != "balance") {
+      throw UsageError("--objective " + c.objective +
+                       ": not available yet (grad_norm and balance are)");
+    }
+    if (c.objective == "balance" && c.symmetry == "gl") {
+      throw UsageError("--objective balance acts by positive scalings: it needs --symmetry scaling");
     }
     if (c.model == "cnn" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
       throw UsageError("--model cnn teleports by the scalings it declares, from the minibatch: "

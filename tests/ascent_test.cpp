@@ -3,6 +3,8 @@
 
 #include <teleport/internal/scaling_path.h>
 
+#include <torch/nn/modules/conv.h>
+
 #include <optional>
 
 namespace teleport::testing {
@@ -320,6 +322,66 @@ TEST_P(AscentTest, SingularStepIsRefusedNotThrown) {
       EXPECT_NEAR((w_out * w_in).item<double>(), 1.0, 1e-12);
     }
   }
+}
+
+// kBalance from a deliberately unbalanced network (MLP and CNN, scaling and
+// GL symmetries): the loss is kept, Σ||W||² falls, and after convergence every
+// hidden unit's incoming norm (row and bias) equals its outgoing norm.
+TEST_P(AscentTest, BalanceEqualisesEveryUnitAndKeepsTheLoss) {
+  namespace nn = torch::nn;
+  for (int model_kind : {0, 1, 2}) {
+    torch::manual_seed(12);
+    nn::Sequential m = model_kind == 0 ? make_mlp({6, 8, 7, 3}, Act::kReLU, true, f64(), 12)
+                       : model_kind == 1
+                           ? make_mlp({6, 8, 7, 3}, Act::kIdentity, true, f64(), 12)
+                           : nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::ReLU(),
+                                            nn::Conv2d(nn::Conv2dOptions(4, 3, 3)), nn::Flatten(),
+                                            nn::Linear(3 * 4 * 4, 5));
+    m->to(device(), torch::kDouble);
+    {  // unbalance: inflate every second layer's weights
+      torch::NoGradGuard no_grad;
+      auto params = m->parameters();
+      for (size_t i = 0; i < params.size(); i += 4) params[i].mul_(30);
+    }
+    const at::Tensor x = model_kind == 2 ? torch::randn({4, 2, 8, 8}, f64()) : torch::randn({10, 6}, f64());
+    at::Tensor y;
+    {
+      torch::NoGradGuard no_grad;
+      y = torch::randn_like(m->forward(x));
+    }
+    const BatchLoss batch(m, x, y, mse());
+    const double loss = backward(batch, m);
+    const auto syms = discover(m).symmetries;
+    const auto r = teleport(syms, TeleportOptions().objective(Objective::kBalance).steps(200));
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_LT(r.objective_after, 0.5 * r.objective_before);
+    EXPECT_NEAR(batch.loss().item<double>(), loss, 1e-10 * loss);
+    // .grad was carried to the new point: it is the gradient there.
+    std::vector<at::Tensor> carried;
+    for (const auto& p : m->parameters()) carried.push_back(p.grad().clone());
+    backward(batch, m);
+    for (size_t i = 0; i < carried.size(); ++i) {
+      EXPECT_LE(rel_diff(carried[i], m->parameters()[i].grad()), 1e-9);
+    }
+    for (const auto& s : syms) {
+      const auto p = s->parameters();
+      const int64_t n = p.front().size(0);
+      at::Tensor in = p.front().detach().square().reshape({n, -1}).sum(1);
+      if (p.size() == 3) in = in + p[1].detach().square();
+      const at::Tensor out = p.back().detach().square().reshape({p.back().size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      EXPECT_LE((in / out - 1).abs().max().item<double>(), 1e-3) << s->name();
+    }
+    // Balanced already: nothing left to lower, so the next one is rolled back.
+    const auto again = teleport(syms, TeleportOptions().objective(Objective::kBalance).steps(5));
+    if (again.rolled_back) {
+      EXPECT_NE(again.reason.find("balanced already"), std::string::npos) << again.reason;
+    } else {
+      EXPECT_LT(again.objective_after, again.objective_before);
+    }
+  }
+  EXPECT_NE(error_of([] { TeleportOptions().objective(Objective::kFlatness).validate(); })
+                .find("not available yet"),
+            std::string::npos);
 }
 
 TEST_P(AscentTest, NoSymmetriesIsANoOp) {

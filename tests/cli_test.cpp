@@ -176,6 +176,19 @@ TEST(CliTest, MnistRunsTheCnn) {
   EXPECT_EQ(lines(usage.output), 1u) << usage.output;
 }
 
+// --objective balance and the on-demand schedule run, and the config says so.
+TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                     " --optimizer sgd --hidden 16,12 --batch-size 16 --epochs 2 --eval-every 3"
+                     " --eval-subset 32 --teleport-every 4 --objective balance --stall-fraction 0.5"
+                     " --stall-cooldown 2 --quiet --json " + kTmp + "balance.json");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto json = read(kTmp + "balance.json");
+  expect_run_shape(json, {"sgd", "sgd+teleport"});
+  EXPECT_NE(json.find("\"objective\": \"balance\""), std::string::npos);
+  EXPECT_NE(json.find("\"stall_fraction\": 0.5"), std::string::npos);
+}
+
 TEST(CliTest, SameSeedGivesBitIdenticalRunsAndBaselineAndTeleportStartAlike) {
   ASSERT_EQ(run(mnist_command(kTmp + "m2.json")).code, 0);
   ASSERT_EQ(run(mnist_command(kTmp + "m3.json")).code, 0);
@@ -201,7 +214,9 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
                                  std::string(TELEPORT_REGRESSION) + " --max-step inf",
                                  std::string(TELEPORT_REGRESSION) + " --tolerance nan",
                                  std::string(TELEPORT_MNIST) + " --max-growth 1e400",
-                                 std::string(TELEPORT_TEST_FUNCTIONS) + " --teleport-lr -1"}) {
+                                 std::string(TELEPORT_TEST_FUNCTIONS) + " --teleport-lr -1",
+                                 std::string(TELEPORT_MNIST) + " --objective flatness",
+                                 std::string(TELEPORT_MNIST) + " --objective sharpest"}) {
     const auto r = run(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
     EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;

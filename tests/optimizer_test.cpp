@@ -217,6 +217,9 @@ TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
                        .at({2, 9})
                        .until(500)
                        .max_teleports(4)
+                       .stall_fraction(0.25)
+                       .stall_decay(0.5)
+                       .stall_cooldown(33)
                        .steps(3)
                        .lr(0.25)
                        .method(Method::kAutograd)
@@ -239,6 +242,9 @@ TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
   EXPECT_EQ(o.at(), (std::vector<int64_t>{2, 9}));
   EXPECT_EQ(o.until(), 500);
   EXPECT_EQ(o.max_teleports(), 4);
+  EXPECT_EQ(o.stall_fraction(), 0.25);
+  EXPECT_EQ(o.stall_decay(), 0.5);
+  EXPECT_EQ(o.stall_cooldown(), 33);
   EXPECT_EQ(o.steps(), 3);
   EXPECT_EQ(o.lr(), 0.25);
   EXPECT_EQ(o.method(), Method::kAutograd);
@@ -252,6 +258,36 @@ TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
   ASSERT_TRUE(o.on_report() != nullptr);  // the loading optimizer's own callback stays
   o.on_report()(TeleportReport{});
   EXPECT_TRUE(called);
+  // The objective (kBalance has exact arithmetic only, so on its own).
+  TeleportOptimizer balancing(m, sgd(m), TeleportOptions().objective(Objective::kBalance));
+  std::stringstream balance_stream;
+  torch::save(balancing, balance_stream);
+  torch::load(loaded, balance_stream);
+  EXPECT_EQ(loaded.options().objective(), Objective::kBalance);
+}
+
+// On demand: a gradient that collapses (a synthetic plateau: the loss scaled
+// down 100-fold from step 30) makes the optimizer teleport there, once per
+// cooldown; steady training never does.
+TEST_P(OptimizerTest, OnDemandTeleportsWhenTheGradientCollapses) {
+  auto m = model();
+  std::vector<int64_t> fired;
+  TeleportOptimizer opt(m, sgd(m),
+                        TeleportOptions().steps(3).lr(0.05).stall_fraction(0.1).stall_cooldown(15).on_report(
+                            [&](const TeleportReport& r) { fired.push_back(r.step); }));
+  for (int64_t t = 0; t < 60; ++t) {
+    const double scale = t < 30 ? 1.0 : 0.01;
+    opt.step([&] {
+      opt.zero_grad();
+      const Batch b = batch(t % 3);
+      auto loss = mse()(m->forward(b.input), b.target) * scale;
+      loss.backward();
+      return loss;
+    });
+  }
+  ASSERT_FALSE(fired.empty());
+  EXPECT_EQ(fired.front(), 30);
+  for (size_t i = 1; i < fired.size(); ++i) EXPECT_GE(fired[i] - fired[i - 1], 15);
 }
 
 // Dropout draws new masks at every forward; the loss before and after a

@@ -253,6 +253,9 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
 
 struct Ascent {
   at::Tensor norm_before, norm_after, loss_before, steps, shortened;
+  // The teleport objective where it is not ||∇L||² (kBalance: Σ||W||²,
+  // lowered); undefined otherwise.
+  at::Tensor objective_before, objective_after;
   // Where the path decided before touching anything that its result is finite
   // (and otherwise applied the identity): a 0-dim bool; undefined elsewhere.
   at::Tensor finite;
@@ -659,6 +662,55 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   return a;
 }
 
+// kBalance (docs/design.md §8): Σ||W||² over the symmetries' parameters,
+// lowered by positive per-unit factors. For unit j of one symmetry, with a_j
+// its incoming squared norm (row of W_in and bias) and e_j its outgoing one
+// (column block of W_out), t_j = (e_j / a_j)^¼ minimises a_j t² + e_j / t²
+// with the other symmetries fixed, making the two equal. `steps` sweeps over
+// the symmetries: block coordinate descent, so no sweep raises the sum. The
+// sweeps run on copies; weights and gradients move once, by the product.
+Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                      const std::vector<at::Tensor>& grads, const TeleportOptions& o) {
+  const auto where = positions(syms, params);
+  std::vector<at::Tensor> w;
+  for (const auto& p : params) w.push_back(p.detach().clone());
+  std::vector<at::Tensor> c;
+  for (const auto& s : syms) c.push_back(at::ones({s->zero_algebra().size(0)}, params.front().options()));
+  Ascent a(syms);
+  a.objective_before = norm_sq(w);
+  a.norm_before = norm_sq(grads);
+  for (int64_t sweep = 0; sweep < o.steps(); ++sweep) {
+    for (size_t k = 0; k < syms.size(); ++k) {
+      const int64_t n = c[k].size(0);
+      const auto& idx = where[k];  // {W_in, b_in?, W_out}
+      at::Tensor in = w[idx[0]].square().reshape({n, -1}).sum(1);
+      if (idx.size() == 3) in = in + w[idx[1]].square();
+      const at::Tensor& w_out = w[idx.back()];
+      const at::Tensor out = w_out.square().reshape({w_out.size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      // Dead units (no incoming or no outgoing weight) keep their factor.
+      const at::Tensor t = at::where(in.gt(0).logical_and(out.gt(0)), (out / in).pow(0.25),
+                                     at::ones_like(in));
+      for (size_t j = 0; j + 1 < idx.size(); ++j) {
+        std::vector<int64_t> shape(static_cast<size_t>(w[idx[j]].dim()), 1);
+        shape[0] = n;
+        w[idx[j]] = w[idx[j]] * t.view(shape);
+      }
+      w[idx.back()] = (w_out.reshape({w_out.size(0), n, -1}) / t.view({1, n, 1})).reshape(w_out.sizes());
+      c[k] = c[k] * t;
+    }
+  }
+  for (size_t k = 0; k < syms.size(); ++k) {
+    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true, {}};
+    syms[k]->apply_(a.total[k]);
+    syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
+  }
+  a.objective_after = norm_sq(w);
+  a.norm_after = norm_sq(grads);
+  a.steps = at::full({}, o.steps(), params.front().options().dtype(at::kLong));
+  a.shortened = at::zeros({}, params.front().options().dtype(at::kLong));
+  return a;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method,
@@ -738,20 +790,28 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     }
   }
 
+  const bool balance = options.objective() == Objective::kBalance;
+  for (const auto& s : symmetries) {
+    const auto* layer = dynamic_cast<const LayerSymmetry*>(s.get());
+    TORCH_CHECK(!balance || (layer != nullptr && s->transports_gradients()),
+                "teleport: kBalance acts by positive factors on Linear and Conv layer symmetries; ",
+                s->name(), " is not one");
+  }
   const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact &&
-                            method == Method::kClosedForm;
+                            method == Method::kClosedForm && !balance;
   // The scaling path from .grad decides finiteness before it touches anything;
   // every other path keeps a copy to roll back to.
   const bool self_checking = fast_scaling && batch == nullptr;
   std::optional<detail::Snapshot> snapshot;
   if (!self_checking) snapshot.emplace(params);
   at::Tensor loss_before;
-  if (method == Method::kClosedForm && batch != nullptr) {
+  if ((method == Method::kClosedForm || balance) && batch != nullptr) {
     grads = batch_gradients(*batch, params, loss_before);
   }
   Ascent a(symmetries);
   try {
-    a = method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
+    a = balance ? balance_ascent(symmetries, params, grads, options)
+        : method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
         : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
                        : closed_form_ascent(symmetries, params, grads, options);
     if (batch != nullptr) {
@@ -787,6 +847,9 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     checks.push_back(at::stack(sums).sum().to(dtype));
   }
   checks.push_back(a.invertible.defined() ? a.invertible.to(dtype) : at::ones({}, a.norm_before.options()));
+  // The teleport objective: ||∇L||² (raised) unless the path says otherwise.
+  checks.push_back(a.objective_before.defined() ? a.objective_before.to(dtype) : a.norm_before);
+  checks.push_back(a.objective_after.defined() ? a.objective_after.to(dtype) : a.norm_after);
   if (batch != nullptr) {
     at::NoGradGuard no_grad;
     checks.push_back(a.loss_before.to(dtype));
@@ -800,9 +863,11 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
   report.shortened = static_cast<int64_t>(v[3]);
   const bool all_finite = std::isfinite(v[4]);
   const bool invertible = v[5] != 0;
+  report.objective_before = v[6];
+  report.objective_after = v[7];
   if (batch != nullptr) {
-    report.loss_before = v[6];
-    report.loss_after = v[7];
+    report.loss_before = v[8];
+    report.loss_after = v[9];
   }
   const bool guarded = options.mode() == Mode::kExact;
   std::string rollback;
@@ -812,7 +877,9 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     rollback = "the product of the ascent steps could not be inverted";
   } else if (!all_finite || !std::isfinite(report.grad_norm_sq_after)) {
     rollback = "non-finite weights or gradients";
-  } else if (guarded && !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
+  } else if (balance && !(report.objective_after < report.objective_before)) {
+    rollback = "no sweep lowered the sum of squared weights (the units are balanced already)";
+  } else if (guarded && !balance && !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
     rollback = "no ascent step raised ||grad L||^2 (" + std::to_string(report.shortened) +
                " refused and halved)";
   } else if (batch != nullptr) {
@@ -831,7 +898,7 @@ TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& o
     report.rolled_back = true;
     report.reason = rollback;
   } else {
-    if (report.steps < options.steps()) {
+    if (report.steps < options.steps() && !balance) {
       report.reason = "stopped after " + std::to_string(report.steps) + " of " +
                       std::to_string(options.steps()) + " steps: " +
                       std::to_string(report.shortened) +

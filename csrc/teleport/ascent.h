@@ -24,8 +24,12 @@ struct TeleportReport {
   /// ||∇L||² over the parameters the symmetries act on.
   double grad_norm_sq_before = std::numeric_limits<double>::quiet_NaN();
   double grad_norm_sq_after = std::numeric_limits<double>::quiet_NaN();
+  /// The teleport objective (TeleportOptions::objective): ||∇L||² for
+  /// kGradNorm, Σ||W||² over the symmetries' parameters for kBalance.
+  double objective_before = std::numeric_limits<double>::quiet_NaN();
+  double objective_after = std::numeric_limits<double>::quiet_NaN();
   /// Ascent steps taken: each one raised ||∇L||² (fewer than asked when no
-  /// shortened step did).
+  /// shortened step did); for kBalance, the sweeps.
   int64_t steps = 0;
   /// Attempts refused (lower, non-finite, singular or beyond the growth cap),
   /// each halving the steps after it.

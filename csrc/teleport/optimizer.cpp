@@ -17,6 +17,7 @@
 
 #include <deque>
 #include <memory>
+#include <limits>
 #include <sstream>
 #include <type_traits>
 
@@ -437,20 +438,32 @@ void TeleportOptimizer::sync_inner() {
   }
 }
 
+double TeleportOptimizer::symmetric_grad_norm_sq() const {
+  std::vector<at::Tensor> sums;
+  for (const auto& p : detail::distinct_parameters(symmetries_)) {
+    if (!p.grad().defined()) return std::numeric_limits<double>::quiet_NaN();
+    sums.push_back(p.grad().square().sum());
+  }
+  return sums.empty() ? std::numeric_limits<double>::quiet_NaN()
+                      : at::stack(sums).sum().item<double>();
+}
+
 at::Tensor TeleportOptimizer::step(LossClosure closure) {
   sync_inner();
-  if (!teleport_due(options_, step_, teleports_)) {
+  const bool scheduled = teleport_due(options_, step_, teleports_);
+  const bool watching = options_.stall_fraction() > 0 && !symmetries_.empty() &&
+                        teleport_allowed(options_, step_, teleports_);
+  if (!scheduled && !watching) {
     ++step_;
     return inner_->step(closure);  // exactly the bare optimizer's step
   }
-  check_model_unchanged();
-  check_state_policy();
   // Data-dependent actions and reference arithmetic do not map gradients.
   bool fresh_gradients = options_.mode() == Mode::kReference;
   for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
-  TORCH_CHECK(!fresh_gradients || closure != nullptr,
-              "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves the "
-              "gradient stale; call step(closure) so that it can be computed afresh after it");
+  const char* stale = "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves "
+                      "the gradient stale; call step(closure) so that it can be computed afresh "
+                      "after it";
+  TORCH_CHECK(!scheduled || !fresh_gradients || closure != nullptr, stale);
   // Every call of the closure here replays the randomness of the first (dropout
   // masks), so the losses before and after differ only by the teleport, and
   // the random stream advances as by the one call of a plain step.
@@ -466,20 +479,27 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     at::AutoGradMode enable(true);
     loss = closure();
   }
+  // On demand: the gradient the step is about to use says whether training stalled.
+  const bool due = (watching && stall_.update(options_, symmetric_grad_norm_sq(), step_)) || scheduled;
   // The loss at the point the inner step starts from, with its gradient in .grad.
   at::Tensor current = loss;
-  last_report_ = run_teleport(replay, loss, current);
-  last_report_.step = step_;
-  has_report_ = true;
-  ++teleports_;
-  if (!last_report_.rolled_back) {
-    apply_state_policy(last_report_);
-    if (last_report_.gradients_stale) {
-      current = replay();
-      last_report_.gradients_stale = false;
+  if (due) {
+    TORCH_CHECK(!fresh_gradients || closure != nullptr, stale);
+    check_model_unchanged();
+    check_state_policy();
+    last_report_ = run_teleport(replay, loss, current);
+    last_report_.step = step_;
+    has_report_ = true;
+    ++teleports_;
+    if (!last_report_.rolled_back) {
+      apply_state_policy(last_report_);
+      if (last_report_.gradients_stale) {
+        current = replay();
+        last_report_.gradients_stale = false;
+      }
     }
+    if (options_.on_report()) options_.on_report()(last_report_);
   }
-  if (options_.on_report()) options_.on_report()(last_report_);
   // The inner optimizer's first call of the closure would compute what is
   // already there; later calls (LBFGS's line search) evaluate new points.
   LossClosure inner_closure = nullptr;
@@ -640,6 +660,8 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
   write_int(archive, "teleport/version", kCheckpointVersion);
   write_int(archive, "teleport/step", step_);
   write_int(archive, "teleport/teleports", teleports_);
+  archive.write("teleport/stall_mean", c10::IValue(stall_.mean()));
+  write_int(archive, "teleport/stall_last", stall_.last());
   options_.serialize(archive);
 
   write_int(archive, "groups/count", static_cast<int64_t>(param_groups_.size()));
@@ -677,6 +699,11 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
               kCheckpointVersion, ", got ", version);
   step_ = read_int(archive, "teleport/step");
   teleports_ = read_int(archive, "teleport/teleports");
+  {
+    c10::IValue mean;
+    archive.read("teleport/stall_mean", mean);
+    stall_.restore(mean.toDouble(), read_int(archive, "teleport/stall_last"));
+  }
   options_.serialize(archive);  // every option but on_report, which stays
 
   const int64_t groups = read_int(archive, "groups/count");

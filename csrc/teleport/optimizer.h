@@ -4,6 +4,7 @@
 #include <teleport/discover.h>
 #include <teleport/batch_loss.h>
 #include <teleport/options.h>
+#include <teleport/schedule.h>
 #include <teleport/symmetry.h>
 
 #include <torch/nn/modules/container/sequential.h>
@@ -107,6 +108,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   void check_state_policy() const;
   void sync_inner();
   void check_model_unchanged() const;
+  // ||∇L||² over the symmetries' parameters, NaN where a gradient is missing.
+  double symmetric_grad_norm_sq() const;
 
   torch::nn::Sequential model_;
   std::unique_ptr<torch::optim::Optimizer> inner_;
@@ -120,6 +123,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   TeleportReport last_report_;
   bool has_report_ = false;
   bool noted_unknown_state_ = false;
+  StallDetector stall_;  // the on-demand schedule (TeleportOptions::stall_fraction)
 };
 
 namespace detail {

@@ -19,6 +19,12 @@ void TeleportOptions::validate() const {
   TORCH_CHECK(max_teleports() >= -1,
               "TeleportOptions: expected max_teleports >= 0 or -1 (no limit), got ",
               max_teleports());
+  TORCH_CHECK(stall_fraction() >= 0 && stall_fraction() < 1,
+              "TeleportOptions: expected stall_fraction in [0, 1) (0 = off), got ", stall_fraction());
+  TORCH_CHECK(stall_decay() >= 0 && stall_decay() < 1,
+              "TeleportOptions: expected stall_decay in [0, 1), got ", stall_decay());
+  TORCH_CHECK(stall_cooldown() >= 0, "TeleportOptions: expected stall_cooldown >= 0, got ",
+              stall_cooldown());
   TORCH_CHECK(steps() >= 0, "TeleportOptions: expected steps >= 0, got ", steps());
   TORCH_CHECK(std::isfinite(lr()) && lr() > 0,
               "TeleportOptions: expected a finite lr > 0, got ", lr());
@@ -30,6 +36,12 @@ void TeleportOptions::validate() const {
               max_growth());
   TORCH_CHECK(max_halvings() >= 0, "TeleportOptions: expected max_halvings >= 0, got ",
               max_halvings());
+  TORCH_CHECK(objective() == Objective::kGradNorm || objective() == Objective::kBalance,
+              "TeleportOptions: expected the objective kGradNorm or kBalance (kPreconditioned, "
+              "kLookAhead and kFlatness are not available yet), got ",
+              static_cast<int>(objective()));
+  TORCH_CHECK(objective() != Objective::kBalance || mode() == Mode::kExact,
+              "TeleportOptions: kBalance has no reference arithmetic; expected Mode::kExact");
 }
 
 namespace {
@@ -64,11 +76,15 @@ void TeleportOptions::serialize(torch::serialize::OutputArchive& archive) const 
   archive.write(kPrefix + "at", ::at::tensor(at().empty() ? std::vector<int64_t>{-1} : at()));
   put(archive, "until", until());
   put(archive, "max_teleports", max_teleports());
+  put(archive, "stall_fraction", stall_fraction());
+  put(archive, "stall_decay", stall_decay());
+  put(archive, "stall_cooldown", stall_cooldown());
   put(archive, "steps", steps());
   put(archive, "lr", lr());
   put(archive, "method", static_cast<int64_t>(method()));
   put(archive, "parametrization", static_cast<int64_t>(parametrization()));
   put(archive, "mode", static_cast<int64_t>(mode()));
+  put(archive, "objective", static_cast<int64_t>(objective()));
   put(archive, "tolerance", tolerance());
   put(archive, "max_step", max_step());
   put(archive, "max_growth", max_growth());
@@ -90,11 +106,15 @@ void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   at(list);
   until(get(archive, "until").toInt());
   max_teleports(get(archive, "max_teleports").toInt());
+  stall_fraction(get(archive, "stall_fraction").toDouble());
+  stall_decay(get(archive, "stall_decay").toDouble());
+  stall_cooldown(get(archive, "stall_cooldown").toInt());
   steps(get(archive, "steps").toInt());
   lr(get(archive, "lr").toDouble());
   method(get_enum<Method>(archive, "method", 3));
   parametrization(get_enum<Parametrization>(archive, "parametrization", 2));
   mode(get_enum<Mode>(archive, "mode", 2));
+  objective(get_enum<Objective>(archive, "objective", 5));
   tolerance(get(archive, "tolerance").toDouble());
   max_step(get(archive, "max_step").toDouble());
   max_growth(get(archive, "max_growth").toDouble());

@@ -45,6 +45,24 @@ enum class Mode {
   kReference,
 };
 
+/// What a teleport optimizes over the group (docs/design.md §8).
+enum class Objective {
+  /// Maximise ||∇L||² (the paper).
+  kGradNorm,
+  /// Maximise Σ g²/(√v + ε), the inner optimizer's own first-order decrease.
+  /// Not available yet: refused by validate().
+  kPreconditioned,
+  /// Minimise the loss after the inner optimizer's next step. Not available
+  /// yet: refused by validate().
+  kLookAhead,
+  /// Minimise a sharpness measure. Not available yet: refused by validate().
+  kFlatness,
+  /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et al.
+  /// 2019): each hidden unit's incoming norm (weights and bias) made equal to
+  /// its outgoing norm. Closed form; needs no gradient.
+  kBalance,
+};
+
 /// What happens to the inner optimizer's state (momentum, AdaGrad sums) at a
 /// teleport.
 enum class StatePolicy {
@@ -69,6 +87,14 @@ struct TeleportOptions {
   TORCH_ARG(int64_t, until) = -1;
   /// At most this many teleports in all; -1 = no limit.
   TORCH_ARG(int64_t, max_teleports) = -1;
+  /// On demand: teleport also when ||∇L||² over the symmetries' parameters
+  /// falls below this fraction of its running mean (training has stalled);
+  /// 0 = off. Costs one host read of the gradient norm per step.
+  TORCH_ARG(double, stall_fraction) = 0;
+  /// Weight of the past in that running mean (an exponential average).
+  TORCH_ARG(double, stall_decay) = 0.9;
+  /// Optimizer steps before the first on-demand teleport and between two.
+  TORCH_ARG(int64_t, stall_cooldown) = 100;
 
   // --- the ascent ---
   /// Ascent steps per teleport.
@@ -78,6 +104,9 @@ struct TeleportOptions {
   TORCH_ARG(Method, method) = Method::kAuto;
   TORCH_ARG(Parametrization, parametrization) = Parametrization::kLinear;
   TORCH_ARG(Mode, mode) = Mode::kExact;
+  /// What the teleport optimizes; for kBalance `steps` counts sweeps over the
+  /// symmetries and `lr`, `method`, `max_step` and `max_growth` do not apply.
+  TORCH_ARG(Objective, objective) = Objective::kGradNorm;
 
   // --- safeguards (docs/design.md §6) ---
   /// Largest relative change of the loss on the teleport batch; beyond it the
