@@ -341,15 +341,7 @@ TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosureAndHistoryCarried) {
   TeleportOptimizer plain(plain_model, lbfgs(plain_model));
   const auto params = tele_model->parameters();
   // Per-parameter views of LBFGS's flat vectors, and the invariants they keep.
-  const auto views = [&](const at::Tensor& flat) {
-    std::vector<at::Tensor> out;
-    int64_t offset = 0;
-    for (const auto& p : params) {
-      out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()));
-      offset += p.numel();
-    }
-    return out;
-  };
+  const auto views = [&](const at::Tensor& flat) { return detail::flat_views(flat, params); };
   const auto invariants = [&](o::LBFGSParamState& st) {
     std::vector<at::Tensor> out;
     auto add = [&](const at::Tensor& flat, bool weight_like) {
@@ -542,18 +534,6 @@ struct NudgeOptions : torch::optim::OptimizerCloneableOptions<NudgeOptions> {
   double get_lr() const override { return lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
 };
-// LibTorch 1.x keys state by the printed TensorImpl pointer, 2.x by the pointer.
-template <typename Map>
-typename Map::key_type key_for(const Map&, const at::Tensor& p) {
-  using Key = typename Map::key_type;
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream os;
-    os << p.unsafeGetTensorImpl();
-    return os.str();
-  } else {
-    return static_cast<Key>(p.unsafeGetTensorImpl());
-  }
-}
 class Nudge : public torch::optim::Optimizer {
  public:
   Nudge(std::vector<at::Tensor> params, double lr)
@@ -571,7 +551,7 @@ class Nudge : public torch::optim::Optimizer {
         if (s == nullptr) {
           auto fresh = std::make_unique<NudgeState>();
           fresh->last(p.grad().clone());
-          state_[key_for(state_, p)] = std::move(fresh);
+          state_[detail::state_key(state_, p)] = std::move(fresh);
         } else {
           static_cast<NudgeState*>(s)->last(p.grad().clone());
         }

@@ -31,19 +31,7 @@ using torch::optim::OptimizerParamGroup;
 // state of every torch::optim optimizer by parameter position.
 constexpr int64_t kCheckpointVersion = 2;
 
-// The key the inner optimizer's state map uses for `p`. LibTorch 1.x keys by
-// the TensorImpl pointer printed as a string, 2.x by the pointer itself.
-template <typename Map>
-typename Map::key_type state_key(const Map&, const at::Tensor& p) {
-  using Key = typename Map::key_type;
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream os;
-    os << p.unsafeGetTensorImpl();
-    return os.str();
-  } else {
-    return static_cast<Key>(p.unsafeGetTensorImpl());
-  }
-}
+using detail::state_key;
 
 void erase_state(Optimizer& opt, const at::Tensor& p) {
   auto& state = opt.state();
@@ -160,17 +148,6 @@ Buffers buffers_of(torch::optim::OptimizerParamState* s) {
   return b;
 }
 
-// Per-parameter views of a flat vector laid out as LBFGS lays out its
-// parameters (concatenated, in order); writing a view writes the vector.
-std::vector<at::Tensor> flat_views(const at::Tensor& flat, const std::vector<at::Tensor>& params) {
-  std::vector<at::Tensor> out;
-  int64_t offset = 0;
-  for (const auto& p : params) {
-    out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()));
-    offset += p.numel();
-  }
-  return out;
-}
 
 // What the inner state of one parameter is, for checkpoints.
 enum class StateKind : int64_t {
@@ -332,6 +309,16 @@ std::unique_ptr<torch::optim::OptimizerParamState> read_state(torch::serialize::
 }  // namespace
 
 namespace detail {
+std::vector<at::Tensor> flat_views(const at::Tensor& flat, const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> out;
+  int64_t offset = 0;
+  for (const auto& p : params) {
+    out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()));
+    offset += p.numel();
+  }
+  return out;
+}
+
 torch::optim::OptimizerParamState* find_state(Optimizer& opt, const at::Tensor& p) {
   auto& state = opt.state();
   auto it = state.find(state_key(state, p));
@@ -641,7 +628,7 @@ void TeleportOptimizer::transport_lbfgs(TeleportReport& report) {
     auto pick = [&](const at::Tensor& flat) {
       std::vector<at::Tensor> views;
       if (!flat.defined()) return views;
-      const auto all = flat_views(flat, params);
+      const auto all = detail::flat_views(flat, params);
       for (size_t j : where) views.push_back(all[j]);
       return views;
     };
