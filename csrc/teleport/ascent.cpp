@@ -240,6 +240,14 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
         syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force(), mode);
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
+  // ∇L at the new point treats the new weights as independent variables: the
+  // loss reads aliases of them, so its gradient does not also flow into a
+  // weight through a data-dependent action that read it as data (a later
+  // layer's inputs), which would make F another function of T. (The published
+  // code's direction includes that path; reference mode keeps it.)
+  if (mode == Mode::kExact) {
+    for (auto& c : current) c = c.requires_grad() ? c.view_as(c) : c.detach().requires_grad_(true);
+  }
   const ParameterOverrides overrides = in_force();
   const at::Tensor loss = batch.loss(overrides);
   const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
