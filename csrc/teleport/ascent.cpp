@@ -150,7 +150,7 @@ at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o)
 }
 
 // Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
-// is kept. In exact mode it must raise the batch and stay within the
+// is kept. In exact mode it must raise the objective and stay within the
 // cap; the reference arithmetic keeps any finite step. NaN fails either way.
 at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
                    const at::Tensor& limit, const TeleportOptions& o) {
@@ -302,7 +302,7 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
       elements.push_back(step_element(*syms[k], T, o));
     }
     // The gradients after this step, known exactly without a backward pass;
-    // the step is kept only if they raise the batch within the cap.
+    // the step is kept only if they raise ||∇L||² within the cap.
     std::vector<at::Tensor> candidate;
     for (const auto& g : grads) candidate.push_back(g.clone());
     for (size_t k = 0; k < syms.size(); ++k) {
