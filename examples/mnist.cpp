@@ -271,8 +271,9 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                        .max_growth(c.max_growth)
                        .max_step(c.max_step)
                        .tolerance(c.tolerance)
-                       .objective(c.objective == "balance" ? teleport::Objective::kBalance
-                                                           : teleport::Objective::kGradNorm)
+                       .objective(c.objective == "balance"          ? teleport::Objective::kBalance
+                                  : c.objective == "preconditioned" ? teleport::Objective::kPreconditioned
+                                                                    : teleport::Objective::kGradNorm)
                        .stall_fraction(c.stall_fraction)
                        .stall_decay(c.stall_decay)
                        .stall_cooldown(c.stall_cooldown)
@@ -589,9 +590,10 @@ int main(int argc, char** argv) {
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
       ->check(finite_above(0));
   app.add_option("--objective", c.objective,
-                 "what a teleport optimizes: grad_norm (the paper: raise |grad|^2) or balance (lower "
-                 "the sum of squared weights, each unit's in and out norms equal); "
-                 "preconditioned, look_ahead and flatness are not available yet")
+                 "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
+                 "(raise sum g^2/(sqrt(v)+eps), the inner optimizer's own decrease; grad_norm for "
+                 "SGD) or balance (lower the sum of squared weights, each unit's in and out norms "
+                 "equal); look_ahead and flatness are not available yet")
       ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance"}));
   app.add_option("--stall-fraction", c.stall_fraction,
                  "also teleport when |grad|^2 falls below this fraction of its running mean "
@@ -621,12 +623,14 @@ int main(int argc, char** argv) {
     if (c.symmetry == "gl" && c.activation != "leaky_relu") {
       throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
     }
-    if (c.objective != "grad_norm" && c.objective != "balance") {
+    if (c.objective == "look_ahead" || c.objective == "flatness") {
       throw UsageError("--objective " + c.objective +
-                       ": not available yet (grad_norm and balance are)");
+                       ": not available yet (grad_norm, preconditioned and balance are)");
     }
-    if (c.objective == "balance" && c.symmetry == "gl") {
-      throw UsageError("--objective balance acts by positive scalings: it needs --symmetry scaling");
+    if (c.objective != "grad_norm" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
+      throw UsageError("--objective " + c.objective +
+                       " acts by positive scalings from the minibatch gradient: it needs "
+                       "--symmetry scaling and no --teleport-batch");
     }
     if (c.model == "cnn" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
       throw UsageError("--model cnn teleports by the scalings it declares, from the minibatch: "

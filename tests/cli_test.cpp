@@ -189,6 +189,12 @@ TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
   expect_run_shape(json, {"sgd", "sgd+teleport"});
   EXPECT_NE(json.find("\"objective\": \"balance\""), std::string::npos);
   EXPECT_NE(json.find("\"stall_fraction\": 0.5"), std::string::npos);
+  const auto pre = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                       " --optimizer adagrad,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
+                       " --eval-subset 32 --teleport-every 2 --objective preconditioned --quiet --json " +
+                       kTmp + "pre.json");
+  ASSERT_EQ(pre.code, 0) << pre.output;
+  EXPECT_NE(read(kTmp + "pre.json").find("\"objective\": \"preconditioned\""), std::string::npos);
 }
 
 TEST(CliTest, SameSeedGivesBitIdenticalRunsAndBaselineAndTeleportStartAlike) {

@@ -694,6 +694,81 @@ TEST_P(OptimizerTest, SequentialCnnTeleportsFromGrad) {
   EXPECT_EQ(opt.teleport_count(), 3);
 }
 
+// kPreconditioned with Adagrad and Adam inside: every kept teleport raises
+// Σ g²/(√v̂ + eps), recomputed here from the transported inner state and
+// gradient as the next step will use them, and keeps the loss; with SGD it is
+// kGradNorm's teleport, bit for bit.
+TEST_P(OptimizerTest, PreconditionedObjectiveRisesWithTheInnerStateAndIsGradNormForSgd) {
+  namespace o = torch::optim;
+  for (bool adam : {false, true}) {
+    auto m = model();
+    const auto params = m->parameters();
+    std::unique_ptr<o::Optimizer> inner;
+    if (adam) {
+      inner = std::make_unique<o::Adam>(params, o::AdamOptions(0.01));
+    } else {
+      inner = std::make_unique<o::Adagrad>(params, o::AdagradOptions(0.05));
+    }
+    int64_t checked = 0;
+    TeleportOptimizer* self = nullptr;
+    auto objective_now = [&] {  // from the inner state, as its next step will use it
+      double f = 0;
+      for (const auto& p : detail::distinct_parameters(self->symmetries())) {
+        const at::Tensor g = p.grad();
+        at::Tensor v;
+        double eps = 0;
+        if (adam) {
+          auto* st = dynamic_cast<o::AdamParamState*>(detail::find_state(self->inner(), p));
+          const int64_t step = st ? st->step() : 0;
+          v = (st ? st->exp_avg_sq() * 0.999 : torch::zeros_like(g)) + g.square() * 0.001;
+          v = v / (1 - std::pow(0.999, double(step + 1)));
+          eps = 1e-8;
+        } else {
+          auto* st = dynamic_cast<o::AdagradParamState*>(detail::find_state(self->inner(), p));
+          v = st->sum() + g.square();
+          eps = 1e-10;
+        }
+        f += (g.square() / (v.sqrt() + eps)).sum().item<double>();
+      }
+      return f;
+    };
+    double before = 0;
+    TeleportOptimizer opt(m, std::move(inner),
+                          teleports().objective(Objective::kPreconditioned).lr(0.5).on_report(
+                              [&](const TeleportReport& r) {
+                                ASSERT_FALSE(r.rolled_back) << r.reason;
+                                const double after = objective_now();
+                                EXPECT_NEAR(r.objective_before, before, 1e-9 * before);
+                                EXPECT_NEAR(r.objective_after, after, 1e-9 * after);
+                                EXPECT_GT(after, before);
+                                EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before);
+                                ++checked;
+                              }));
+    self = &opt;
+    for (int64_t t = 0; t < 7; ++t) {
+      auto c = closure(opt, m, t);
+      bool first = true;  // later calls measure the teleported point
+      opt.step([&] {
+        auto loss = c();
+        if (first) before = objective_now();
+        first = false;
+        return loss;
+      });
+    }
+    EXPECT_EQ(checked, 3) << (adam ? "adam" : "adagrad");
+  }
+  // SGD has no second moment: the same teleport as kGradNorm.
+  auto a = model(), b = model();
+  TeleportOptimizer grad_norm(a, sgd(a), teleports());
+  TeleportOptimizer preconditioned(b, sgd(b), teleports().objective(Objective::kPreconditioned));
+  for (int64_t t = 0; t < 4; ++t) {
+    train_step(grad_norm, a, t);
+    train_step(preconditioned, b, t);
+  }
+  EXPECT_EQ(preconditioned.teleport_count(), 2);
+  EXPECT_TRUE(bitwise_equal(a->parameters(), b->parameters()));
+}
+
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
   for (bool use_adagrad : {false, true}) {
     auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());

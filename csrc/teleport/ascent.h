@@ -68,6 +68,23 @@ struct TeleportReport {
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const BatchLoss* batch = nullptr);
 
+/// The inner optimizer's preconditioner as its next step will use it, for
+/// Objective::kPreconditioned: for each parameter the symmetries act on,
+/// `scale` = √v̂ (v̂ its second-moment estimate, the current gradient's share
+/// included, Adam's bias correction applied), and the optimizer's `eps`. The
+/// objective is Σ g² / (scale + eps); under a positive scaling by f, g -> f g
+/// and scale -> f scale, exactly as the inner state is transported.
+struct Preconditioner {
+  std::vector<std::pair<at::Tensor, at::Tensor>> scale;  // {parameter, √v̂}
+  double eps = 0;
+};
+
+/// A teleport that maximises Σ g² / (√v̂ + eps) over positive scalings, from
+/// the gradient in `.grad` (closed form: elementwise work, no forward or
+/// backward pass), with the safeguards of teleport().
+TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
+                        const Preconditioner& preconditioner);
+
 /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 for each symmetry: in closed form from the
 /// batch's gradient (or from `.grad` when there is no batch), or
 /// by double backward on the batch (Method::kAutograd).

@@ -15,6 +15,7 @@
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
+#include <cmath>
 #include <deque>
 #include <memory>
 #include <limits>
@@ -507,16 +508,18 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   if (next_batch_) {
     auto batch = next_batch_();
     const BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
+    TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
+                "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
     return teleport(symmetries_, options_, &objective);
   }
   if (replay == nullptr || symmetries_.empty()) {
-    return teleport(symmetries_, options_);
+    return teleport_from_grad();
   }
   // Closed form from .grad, then the closure measures the loss at the new
   // point (and leaves the exact gradient there); too large a change rolls back.
   // The closure rewrites every gradient, so the snapshot holds them all.
   const detail::Snapshot snapshot(all_params(*this));
-  TeleportReport report = teleport(symmetries_, options_);
+  TeleportReport report = teleport_from_grad();
   if (report.rolled_back) return report;
   const at::Tensor after = replay();
   report.loss_before = loss.item<double>();
@@ -535,6 +538,78 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     current = after;
   }
   return report;
+}
+
+// kPreconditioned reads √v̂ from the inner state as its next step will use it
+// (docs/design.md §8); an optimizer without a second moment (SGD) has none, and
+// its objective is ||∇L||².
+TeleportReport TeleportOptimizer::teleport_from_grad() {
+  if (options_.objective() != Objective::kPreconditioned) return teleport(symmetries_, options_);
+  namespace o = torch::optim;
+  Preconditioner pre;
+  bool any = false;
+  double eps = -1;
+  for (const auto& p : detail::distinct_parameters(symmetries_)) {
+    TORCH_CHECK(p.grad().defined(), "TeleportOptimizer: expected gradients in .grad, got none");
+    const at::Tensor g = p.grad().detach();
+    const torch::optim::OptimizerOptions* group = nullptr;
+    for (const auto& grp : inner_->param_groups()) {
+      for (const auto& q : grp.params()) {
+        if (q.is_same(p)) group = &grp.options();
+      }
+    }
+    auto* state = find_state(*inner_, p);
+    at::Tensor v;  // v̂, bias-corrected
+    double e = 0;
+    if (const auto* a = dynamic_cast<const o::AdagradOptions*>(group)) {
+      const auto* s = dynamic_cast<o::AdagradParamState*>(state);
+      v = (s != nullptr ? s->sum() : at::zeros_like(g)) + g.square();
+      e = a->eps();
+    } else if (dynamic_cast<const o::AdamOptions*>(group) || dynamic_cast<const o::AdamWOptions*>(group)) {
+      double beta2 = 0;
+      bool amsgrad = false;
+      if (const auto* a = dynamic_cast<const o::AdamOptions*>(group)) {
+        beta2 = std::get<1>(a->betas()), amsgrad = a->amsgrad(), e = a->eps();
+      } else {
+        const auto* w = dynamic_cast<const o::AdamWOptions*>(group);
+        beta2 = std::get<1>(w->betas()), amsgrad = w->amsgrad(), e = w->eps();
+      }
+      at::Tensor sq, max_sq;
+      int64_t step = 0;
+      if (const auto* s = dynamic_cast<o::AdamParamState*>(state)) {
+        sq = s->exp_avg_sq(), max_sq = s->max_exp_avg_sq(), step = s->step();
+      } else if (const auto* s = dynamic_cast<o::AdamWParamState*>(state)) {
+        sq = s->exp_avg_sq(), max_sq = s->max_exp_avg_sq(), step = s->step();
+      }
+      v = (sq.defined() ? sq * beta2 : at::zeros_like(g)) + g.square() * (1 - beta2);
+      if (amsgrad && max_sq.defined()) v = at::maximum(max_sq, v);
+      v = v / (1 - std::pow(beta2, static_cast<double>(step + 1)));
+    } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(group)) {
+      const auto* s = dynamic_cast<o::RMSpropParamState*>(state);
+      const double alpha = r->alpha();
+      v = (s != nullptr ? s->square_avg() * alpha : at::zeros_like(g)) + g.square() * (1 - alpha);
+      if (r->centered()) {
+        const at::Tensor avg = (s != nullptr && s->grad_avg().defined() ? s->grad_avg() * alpha
+                                                                        : at::zeros_like(g)) +
+                               g * (1 - alpha);
+        v = v - avg.square();
+      }
+      e = r->eps();
+    } else {
+      continue;  // no second moment: this parameter's share is plain g²
+    }
+    TORCH_CHECK(eps < 0 || eps == e,
+                "TeleportOptimizer: kPreconditioned expects one eps for all teleported parameters");
+    eps = e;
+    any = true;
+    pre.scale.emplace_back(p, v.clamp_min(0).sqrt());
+  }
+  if (!any) return teleport(symmetries_, TeleportOptions(options_).objective(Objective::kGradNorm));
+  TORCH_CHECK(pre.scale.size() == detail::distinct_parameters(symmetries_).size(),
+              "TeleportOptimizer: kPreconditioned expects every teleported parameter in an "
+              "optimizer with a second moment (Adagrad, Adam, AdamW, RMSprop)");
+  pre.eps = eps;
+  return teleport(symmetries_, options_, pre);
 }
 
 void TeleportOptimizer::apply_state_policy(TeleportReport& report) {

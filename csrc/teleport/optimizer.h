@@ -106,6 +106,9 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // what was kept because no exact map exists.
   void apply_state_policy(TeleportReport& report);
   void transport_lbfgs(TeleportReport& report);
+  // A teleport from .grad with the options' objective (kPreconditioned reads
+  // the inner state's second moments).
+  TeleportReport teleport_from_grad();
   // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
   void check_state_policy() const;
   void sync_inner();

@@ -36,12 +36,13 @@ void TeleportOptions::validate() const {
               max_growth());
   TORCH_CHECK(max_halvings() >= 0, "TeleportOptions: expected max_halvings >= 0, got ",
               max_halvings());
-  TORCH_CHECK(objective() == Objective::kGradNorm || objective() == Objective::kBalance,
-              "TeleportOptions: expected the objective kGradNorm or kBalance (kPreconditioned, "
-              "kLookAhead and kFlatness are not available yet), got ",
+  TORCH_CHECK(objective() == Objective::kGradNorm || objective() == Objective::kBalance ||
+                  objective() == Objective::kPreconditioned,
+              "TeleportOptions: expected the objective kGradNorm, kPreconditioned or kBalance "
+              "(kLookAhead and kFlatness are not available yet), got ",
               static_cast<int>(objective()));
-  TORCH_CHECK(objective() != Objective::kBalance || mode() == Mode::kExact,
-              "TeleportOptions: kBalance has no reference arithmetic; expected Mode::kExact");
+  TORCH_CHECK(objective() == Objective::kGradNorm || mode() == Mode::kExact,
+              "TeleportOptions: only kGradNorm has reference arithmetic; expected Mode::kExact");
 }
 
 namespace {

@@ -49,8 +49,10 @@ enum class Mode {
 enum class Objective {
   /// Maximise ||∇L||² (the paper).
   kGradNorm,
-  /// Maximise Σ g²/(√v + ε), the inner optimizer's own first-order decrease.
-  /// Not available yet: refused by validate().
+  /// Maximise Σ g²/(√v + ε), the inner optimizer's own first-order decrease
+  /// (v its second-moment estimate as its next step will use it), over
+  /// positive scalings; for SGD, kGradNorm. TeleportOptimizer reads v from
+  /// the inner state; teleport() takes it as a Preconditioner.
   kPreconditioned,
   /// Minimise the loss after the inner optimizer's next step. Not available
   /// yet: refused by validate().
