@@ -122,17 +122,51 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   const Timing scaling_t = time_teleport(scaling, teleport::Method::kClosedForm);
   const Timing gl_t = time_teleport(gl, teleport::Method::kClosedForm);
   const Timing autograd_t = time_teleport(gl, teleport::Method::kAutograd);
+  // The paper's data-dependent GL(n) on the same widths across LeakyReLU, on
+  // the case's batch (autograd; exact while the batch is no larger than each
+  // layer's inputs).
+  Timing data_dependent_t{};
+  {
+    torch::manual_seed(0);
+    torch::nn::Sequential leaky;
+    for (size_t i = 0; i + 1 < c.widths.size(); ++i) {
+      leaky->push_back(torch::nn::Linear(c.widths[i], c.widths[i + 1]));
+      if (i + 2 < c.widths.size()) {
+        leaky->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
+      }
+    }
+    leaky->to(device);
+    const auto syms = teleport::discover(leaky, teleport::DiscoverOptions().data_dependent(true)).symmetries;
+    const teleport::BatchLoss batch(leaky, x, y, loss_fn);
+    std::vector<double> seconds, ratios;
+    for (int r = 0; r <= 3; ++r) {
+      const double step = seconds_of(bare);
+      teleport::detail::Snapshot snapshot(leaky->parameters());
+      const auto start = std::chrono::steady_clock::now();
+      teleport::teleport(syms, teleport::TeleportOptions(options).method(teleport::Method::kAutograd), &batch);
+      if (device.is_cuda()) torch::cuda::synchronize();
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      snapshot.restore();
+      if (r == 0) continue;  // warm-up
+      seconds.push_back(t);
+      ratios.push_back(t / step);
+    }
+    std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+    std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+    data_dependent_t = {seconds[seconds.size() / 2], ratios[ratios.size() / 2]};
+  }
 
   std::string name;
   for (size_t i = 0; i < c.widths.size(); ++i) name += (i ? "-" : "") + std::to_string(c.widths[i]);
   return fmt::format(
       R"({{"name": "{}", "width": {}, "batch": {}, "device": "{}", "teleport_steps": {}, )"
-      R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}, "closed_form_gl": {:.4f}, "autograd": {:.4f}}}, )"
-      R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}, "closed_form_gl": {:.3f}, "autograd": {:.3f}}}, )"
+      R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}, "closed_form_gl": {:.4f}, "autograd": {:.4f}, "data_dependent_gl": {:.4f}}}, )"
+      R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}, "closed_form_gl": {:.3f}, "autograd": {:.3f}, "data_dependent_gl": {:.3f}}}, )"
       R"("autograd_over_closed_form_gl": {:.3f}, "off_overhead": {:.4f}}})",
       name, c.widths[1], c.batch, device.str(), teleport_steps, step_s * 1e3,
-      scaling_t.seconds * 1e3, gl_t.seconds * 1e3, autograd_t.seconds * 1e3, scaling_t.in_steps,
-      gl_t.in_steps, autograd_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
+      scaling_t.seconds * 1e3, gl_t.seconds * 1e3, autograd_t.seconds * 1e3,
+      data_dependent_t.seconds * 1e3, scaling_t.in_steps, gl_t.in_steps, autograd_t.in_steps,
+      data_dependent_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
 }
 
 // The network of the LibTorch MNIST example as a Sequential (dropout left
