@@ -25,15 +25,17 @@ struct Case {
   int64_t batch;
 };
 
-torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool relu, torch::Device device) {
+enum class Activation { kReLU, kLeakyReLU };
+
+torch::nn::Sequential mlp(const std::vector<int64_t>& w, Activation act, torch::Device device) {
   torch::nn::Sequential m;
   for (size_t i = 0; i + 1 < w.size(); ++i) {
     m->push_back(torch::nn::Linear(w[i], w[i + 1]));
     if (i + 2 < w.size()) {
-      if (relu) {
+      if (act == Activation::kReLU) {
         m->push_back(torch::nn::ReLU());
       } else {
-        m->push_back(torch::nn::Identity());
+        m->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
       }
     }
   }
@@ -43,7 +45,7 @@ torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool relu, torch::Devic
 
 std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device device) {
   torch::manual_seed(0);
-  auto model = mlp(c.widths, true, device);
+  auto model = mlp(c.widths, Activation::kReLU, device);
   const auto x = torch::randn({c.batch, c.widths.front()}, torch::TensorOptions(device));
   const auto y = torch::randint(0, c.widths.back(), {c.batch}, torch::TensorOptions(device).dtype(torch::kLong));
   auto loss_fn = [](const at::Tensor& out, const at::Tensor& target) {
@@ -91,13 +93,15 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   struct Timing {
     double seconds, in_steps;
   };
-  auto time_teleport = [&](const teleport::SymmetryList& syms, teleport::Method method) {
-    const teleport::BatchLoss objective(model, x, y, loss_fn);
+  // `net` holds the symmetries' weights; `timed` teleports after a warm-up.
+  auto time_teleport = [&](const teleport::SymmetryList& syms, teleport::Method method,
+                           torch::nn::Sequential net, int timed) {
+    const teleport::BatchLoss objective(net, x, y, loss_fn);
     const auto opts = teleport::TeleportOptions(options).method(method);
     std::vector<double> seconds, ratios;
-    for (int r = 0; r <= std::max(3, reps / 2); ++r) {
+    for (int r = 0; r <= timed; ++r) {
       const double step = seconds_of(bare);  // leaves a fresh gradient in .grad
-      teleport::detail::Snapshot snapshot(model->parameters());
+      teleport::detail::Snapshot snapshot(net->parameters());
       const auto start = std::chrono::steady_clock::now();
       teleport::teleport(syms, opts, method == teleport::Method::kAutograd ? &objective : nullptr);
       if (device.is_cuda()) torch::cuda::synchronize();
@@ -119,42 +123,18 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
     gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL,
                                                            p[0], p[1], p[2]));
   }
-  const Timing scaling_t = time_teleport(scaling, teleport::Method::kClosedForm);
-  const Timing gl_t = time_teleport(gl, teleport::Method::kClosedForm);
-  const Timing autograd_t = time_teleport(gl, teleport::Method::kAutograd);
+  const int timed = std::max(3, reps / 2);
+  const Timing scaling_t = time_teleport(scaling, teleport::Method::kClosedForm, model, timed);
+  const Timing gl_t = time_teleport(gl, teleport::Method::kClosedForm, model, timed);
+  const Timing autograd_t = time_teleport(gl, teleport::Method::kAutograd, model, timed);
   // The paper's data-dependent GL(n) on the same widths across LeakyReLU, on
   // the case's batch (autograd; exact while the batch is no larger than each
-  // layer's inputs).
-  Timing data_dependent_t{};
-  {
-    torch::manual_seed(0);
-    torch::nn::Sequential leaky;
-    for (size_t i = 0; i + 1 < c.widths.size(); ++i) {
-      leaky->push_back(torch::nn::Linear(c.widths[i], c.widths[i + 1]));
-      if (i + 2 < c.widths.size()) {
-        leaky->push_back(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
-      }
-    }
-    leaky->to(device);
-    const auto syms = teleport::discover(leaky, teleport::DiscoverOptions().data_dependent(true)).symmetries;
-    const teleport::BatchLoss batch(leaky, x, y, loss_fn);
-    std::vector<double> seconds, ratios;
-    for (int r = 0; r <= 3; ++r) {
-      const double step = seconds_of(bare);
-      teleport::detail::Snapshot snapshot(leaky->parameters());
-      const auto start = std::chrono::steady_clock::now();
-      teleport::teleport(syms, teleport::TeleportOptions(options).method(teleport::Method::kAutograd), &batch);
-      if (device.is_cuda()) torch::cuda::synchronize();
-      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      snapshot.restore();
-      if (r == 0) continue;  // warm-up
-      seconds.push_back(t);
-      ratios.push_back(t / step);
-    }
-    std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
-    std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-    data_dependent_t = {seconds[seconds.size() / 2], ratios[ratios.size() / 2]};
-  }
+  // layer's inputs); three timings, it is slow.
+  torch::manual_seed(0);
+  const auto leaky = mlp(c.widths, Activation::kLeakyReLU, device);
+  const Timing data_dependent_t = time_teleport(
+      teleport::discover(leaky, teleport::DiscoverOptions().data_dependent(true)).symmetries,
+      teleport::Method::kAutograd, leaky, 3);
 
   std::string name;
   for (size_t i = 0; i < c.widths.size(); ++i) name += (i ? "-" : "") + std::to_string(c.widths[i]);

@@ -201,6 +201,26 @@ double take_double(torch::serialize::InputArchive& a, const std::string& key) {
   return v.toDouble();
 }
 
+// Adam and AdamW keep the same state under two types.
+template <typename AdamState>
+void write_adam(torch::serialize::OutputArchive& a, const std::string& key, const AdamState& x) {
+  write_int(a, key + "step", static_cast<int64_t>(x.step()));
+  put(a, key + "exp_avg", x.exp_avg());
+  put(a, key + "exp_avg_sq", x.exp_avg_sq());
+  put(a, key + "max_exp_avg_sq", x.max_exp_avg_sq());
+}
+
+template <typename AdamState>
+std::unique_ptr<AdamState> read_adam(torch::serialize::InputArchive& a, const std::string& key,
+                                     c10::Device device) {
+  auto s = std::make_unique<AdamState>();
+  s->step(static_cast<std::decay_t<decltype(s->step())>>(read_int(a, key + "step")));
+  s->exp_avg(take(a, key + "exp_avg", device));
+  s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
+  s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
+  return s;
+}
+
 void write_state(torch::serialize::OutputArchive& a, const std::string& key,
                  torch::optim::OptimizerParamState& state) {
   namespace o = torch::optim;
@@ -211,15 +231,9 @@ void write_state(torch::serialize::OutputArchive& a, const std::string& key,
     write_int(a, key + "step", static_cast<int64_t>(x->step()));
     put(a, key + "sum", x->sum());
   } else if (auto* x = dynamic_cast<o::AdamParamState*>(s)) {
-    write_int(a, key + "step", static_cast<int64_t>(x->step()));
-    put(a, key + "exp_avg", x->exp_avg());
-    put(a, key + "exp_avg_sq", x->exp_avg_sq());
-    put(a, key + "max_exp_avg_sq", x->max_exp_avg_sq());
+    write_adam(a, key, *x);
   } else if (auto* x = dynamic_cast<o::AdamWParamState*>(s)) {
-    write_int(a, key + "step", static_cast<int64_t>(x->step()));
-    put(a, key + "exp_avg", x->exp_avg());
-    put(a, key + "exp_avg_sq", x->exp_avg_sq());
-    put(a, key + "max_exp_avg_sq", x->max_exp_avg_sq());
+    write_adam(a, key, *x);
   } else if (auto* x = dynamic_cast<o::RMSpropParamState*>(s)) {
     write_int(a, key + "step", static_cast<int64_t>(x->step()));
     put(a, key + "square_avg", x->square_avg());
@@ -261,22 +275,10 @@ std::unique_ptr<torch::optim::OptimizerParamState> read_state(torch::serialize::
       s->sum(take(a, key + "sum", device));
       return s;
     }
-    case StateKind::kAdam: {
-      auto s = std::make_unique<o::AdamParamState>();
-      step_of(*s);
-      s->exp_avg(take(a, key + "exp_avg", device));
-      s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
-      s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
-      return s;
-    }
-    case StateKind::kAdamW: {
-      auto s = std::make_unique<o::AdamWParamState>();
-      step_of(*s);
-      s->exp_avg(take(a, key + "exp_avg", device));
-      s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
-      s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
-      return s;
-    }
+    case StateKind::kAdam:
+      return read_adam<o::AdamParamState>(a, key, device);
+    case StateKind::kAdamW:
+      return read_adam<o::AdamWParamState>(a, key, device);
     case StateKind::kRMSprop: {
       auto s = std::make_unique<o::RMSpropParamState>();
       step_of(*s);
