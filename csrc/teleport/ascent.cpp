@@ -126,8 +126,18 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
                                         at::Tensor& loss) {
   at::AutoGradMode enable(true);
   loss = batch.loss();
-  auto grads = torch::autograd::grad({loss}, params);
-  loss = loss.detach();
+  if (batch.group() == nullptr) {
+    auto grads = torch::autograd::grad({loss}, params);
+    loss = loss.detach();
+    return grads;
+  }
+  // The global batch's: share-weighted sums over the ranks, in one all-reduce.
+  const at::Tensor local = loss * batch.share();
+  auto grads = torch::autograd::grad({local}, params);
+  grads.push_back(local.detach());
+  batch.group()->all_reduce_sum(grads);
+  loss = grads.back();
+  grads.pop_back();
   return grads;
 }
 
@@ -218,6 +228,31 @@ struct Evaluation {
   std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
 };
 
+// evaluate() on a batch spread over ranks (docs/design.md §10): with g_r the
+// gradient of share_r × L_r on rank r and ḡ = Σ_r g_r the global batch's,
+// F = ||ḡ||² and ∂F/∂T = Σ_r ∂(2 ḡ·g_r)/∂T: one all-reduce for ḡ and the
+// loss, one for the directions, so that every rank steps alike.
+Evaluation evaluate_spread(const at::Tensor& loss, const std::vector<at::Tensor>& current,
+                           const std::vector<at::Tensor>& Ts, const BatchLoss& batch,
+                           bool with_directions) {
+  const at::Tensor local = loss * batch.share();
+  const auto grads = torch::autograd::grad({local}, current, {}, true, with_directions);
+  std::vector<at::Tensor> summed;
+  for (const auto& g : grads) summed.push_back(g.detach().clone());
+  summed.push_back(local.detach());
+  batch.group()->all_reduce_sum(summed);
+  Evaluation ev{summed.back(), at::Tensor(), {}};
+  summed.pop_back();
+  ev.F = norm_sq(summed);
+  if (with_directions) {
+    at::Tensor s = at::zeros({}, local.options());
+    for (size_t i = 0; i < grads.size(); ++i) s = s + (summed[i] * grads[i]).sum();
+    for (auto& d : torch::autograd::grad({s * 2}, Ts)) ev.directions.push_back(d.detach());
+    batch.group()->all_reduce_sum(ev.directions);
+  }
+  return ev;
+}
+
 // F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked,
 // ∂F/∂T by double backward.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
@@ -250,6 +285,7 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   }
   const ParameterOverrides overrides = in_force();
   const at::Tensor loss = batch.loss(overrides);
+  if (batch.group() != nullptr) return evaluate_spread(loss, current, Ts, batch, with_directions);
   const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
   const at::Tensor F = norm_sq(grads);
   Evaluation ev{loss.detach(), F.detach(), {}};
@@ -900,6 +936,9 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     TORCH_CHECK(s->transports_gradients() || batch != nullptr, "teleport: ", s->name(),
                 " is data-dependent and needs a batch and a loss (a BatchLoss), got none");
   }
+  TORCH_CHECK(batch == nullptr || batch->group() == nullptr || options.mode() == Mode::kExact,
+              "teleport: reference mode runs on one process; a batch spread over ranks needs "
+              "Mode::kExact");
   report.exact = options.mode() == Mode::kExact;
   for (const auto& s : symmetries) report.exact = s->exact_for(batch) && report.exact;
   std::vector<at::Tensor> grads;
@@ -982,7 +1021,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   if (batch != nullptr) {
     at::NoGradGuard no_grad;
     checks.push_back(a.loss_before.to(dtype));
-    checks.push_back(batch->loss().detach().to(dtype));
+    checks.push_back(batch->global_loss().to(dtype));
   }
   const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
   const double* v = host.data_ptr<double>();

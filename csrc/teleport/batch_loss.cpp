@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <functional>
 #include <string>
 #include <torch/enum.h>
@@ -152,11 +154,58 @@ at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
                   [&] { return run(model_, input_, overrides, fixed_, at::Tensor()); });
 }
 
+namespace {
+
+// Every rank's rows, in rank order. The rows of rank q reach the loss of every
+// rank, so the gradient flowing back into them is the sum over the ranks of
+// the gradient each rank's result received: an all-reduce, then this rank's rows.
+struct GatherRows : public torch::autograd::Function<GatherRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& rows,
+                            Collectives* group) {
+    int64_t first = 0;
+    at::Tensor all = group->all_gather_rows(rows, first);
+    ctx->saved_data["first"] = first;
+    ctx->saved_data["rows"] = rows.size(0);
+    ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
+    return all;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    auto* group = reinterpret_cast<Collectives*>(ctx->saved_data["group"].toInt());
+    std::vector<at::Tensor> summed = {grad[0].detach().clone()};
+    group->all_reduce_sum(summed);
+    return {summed[0].narrow(0, ctx->saved_data["first"].toInt(), ctx->saved_data["rows"].toInt()),
+            at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
   at::Tensor x =
       replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); });
-  return x.reshape({-1, x.size(-1)});
+  x = x.reshape({-1, x.size(-1)});
+  return group_ ? GatherRows::apply(x, group_.get()) : x;
+}
+
+BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double share) const {
+  TORCH_CHECK(group != nullptr, "BatchLoss::spread_over: expected a process group, got null");
+  if (share < 0) share = 1.0 / static_cast<double>(group->world_size());
+  TORCH_CHECK(share > 0 && share <= 1, "BatchLoss::spread_over: expected this rank's share of "
+                                       "the global batch in (0, 1], got ", share);
+  BatchLoss copy = *this;
+  copy.group_ = std::move(group);
+  copy.share_ = share;
+  return copy;
+}
+
+at::Tensor BatchLoss::global_loss(const ParameterOverrides& overrides) const {
+  at::NoGradGuard no_grad;
+  if (!group_) return loss(overrides).detach();
+  std::vector<at::Tensor> l = {loss(overrides).detach() * share_};
+  group_->all_reduce_sum(l);
+  return l[0];
 }
 
 BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <teleport/collectives.h>
 #include <teleport/random_state.h>
 
 #include <ATen/Tensor.h>
@@ -50,6 +51,21 @@ class BatchLoss {
 
   bool has_model() const { return !model_.is_empty(); }
 
+  /// This batch as one rank's slice of a global batch split over `group`
+  /// (docs/design.md §10): `share` is its fraction of the global batch (its
+  /// rows over all ranks' rows; default 1 / world_size). A teleport then uses
+  /// the global batch's loss and gradient (share-weighted sums over the ranks),
+  /// and input_of() returns every rank's rows, so that every rank computes the
+  /// same teleport. Every rank must teleport with its slice at the same time.
+  BatchLoss spread_over(std::shared_ptr<Collectives> group, double share = -1) const;
+  /// The group of spread_over(), or nullptr.
+  Collectives* group() const { return group_.get(); }
+  /// This rank's fraction of the global batch (1 without a group).
+  double share() const { return share_; }
+  /// The global batch's loss: loss() summed over the ranks with their shares
+  /// (loss() itself without a group). Detached.
+  at::Tensor global_loss(const ParameterOverrides& overrides = {}) const;
+
   /// A copy that evaluates with `fixed` in force wherever a call's own
   /// overrides say nothing (e.g. the weights as they were before a step).
   BatchLoss with_fixed(ParameterOverrides fixed) const;
@@ -62,6 +78,8 @@ class BatchLoss {
   ParameterOverrides fixed_;
   std::shared_ptr<const RandomState> random_;
   std::vector<c10::Device> devices_;
+  std::shared_ptr<Collectives> group_;
+  double share_ = 1;
 };
 
 /// The value `p` has under `overrides`: its override, or `p` itself.

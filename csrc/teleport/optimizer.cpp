@@ -416,6 +416,21 @@ void TeleportOptimizer::set_teleport_batch(BatchFn next_batch, LossFn loss_fn) {
   loss_fn_ = std::move(loss_fn);
 }
 
+void TeleportOptimizer::set_process_group(std::shared_ptr<Collectives> group, double share) {
+  if (group == nullptr) {
+    group_ = nullptr;
+    share_ = 1;
+    return;
+  }
+  if (share < 0) share = 1.0 / static_cast<double>(group->world_size());
+  TORCH_CHECK(share > 0 && share <= 1, "set_process_group: expected this rank's share of the "
+                                       "global batch in (0, 1], got ", share);
+  TORCH_CHECK(options_.mode() == Mode::kExact,
+              "set_process_group: reference mode runs on one process; use Mode::kExact");
+  group_ = std::move(group);
+  share_ = share;
+}
+
 void TeleportOptimizer::sync_inner() {
   auto& inner_groups = inner_->param_groups();
   for (size_t i = 0; i < param_groups_.size(); ++i) {
@@ -509,7 +524,8 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
                                                at::Tensor& current) {
   if (next_batch_) {
     auto batch = next_batch_();
-    const BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
+    BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
+    if (group_) objective = objective.spread_over(group_, share_);
     TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
                 "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
     return teleport(symmetries_, options_, &objective);
@@ -524,8 +540,14 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   TeleportReport report = teleport_from_grad();
   if (report.rolled_back) return report;
   const at::Tensor after = replay();
-  report.loss_before = loss.item<double>();
-  report.loss_after = after.item<double>();
+  std::vector<at::Tensor> losses = {loss.detach().reshape({}), after.detach().reshape({})};
+  if (group_) {  // the global batch's losses, so that every rank decides alike
+    for (auto& l : losses) l = l * share_;
+    group_->all_reduce_sum(losses);
+  }
+  const at::Tensor host = at::stack(losses).to(at::kDouble).cpu();
+  report.loss_before = host[0].item<double>();
+  report.loss_after = host[1].item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
   const bool too_far = options_.mode() == Mode::kExact &&
                        change > options_.tolerance() * std::abs(report.loss_before);

@@ -74,6 +74,17 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// Required for Method::kAutograd.
   void set_teleport_batch(BatchFn next_batch, LossFn loss_fn);
 
+  /// Data-parallel training (docs/design.md §10): this rank holds `share` of
+  /// every global batch (default 1 / world_size). A teleport from `.grad`
+  /// needs nothing from the group when `.grad` is already averaged over the
+  /// ranks (teleport::distributed::average_gradients before step()): every
+  /// rank computes the same teleport, with no communication. The group
+  /// makes what is local global: the teleport batch (set_teleport_batch; each
+  /// rank passes its slice) and the losses step(closure) compares. Call it on
+  /// every rank, before the first step; nullptr goes back to one process.
+  void set_process_group(std::shared_ptr<Collectives> group, double share = -1);
+  Collectives* process_group() const { return group_.get(); }
+
   /// Writes options, counters, param groups' options and the inner state by
   /// parameter position (SGD and Adagrad; other optimizers through their own
   /// save()), so a checkpoint loads into a rebuilt model.
@@ -121,6 +132,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   TeleportOptions options_;
   SymmetryList symmetries_;
   std::vector<std::string> notes_;
+  std::shared_ptr<Collectives> group_;
+  double share_ = 1;
   BatchFn next_batch_;
   LossFn loss_fn_;
   int64_t step_ = 0;
