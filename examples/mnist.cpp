@@ -3,6 +3,9 @@
 #include <common/cli.h>
 #include <common/report.h>
 #include <teleport/teleport.h>
+#if defined(TELEPORT_HAVE_DISTRIBUTED)
+#include <teleport/distributed.h>
+#endif
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
@@ -18,11 +21,14 @@
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
+#include <functional>
 #include <map>
 
 namespace {
@@ -45,6 +51,43 @@ struct Config {
   int64_t stall_cooldown = 100;
   std::string json, csv, plot, log;
   bool no_baseline = false, no_teleport = false, quiet = false;
+  std::string dtype = "float32";
+  int64_t nproc = 0;
+  double dist_timeout = 30;
+};
+
+// This process's place in a data-parallel run (docs/design.md §10): rank 0 of
+// 1 without one. Each rank takes its slice of every global batch.
+struct Cluster {
+  std::shared_ptr<teleport::Collectives> group;  // null: one process
+  int64_t rank = 0, world = 1;
+  torch::Dtype dtype = torch::kFloat;
+
+  bool lead() const { return rank == 0; }
+  // This rank's rows [first, first + count) of n.
+  std::pair<int64_t, int64_t> slice(int64_t n) const {
+    const int64_t lo = n * rank / world, hi = n * (rank + 1) / world;
+    return {lo, hi - lo};
+  }
+  // Sums over the ranks, in place.
+  void sum(std::vector<at::Tensor>& tensors) const {
+    if (group) group->all_reduce_sum(tensors);
+  }
+  // The global batch's mean from this rank's mean over its `share`.
+  double global(const at::Tensor& local_mean, double share) const {
+    if (!group) return local_mean.item<double>();
+    std::vector<at::Tensor> v = {local_mean.detach().reshape({1}).to(torch::kDouble) * share};
+    sum(v);
+    return v[0].item<double>();
+  }
+  // .grad of the global batch, before every step.
+  void average_gradients(const std::vector<at::Tensor>& params, double share) const {
+#if defined(TELEPORT_HAVE_DISTRIBUTED)
+    if (group) teleport::distributed::average_gradients(params, *group, share);
+#else
+    (void)params, (void)share;
+#endif
+  }
 };
 
 struct Data {
@@ -171,31 +214,37 @@ struct Eval {
   double loss, accuracy;
 };
 
-Model build_model(const Config& c, torch::Device device) {
+Model build_model(const Config& c, torch::Device device, torch::Dtype dtype) {
   if (c.model == "cnn") {
     Net net;
-    net->to(device);
+    net->to(device, dtype);
     return {net.ptr(), [net](const at::Tensor& x) mutable { return net->forward(x); }, nullptr,
             net->symmetries()};
   }
   auto mlp = build_mlp(parse_list<int64_t>(c.hidden, "--hidden"), c.activation, device);
+  mlp->to(dtype);
   return {mlp.ptr(), [mlp](const at::Tensor& x) mutable { return mlp->forward(x); }, mlp, {}};
 }
 
-Eval evaluate(Model& model, const at::Tensor& x, const at::Tensor& y) {
+// Each rank evaluates its slice of the images; the sums are all-reduced.
+Eval evaluate(Model& model, const at::Tensor& x, const at::Tensor& y, const Cluster& cl) {
   torch::NoGradGuard no_grad;
   model.module->eval();
-  double loss = 0, correct = 0;
-  for (int64_t i = 0; i < x.size(0); i += 10000) {
-    const auto xb = x.slice(0, i, i + 10000), yb = y.slice(0, i, i + 10000);
+  const auto [first, count] = cl.slice(x.size(0));
+  at::Tensor sums = torch::zeros({2}, torch::TensorOptions(x.device()).dtype(torch::kDouble));
+  for (int64_t i = first; i < first + count; i += 10000) {
+    const int64_t end = std::min(first + count, i + 10000);
+    const auto xb = x.slice(0, i, end).to(cl.dtype), yb = y.slice(0, i, end);
     const auto out = model.forward(xb);
-    loss += torch::nn::functional::cross_entropy(
-                out, yb, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                .item<double>();
-    correct += out.argmax(1).eq(yb).sum().item<double>();
+    sums[0] += torch::nn::functional::cross_entropy(
+        out, yb, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    sums[1] += out.argmax(1).eq(yb).sum();
   }
+  std::vector<at::Tensor> v = {sums};
+  cl.sum(v);
+  const at::Tensor host = v[0].cpu();
   model.module->train();
-  return {loss / x.size(0), correct / x.size(0)};
+  return {host[0].item<double>() / x.size(0), host[1].item<double>() / x.size(0)};
 }
 
 double grad_norm_sq(Model& model) {
@@ -244,18 +293,21 @@ struct Outcome {
 };
 
 Outcome train(const Config& c, const Data& data, const std::string& optimizer, double lr,
-              int64_t seed, bool teleporting, torch::Device device, Progress& progress) {
+              int64_t seed, bool teleporting, torch::Device device, const Cluster& cl,
+              Progress& progress) {
   torch::manual_seed(seed);
-  Model model = build_model(c, device);
+  Model model = build_model(c, device, cl.dtype);
   std::unique_ptr<torch::optim::Optimizer> inner =
       make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
   Outcome o;
   o.run.label = optimizer + (teleporting ? "+teleport" : "");
   o.run.seed = seed;
   double teleport_norm = -1;
-  at::Tensor x, y;  // the current minibatch
+  at::Tensor x, y;  // this rank's slice of the current minibatch
+  double share = 1;  // its fraction of the minibatch
   double loss_value = NAN;
   std::unique_ptr<torch::optim::Optimizer> opt;
+  teleport::TeleportOptimizer* teleporter = nullptr;
   if (teleporting) {
     const std::map<std::string, teleport::StatePolicy> policies = {
         {"keep", teleport::StatePolicy::kKeep},
@@ -286,7 +338,7 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                            torch::NoGradGuard no_grad;
                            o.run.teleports.back().loss_before = loss_value;
                            o.run.teleports.back().loss_after =
-                               cross_entropy(model.forward(x), y).item<double>();
+                               cl.global(cross_entropy(model.forward(x), y), share);
                          }
                        });
     // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
@@ -300,16 +352,21 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
       t->set_teleport_batch([&] { return std::make_pair(x, y); }, cross_entropy);  // the minibatch
     }
     if (c.teleport_batch > 0) {
+      // The same M images on every rank's generator; each rank takes its slice.
       auto gen = std::make_shared<at::Generator>(at::detail::createCPUGenerator(seed + 7919));
+      const auto [first, count] = cl.slice(c.teleport_batch);
+      if (cl.group) t->set_process_group(cl.group, double(count) / c.teleport_batch);
       t->set_teleport_batch(
-          [&data, gen, device, m = c.teleport_batch] {
+          [&data, &cl, gen, device, m = c.teleport_batch, first = first, count = count] {
             const auto idx = torch::randint(data.train.images.size(0), {m}, *gen,
-                                            torch::TensorOptions().dtype(torch::kLong));
-            return std::make_pair(data.train.images.index_select(0, idx).to(device),
+                                            torch::TensorOptions().dtype(torch::kLong))
+                                 .slice(0, first, first + count);
+            return std::make_pair(data.train.images.index_select(0, idx).to(device, cl.dtype),
                                   data.train.labels.index_select(0, idx).to(device));
           },
           cross_entropy);
     }
+    teleporter = t.get();
     opt = std::move(t);
   } else {
     opt = std::move(inner);
@@ -326,7 +383,7 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
   auto record_eval = [&](int64_t step) {
     o.eval_steps.push_back(step);
     o.eval_seconds.push_back(o.train_seconds);
-    o.eval_loss.push_back(evaluate(model, subset_x, subset_y).loss);
+    o.eval_loss.push_back(evaluate(model, subset_x, subset_y, cl).loss);
   };
   record_eval(0);
 
@@ -335,9 +392,16 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
     const auto perm = torch::randperm(n, order, torch::TensorOptions().dtype(torch::kLong));
     for (int64_t b = 0; b < per_epoch && step < total; ++b, ++step) {
       const auto start = Clock::now();
-      const auto idx = perm.slice(0, b * c.batch_size, std::min(n, (b + 1) * c.batch_size));
-      x = data.train.images.index_select(0, idx).to(device);
+      // The global batch, and this rank's slice of it.
+      const auto batch = perm.slice(0, b * c.batch_size, std::min(n, (b + 1) * c.batch_size));
+      const auto [first, count] = cl.slice(batch.size(0));
+      share = double(count) / batch.size(0);
+      const auto idx = batch.slice(0, first, first + count);
+      x = data.train.images.index_select(0, idx).to(device, cl.dtype);
       y = data.train.labels.index_select(0, idx).to(device);
+      if (teleporter != nullptr && cl.group && c.teleport_batch == 0) {
+        teleporter->set_process_group(cl.group, share);  // the minibatch is the teleport batch
+      }
       const size_t teleports_before = o.run.teleports.size();
       teleport_norm = -1;
       double norm = 0;
@@ -345,19 +409,21 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
         // The data-dependent action leaves the gradient stale: the optimizer
         // runs the closure again after a teleport. The CNN's dropout: the
         // closure lets the optimizer measure the loss with the same masks.
-        loss_value = opt->step([&] {
-                          opt->zero_grad();
-                          auto loss = cross_entropy(model.forward(x), y);
-                          loss.backward();
-                          return loss;
-                        })
-                         .item<double>();
+        loss_value = cl.global(opt->step([&] {
+                                 opt->zero_grad();
+                                 auto loss = cross_entropy(model.forward(x), y);
+                                 loss.backward();
+                                 cl.average_gradients(model.module->parameters(), share);
+                                 return loss;
+                               }),
+                               share);
         norm = grad_norm_sq(model);  // the gradient the update used
       } else {
         opt->zero_grad();
         const auto loss = cross_entropy(model.forward(x), y);
         loss.backward();
-        loss_value = loss.item<double>();
+        cl.average_gradients(model.module->parameters(), share);
+        loss_value = cl.global(loss, share);
         norm = grad_norm_sq(model);
         opt->step();
         if (teleport_norm >= 0) norm = teleport_norm;
@@ -382,8 +448,8 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
     }
     if (o.diverged_at >= 0) break;
   }
-  o.train_final = evaluate(model, data.train.images.to(device), data.train.labels.to(device));
-  o.test_final = evaluate(model, data.test.images.to(device), data.test.labels.to(device));
+  o.train_final = evaluate(model, data.train.images.to(device), data.train.labels.to(device), cl);
+  o.test_final = evaluate(model, data.test.images.to(device), data.test.labels.to(device), cl);
   return o;
 }
 
@@ -399,7 +465,35 @@ std::string cell(double v, const char* spec = "{:.4f}") {
   return std::isfinite(v) ? fmt::format(fmt::runtime(spec), v) : "-";
 }
 
-int run(const Config& c) {
+// The config the JSON records, and which every rank must share: `device` is
+// left out of the comparison (each rank has its own GPU).
+JsonFields config_fields(const Config& c, const std::string& device, int64_t world) {
+  return {
+      {"example", json_string("mnist")}, {"dataset", json_string(c.dataset)},
+      {"model", json_string(c.model)}, {"hidden", json_string(c.hidden)},
+      {"activation", json_string(c.activation)},
+      {"optimizers", json_string(c.optimizers)}, {"lr", json_number(c.lr)},
+      {"momentum", json_number(c.momentum)}, {"seeds", json_string(c.seeds)},
+      {"batch_size", std::to_string(c.batch_size)}, {"epochs", std::to_string(c.epochs)},
+      {"max_steps", std::to_string(c.max_steps)}, {"device", json_string(device)},
+      {"dtype", json_string(c.dtype)}, {"world_size", std::to_string(world)},
+      {"symmetry", json_string(c.symmetry)}, {"teleport_every", std::to_string(c.teleport_every)},
+      {"teleport_at", json_array(std::vector<double>(c.teleport_at.begin(), c.teleport_at.end()))},
+      {"teleport_first", std::to_string(c.teleport_first)},
+      {"max_teleports", std::to_string(c.max_teleports)},
+      {"teleport_steps", std::to_string(c.teleport_steps)},
+      {"teleport_lr", json_number(c.teleport_lr)},
+      {"teleport_batch", std::to_string(c.teleport_batch)},
+      {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
+      {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
+      {"objective", json_string(c.objective)}, {"stall_fraction", json_number(c.stall_fraction)},
+      {"stall_decay", json_number(c.stall_decay)}, {"stall_cooldown", std::to_string(c.stall_cooldown)},
+      {"no_baseline", c.no_baseline ? "true" : "false"},
+      {"no_teleport", c.no_teleport ? "true" : "false"},
+      {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
+}
+
+int run(const Config& c, const Cluster& cl, torch::Device device) {
   const auto optimizers = [&] {
     std::vector<std::string> out;
     std::stringstream in(c.optimizers);
@@ -417,18 +511,14 @@ int run(const Config& c) {
   }();
   const auto seeds = parse_list<int64_t>(c.seeds, "--seeds");
   parse_list<int64_t>(c.hidden, "--hidden");
-  if (c.device == "cuda" && !torch::cuda::is_available()) {
-    throw UsageError("--device cuda: CUDA is not available here");
-  }
-  const torch::Device device(c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())
-                                 ? torch::kCUDA
-                                 : torch::kCPU);
-  // Check outputs before hours of training.
+  // Check outputs before hours of training; only rank 0 writes them.
   for (const auto* path : {&c.json, &c.csv, &c.plot}) {
-    if (!path->empty()) open_output(*path);
+    if (!path->empty() && cl.lead()) open_output(*path);
   }
   const Data data = load(c);
-  Progress progress(c);
+  Config quiet_unless_lead = c;
+  if (!cl.lead()) quiet_unless_lead.quiet = true, quiet_unless_lead.log.clear();
+  Progress progress(quiet_unless_lead);
 
   std::vector<Run> runs;
   std::vector<Curve> curves;
@@ -438,8 +528,8 @@ int run(const Config& c) {
     std::vector<double> step_ratio, second_ratio;
     for (int64_t seed : seeds) {
       std::vector<Outcome> pair;
-      if (!c.no_baseline) pair.push_back(train(c, data, optimizer, lr, seed, false, device, progress));
-      if (!c.no_teleport) pair.push_back(train(c, data, optimizer, lr, seed, true, device, progress));
+      if (!c.no_baseline) pair.push_back(train(c, data, optimizer, lr, seed, false, device, cl, progress));
+      if (!c.no_teleport) pair.push_back(train(c, data, optimizer, lr, seed, true, device, cl, progress));
       // Target: the baseline's final loss on the train subset.
       const double target = pair.front().eval_loss.back();
       std::vector<std::pair<double, double>> reach;
@@ -496,6 +586,7 @@ int run(const Config& c) {
     }
   }
 
+  if (!cl.lead()) return 0;
   fmt::print("\n{:<18} {:>5} {:>8} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>9}\n",
              "run", "seed", "lr", "train_loss", "test_loss", "test_acc", "seconds", "steps_to",
              "secs_to", "tp_share", "teleports", "drift");
@@ -512,30 +603,106 @@ int run(const Config& c) {
              "change at a measured teleport)\n",
              data.train.images.size(0), c.eval_subset);
 
-  const JsonFields config = {
-      {"example", json_string("mnist")}, {"dataset", json_string(c.dataset)},
-      {"model", json_string(c.model)}, {"hidden", json_string(c.hidden)},
-      {"activation", json_string(c.activation)},
-      {"optimizers", json_string(c.optimizers)}, {"momentum", json_number(c.momentum)},
-      {"batch_size", std::to_string(c.batch_size)}, {"epochs", std::to_string(c.epochs)},
-      {"max_steps", std::to_string(c.max_steps)}, {"device", json_string(device.str())},
-      {"symmetry", json_string(c.symmetry)}, {"teleport_every", std::to_string(c.teleport_every)},
-      {"teleport_first", std::to_string(c.teleport_first)},
-      {"max_teleports", std::to_string(c.max_teleports)},
-      {"teleport_steps", std::to_string(c.teleport_steps)},
-      {"teleport_lr", json_number(c.teleport_lr)},
-      {"teleport_batch", std::to_string(c.teleport_batch)},
-      {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
-      {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
-      {"objective", json_string(c.objective)}, {"stall_fraction", json_number(c.stall_fraction)},
-      {"stall_decay", json_number(c.stall_decay)}, {"stall_cooldown", std::to_string(c.stall_cooldown)},
-      {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
+  const JsonFields config = config_fields(c, device.str(), cl.world);
   if (!c.json.empty()) write_json(c.json, config, runs);
   if (!c.csv.empty()) write_csv(c.csv, runs);
   if (!c.plot.empty()) {
     fmt::print("{}\n", plot(c.plot, fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation),
                             "train loss (subset)", curves));
   }
+  return 0;
+}
+
+#if defined(TELEPORT_HAVE_DISTRIBUTED)
+// Every rank must run the same command: a hash of the config, compared by an
+// all-reduce of (h, -h) under max, which leaves both unchanged only when every
+// rank has h.
+void check_same_config(teleport::distributed::ProcessGroup& group, const Config& c,
+                       torch::Device device) {
+  const std::string text = json_object(config_fields(c, "", group.world_size()));
+  const int64_t h = static_cast<int64_t>(std::hash<std::string>{}(text) >> 1);
+  at::Tensor t = torch::tensor({h, -h}, torch::TensorOptions().dtype(torch::kLong)).to(device);
+  group.all_reduce_max(t);
+  const at::Tensor host = t.cpu();
+  if (host[0].item<int64_t>() != h || host[1].item<int64_t>() != -h) {
+    throw UsageError("the ranks were started with different options; every rank must run the "
+                     "same command");
+  }
+}
+
+std::string self_path(const char* fallback) {
+  std::vector<char> buf(4096);
+  const ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  return n > 0 ? std::string(buf.data(), n) : std::string(fallback);
+}
+#endif
+
+// Joins the data-parallel run the environment (torchrun) describes, or starts
+// --nproc processes of this command and waits for them (launched = true), or
+// does neither. Returns the launched processes' exit code when it launched.
+int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, torch::Device& device,
+                   bool& launched) {
+  launched = false;
+#if defined(TELEPORT_HAVE_DISTRIBUTED)
+  namespace dist = teleport::distributed;
+  std::optional<dist::Rendezvous> where;
+  try {
+    where = dist::Rendezvous::from_env();
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    throw UsageError(what.substr(0, what.find('\n')));
+  }
+  if (!where) {
+    if (c.nproc <= 1) return 0;
+    launched = true;
+    std::vector<std::string> args(argv, argv + argc);
+    args[0] = self_path(argv[0]);
+    const int code = dist::launch_local(c.nproc, args);
+    return code == 0 || code == 2 ? code : 1;
+  }
+  if (c.nproc > 0 && c.nproc != where->world_size) {
+    throw UsageError(fmt::format("--nproc {} disagrees with WORLD_SIZE={} (launched by torchrun, "
+                                 "leave --nproc out)",
+                                 c.nproc, where->world_size));
+  }
+  if (device.is_cuda()) {
+    device = torch::Device(torch::kCUDA, where->local_rank % torch::cuda::device_count());
+  }
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(c.dist_timeout * 1000));
+  std::shared_ptr<dist::ProcessGroup> group;
+  {
+    // c10d logs every connection retry on stderr; a failure comes back as the
+    // exception, which says the same in one line.
+    std::fflush(stderr);
+    const int saved = ::dup(2), null = ::open("/dev/null", O_WRONLY);
+    if (null >= 0) ::dup2(null, 2);
+    auto restore = [&] {
+      std::fflush(stderr);
+      if (saved >= 0) ::dup2(saved, 2), ::close(saved);
+      if (null >= 0) ::close(null);
+    };
+    try {
+      group = dist::init_process_group(*where, device.type(), timeout);
+    } catch (...) {
+      restore();
+      throw;
+    }
+    restore();
+  }
+  static std::shared_ptr<teleport::Collectives> keep;  // ends with std::_Exit, see main()
+  keep = group;
+  cl.group = group;
+  cl.rank = where->rank;
+  cl.world = where->world_size;
+  check_same_config(*group, c, device);
+#else
+  (void)argc, (void)argv, (void)device;
+  if (c.nproc > 1 || std::getenv("WORLD_SIZE") != nullptr) {
+    throw UsageError("this build of teleport has no c10d (configure with TELEPORT_DISTRIBUTED=ON "
+                     "where LibTorch ships it and Gloo's headers are installed)");
+  }
+#endif
+  (void)cl;
   return 0;
 }
 
@@ -617,7 +784,17 @@ int main(int argc, char** argv) {
   app.add_option("--plot", c.plot, "write loss curves as PNG (gnuplot)");
   app.add_option("--log", c.log, "write progress lines to this file");
   app.add_flag("--quiet", c.quiet, "no progress on stderr");
-  return run_cli(app, argc, argv, [&] {
+  app.add_option("--dtype", c.dtype, "float32 or float64 (weights and images)")
+      ->check(CLI::IsMember({"float32", "float64"}));
+  app.add_option("--nproc", c.nproc,
+                 "train data-parallel on N local processes (Gloo on the CPU, NCCL with --device "
+                 "cuda); --batch-size stays the global batch. Under torchrun, leave it out")
+      ->check(CLI::Range(int64_t{1}, int64_t{1024}));
+  app.add_option("--dist-timeout", c.dist_timeout,
+                 "seconds a rank waits for the others (rendezvous and each collective)")
+      ->check(finite_above(0));
+  bool distributed = false;
+  const int code = run_cli(app, argc, argv, [&] {
     if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
     if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
     if (c.symmetry == "gl" && c.activation != "leaky_relu") {
@@ -636,6 +813,34 @@ int main(int argc, char** argv) {
       throw UsageError("--model cnn teleports by the scalings it declares, from the minibatch: "
                        "--symmetry gl and --teleport-batch need --model mlp");
     }
-    return run(c);
+    if (c.device == "cuda" && !torch::cuda::is_available()) {
+      throw UsageError("--device cuda: CUDA is not available here");
+    }
+    torch::Device device(c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())
+                             ? torch::kCUDA
+                             : torch::kCPU);
+    Cluster cl;
+    cl.dtype = c.dtype == "float64" ? torch::kDouble : torch::kFloat;
+    bool launched = false;
+    distributed = c.nproc > 1 || std::getenv("WORLD_SIZE") != nullptr;
+    const int launch_code = join_or_launch(c, argc, argv, cl, device, launched);
+    if (launched) return launch_code;
+    if (cl.world == 1) return run(c, cl, device);
+    try {
+      return run(c, cl, device);
+    } catch (const UsageError& e) {
+      throw UsageError(fmt::format("rank {}: {}", cl.rank, e.what()));
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, what.substr(0, what.find('\n'))));
+    } catch (const std::exception& e) {
+      throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, e.what()));
+    }
   });
+  if (distributed) {
+    // A process group whose peer died may block in its destructor: leave now.
+    std::fflush(nullptr);
+    std::_Exit(code);
+  }
+  return code;
 }

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -268,5 +269,95 @@ TEST(CliTest, RuntimeErrorsExitWithOneAndOneLine) {
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("is truncated"), std::string::npos) << r.output;
 }
+
+#if defined(TELEPORT_HAVE_DISTRIBUTED)
+// A TCP port nobody listens on (bound, then released).
+int free_port() {
+  const std::string out = scratch() + "port";
+  std::system(("python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+               "print(s.getsockname()[1])' >" + out + " 2>/dev/null || echo 29517 >" + out).c_str());
+  return std::stoi(read(out));
+}
+
+std::string tiny_mnist_command(const std::string& extra) {
+  return std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+         " --hidden 16,12 --batch-size 16 --eval-every 3 --eval-subset 32 --quiet " + extra;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// --nproc 2 follows one process at the same global batch (float64, JSON's
+// ten digits), teleports included; only rank 0 prints and writes.
+TEST(CliTest, MnistOnTwoProcessesFollowsOneProcess) {
+  for (const std::string args :
+       {std::string("--optimizer sgd,adagrad --epochs 2 --teleport-every 4 --teleport-lr 1 "
+                    "--max-growth 100"),
+        std::string("--optimizer sgd --epochs 2 --symmetry gl --activation leaky_relu "
+                    "--teleport-every 3 --teleport-lr 1e-3"),
+        std::string("--optimizer sgd --epochs 1 --teleport-every 2 --teleport-batch 12 "
+                    "--teleport-lr 1")}) {
+    const auto one = run(tiny_mnist_command("--dtype float64 " + args + " --json " + kTmp + "n1.json"));
+    ASSERT_EQ(one.code, 0) << one.output;
+    const auto two = run(tiny_mnist_command("--dtype float64 --nproc 2 " + args + " --json " + kTmp +
+                                            "n2.json"));
+    ASSERT_EQ(two.code, 0) << two.output;
+    const auto a = read(kTmp + "n1.json"), b = read(kTmp + "n2.json");
+    EXPECT_NE(b.find("\"world_size\": 2"), std::string::npos);
+    EXPECT_NE(a.find("\"world_size\": 1"), std::string::npos);
+    EXPECT_EQ(arrays(a, "loss"), arrays(b, "loss")) << args;
+    EXPECT_EQ(arrays(a, "train_subset_loss"), arrays(b, "train_subset_loss")) << args;
+    EXPECT_NE(b.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
+    size_t tables = 0;
+    for (size_t at = two.output.find("train_loss test_loss"); at != std::string::npos;
+         at = two.output.find("train_loss test_loss", at + 1)) {
+      ++tables;
+    }
+    EXPECT_EQ(tables, 1u) << two.output;
+  }
+}
+
+// Failures of a data-parallel run end every process within its timeout, with
+// one line and exit code 1 (2 for usage errors).
+TEST(CliTest, DistributedFailuresEndWithinTheTimeout) {
+  const std::string port = std::to_string(free_port());
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port + " WORLD_SIZE=2 ";
+  const std::string cmd = tiny_mnist_command("--optimizer sgd --dist-timeout 3 --no-baseline");
+  struct Case {
+    std::string command;
+    int code;
+  };
+  for (const Case& c : {Case{"RANK=2 " + env + cmd, 2},  // outside WORLD_SIZE
+                        Case{"RANK=1 " + env + cmd, 1},  // nobody hosts the store
+                        Case{"RANK=0 " + env + cmd, 1},  // rank 1 never comes
+                        Case{"RANK=0 " + env + cmd + " --nproc 3", 2}}) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto r = run(c.command);
+    EXPECT_EQ(r.code, c.code) << c.command << "\n" << r.output;
+    EXPECT_EQ(lines(r.output), 1u) << c.command << "\n" << r.output;
+    EXPECT_LT(seconds_since(start), 15) << c.command;
+  }
+  // Different options on the two ranks: both refuse, as a usage error.
+  {
+    const auto r = run("sh -c '" + env + "RANK=0 " + cmd + " --lr 0.1 & " + env + "RANK=1 " + cmd +
+                       " --lr 0.2; b=$?; wait $!; a=$?; echo codes $a $b'");
+    EXPECT_NE(r.output.find("codes 2 2"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("different options"), std::string::npos) << r.output;
+  }
+  // A rank killed mid-run: the other ends by itself, with exit code 1.
+  {
+    const std::string port2 = std::to_string(free_port());
+    const std::string env2 = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port2 + " WORLD_SIZE=2 ";
+    const std::string longer = tiny_mnist_command("--optimizer sgd --epochs 100000 --dist-timeout 3");
+    const auto start = std::chrono::steady_clock::now();
+    const auto r = run("sh -c '" + env2 + "RANK=0 " + longer + " & a=$!; " + env2 + "RANK=1 " + longer +
+                       " & b=$!; sleep 3; kill -9 $b; wait $a; echo code $?'");
+    EXPECT_NE(r.output.find("code 1"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("rank 0: "), std::string::npos) << r.output;
+    EXPECT_LT(seconds_since(start), 20);
+  }
+}
+#endif
 
 }  // namespace
