@@ -269,6 +269,11 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
       if (pid > 0) ::kill(pid, sig);
     }
   };
+  // As torchrun: one intra-op thread per process unless the user chose.
+  std::vector<std::string> extra = options.env();
+  if (std::getenv("OMP_NUM_THREADS") == nullptr && nproc > 1) {
+    extra.insert(extra.begin(), "OMP_NUM_THREADS=1");
+  }
   for (int64_t rank = 0; rank < nproc; ++rank) {
     std::vector<std::string> env = environment_for(
         {{"RANK", std::to_string(rank)},
@@ -278,7 +283,7 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
          {"MASTER_ADDR", "127.0.0.1"},
          {"MASTER_PORT", port},
          {"TORCHELASTIC_USE_AGENT_STORE", "True"}},
-        options.env());
+        extra);
     std::vector<std::string> args = argv;
     auto c_args = c_strings(args);
     auto c_env = c_strings(env);

@@ -128,7 +128,8 @@ struct LaunchOptions {
 /// torchrun on one machine: runs `argv` (argv[0] the program's path) as
 /// `nproc` processes with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1,
 /// MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE=True set, hosting their store
-/// itself, so Rendezvous::from_env() + init_process_group() join them. When one
+/// itself, so Rendezvous::from_env() + init_process_group() join them; like
+/// torchrun it sets OMP_NUM_THREADS=1 for N > 1 where the variable is unset. When one
 /// fails (a non-zero exit or a signal) the others get the grace period to end
 /// by themselves, then SIGKILL. Returns 0 when every process succeeded, otherwise
 /// the first failure's exit code (128 + the signal's number for a signal).
