@@ -379,8 +379,48 @@ TEST_P(AscentTest, BalanceEqualisesEveryUnitAndKeepsTheLoss) {
       EXPECT_LT(again.objective_after, again.objective_before);
     }
   }
-  EXPECT_NE(error_of([] { TeleportOptions().objective(Objective::kFlatness).validate(); })
-                .find("not available yet"),
+}
+
+// kFlatness: each kept teleport lowers the sharpness (the measure computed
+// afresh by sharpness(), not by the ascent), on scalings and on GL(n), and
+// the loss stays where it was.
+TEST_P(AscentTest, FlatnessTeleportLowersSharpnessKeepingTheLoss) {
+  for (Act act : {Act::kReLU, Act::kIdentity}) {
+    auto m = make_mlp({5, 9, 8, 3}, act, true, f64(), 11);
+    const Batch data = random_batch(16, 5, 3, f64(), 12);
+    const BatchLoss batch(m, data.input, data.target, mse());
+    const auto syms = discover(m).symmetries;
+    ASSERT_EQ(syms.size(), 2u);
+    const auto opts = TeleportOptions().objective(Objective::kFlatness).steps(5).lr(1.0)
+                          .flatness_radius(0.5).flatness_samples(3);
+    int64_t kept = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      const double before = sharpness(syms, batch, opts);
+      const double loss = batch.loss().item<double>();
+      const auto r = teleport(syms, opts, &batch);
+      const double after = sharpness(syms, batch, opts);
+      EXPECT_NEAR(batch.loss().item<double>(), loss, 1e-10 * loss);
+      if (r.rolled_back) {
+        EXPECT_EQ(after, before) << r.reason;
+        continue;
+      }
+      ++kept;
+      EXPECT_LT(after, before);
+      EXPECT_NEAR(r.objective_before, before, 1e-9 * std::abs(before));
+      EXPECT_NEAR(r.objective_after, after, 1e-9 * std::abs(after));
+    }
+    EXPECT_GE(kept, 1) << "no teleport was kept: the test would prove nothing";
+    // Another seed draws other perturbations: another measure.
+    EXPECT_NE(sharpness(syms, batch, opts), sharpness(syms, batch, TeleportOptions(opts).flatness_seed(1)));
+  }
+  auto s = make(Act::kReLU, f64());
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().objective(Objective::kFlatness)); })
+                .find("need a teleport batch"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().objective(Objective::kLookAhead)); })
+                .find("need a teleport batch"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { TeleportOptions().flatness_radius(0).validate(); }).find("flatness_radius"),
             std::string::npos);
 }
 

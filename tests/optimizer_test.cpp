@@ -769,6 +769,69 @@ TEST_P(OptimizerTest, PreconditionedObjectiveRisesWithTheInnerStateAndIsGradNorm
   EXPECT_TRUE(bitwise_equal(a->parameters(), b->parameters()));
 }
 
+// kLookAhead: from a kept teleport, the inner optimizer's actual next step on
+// the teleport batch ends at a loss no higher than the same step from the
+// original point (a twin that never teleports), and the objective the
+// teleport reports is that loss: the model of the step is the step.
+TEST_P(OptimizerTest, LookAheadTeleportNeverRaisesTheLossAfterTheNextStep) {
+  namespace o = torch::optim;
+  auto params = [](torch::nn::Sequential& m) { return m->parameters(); };
+  const std::vector<std::pair<std::string, MakeInner>> inners = {
+      {"sgd", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05)); }},
+      {"momentum", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9)); }},
+      {"nesterov", [=](auto& m) {
+         return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9).nesterov(true));
+       }},
+      {"adagrad", [=](auto& m) { return std::make_unique<o::Adagrad>(params(m), o::AdagradOptions(0.05)); }},
+      {"adam", [=](auto& m) { return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01)); }},
+      {"adamw", [=](auto& m) { return std::make_unique<o::AdamW>(params(m), o::AdamWOptions(0.01)); }},
+      {"rmsprop", [=](auto& m) { return std::make_unique<o::RMSprop>(params(m), o::RMSpropOptions(0.01)); }},
+  };
+  const Batch tb = batch(99);  // the teleport batch, and the batch of the step after it
+  for (const auto& [name, make] : inners) {
+    for (auto policy : {StatePolicy::kTransport, StatePolicy::kKeep, StatePolicy::kReset}) {
+      auto a = model(), b = model();
+      std::vector<TeleportReport> reports;
+      TeleportOptimizer opt(a, make(a),
+                            TeleportOptions().at({4}).steps(6).lr(0.5).state_policy(policy)
+                                .objective(Objective::kLookAhead)
+                                .on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+      opt.set_teleport_batch([&] { return std::make_pair(tb.input, tb.target); }, mse());
+      auto twin = make(b);
+      for (int64_t t = 0; t < 4; ++t) {
+        train_step(opt, a, t);
+        train_step(*twin, b, t);
+      }
+      // Step 4 on the teleport batch: a teleports first, b does not.
+      auto step_on = [&](torch::optim::Optimizer& opt_, torch::nn::Sequential& m) {
+        opt_.zero_grad();
+        mse()(m->forward(tb.input), tb.target).backward();
+        opt_.step();
+      };
+      step_on(opt, a);
+      step_on(*twin, b);
+      ASSERT_EQ(reports.size(), 1u) << name;
+      const TeleportReport& r = reports.front();
+      const double with = mse()(a->forward(tb.input), tb.target).item<double>();
+      const double without = mse()(b->forward(tb.input), tb.target).item<double>();
+      EXPECT_FALSE(r.rolled_back) << name << ": " << r.reason;
+      if (r.rolled_back) continue;
+      EXPECT_LT(r.objective_after, r.objective_before) << name;
+      EXPECT_NEAR(r.objective_after, with, 1e-9 * with) << name << " policy " << int(policy);
+      if (policy != StatePolicy::kReset) {  // (a reset changes the step even without a teleport)
+        EXPECT_NEAR(r.objective_before, without, 1e-9 * without) << name << " policy " << int(policy);
+        EXPECT_LE(with, without) << name;
+      }
+      EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before) << name;
+    }
+  }
+  // Without a teleport batch there is no loss to look ahead on.
+  auto m = model();
+  TeleportOptimizer opt(m, sgd(m), TeleportOptions().every(1).objective(Objective::kLookAhead));
+  EXPECT_NE(error_of([&] { train_step(opt, m, 0); }).find("call set_teleport_batch first"),
+            std::string::npos);
+}
+
 TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
   for (bool use_adagrad : {false, true}) {
     auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());

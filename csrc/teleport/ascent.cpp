@@ -3,6 +3,7 @@
 #include <teleport/internal/scaling_path.h>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -10,6 +11,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <cmath>
 #include <utility>
@@ -706,6 +709,210 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   return a;
 }
 
+// An objective to be lowered over the group (kLookAhead, kFlatness), of the
+// acted weights `current` (the symmetries' parameters in the order of `params`,
+// differentiable in the steps Ts), with `total` the elements applied so far:
+// the objective, ||∇L||² and the loss there.
+struct Lowered {
+  at::Tensor objective, norm, loss;
+};
+using LoweredFn = std::function<Lowered(const std::vector<at::Tensor>& current,
+                                        const std::vector<at::Tensor>& Ts,
+                                        const std::vector<GroupElement>& total)>;
+
+// Descent by autograd on `fn`: like autograd_ascent, but each attempt is
+// kept only if it lowers the objective (finite, invertible); a refused one is
+// undone and the next goes half as far.
+Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+               const BatchLoss& batch, const LoweredFn& fn, const TeleportOptions& o) {
+  const auto where = positions(syms, params);
+  Ascent a(syms);
+  struct Value {
+    Lowered at;
+    std::vector<at::Tensor> directions;  // −∂objective/∂T_k at T = 0
+  };
+  auto value = [&] {
+    at::AutoGradMode enable(true);
+    std::vector<at::Tensor> Ts, current;
+    for (const auto& p : params) current.push_back(p.detach());
+    for (size_t k = 0; k < syms.size(); ++k) {
+      ParameterOverrides in_force;
+      for (size_t i = 0; i < params.size(); ++i) in_force.emplace_back(params[i], current[i]);
+      Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
+      const auto acted = syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force, o.mode());
+      for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
+    }
+    const Lowered l = fn(current, Ts, a.total);
+    Value v{{l.objective.detach(), l.norm.detach(), l.loss.detach()}, {}};
+    for (auto& d : torch::autograd::grad({l.objective}, Ts)) v.directions.push_back(-d.detach());
+    return v;
+  };
+  Value here = value();
+  a.objective_before = a.objective_after = here.at.objective;
+  a.norm_before = a.norm_after = here.at.norm;
+  a.loss_before = here.at.loss;
+  Control control(here.at.objective, o);
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    std::vector<at::Tensor> before;
+    for (const auto& p : params) before.push_back(p.detach().clone());
+    const std::vector<GroupElement> total_before = a.total;
+    std::vector<GroupElement> elements;
+    for (size_t k = 0; k < syms.size(); ++k) {
+      const at::Tensor T =
+          capped_step(here.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
+      elements.push_back(step_element(*syms[k], T, o));
+      syms[k]->apply_(elements.back(), &batch, o.mode());
+      a.total[k] = elements.back().compose(a.total[k]);
+    }
+    Value next = value();
+    const at::Tensor ok = control.active()
+                              .logical_and(next.at.objective < a.objective_after)
+                              .logical_and(all_invertible(elements, next.at.objective));
+    {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < params.size(); ++i) {
+        params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+      }
+    }
+    for (size_t k = 0; k < syms.size(); ++k) {
+      a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
+                    at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal, {}};
+      here.directions[k] = at::where(ok, next.directions[k], here.directions[k]);
+    }
+    a.objective_after = at::where(ok, next.at.objective, a.objective_after);
+    a.norm_after = at::where(ok, next.at.norm, a.norm_after);
+    control.record(ok);
+    if (control.done(attempt)) break;
+  }
+  a.steps = control.taken();
+  a.shortened = control.refused();
+  return a;
+}
+
+// kLookAhead (docs/design.md §8): the batch's loss after `next` from the acted
+// point. The buffers m, v of the symmetries' parameters are carried as
+// kTransport carries them: by the elements applied so far (exactly, on
+// copies), then differentiably by this step's factors f = 1 + t: m/f and v/f²
+// are the action of 1/f - 1 and 1/f² - 1.
+LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                     const BatchLoss& batch, const NextStep& next) {
+  const auto where = positions(syms, params);
+  return [&syms, &params, &batch, &next, where](const std::vector<at::Tensor>& current,
+                                                const std::vector<at::Tensor>& Ts,
+                                                const std::vector<GroupElement>& total) {
+    std::vector<at::Tensor> m(params.size()), v(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      for (const auto& t : next.terms) {
+        if (!t.param.is_same(params[i])) continue;
+        m[i] = t.m.defined() ? t.m.detach().clone() : at::zeros_like(params[i]);
+        v[i] = t.v.defined() ? t.v.detach().clone() : at::zeros_like(params[i]);
+      }
+      TORCH_CHECK(m[i].defined(), "teleport: kLookAhead's NextStep has no term for a parameter of "
+                                  "shape ", params[i].sizes(), " that the symmetries act on");
+    }
+    for (size_t k = 0; k < syms.size() && next.transported; ++k) {
+      syms[k]->transport_gradients_(total[k], pick(m, where[k]));
+      syms[k]->transport_squared_gradients_(total[k], pick(v, where[k]));
+      const at::Tensor inv = 1 / (1 + Ts[k]);
+      const auto mk = syms[k]->act(pick(m, where[k]), inv - 1, nullptr, {}, Mode::kExact);
+      const auto vk = syms[k]->act(pick(v, where[k]), inv.square() - 1, nullptr, {}, Mode::kExact);
+      for (size_t j = 0; j < mk.size(); ++j) m[where[k][j]] = mk[j], v[where[k][j]] = vk[j];
+    }
+    // Every parameter the step moves: the symmetries' as acted, the others as they are.
+    std::vector<at::Tensor> values;
+    std::vector<at::Tensor> ms, vs;
+    for (const auto& t : next.terms) {
+      bool found = false;
+      for (size_t i = 0; i < params.size() && !found; ++i) {
+        if (!t.param.is_same(params[i])) continue;
+        values.push_back(current[i]);
+        ms.push_back(m[i]);
+        vs.push_back(v[i]);
+        found = true;
+      }
+      if (!found) {
+        values.push_back(t.param.detach().requires_grad_(true));
+        ms.push_back(t.m.defined() ? t.m.detach() : at::zeros_like(t.param));
+        vs.push_back(t.v.defined() ? t.v.detach() : at::zeros_like(t.param));
+      }
+    }
+    auto overrides = [&](const std::vector<at::Tensor>& vals) {
+      ParameterOverrides o;
+      for (size_t i = 0; i < vals.size(); ++i) o.emplace_back(next.terms[i].param, vals[i]);
+      return o;
+    };
+    const at::Tensor loss = batch.loss(overrides(values));
+    const auto grads = torch::autograd::grad({loss}, values, {}, true, true, true);
+    at::Tensor norm = at::zeros({}, loss.options());
+    std::vector<at::Tensor> after;
+    for (size_t i = 0; i < values.size(); ++i) {
+      const NextStep::Term& t = next.terms[i];
+      const at::Tensor g = grads[i].defined() ? grads[i] : at::zeros_like(values[i]);
+      for (const auto& p : params) {
+        if (p.is_same(t.param)) norm = norm + g.detach().square().sum();
+      }
+      const at::Tensor gh = t.weight_decay != 0 ? g + t.weight_decay * values[i] : g;
+      at::Tensor delta = t.a * ms[i] + t.b * gh;
+      if (t.adaptive) {
+        // Clamped away from 0 so that √ keeps a finite derivative (far below eps).
+        const double tiny = values[i].scalar_type() == at::kDouble ? 1e-300 : 1e-37;
+        delta = delta / (at::sqrt(at::clamp_min((t.c * vs[i] + t.d * gh.square()) / t.e, tiny)) + t.eps);
+      }
+      delta = t.lr * delta;
+      if (t.decoupled_decay != 0) delta = delta + t.lr * t.decoupled_decay * values[i];
+      after.push_back(values[i] - delta);
+    }
+    return Lowered{batch.loss(overrides(after)), norm, loss};
+  };
+}
+
+// The perturbations of sharpness(): `samples` draws, each a list over
+// `params` of jointly norm-`radius` Gaussian directions (seeded, on the CPU in
+// double, then moved: the same on every device and rank).
+std::vector<std::vector<at::Tensor>> perturbations(const std::vector<at::Tensor>& params,
+                                                   const TeleportOptions& o) {
+  at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(o.flatness_seed()));
+  std::vector<std::vector<at::Tensor>> out;
+  for (int64_t k = 0; k < o.flatness_samples(); ++k) {
+    std::vector<at::Tensor> z;
+    at::Tensor sq = at::zeros({}, at::kDouble);
+    for (const auto& p : params) {
+      z.push_back(at::randn(p.sizes(), gen, at::TensorOptions().dtype(at::kDouble)));
+      sq = sq + z.back().square().sum();
+    }
+    const at::Tensor scale = o.flatness_radius() / sq.sqrt();
+    for (auto& e : z) e = (e * scale).to(params.front().options());
+    out.push_back(std::move(z));
+  }
+  return out;
+}
+
+// kFlatness: sharpness() of the acted weights.
+LoweredFn flatness(const std::vector<at::Tensor>& params, const BatchLoss& batch,
+                   const TeleportOptions& o) {
+  auto eps = std::make_shared<std::vector<std::vector<at::Tensor>>>(perturbations(params, o));
+  return [&params, &batch, eps](const std::vector<at::Tensor>& current,
+                                const std::vector<at::Tensor>&, const std::vector<GroupElement>&) {
+    auto overrides = [&](const std::vector<at::Tensor>& vals) {
+      ParameterOverrides ov;
+      for (size_t i = 0; i < vals.size(); ++i) ov.emplace_back(params[i], vals[i]);
+      return ov;
+    };
+    const at::Tensor loss = batch.loss(overrides(current));
+    at::Tensor norm = at::zeros({}, loss.options());
+    for (const auto& g : torch::autograd::grad({loss}, current, {}, true, false, true)) {
+      if (g.defined()) norm = norm + g.square().sum();
+    }
+    at::Tensor mean = at::zeros({}, loss.options());
+    for (const auto& e : *eps) {
+      std::vector<at::Tensor> moved;
+      for (size_t i = 0; i < current.size(); ++i) moved.push_back(current[i] + e[i]);
+      mean = mean + batch.loss(overrides(moved));
+    }
+    return Lowered{mean / static_cast<double>(eps->size()) - loss, norm, loss};
+  };
+}
+
 // kBalance (docs/design.md §8): Σ||W||² over the symmetries' parameters,
 // lowered by positive per-unit factors. For unit j of one symmetry, with a_j
 // its incoming squared norm (row of W_in and bias) and e_j its outgoing one
@@ -894,22 +1101,40 @@ Method resolve_method(const SymmetryList& symmetries, Method method) {
 
 namespace {
 TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOptions& options,
-                            const BatchLoss* batch, const Preconditioner* pre);
+                            const BatchLoss* batch, const Preconditioner* pre,
+                            const NextStep* next);
 }  // namespace
 
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const BatchLoss* batch) {
-  return run_teleport(symmetries, options, batch, nullptr);
+  return run_teleport(symmetries, options, batch, nullptr, nullptr);
 }
 
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const Preconditioner& preconditioner) {
-  return run_teleport(symmetries, options, nullptr, &preconditioner);
+  return run_teleport(symmetries, options, nullptr, &preconditioner, nullptr);
+}
+
+TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
+                        const BatchLoss& batch, const NextStep& next) {
+  return run_teleport(symmetries, options, &batch, nullptr, &next);
+}
+
+double sharpness(const SymmetryList& symmetries, const BatchLoss& batch,
+                 const TeleportOptions& options) {
+  options.validate();
+  const auto params = detail::distinct_parameters(symmetries);
+  TORCH_CHECK(!params.empty(), "sharpness: expected symmetries, got none");
+  at::AutoGradMode enable(true);  // flatness() differentiates the loss for ||∇L||²
+  std::vector<at::Tensor> current;
+  for (const auto& p : params) current.push_back(p.detach().clone().requires_grad_(true));
+  return flatness(params, batch, options)(current, {}, {}).objective.item<double>();
 }
 
 namespace {
 TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOptions& options,
-                            const BatchLoss* batch, const Preconditioner* pre) {
+                            const BatchLoss* batch, const Preconditioner* pre,
+                            const NextStep* next) {
   const auto start = Clock::now();
   options.validate();
   TeleportReport report;
@@ -926,6 +1151,17 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
                 params.front().device(), ", ", params.front().scalar_type(), "), got ",
                 p.device(), ", ", p.scalar_type());
   }
+  const bool look_ahead_obj = options.objective() == Objective::kLookAhead;
+  const bool lowered = look_ahead_obj || options.objective() == Objective::kFlatness;
+  TORCH_CHECK(!lowered || batch != nullptr,
+              "teleport: kLookAhead and kFlatness evaluate losses and need a teleport batch (a "
+              "BatchLoss; TeleportOptimizer::set_teleport_batch), got none");
+  TORCH_CHECK(!look_ahead_obj || next != nullptr,
+              "teleport: kLookAhead needs the inner optimizer's next step: use TeleportOptimizer, "
+              "or teleport(symmetries, options, batch, next_step)");
+  TORCH_CHECK(!lowered || batch->group() == nullptr,
+              "teleport: kLookAhead and kFlatness run on one process's teleport batch; a batch "
+              "spread over ranks takes kGradNorm (docs/design.md §10)");
   const Method method = resolve_method(symmetries, options.method());
   TORCH_CHECK(method == Method::kClosedForm || batch != nullptr,
               "teleport: the autograd direction needs a batch and a loss (a BatchLoss), "
@@ -954,6 +1190,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
 
   const bool balance = options.objective() == Objective::kBalance;
   const bool preconditioned = options.objective() == Objective::kPreconditioned;
+
   TORCH_CHECK(!preconditioned || (pre != nullptr && batch == nullptr),
               "teleport: kPreconditioned needs the inner optimizer's preconditioner and "
               "teleports from .grad: use TeleportOptimizer, or teleport(symmetries, options, "
@@ -963,21 +1200,31 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     TORCH_CHECK(!(balance || preconditioned) || (layer != nullptr && s->transports_gradients()),
                 "teleport: kBalance and kPreconditioned act by positive factors on Linear and Conv "
                 "layer symmetries; ", s->name(), " is not one");
+    TORCH_CHECK(!look_ahead_obj || (layer != nullptr && s->transports_gradients() && s->diagonal()),
+                "teleport: kLookAhead acts by positive scalings on Linear and Conv layers (where "
+                "the inner state is carried exactly); ", s->name(), " is not one");
+    TORCH_CHECK(!lowered || s->transports_gradients(), "teleport: kFlatness acts on Linear and "
+                "Conv layer symmetries; ", s->name(), " is not one");
   }
   const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact &&
-                            method == Method::kClosedForm && !balance && !preconditioned;
+                            method == Method::kClosedForm && !balance && !preconditioned &&
+                            !lowered;
   // The scaling path from .grad decides finiteness before it touches anything;
   // every other path keeps a copy to roll back to.
   const bool self_checking = fast_scaling && batch == nullptr;
   std::optional<detail::Snapshot> snapshot;
   if (!self_checking) snapshot.emplace(params);
   at::Tensor loss_before;
-  if ((method == Method::kClosedForm || balance) && batch != nullptr) {
+  if ((method == Method::kClosedForm || balance) && batch != nullptr && !lowered) {
     grads = batch_gradients(*batch, params, loss_before);
   }
   Ascent a(symmetries);
   try {
-    a = balance          ? balance_ascent(symmetries, params, grads, options)
+    a = look_ahead_obj ? descent(symmetries, params, *batch,
+                                 look_ahead(symmetries, params, *batch, *next), options)
+        : lowered        ? descent(symmetries, params, *batch, flatness(params, *batch, options),
+                                   options)
+        : balance          ? balance_ascent(symmetries, params, grads, options)
         : preconditioned ? preconditioned_ascent(symmetries, params, grads, *pre, options)
         : method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
         : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
@@ -1047,10 +1294,14 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     rollback = "non-finite weights or gradients";
   } else if (balance && !(report.objective_after < report.objective_before)) {
     rollback = "no sweep lowered the sum of squared weights (the units are balanced already)";
+  } else if (lowered && !(report.objective_after < report.objective_before)) {
+    rollback = std::string("no step lowered the ") +
+               (look_ahead_obj ? "loss after the next step" : "sharpness") + " (" +
+               std::to_string(report.shortened) + " refused and halved)";
   } else if (preconditioned && !(report.objective_after > report.objective_before)) {
     rollback = "no ascent step raised the preconditioned objective (" +
                std::to_string(report.shortened) + " refused and halved)";
-  } else if (guarded && !balance && !preconditioned &&
+  } else if (guarded && !balance && !preconditioned && !lowered &&
              !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
     rollback = "no ascent step raised ||grad L||^2 (" + std::to_string(report.shortened) +
                " refused and halved)";

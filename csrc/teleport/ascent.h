@@ -25,7 +25,8 @@ struct TeleportReport {
   double grad_norm_sq_before = std::numeric_limits<double>::quiet_NaN();
   double grad_norm_sq_after = std::numeric_limits<double>::quiet_NaN();
   /// The teleport objective (TeleportOptions::objective): ||∇L||² for
-  /// kGradNorm, Σ||W||² over the symmetries' parameters for kBalance.
+  /// kGradNorm, Σ||W||² over the symmetries' parameters for kBalance, the loss
+  /// after the next step for kLookAhead, sharpness() for kFlatness.
   double objective_before = std::numeric_limits<double>::quiet_NaN();
   double objective_after = std::numeric_limits<double>::quiet_NaN();
   /// Ascent steps taken: each one raised ||∇L||² (fewer than asked when no
@@ -84,6 +85,47 @@ struct Preconditioner {
 /// backward pass), with the safeguards of teleport().
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const Preconditioner& preconditioner);
+
+/// The inner optimizer's next step as a function of the gradient g at the
+/// point it starts from, for Objective::kLookAhead (docs/design.md §8). For each
+/// parameter p of the model it updates (one Term each):
+///
+///   ĝ = g + weight_decay·p,   m' = a·m + b·ĝ,
+///   Δ = lr·m' / (√((c·v + d·ĝ²) / e) + eps)   when `adaptive`, lr·m' otherwise,
+///   Δ += lr·decoupled_decay·p,                 p ← p − Δ,
+///
+/// with m and v its gradient-like and squared-gradient buffers (undefined:
+/// zero). SGD (momentum, dampening, Nesterov), Adagrad, RMSprop (plain), Adam and
+/// AdamW are of this form; TeleportOptimizer reads it from the inner optimizer.
+/// At the teleported point m and v are those the state policy kTransport
+/// carries there (m/f and v/f² under a scaling by f).
+struct NextStep {
+  struct Term {
+    at::Tensor param, m, v;
+    double lr = 0, weight_decay = 0, decoupled_decay = 0;
+    double a = 0, b = 1, c = 0, d = 0, e = 1, eps = 0;
+    bool adaptive = false;
+  };
+  std::vector<Term> terms;
+  /// Whether m and v move with the weights (StatePolicy::kTransport) or stay
+  /// as they are (kKeep; kReset gives terms without buffers).
+  bool transported = true;
+};
+
+/// A teleport that lowers the teleport batch's loss after the inner
+/// optimizer's next step (Objective::kLookAhead) over positive scalings, by
+/// autograd through that step, with the safeguards of teleport(): a kept
+/// teleport lowers it, and the batch's loss itself stays within the tolerance.
+TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
+                        const BatchLoss& batch, const NextStep& next);
+
+/// The sharpness Objective::kFlatness lowers, at the current weights: the mean
+/// over `flatness_samples` fixed random perturbations ε of the symmetries'
+/// parameters, each of norm `flatness_radius` (jointly over those parameters;
+/// drawn from a generator seeded with `flatness_seed`), of L(w + ε) − L(w) on
+/// the batch. The same draws at every call, so two calls compare weights only.
+double sharpness(const SymmetryList& symmetries, const BatchLoss& batch,
+                 const TeleportOptions& options);
 
 /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 for each symmetry: in closed form from the
 /// batch's gradient (or from `.grad` when there is no batch), or

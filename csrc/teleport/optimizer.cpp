@@ -528,8 +528,15 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     if (group_) objective = objective.spread_over(group_, share_);
     TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
                 "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
+    if (options_.objective() == Objective::kLookAhead) {
+      return teleport(symmetries_, options_, objective, next_step());
+    }
     return teleport(symmetries_, options_, &objective);
   }
+  TORCH_CHECK(options_.objective() != Objective::kLookAhead &&
+                  options_.objective() != Objective::kFlatness,
+              "TeleportOptimizer: kLookAhead and kFlatness evaluate losses on a teleport batch; "
+              "call set_teleport_batch first");
   if (replay == nullptr || symmetries_.empty()) {
     return teleport_from_grad();
   }
@@ -562,6 +569,88 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     current = after;
   }
   return report;
+}
+
+// The inner optimizer's next step in NextStep's form, with its buffers as they
+// are now (docs/design.md §8); what it cannot express is refused.
+NextStep TeleportOptimizer::next_step() const {
+  namespace o = torch::optim;
+  NextStep next;
+  next.transported = options_.state_policy() == StatePolicy::kTransport;
+  const bool reset = options_.state_policy() == StatePolicy::kReset;
+  const auto acted = detail::distinct_parameters(symmetries_);
+  for (const auto& grp : inner_->param_groups()) {
+    const auto& opts = grp.options();
+    for (const auto& p : grp.params()) {
+      NextStep::Term t;
+      t.param = p;
+      // kReset: the symmetries' parameters step from a fresh state.
+      bool fresh = false;
+      for (const auto& q : acted) fresh = fresh || (reset && q.is_same(p));
+      auto* state = fresh ? nullptr : find_state(*inner_, p);
+      if (const auto* sgd = dynamic_cast<const o::SGDOptions*>(&opts)) {
+        t.lr = sgd->lr(), t.weight_decay = sgd->weight_decay();
+        const auto* s = dynamic_cast<o::SGDParamState*>(state);
+        const double mu = sgd->momentum(), damp = sgd->dampening();
+        const bool has_buf = s != nullptr && s->momentum_buffer().defined();
+        if (mu != 0 && has_buf) t.m = s->momentum_buffer();
+        // buf' = μ buf + (1 - dampening) ĝ (ĝ itself at the first step); Nesterov: ĝ + μ buf'.
+        const double fresh = has_buf ? 1 - damp : 1;
+        if (mu == 0) {
+          t.a = 0, t.b = 1;
+        } else if (sgd->nesterov()) {
+          t.a = has_buf ? mu * mu : 0, t.b = 1 + mu * fresh;
+        } else {
+          t.a = has_buf ? mu : 0, t.b = fresh;
+        }
+      } else if (const auto* ada = dynamic_cast<const o::AdagradOptions*>(&opts)) {
+        const auto* s = dynamic_cast<o::AdagradParamState*>(state);
+        const int64_t step = (s != nullptr ? s->step() : 0) + 1;
+        t.lr = ada->lr() / (1 + static_cast<double>(step - 1) * ada->lr_decay());
+        t.weight_decay = ada->weight_decay();
+        if (s != nullptr) t.v = s->sum();
+        t.adaptive = true, t.a = 0, t.b = 1, t.c = 1, t.d = 1, t.e = 1, t.eps = ada->eps();
+      } else if (dynamic_cast<const o::AdamOptions*>(&opts) != nullptr ||
+                 dynamic_cast<const o::AdamWOptions*>(&opts) != nullptr) {
+        double lr = 0, b1 = 0, b2 = 0, eps = 0, wd = 0;
+        bool amsgrad = false, decoupled = false;
+        if (const auto* a = dynamic_cast<const o::AdamOptions*>(&opts)) {
+          lr = a->lr(), b1 = std::get<0>(a->betas()), b2 = std::get<1>(a->betas());
+          eps = a->eps(), wd = a->weight_decay(), amsgrad = a->amsgrad();
+        } else {
+          const auto* w = dynamic_cast<const o::AdamWOptions*>(&opts);
+          lr = w->lr(), b1 = std::get<0>(w->betas()), b2 = std::get<1>(w->betas());
+          eps = w->eps(), wd = w->weight_decay(), amsgrad = w->amsgrad(), decoupled = true;
+        }
+        TORCH_CHECK(!amsgrad, "TeleportOptimizer: kLookAhead does not model Adam's amsgrad");
+        int64_t step = 0;
+        if (const auto* s = dynamic_cast<o::AdamParamState*>(state)) {
+          step = s->step(), t.m = s->exp_avg(), t.v = s->exp_avg_sq();
+        } else if (const auto* s = dynamic_cast<o::AdamWParamState*>(state)) {
+          step = s->step(), t.m = s->exp_avg(), t.v = s->exp_avg_sq();
+        }
+        const double bc1 = 1 - std::pow(b1, static_cast<double>(step + 1));
+        const double bc2 = 1 - std::pow(b2, static_cast<double>(step + 1));
+        t.lr = lr;
+        (decoupled ? t.decoupled_decay : t.weight_decay) = wd;
+        t.adaptive = true, t.a = b1 / bc1, t.b = (1 - b1) / bc1, t.c = b2, t.d = 1 - b2, t.e = bc2;
+        t.eps = eps;
+      } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(&opts)) {
+        TORCH_CHECK(r->momentum() == 0 && !r->centered(),
+                    "TeleportOptimizer: kLookAhead models RMSprop without momentum and not centered");
+        const auto* s = dynamic_cast<o::RMSpropParamState*>(state);
+        if (s != nullptr) t.v = s->square_avg();
+        t.lr = r->lr(), t.weight_decay = r->weight_decay();
+        t.adaptive = true, t.a = 0, t.b = 1, t.c = r->alpha(), t.d = 1 - r->alpha(), t.e = 1;
+        t.eps = r->eps();
+      } else {
+        TORCH_CHECK(false, "TeleportOptimizer: kLookAhead models SGD, Adagrad, RMSprop, Adam and "
+                           "AdamW; the inner optimizer is none of them");
+      }
+      next.terms.push_back(std::move(t));
+    }
+  }
+  return next;
 }
 
 // kPreconditioned reads √v̂ from the inner state as its next step will use it

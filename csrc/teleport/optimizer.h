@@ -120,6 +120,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // A teleport from .grad with the options' objective (kPreconditioned reads
   // the inner state's second moments).
   TeleportReport teleport_from_grad();
+  // kLookAhead: the inner optimizer's next step (ascent.h).
+  NextStep next_step() const;
   // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
   void check_state_policy() const;
   void sync_inner();

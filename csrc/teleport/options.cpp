@@ -36,18 +36,20 @@ void TeleportOptions::validate() const {
               max_growth());
   TORCH_CHECK(max_halvings() >= 0, "TeleportOptions: expected max_halvings >= 0, got ",
               max_halvings());
-  TORCH_CHECK(objective() == Objective::kGradNorm || objective() == Objective::kBalance ||
-                  objective() == Objective::kPreconditioned,
-              "TeleportOptions: expected the objective kGradNorm, kPreconditioned or kBalance "
-              "(kLookAhead and kFlatness are not available yet), got ",
-              static_cast<int>(objective()));
+  TORCH_CHECK(static_cast<int>(objective()) >= 0 && static_cast<int>(objective()) < 5,
+              "TeleportOptions: expected an Objective, got ", static_cast<int>(objective()));
+  TORCH_CHECK(std::isfinite(flatness_radius()) && flatness_radius() > 0,
+              "TeleportOptions: expected a finite flatness_radius > 0, got ", flatness_radius());
+  TORCH_CHECK(flatness_samples() >= 1, "TeleportOptions: expected flatness_samples >= 1, got ",
+              flatness_samples());
   TORCH_CHECK(objective() == Objective::kGradNorm || mode() == Mode::kExact,
               "TeleportOptions: only kGradNorm has reference arithmetic; expected Mode::kExact");
 }
 
 namespace {
 
-constexpr int64_t kVersion = 1;
+// 2: flatness_radius, flatness_samples, flatness_seed (version 1 reads with their defaults).
+constexpr int64_t kVersion = 2;
 const std::string kPrefix = "teleport/options/";
 
 void put(torch::serialize::OutputArchive& a, const std::string& key, c10::IValue v) {
@@ -91,12 +93,15 @@ void TeleportOptions::serialize(torch::serialize::OutputArchive& archive) const 
   put(archive, "max_growth", max_growth());
   put(archive, "max_halvings", max_halvings());
   put(archive, "state_policy", static_cast<int64_t>(state_policy()));
+  put(archive, "flatness_radius", flatness_radius());
+  put(archive, "flatness_samples", flatness_samples());
+  put(archive, "flatness_seed", flatness_seed());
 }
 
 void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   const int64_t version = get(archive, "version").toInt();
-  TORCH_CHECK(version == kVersion, "TeleportOptions: expected options of version ", kVersion,
-              ", got ", version);
+  TORCH_CHECK(version == 1 || version == kVersion, "TeleportOptions: expected options of version 1 to ",
+              kVersion, ", got ", version);
   every(get(archive, "every").toInt());
   ::at::Tensor steps_at;
   archive.read(kPrefix + "at", steps_at);
@@ -121,6 +126,11 @@ void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   max_growth(get(archive, "max_growth").toDouble());
   max_halvings(get(archive, "max_halvings").toInt());
   state_policy(get_enum<StatePolicy>(archive, "state_policy", 3));
+  if (version >= 2) {
+    flatness_radius(get(archive, "flatness_radius").toDouble());
+    flatness_samples(get(archive, "flatness_samples").toInt());
+    flatness_seed(get(archive, "flatness_seed").toInt());
+  }
   validate();
 }
 

@@ -54,10 +54,14 @@ enum class Objective {
   /// positive scalings; for SGD, kGradNorm. TeleportOptimizer reads v from
   /// the inner state; teleport() takes it as a Preconditioner.
   kPreconditioned,
-  /// Minimise the loss after the inner optimizer's next step. Not available
-  /// yet: refused by validate().
+  /// Minimise the teleport batch's loss after the inner optimizer's next step
+  /// from the teleported point (autograd through that step), over positive
+  /// scalings. Needs a teleport batch; TeleportOptimizer reads the step from
+  /// the inner optimizer, teleport() takes it as a NextStep.
   kLookAhead,
-  /// Minimise a sharpness measure. Not available yet: refused by validate().
+  /// Minimise the sharpness of the teleport batch's loss: its mean rise under
+  /// fixed random perturbations of radius flatness_radius (teleport::sharpness).
+  /// Needs a teleport batch.
   kFlatness,
   /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et al.
   /// 2019): each hidden unit's incoming norm (weights and bias) made equal to
@@ -109,6 +113,11 @@ struct TeleportOptions {
   /// What the teleport optimizes; for kBalance `steps` counts sweeps over the
   /// symmetries and `lr`, `method`, `max_step` and `max_growth` do not apply.
   TORCH_ARG(Objective, objective) = Objective::kGradNorm;
+  /// kFlatness: the norm of each random perturbation of the symmetries'
+  /// parameters, how many there are, and the seed they are drawn with.
+  TORCH_ARG(double, flatness_radius) = 0.1;
+  TORCH_ARG(int64_t, flatness_samples) = 4;
+  TORCH_ARG(int64_t, flatness_seed) = 0;
 
   // --- safeguards (docs/design.md §6) ---
   /// Largest relative change of the loss on the teleport batch; beyond it the
