@@ -47,6 +47,8 @@ struct Config {
   std::vector<int64_t> teleport_at;
   double teleport_lr = 10, max_growth = 1.5, max_step = 0.5, tolerance = 1e-4;
   std::string objective = "grad_norm";
+  double flatness_radius = 0.1;
+  int64_t flatness_samples = 4;
   double stall_fraction = 0, stall_decay = 0.9;
   int64_t stall_cooldown = 100;
   std::string json, csv, plot, log;
@@ -325,7 +327,11 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
                        .tolerance(c.tolerance)
                        .objective(c.objective == "balance"          ? teleport::Objective::kBalance
                                   : c.objective == "preconditioned" ? teleport::Objective::kPreconditioned
+                                  : c.objective == "look_ahead"     ? teleport::Objective::kLookAhead
+                                  : c.objective == "flatness"       ? teleport::Objective::kFlatness
                                                                     : teleport::Objective::kGradNorm)
+                       .flatness_radius(c.flatness_radius)
+                       .flatness_samples(c.flatness_samples)
                        .stall_fraction(c.stall_fraction)
                        .stall_decay(c.stall_decay)
                        .stall_cooldown(c.stall_cooldown)
@@ -486,7 +492,10 @@ JsonFields config_fields(const Config& c, const std::string& device, int64_t wor
       {"teleport_batch", std::to_string(c.teleport_batch)},
       {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
       {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
-      {"objective", json_string(c.objective)}, {"stall_fraction", json_number(c.stall_fraction)},
+      {"objective", json_string(c.objective)},
+      {"flatness_radius", json_number(c.flatness_radius)},
+      {"flatness_samples", std::to_string(c.flatness_samples)},
+      {"stall_fraction", json_number(c.stall_fraction)},
       {"stall_decay", json_number(c.stall_decay)}, {"stall_cooldown", std::to_string(c.stall_cooldown)},
       {"no_baseline", c.no_baseline ? "true" : "false"},
       {"no_teleport", c.no_teleport ? "true" : "false"},
@@ -759,9 +768,16 @@ int main(int argc, char** argv) {
   app.add_option("--objective", c.objective,
                  "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
                  "(raise sum g^2/(sqrt(v)+eps), the inner optimizer's own decrease; grad_norm for "
-                 "SGD) or balance (lower the sum of squared weights, each unit's in and out norms "
-                 "equal); look_ahead and flatness are not available yet")
+                 "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
+                 "equal), look_ahead (lower the teleport batch's loss after the next step) or "
+                 "flatness (lower its rise under random perturbations); the last two need "
+                 "--teleport-batch")
       ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance"}));
+  app.add_option("--flatness-radius", c.flatness_radius,
+                 "flatness: the norm of each random perturbation of the weights")
+      ->check(finite_above(0));
+  app.add_option("--flatness-samples", c.flatness_samples, "flatness: how many perturbations")
+      ->check(CLI::PositiveNumber);
   app.add_option("--stall-fraction", c.stall_fraction,
                  "also teleport when |grad|^2 falls below this fraction of its running mean "
                  "(training stalls); 0 = off")
@@ -800,11 +816,13 @@ int main(int argc, char** argv) {
     if (c.symmetry == "gl" && c.activation != "leaky_relu") {
       throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
     }
-    if (c.objective == "look_ahead" || c.objective == "flatness") {
+    const bool on_batch = c.objective == "look_ahead" || c.objective == "flatness";
+    if (on_batch && (c.teleport_batch == 0 || c.symmetry == "gl" || c.model == "cnn")) {
       throw UsageError("--objective " + c.objective +
-                       ": not available yet (grad_norm, preconditioned and balance are)");
+                       " evaluates losses on a teleport batch of its own: it needs --teleport-batch "
+                       "M, --symmetry scaling and --model mlp");
     }
-    if (c.objective != "grad_norm" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
+    if (!on_batch && c.objective != "grad_norm" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
       throw UsageError("--objective " + c.objective +
                        " acts by positive scalings from the minibatch gradient: it needs "
                        "--symmetry scaling and no --teleport-batch");

@@ -28,7 +28,8 @@ namespace dist = teleport::distributed;
 
 // What a worker runs, from TELEPORT_TEST_WORKER=name:path:dtype:die_at.
 struct Scenario {
-  std::string path;   // "grad", "batch" (closed form) or "data_dependent"
+  // "grad", "batch" (closed form), "data_dependent", "look_ahead" or "flatness"
+  std::string path;
   torch::Dtype dtype = torch::kFloat;
   int64_t die_at = -1;  // rank 1 exits there
   int64_t steps = 200;
@@ -59,8 +60,11 @@ Trajectory train(const Scenario& s, const std::shared_ptr<dist::ProcessGroup>& g
   };
   TeleportOptimizer opt(
       model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05)),
-      TeleportOptions().every(20).steps(4).lr(leaky ? 1e-3 : 0.05).on_report(
-          [](const TeleportReport&) {}),
+      TeleportOptions().every(20).steps(4).lr(leaky ? 1e-3 : 0.05)
+          .objective(s.path == "look_ahead" ? Objective::kLookAhead
+                     : s.path == "flatness" ? Objective::kFlatness
+                                            : Objective::kGradNorm)
+          .flatness_radius(0.3),
       DiscoverOptions().data_dependent(leaky));
   int64_t tstep = 0;
   if (s.path != "grad") {
@@ -211,9 +215,14 @@ TEST(Distributed, ReplicasStayBitwiseIdenticalWithDataDependentTeleports) {
   expect_identical_replicas("data_dependent");
 }
 
+TEST(Distributed, ReplicasStayBitwiseIdenticalWithLookAheadAndFlatnessTeleports) {
+  expect_identical_replicas("look_ahead");
+  expect_identical_replicas("flatness");
+}
+
 // Two processes follow one at the same global batch, teleports included.
 TEST(Distributed, TwoProcessesFollowOneInFloat64) {
-  for (const std::string path : {"batch", "data_dependent"}) {
+  for (const std::string path : {"batch", "data_dependent", "look_ahead", "flatness"}) {
     Scenario s = parse(path + ":float64:-1:100");
     const Trajectory one = train(s, nullptr);
     ASSERT_GT(one.kept, 0) << path << ": no teleport was kept; the test would prove nothing";

@@ -715,6 +715,10 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
 // the objective, ||∇L||² and the loss there.
 struct Lowered {
   at::Tensor objective, norm, loss;
+  // On a batch spread over ranks: `objective` is this rank's share, to be
+  // differentiated; `value` the global objective (detached). Undefined on one
+  // process.
+  at::Tensor value;
 };
 using LoweredFn = std::function<Lowered(const std::vector<at::Tensor>& current,
                                         const std::vector<at::Tensor>& Ts,
@@ -743,8 +747,11 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
       for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
     }
     const Lowered l = fn(current, Ts, a.total);
-    Value v{{l.objective.detach(), l.norm.detach(), l.loss.detach()}, {}};
+    Value v{{l.value.defined() ? l.value : l.objective.detach(), l.norm.detach(), l.loss.detach()},
+            {}};
     for (auto& d : torch::autograd::grad({l.objective}, Ts)) v.directions.push_back(-d.detach());
+    // Spread over ranks: each rank differentiated its share; the sum is the direction.
+    if (batch.group() != nullptr) batch.group()->all_reduce_sum(v.directions);
     return v;
   };
   Value here = value();
@@ -787,6 +794,16 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
   a.steps = control.taken();
   a.shortened = control.refused();
   return a;
+}
+
+// A Lowered from this rank's shares of the objective and the loss (and the
+// global ||∇L||²): on one process they are the values themselves.
+Lowered spread(const BatchLoss& batch, const at::Tensor& objective, const at::Tensor& norm,
+               const at::Tensor& loss) {
+  if (batch.group() == nullptr) return {objective, norm, loss, {}};
+  std::vector<at::Tensor> v = {objective.detach(), loss.detach()};
+  batch.group()->all_reduce_sum(v);
+  return {objective, norm, v[1], v[0]};
 }
 
 // kLookAhead (docs/design.md §8): the batch's loss after `next` from the acted
@@ -841,13 +858,29 @@ LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& pa
       for (size_t i = 0; i < vals.size(); ++i) o.emplace_back(next.terms[i].param, vals[i]);
       return o;
     };
-    const at::Tensor loss = batch.loss(overrides(values));
-    const auto grads = torch::autograd::grad({loss}, values, {}, true, true, true);
+    const double share = batch.share();
+    const at::Tensor loss = batch.loss(overrides(values)) * share;
+    auto grads = torch::autograd::grad({loss}, values, {}, true, true, true);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) grads[i] = at::zeros_like(values[i]);
+    }
+    if (batch.group() != nullptr) {
+      // The step uses the global batch's gradient: summed over the ranks, in
+      // one differentiable all-reduce.
+      std::vector<at::Tensor> flat;
+      for (const auto& g : grads) flat.push_back(g.reshape({-1}));
+      const at::Tensor summed = batch.sum_over_ranks(at::cat(flat));
+      int64_t offset = 0;
+      for (size_t i = 0; i < grads.size(); ++i) {
+        grads[i] = summed.narrow(0, offset, grads[i].numel()).view(values[i].sizes());
+        offset += grads[i].numel();
+      }
+    }
     at::Tensor norm = at::zeros({}, loss.options());
     std::vector<at::Tensor> after;
     for (size_t i = 0; i < values.size(); ++i) {
       const NextStep::Term& t = next.terms[i];
-      const at::Tensor g = grads[i].defined() ? grads[i] : at::zeros_like(values[i]);
+      const at::Tensor& g = grads[i];
       for (const auto& p : params) {
         if (p.is_same(t.param)) norm = norm + g.detach().square().sum();
       }
@@ -862,7 +895,7 @@ LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& pa
       if (t.decoupled_decay != 0) delta = delta + t.lr * t.decoupled_decay * values[i];
       after.push_back(values[i] - delta);
     }
-    return Lowered{batch.loss(overrides(after)), norm, loss};
+    return spread(batch, batch.loss(overrides(after)) * share, norm, loss);
   };
 }
 
@@ -898,18 +931,22 @@ LoweredFn flatness(const std::vector<at::Tensor>& params, const BatchLoss& batch
       for (size_t i = 0; i < vals.size(); ++i) ov.emplace_back(params[i], vals[i]);
       return ov;
     };
-    const at::Tensor loss = batch.loss(overrides(current));
-    at::Tensor norm = at::zeros({}, loss.options());
+    const at::Tensor loss = batch.loss(overrides(current)) * batch.share();
+    std::vector<at::Tensor> grads;
     for (const auto& g : torch::autograd::grad({loss}, current, {}, true, false, true)) {
-      if (g.defined()) norm = norm + g.square().sum();
+      grads.push_back(g.defined() ? g : at::zeros({}, loss.options()));
     }
+    if (batch.group() != nullptr) batch.group()->all_reduce_sum(grads);
+    at::Tensor norm = at::zeros({}, loss.options());
+    for (const auto& g : grads) norm = norm + g.square().sum();
     at::Tensor mean = at::zeros({}, loss.options());
     for (const auto& e : *eps) {
       std::vector<at::Tensor> moved;
       for (size_t i = 0; i < current.size(); ++i) moved.push_back(current[i] + e[i]);
       mean = mean + batch.loss(overrides(moved));
     }
-    return Lowered{mean / static_cast<double>(eps->size()) - loss, norm, loss};
+    return spread(batch, mean * (batch.share() / static_cast<double>(eps->size())) - loss, norm,
+                  loss);
   };
 }
 
@@ -1128,7 +1165,8 @@ double sharpness(const SymmetryList& symmetries, const BatchLoss& batch,
   at::AutoGradMode enable(true);  // flatness() differentiates the loss for ||∇L||²
   std::vector<at::Tensor> current;
   for (const auto& p : params) current.push_back(p.detach().clone().requires_grad_(true));
-  return flatness(params, batch, options)(current, {}, {}).objective.item<double>();
+  const Lowered l = flatness(params, batch, options)(current, {}, {});
+  return (l.value.defined() ? l.value : l.objective).item<double>();
 }
 
 namespace {
@@ -1159,9 +1197,6 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   TORCH_CHECK(!look_ahead_obj || next != nullptr,
               "teleport: kLookAhead needs the inner optimizer's next step: use TeleportOptimizer, "
               "or teleport(symmetries, options, batch, next_step)");
-  TORCH_CHECK(!lowered || batch->group() == nullptr,
-              "teleport: kLookAhead and kFlatness run on one process's teleport batch; a batch "
-              "spread over ranks takes kGradNorm (docs/design.md §10)");
   const Method method = resolve_method(symmetries, options.method());
   TORCH_CHECK(method == Method::kClosedForm || batch != nullptr,
               "teleport: the autograd direction needs a batch and a loss (a BatchLoss), "

@@ -179,7 +179,30 @@ struct GatherRows : public torch::autograd::Function<GatherRows> {
   }
 };
 
+// A sum over the ranks; every rank's result reaches every rank's loss, so
+// the backward pass is the same sum.
+struct SumOverRanks : public torch::autograd::Function<SumOverRanks> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            Collectives* group) {
+    ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
+    std::vector<at::Tensor> v = {x.detach().clone()};
+    group->all_reduce_sum(v);
+    return v[0];
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    auto* group = reinterpret_cast<Collectives*>(ctx->saved_data["group"].toInt());
+    std::vector<at::Tensor> v = {grad[0].detach().clone()};
+    group->all_reduce_sum(v);
+    return {v[0], at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor BatchLoss::sum_over_ranks(const at::Tensor& x) const {
+  return group_ ? SumOverRanks::apply(x, group_.get()) : x;
+}
 
 at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");

@@ -65,6 +65,10 @@ class BatchLoss {
   /// The global batch's loss: loss() summed over the ranks with their shares
   /// (loss() itself without a group). Detached.
   at::Tensor global_loss(const ParameterOverrides& overrides = {}) const;
+  /// `x` summed over the ranks, differentiably: the gradient flowing back into
+  /// it is the sum over the ranks of what each result received. `x` itself
+  /// without a group.
+  at::Tensor sum_over_ranks(const at::Tensor& x) const;
 
   /// A copy that evaluates with `fixed` in force wherever a call's own
   /// overrides say nothing (e.g. the weights as they were before a step).
