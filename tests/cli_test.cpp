@@ -196,6 +196,20 @@ TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
                        kTmp + "pre.json");
   ASSERT_EQ(pre.code, 0) << pre.output;
   EXPECT_NE(read(kTmp + "pre.json").find("\"objective\": \"preconditioned\""), std::string::npos);
+  // look_ahead and flatness evaluate losses on a teleport batch of their own.
+  for (const std::string objective : {"look_ahead", "flatness"}) {
+    const auto r2 = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                        " --optimizer sgd,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
+                        " --eval-subset 32 --teleport-every 2 --teleport-batch 8 --objective " + objective +
+                        " --flatness-samples 2 --quiet --json " + kTmp + "obj.json");
+    ASSERT_EQ(r2.code, 0) << r2.output;
+    const auto json = read(kTmp + "obj.json");
+    expect_run_shape(json, {"sgd", "sgd+teleport", "adam", "adam+teleport"});
+    EXPECT_NE(json.find("\"objective\": \"" + objective + "\""), std::string::npos);
+    const auto usage = run(std::string(TELEPORT_MNIST) + " --objective " + objective);
+    EXPECT_EQ(usage.code, 2) << usage.output;
+    EXPECT_NE(usage.output.find("--teleport-batch"), std::string::npos) << usage.output;
+  }
 }
 
 TEST(CliTest, SameSeedGivesBitIdenticalRunsAndBaselineAndTeleportStartAlike) {
