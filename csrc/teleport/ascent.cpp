@@ -226,6 +226,26 @@ at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::T
   return ok;
 }
 
+// After an attempt on the weights themselves: where `ok` is false, the weights
+// and the product of steps go back to `before` (decided on the device, no
+// host synchronisation); where true, the new point's directions are taken.
+void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
+                  const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
+                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<at::Tensor>& next_directions) {
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+    }
+  }
+  for (size_t k = 0; k < total.size(); ++k) {
+    total[k] = {at::where(ok, total[k].g, total_before[k].g),
+                at::where(ok, total[k].g_inv, total_before[k].g_inv), total[k].diagonal, {}};
+    directions[k] = at::where(ok, next_directions[k], directions[k]);
+  }
+}
+
 struct Evaluation {
   at::Tensor loss, F;                  // detached
   std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
@@ -689,17 +709,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));
-    {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < params.size(); ++i) {
-        params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
-      }
-    }
-    for (size_t k = 0; k < syms.size(); ++k) {
-      a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
-                    at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal, {}};
-      here.directions[k] = at::where(ok, next.directions[k], here.directions[k]);
-    }
+    keep_or_undo(ok, params, before, a.total, total_before, here.directions, next.directions);
     a.norm_after = at::where(ok, next.F, a.norm_after);
     control.record(ok);
     if (control.done(attempt)) break;
@@ -775,17 +785,7 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
     const at::Tensor ok = control.active()
                               .logical_and(next.at.objective < a.objective_after)
                               .logical_and(all_invertible(elements, next.at.objective));
-    {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < params.size(); ++i) {
-        params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
-      }
-    }
-    for (size_t k = 0; k < syms.size(); ++k) {
-      a.total[k] = {at::where(ok, a.total[k].g, total_before[k].g),
-                    at::where(ok, a.total[k].g_inv, total_before[k].g_inv), a.total[k].diagonal, {}};
-      here.directions[k] = at::where(ok, next.directions[k], here.directions[k]);
-    }
+    keep_or_undo(ok, params, before, a.total, total_before, here.directions, next.directions);
     a.objective_after = at::where(ok, next.at.objective, a.objective_after);
     a.norm_after = at::where(ok, next.at.norm, a.norm_after);
     control.record(ok);
