@@ -71,6 +71,26 @@ TEST_P(PaperTest, DataDependentActionKeepsTheLossOnASmallBatch) {
   }
 }
 
+// The first layer's Gram factor is kept while its inputs are the same,
+// unchanged tensor: a batch changed in place is a new batch, and the action
+// stays exact on it.
+TEST_P(PaperTest, DataDependentActionStaysExactWhenTheBatchChangesInPlace) {
+  auto r = regression({4, 5, 6, 7, 8}, true, f64(), 7);
+  const BatchLoss objective(r.model, r.x, r.y, half_sse());
+  const auto syms = data_dependent(r.model);
+  torch::manual_seed(5);
+  for (int round = 0; round < 3; ++round) {
+    const double before = objective.loss().item<double>();
+    for (const auto& s : syms) {
+      s->apply_(s->element(torch::randn_like(s->zero_algebra()) * 0.2, Parametrization::kLinear),
+                &objective);
+    }
+    EXPECT_NEAR(objective.loss().item<double>(), before, 1e-10 * before) << "round " << round;
+    torch::NoGradGuard no_grad;
+    r.x.mul_(1.7).add_(0.3);  // the same tensor, other values
+  }
+}
+
 TEST_P(PaperTest, DataDependentTeleportKeepsLossAndRaisesGradNorm) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
   const BatchLoss objective(r.model, r.x, r.y, half_sse());

@@ -291,19 +291,47 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
   // The SVD behind pinv throws on non-finite input; such a step gives NaN
   // weights instead, which the ascent refuses (or the teleport rolls back).
-  const at::Tensor finite = at::isfinite(inputs).all().logical_and(at::isfinite(target).all());
-  const at::Tensor pinv = at::linalg_pinv(at::where(finite, inputs, 0.0));
+  const at::Tensor inputs_finite = at::isfinite(inputs).all();
+  const at::Tensor finite = inputs_finite.logical_and(at::isfinite(target).all());
+  // (Masked by their own finiteness only: pseudo_solve may keep a factor of them.)
+  const at::Tensor safe_inputs = at::where(inputs_finite, inputs, 0.0);
   const at::Tensor safe_target = at::where(finite, target, 0.0);
   at::Tensor theta;  // (m [+1]) × n
   if (mode == Mode::kReference) {
-    theta = at::mm(pinv, safe_target);
+    theta = at::mm(at::linalg_pinv(safe_inputs), safe_target);
   } else {
     const at::Tensor current = b.defined() ? at::cat({w.t(), b.unsqueeze(0)}, 0) : w.t();
-    theta = current + at::mm(pinv, safe_target - at::where(finite, z, 0.0));
+    theta = current + pseudo_solve(safe_inputs, h, safe_target - at::where(finite, z, 0.0), mode);
   }
   theta = at::where(finite, theta, NAN);
   if (!b.defined()) return {theta.t(), at::Tensor()};
   return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
+}
+
+at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Tensor& h,
+                                         const at::Tensor& x, Mode mode) const {
+  if (mode == Mode::kReference || inputs.size(0) > inputs.size(1)) {
+    return at::mm(at::linalg_pinv(inputs), x);
+  }
+  // Full row rank: inputs⁺ = inputsᵀ (inputs inputsᵀ)⁻¹. A singular Gram
+  // matrix (repeated rows) gives NaN, refused like a non-finite step.
+  const bool constant = !h.requires_grad();  // then the factor is a constant of the graph
+  const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
+                      cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
+                      cached_version_ == h._version() && cached_factor_.dtype() == x.dtype() &&
+                      cached_factor_.device() == x.device();
+  at::Tensor factor, ok;
+  if (cached) {
+    factor = cached_factor_, ok = cached_ok_;
+  } else {
+    auto [l, info] = at::linalg_cholesky_ex(at::mm(inputs, inputs.t()));
+    factor = l, ok = info.eq(0);
+    if (constant) {
+      cached_h_ = h, cached_version_ = h._version(), cached_factor_ = factor, cached_ok_ = ok;
+    }
+  }
+  const at::Tensor y = at::cholesky_solve(at::where(ok, x, 0.0), factor);
+  return at::where(ok, at::mm(inputs.t(), y), NAN);
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {

@@ -203,7 +203,17 @@ class DataDependentGL : public LayerSymmetry {
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g,
                                           Mode mode) const;
+  // X ↦ inputs⁺ X. Within the rank condition (exact mode) by a Cholesky solve on
+  // the Gram matrix, inputsᵀ (inputs inputsᵀ)⁻¹ X, whose factor is kept while
+  // the inputs are the same unchanged tensor (the first layer's, within one
+  // teleport); beyond it, and in reference mode, through the SVD (linalg_pinv).
+  at::Tensor pseudo_solve(const at::Tensor& inputs, const at::Tensor& h, const at::Tensor& x,
+                          Mode mode) const;
   double slope_;
+  // The cache of pseudo_solve: the inputs it was built from (kept alive, so
+  // their memory is not reused), their version, and the Gram matrix's factor.
+  mutable at::Tensor cached_h_, cached_factor_, cached_ok_;
+  mutable int64_t cached_version_ = -1;
 };
 
 using SymmetryList = std::vector<std::shared_ptr<Symmetry>>;
