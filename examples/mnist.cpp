@@ -675,7 +675,13 @@ int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, torch::D
                                  c.nproc, where->world_size));
   }
   if (device.is_cuda()) {
-    device = torch::Device(torch::kCUDA, where->local_rank % torch::cuda::device_count());
+    const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
+    if (where->world_size > gpus) {  // NCCL refuses two ranks on one GPU
+      throw UsageError(fmt::format("--device cuda: NCCL needs a GPU per rank; {} ranks, {} GPU(s) "
+                                   "(train on the CPU with Gloo, or start fewer ranks)",
+                                   where->world_size, gpus));
+    }
+    device = torch::Device(torch::kCUDA, where->local_rank % gpus);
   }
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(c.dist_timeout * 1000));
   std::shared_ptr<dist::ProcessGroup> group;
