@@ -3,6 +3,7 @@
 #include <common/cli.h>
 #include <teleport/teleport.h>
 
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
@@ -199,6 +200,43 @@ std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Dev
       median(ratios));
 }
 
+// The published ICLR 2024 code's MNIST teleport setting (side by side with
+// bench/published_teleport.py, docs/performance.md): a 784-16-10-10 MLP
+// without biases, LeakyReLU(0.1), the data-dependent GL(n) on a 200-image
+// batch (uniform in [0, 1]), 10 ascent steps at lr 1e-4; the median teleport.
+std::string run_published_case(int reps, torch::Device device) {
+  namespace nn = torch::nn;
+  torch::manual_seed(0);
+  const auto x = torch::rand({200, 784}, torch::TensorOptions(device));
+  const auto y = torch::randint(0, 10, {200}, torch::TensorOptions(device).dtype(torch::kLong));
+  auto loss_fn = [](const at::Tensor& out, const at::Tensor& target) {
+    return torch::nn::functional::cross_entropy(out, target);
+  };
+  std::vector<double> seconds;
+  for (int r = 0; r <= reps; ++r) {
+    torch::manual_seed(54321 + r);
+    nn::Sequential m(nn::Linear(nn::LinearOptions(784, 16).bias(false)),
+                     nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.1)),
+                     nn::Linear(nn::LinearOptions(16, 10).bias(false)),
+                     nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.1)),
+                     nn::Linear(nn::LinearOptions(10, 10).bias(false)));
+    m->to(device);
+    const teleport::BatchLoss batch(m, x, y, loss_fn);
+    const auto syms = teleport::discover(m, teleport::DiscoverOptions().data_dependent(true)).symmetries;
+    const auto start = std::chrono::steady_clock::now();
+    teleport::teleport(syms, teleport::TeleportOptions().steps(10).lr(1e-4), &batch);
+    if (device.is_cuda()) torch::cuda::synchronize();
+    if (r > 0) {  // the first is a warm-up
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+  return fmt::format(
+      R"({{"name": "published-mnist-setting", "widths": "784-16-10-10", "batch": 200, "device": "{}", )"
+      R"("teleport_steps": 10, "teleport_ms": {{"data_dependent_gl": {:.4f}}}}})",
+      device.str(), seconds[seconds.size() / 2] * 1e3);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -214,16 +252,24 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--cnn-batch", cnn_batch, "batch of the MNIST CNN case (0 = skip it)")
       ->check(CLI::NonNegativeNumber);
+  bool published = true;
+  int threads = 0;
+  app.add_option("--published", published,
+                 "also time the published ICLR 2024 code's MNIST teleport setting (true/false)");
+  app.add_option("--threads", threads, "intra-op threads (0 = LibTorch's default)")
+      ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
     if (device_name == "cuda" && !torch::cuda::is_available()) {
       throw teleport::examples::UsageError("--device cuda: CUDA is not available here");
     }
     const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+    if (threads > 0) at::set_num_threads(threads);
     std::vector<std::string> cases;
     for (int64_t w : parse_list<int64_t>(widths, "--widths")) {
       cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
     }
     if (cnn_batch > 0) cases.push_back(run_cnn_case(cnn_batch, reps, teleport_steps, device));
+    if (published) cases.push_back(run_published_case(reps, device));
     fmt::print("{{\"cases\": [\n  {}\n]}}\n", fmt::join(cases, ",\n  "));
     return 0;
   });
