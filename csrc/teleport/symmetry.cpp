@@ -310,28 +310,27 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
 
 at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Tensor& h,
                                          const at::Tensor& x, Mode mode) const {
-  if (mode == Mode::kReference || inputs.size(0) > inputs.size(1)) {
-    return at::mm(at::linalg_pinv(inputs), x);
-  }
-  // Full row rank: inputs⁺ = inputsᵀ (inputs inputsᵀ)⁻¹. A singular Gram
-  // matrix (repeated rows) gives NaN, refused like a non-finite step.
-  const bool constant = !h.requires_grad();  // then the factor is a constant of the graph
+  if (mode == Mode::kReference) return at::mm(at::linalg_pinv(inputs), x);
+  // A thin QR instead of the SVD (backward stable, differentiable, and much
+  // cheaper): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
+  // inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
+  // least-squares solution. A rank-deficient batch gives non-finite values,
+  // refused like any non-finite step.
+  const bool wide = inputs.size(0) <= inputs.size(1);
+  const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
-                      cached_version_ == h._version() && cached_factor_.dtype() == x.dtype() &&
-                      cached_factor_.device() == x.device();
-  at::Tensor factor, ok;
+                      cached_version_ == h._version() && cached_q_.dtype() == x.dtype() &&
+                      cached_q_.device() == x.device();
+  at::Tensor q, r;
   if (cached) {
-    factor = cached_factor_, ok = cached_ok_;
+    q = cached_q_, r = cached_r_;
   } else {
-    auto [l, info] = at::linalg_cholesky_ex(at::mm(inputs, inputs.t()));
-    factor = l, ok = info.eq(0);
-    if (constant) {
-      cached_h_ = h, cached_version_ = h._version(), cached_factor_ = factor, cached_ok_ = ok;
-    }
+    std::tie(q, r) = at::linalg_qr(wide ? inputs.t() : inputs, "reduced");
+    if (constant) cached_h_ = h, cached_version_ = h._version(), cached_q_ = q, cached_r_ = r;
   }
-  const at::Tensor y = at::cholesky_solve(at::where(ok, x, 0.0), factor);
-  return at::where(ok, at::mm(inputs.t(), y), NAN);
+  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), x, /*upper=*/false));
+  return at::linalg_solve_triangular(r, at::mm(q.t(), x), /*upper=*/true);
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {

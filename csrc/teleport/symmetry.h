@@ -203,16 +203,17 @@ class DataDependentGL : public LayerSymmetry {
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g,
                                           Mode mode) const;
-  // X ↦ inputs⁺ X. Within the rank condition (exact mode) by a Cholesky solve on
-  // the Gram matrix, inputsᵀ (inputs inputsᵀ)⁻¹ X, whose factor is kept while
-  // the inputs are the same unchanged tensor (the first layer's, within one
-  // teleport); beyond it, and in reference mode, through the SVD (linalg_pinv).
+  // X ↦ inputs⁺ X. In exact mode by a thin QR (of inputsᵀ within the rank
+  // condition, of inputs beyond it) and a triangular solve; Q and R are kept
+  // while the inputs are the same unchanged tensor (the first layer's, within
+  // one teleport). In reference mode through the SVD (linalg_pinv), as the
+  // published code.
   at::Tensor pseudo_solve(const at::Tensor& inputs, const at::Tensor& h, const at::Tensor& x,
                           Mode mode) const;
   double slope_;
   // The cache of pseudo_solve: the inputs it was built from (kept alive, so
-  // their memory is not reused), their version, and the Gram matrix's factor.
-  mutable at::Tensor cached_h_, cached_factor_, cached_ok_;
+  // their memory is not reused), their version, and their Q and R.
+  mutable at::Tensor cached_h_, cached_q_, cached_r_;
   mutable int64_t cached_version_ = -1;
 };
 
