@@ -757,7 +757,8 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
       for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
     }
     const Lowered l = fn(current, Ts, a.total);
-    Value v{{l.value.defined() ? l.value : l.objective.detach(), l.norm.detach(), l.loss.detach()},
+    Value v{{l.value.defined() ? l.value : l.objective.detach(), l.norm.detach(), l.loss.detach(),
+             at::Tensor()},
             {}};
     for (auto& d : torch::autograd::grad({l.objective}, Ts)) v.directions.push_back(-d.detach());
     // Spread over ranks: each rank differentiated its share; the sum is the direction.
