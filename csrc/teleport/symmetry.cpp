@@ -314,8 +314,8 @@ at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Ten
   // A thin QR instead of the SVD (backward stable, differentiable, and much
   // cheaper): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
   // inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
-  // least-squares solution. A rank-deficient batch gives non-finite values,
-  // refused like any non-finite step.
+  // least-squares solution. A rank-deficient batch gives non-finite values
+  // (refused like any non-finite step) or far-off ones (the loss check rolls back).
   const bool wide = inputs.size(0) <= inputs.size(1);
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
