@@ -317,20 +317,24 @@ at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Ten
   // least-squares solution. A rank-deficient batch gives non-finite values
   // (refused like any non-finite step) or far-off ones (the loss check rolls back).
   const bool wide = inputs.size(0) <= inputs.size(1);
+  // In double: the inputs' small singular values would amplify float32 rounding
+  // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
+  const at::ScalarType work = at::kDouble;
+  const at::ScalarType out = x.scalar_type();
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
-                      cached_version_ == h._version() && cached_q_.dtype() == x.dtype() &&
-                      cached_q_.device() == x.device();
+                      cached_version_ == h._version() && cached_q_.device() == x.device();
   at::Tensor q, r;
   if (cached) {
     q = cached_q_, r = cached_r_;
   } else {
-    std::tie(q, r) = at::linalg_qr(wide ? inputs.t() : inputs, "reduced");
+    std::tie(q, r) = at::linalg_qr((wide ? inputs.t() : inputs).to(work), "reduced");
     if (constant) cached_h_ = h, cached_version_ = h._version(), cached_q_ = q, cached_r_ = r;
   }
-  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), x, /*upper=*/false));
-  return at::linalg_solve_triangular(r, at::mm(q.t(), x), /*upper=*/true);
+  const at::Tensor xd = x.to(work);
+  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(out);
+  return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(out);
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {
