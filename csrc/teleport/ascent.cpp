@@ -226,6 +226,23 @@ at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::T
   return ok;
 }
 
+// One attempt on the weights themselves: each symmetry's capped step along its
+// direction, times `scale`, applied (a data-dependent action reads `batch`) and
+// composed into `total`. Returns the attempt's elements.
+std::vector<GroupElement> apply_steps(const SymmetryList& syms,
+                                      const std::vector<at::Tensor>& directions,
+                                      const at::Tensor& scale, const BatchLoss& batch,
+                                      std::vector<GroupElement>& total, const TeleportOptions& o) {
+  std::vector<GroupElement> elements;
+  for (size_t k = 0; k < syms.size(); ++k) {
+    const at::Tensor T = capped_step(directions[k], o, keeps_positive(*syms[k], o)) * scale;
+    elements.push_back(step_element(*syms[k], T, o));
+    syms[k]->apply_(elements.back(), &batch, o.mode());
+    total[k] = elements.back().compose(total[k]);
+  }
+  return elements;
+}
+
 // After an attempt on the weights themselves: where `ok` is false, the weights
 // and the product of steps go back to `before` (decided on the device, no
 // host synchronisation); where true, the new point's directions are taken.
@@ -697,14 +714,8 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       return fixed;
     }())
                                                              : batch;
-    std::vector<GroupElement> elements;
-    for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T =
-          capped_step(here.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
-      elements.push_back(step_element(*syms[k], T, o));
-      syms[k]->apply_(elements.back(), &pre_step, o.mode());
-      a.total[k] = elements.back().compose(a.total[k]);
-    }
+    const std::vector<GroupElement> elements =
+        apply_steps(syms, here.directions, control.scale(), pre_step, a.total, o);
     Evaluation next = evaluate(syms, params, where, batch, true, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
@@ -774,14 +785,8 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
     std::vector<at::Tensor> before;
     for (const auto& p : params) before.push_back(p.detach().clone());
     const std::vector<GroupElement> total_before = a.total;
-    std::vector<GroupElement> elements;
-    for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T =
-          capped_step(here.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
-      elements.push_back(step_element(*syms[k], T, o));
-      syms[k]->apply_(elements.back(), &batch, o.mode());
-      a.total[k] = elements.back().compose(a.total[k]);
-    }
+    const std::vector<GroupElement> elements =
+        apply_steps(syms, here.directions, control.scale(), batch, a.total, o);
     Value next = value();
     const at::Tensor ok = control.active()
                               .logical_and(next.at.objective < a.objective_after)
