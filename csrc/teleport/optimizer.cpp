@@ -18,6 +18,7 @@
 #include <cmath>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <limits>
 #include <sstream>
 #include <type_traits>
@@ -63,6 +64,40 @@ std::unique_ptr<torch::optim::OptimizerOptions> defaults_of(
     const std::unique_ptr<Optimizer>& inner) {
   TORCH_CHECK(inner != nullptr, "TeleportOptimizer: expected an inner optimizer, got null");
   return inner->defaults().clone();
+}
+
+// Adam's and AdamW's settings and one parameter's state, read alike (the two
+// optimizers have separate types with the same fields); nothing for others.
+struct AdamLike {
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  bool amsgrad = false, decoupled = false;  // decoupled: AdamW's weight decay
+  int64_t step = 0;
+  at::Tensor exp_avg, exp_avg_sq, max_exp_avg_sq;  // undefined before the first step
+};
+
+std::optional<AdamLike> adam_like(const torch::optim::OptimizerOptions* options,
+                                  torch::optim::OptimizerParamState* state) {
+  namespace o = torch::optim;
+  AdamLike a;
+  auto read = [&a](const auto& x) {
+    a.lr = x.lr(), a.beta1 = std::get<0>(x.betas()), a.beta2 = std::get<1>(x.betas());
+    a.eps = x.eps(), a.weight_decay = x.weight_decay(), a.amsgrad = x.amsgrad();
+  };
+  if (const auto* x = dynamic_cast<const o::AdamOptions*>(options)) {
+    read(*x);
+  } else if (const auto* x = dynamic_cast<const o::AdamWOptions*>(options)) {
+    read(*x);
+    a.decoupled = true;
+  } else {
+    return std::nullopt;
+  }
+  auto read_state = [&a](const auto& s) {
+    a.step = s.step(), a.exp_avg = s.exp_avg(), a.exp_avg_sq = s.exp_avg_sq();
+    a.max_exp_avg_sq = s.max_exp_avg_sq();
+  };
+  if (const auto* s = dynamic_cast<o::AdamParamState*>(state)) read_state(*s);
+  if (const auto* s = dynamic_cast<o::AdamWParamState*>(state)) read_state(*s);
+  return a;
 }
 
 // Throws unless every parameter the symmetries act on is one of `tensors`.
@@ -610,31 +645,16 @@ NextStep TeleportOptimizer::next_step() const {
         t.weight_decay = ada->weight_decay();
         if (s != nullptr) t.v = s->sum();
         t.adaptive = true, t.a = 0, t.b = 1, t.c = 1, t.d = 1, t.e = 1, t.eps = ada->eps();
-      } else if (dynamic_cast<const o::AdamOptions*>(&opts) != nullptr ||
-                 dynamic_cast<const o::AdamWOptions*>(&opts) != nullptr) {
-        double lr = 0, b1 = 0, b2 = 0, eps = 0, wd = 0;
-        bool amsgrad = false, decoupled = false;
-        if (const auto* a = dynamic_cast<const o::AdamOptions*>(&opts)) {
-          lr = a->lr(), b1 = std::get<0>(a->betas()), b2 = std::get<1>(a->betas());
-          eps = a->eps(), wd = a->weight_decay(), amsgrad = a->amsgrad();
-        } else {
-          const auto* w = dynamic_cast<const o::AdamWOptions*>(&opts);
-          lr = w->lr(), b1 = std::get<0>(w->betas()), b2 = std::get<1>(w->betas());
-          eps = w->eps(), wd = w->weight_decay(), amsgrad = w->amsgrad(), decoupled = true;
-        }
-        TORCH_CHECK(!amsgrad, "TeleportOptimizer: kLookAhead does not model Adam's amsgrad");
-        int64_t step = 0;
-        if (const auto* s = dynamic_cast<o::AdamParamState*>(state)) {
-          step = s->step(), t.m = s->exp_avg(), t.v = s->exp_avg_sq();
-        } else if (const auto* s = dynamic_cast<o::AdamWParamState*>(state)) {
-          step = s->step(), t.m = s->exp_avg(), t.v = s->exp_avg_sq();
-        }
-        const double bc1 = 1 - std::pow(b1, static_cast<double>(step + 1));
-        const double bc2 = 1 - std::pow(b2, static_cast<double>(step + 1));
-        t.lr = lr;
-        (decoupled ? t.decoupled_decay : t.weight_decay) = wd;
+      } else if (const auto adam = adam_like(&opts, state)) {
+        TORCH_CHECK(!adam->amsgrad, "TeleportOptimizer: kLookAhead does not model Adam's amsgrad");
+        const double b1 = adam->beta1, b2 = adam->beta2;
+        const double bc1 = 1 - std::pow(b1, static_cast<double>(adam->step + 1));
+        const double bc2 = 1 - std::pow(b2, static_cast<double>(adam->step + 1));
+        t.m = adam->exp_avg, t.v = adam->exp_avg_sq;
+        t.lr = adam->lr;
+        (adam->decoupled ? t.decoupled_decay : t.weight_decay) = adam->weight_decay;
         t.adaptive = true, t.a = b1 / bc1, t.b = (1 - b1) / bc1, t.c = b2, t.d = 1 - b2, t.e = bc2;
-        t.eps = eps;
+        t.eps = adam->eps;
       } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(&opts)) {
         TORCH_CHECK(r->momentum() == 0 && !r->centered(),
                     "TeleportOptimizer: kLookAhead models RMSprop without momentum and not centered");
@@ -678,25 +698,13 @@ TeleportReport TeleportOptimizer::teleport_from_grad() {
       const auto* s = dynamic_cast<o::AdagradParamState*>(state);
       v = (s != nullptr ? s->sum() : at::zeros_like(g)) + g.square();
       e = a->eps();
-    } else if (dynamic_cast<const o::AdamOptions*>(group) || dynamic_cast<const o::AdamWOptions*>(group)) {
-      double beta2 = 0;
-      bool amsgrad = false;
-      if (const auto* a = dynamic_cast<const o::AdamOptions*>(group)) {
-        beta2 = std::get<1>(a->betas()), amsgrad = a->amsgrad(), e = a->eps();
-      } else {
-        const auto* w = dynamic_cast<const o::AdamWOptions*>(group);
-        beta2 = std::get<1>(w->betas()), amsgrad = w->amsgrad(), e = w->eps();
-      }
-      at::Tensor sq, max_sq;
-      int64_t step = 0;
-      if (const auto* s = dynamic_cast<o::AdamParamState*>(state)) {
-        sq = s->exp_avg_sq(), max_sq = s->max_exp_avg_sq(), step = s->step();
-      } else if (const auto* s = dynamic_cast<o::AdamWParamState*>(state)) {
-        sq = s->exp_avg_sq(), max_sq = s->max_exp_avg_sq(), step = s->step();
-      }
+    } else if (const auto adam = adam_like(group, state)) {
+      const double beta2 = adam->beta2;
+      e = adam->eps;
+      const at::Tensor& sq = adam->exp_avg_sq;
       v = (sq.defined() ? sq * beta2 : at::zeros_like(g)) + g.square() * (1 - beta2);
-      if (amsgrad && max_sq.defined()) v = at::maximum(max_sq, v);
-      v = v / (1 - std::pow(beta2, static_cast<double>(step + 1)));
+      if (adam->amsgrad && adam->max_exp_avg_sq.defined()) v = at::maximum(adam->max_exp_avg_sq, v);
+      v = v / (1 - std::pow(beta2, static_cast<double>(adam->step + 1)));
     } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(group)) {
       const auto* s = dynamic_cast<o::RMSpropParamState*>(state);
       const double alpha = r->alpha();
