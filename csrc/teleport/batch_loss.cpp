@@ -156,6 +156,17 @@ at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
 
 namespace {
 
+// `t` summed over the ranks (a copy; `t` is left as it is).
+at::Tensor summed(Collectives& group, const at::Tensor& t) {
+  std::vector<at::Tensor> v = {t.detach().clone()};
+  group.all_reduce_sum(v);
+  return v[0];
+}
+
+Collectives& group_of(torch::autograd::AutogradContext* ctx) {
+  return *reinterpret_cast<Collectives*>(ctx->saved_data["group"].toInt());
+}
+
 // Every rank's rows, in rank order. The rows of rank q reach the loss of every
 // rank, so the gradient flowing back into them is the sum over the ranks of
 // the gradient each rank's result received: an all-reduce, then this rank's rows.
@@ -171,10 +182,8 @@ struct GatherRows : public torch::autograd::Function<GatherRows> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    auto* group = reinterpret_cast<Collectives*>(ctx->saved_data["group"].toInt());
-    std::vector<at::Tensor> summed = {grad[0].detach().clone()};
-    group->all_reduce_sum(summed);
-    return {summed[0].narrow(0, ctx->saved_data["first"].toInt(), ctx->saved_data["rows"].toInt()),
+    return {summed(group_of(ctx), grad[0])
+                .narrow(0, ctx->saved_data["first"].toInt(), ctx->saved_data["rows"].toInt()),
             at::Tensor()};
   }
 };
@@ -185,16 +194,11 @@ struct SumOverRanks : public torch::autograd::Function<SumOverRanks> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             Collectives* group) {
     ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
-    std::vector<at::Tensor> v = {x.detach().clone()};
-    group->all_reduce_sum(v);
-    return v[0];
+    return summed(*group, x);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    auto* group = reinterpret_cast<Collectives*>(ctx->saved_data["group"].toInt());
-    std::vector<at::Tensor> v = {grad[0].detach().clone()};
-    group->all_reduce_sum(v);
-    return {v[0], at::Tensor()};
+    return {summed(group_of(ctx), grad[0]), at::Tensor()};
   }
 };
 
@@ -226,9 +230,7 @@ BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double shar
 at::Tensor BatchLoss::global_loss(const ParameterOverrides& overrides) const {
   at::NoGradGuard no_grad;
   if (!group_) return loss(overrides).detach();
-  std::vector<at::Tensor> l = {loss(overrides).detach() * share_};
-  group_->all_reduce_sum(l);
-  return l[0];
+  return summed(*group_, loss(overrides) * share_);
 }
 
 BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {
