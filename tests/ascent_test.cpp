@@ -1,6 +1,7 @@
 // teleport(): the ascent keeps the loss, raises the gradient, and its safeguards hold.
 #include "test_util.h"
 
+#include <teleport/internal/gl_path.h>
 #include <teleport/internal/scaling_path.h>
 
 #include <torch/nn/modules/conv.h>
@@ -92,6 +93,81 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
       EXPECT_NEAR(ra.grad_norm_sq_after, rb.grad_norm_sq_after, 1e-9 * ra.grad_norm_sq_after);
       const auto pa = a.model->parameters(), pb = b.model->parameters();
       for (size_t i = 0; i < pa.size(); ++i) EXPECT_LE(rel_diff(pa[i], pb[i]), 1e-9);
+    }
+  }
+}
+
+// Closed-form GL(n) runs in the span of the gradients (docs/design.md §11);
+// carrying the full gradients through every step must reach the same point.
+// Widths above the range finder's block (64) with small batches give bases
+// narrower than the layers; a large batch gives full-rank gradients; a chain
+// of convolutions gives a tensor acted on from both sides in blocks (3 × 3
+// kernels); from .grad and from a batch, both parametrizations, with and
+// without the growth cap stopping the ascent.
+TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
+  namespace nn = torch::nn;
+  struct Case {
+    std::string description;
+    std::function<nn::Sequential()> model;
+    std::vector<int64_t> input, output;
+    double lr, cap;  // a growth cap that stops the ascent early
+  };
+  const std::vector<Case> cases = {
+      {"784-like MLP 30-150-140-5, batch 6 (bases narrower than the layers)",
+       [this] { return make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3); }, {6, 30}, {6, 5}, 2.0, 1.5},
+      {"MLP 10-12-11-4 without biases, batch 40 (full rank)",
+       [this] { return make_mlp({10, 12, 11, 4}, Act::kIdentity, false, f64(), 5); }, {40, 10}, {40, 4}, 0.5, 1.05},
+      {"conv 2-4-5-3, 3x3 kernels, nothing between",
+       [] {
+         torch::manual_seed(7);
+         nn::Sequential m(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::Conv2d(nn::Conv2dOptions(4, 5, 3)),
+                          nn::Conv2d(nn::Conv2dOptions(5, 3, 3).bias(false)));
+         m->to(torch::kDouble);
+         return m;
+       },
+       {3, 2, 9, 9}, {3, 3, 3, 3}, 0.05, 1.05},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.description);
+    for (bool from_grad : {true, false}) {
+      for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
+        for (double growth : {1e6, c.cap}) {
+          std::vector<TeleportReport> reports;
+          std::vector<std::vector<at::Tensor>> weights, grads;
+          double loss = 0;
+          for (bool dense : {false, true}) {
+            auto model = c.model();
+            model->to(device());
+            torch::manual_seed(11);
+            const BatchLoss objective(model, torch::randn(c.input, f64()), torch::randn(c.output, f64()),
+                                      mse());
+            loss = backward(objective, model);
+            const auto syms = discover(model).symmetries;
+            for (const auto& s : syms) ASSERT_FALSE(s->diagonal()) << s->name();
+            std::optional<detail::DenseGLAscent> switched;
+            if (dense) switched.emplace();
+            const auto options = TeleportOptions().steps(8).lr(c.lr).max_growth(growth).parametrization(p);
+            reports.push_back(teleport(syms, options, from_grad ? nullptr : &objective));
+            ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
+            EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
+            weights.push_back(clone_all(model->parameters()));
+            std::vector<at::Tensor> g;
+            for (const auto& t : model->parameters()) g.push_back(t.grad().clone());
+            grads.push_back(g);
+          }
+          EXPECT_GE(reports[0].steps, 2);
+          if (growth == c.cap) {
+            EXPECT_LT(reports[0].steps, 8);  // the cap stopped it
+          }
+          EXPECT_EQ(reports[0].steps, reports[1].steps);
+          EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
+                      1e-9 * reports[1].grad_norm_sq_after);
+          for (size_t i = 0; i < weights[0].size(); ++i) {
+            EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-9) << "parameter " << i;
+            EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-9) << "gradient " << i;
+          }
+        }
+      }
     }
   }
 }

@@ -1,5 +1,6 @@
 #include <teleport/ascent.h>
 
+#include <teleport/internal/gl_path.h>
 #include <teleport/internal/scaling_path.h>
 
 #include <ATen/ATen.h>
@@ -13,8 +14,9 @@
 #include <chrono>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <cmath>
+#include <optional>
+#include <typeinfo>
 #include <utility>
 
 namespace teleport {
@@ -22,7 +24,11 @@ namespace detail {
 
 namespace {
 bool scaling_tensor_ops_on_cpu = false;  // see internal/scaling_path.h
+bool dense_gl_ascent = false;            // see internal/gl_path.h
 }  // namespace
+
+DenseGLAscent::DenseGLAscent() : previous_(dense_gl_ascent) { dense_gl_ascent = true; }
+DenseGLAscent::~DenseGLAscent() { dense_gl_ascent = previous_; }
 
 ScalingTensorOpsOnCpu::ScalingTensorOpsOnCpu() : previous_(scaling_tensor_ops_on_cpu) {
   scaling_tensor_ops_on_cpu = true;
@@ -350,7 +356,14 @@ struct Ascent {
 
   explicit Ascent(const SymmetryList& syms) {
     for (const auto& s : syms) {
-      total.push_back(s->element(s->zero_algebra(), Parametrization::kExp));
+      const at::Tensor zero = s->zero_algebra();
+      if (dynamic_cast<const LayerSymmetry*>(s.get()) == nullptr) {
+        total.push_back(s->element(zero, Parametrization::kExp));
+        continue;
+      }
+      // The identity itself (a matrix_exp of an n × n zero costs milliseconds).
+      const at::Tensor id = s->diagonal() ? at::ones_like(zero) : at::eye(zero.size(0), zero.options());
+      total.push_back(GroupElement{id, id.clone(), s->diagonal(), {}});
     }
   }
 };
@@ -420,6 +433,263 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
     for (auto& e : a.total) e = e.masked(a.invertible);
   }
   for (size_t k = 0; k < syms.size(); ++k) syms[k]->apply_(a.total[k]);
+  return a;
+}
+
+// The closed-form GL(n) ascent in the span of the gradients (docs/design.md
+// §11). Every direction 2(ΣMᵀM − ΣGGᵀ) of a symmetry lies in S, the span of
+// its gradients' rows and columns, and so does every step; group elements
+// I + E(h − I)Eᵀ with E an orthonormal basis of S (r ≤ 2·batch columns for
+// Linear layers) map the gradients within S. Each gradient is held as its
+// r × r Grams in the bases (and its block between two bases, when two
+// symmetries act on it) plus its squared norm outside them, so an ascent
+// step costs r × r products and inverses instead of n × n ones and products
+// with the gradients. The result equals closed_form_ascent's: E spans the
+// directions' range; a basis cut short by the tolerance leaves the ascent
+// exact (the pieces outside are carried as constants), only confined to E.
+
+// One gradient in the bases of the symmetries acting on its rows (`left`,
+// as W_in or b_in) and columns (`right`, as W_out), -1 for none.
+struct SpanPiece {
+  int left = -1, right = -1;
+  at::Tensor A;     // [inner, r_left, r_right]: E_leftᵀ G E_right, both sides only
+  at::Tensor BB;    // [r_left, r_left]: the left side's Gram outside A
+  at::Tensor CC;    // [r_right, r_right]: the right side's Gram outside A
+  at::Tensor rest;  // ||G||² outside the bases
+};
+
+struct SpanFrame {
+  at::Tensor h, h_inv;  // the product of the steps in the basis, and its inverse
+};
+
+// Which symmetries act on each parameter's rows and columns; false when the
+// span path does not apply (a side taken twice, a tensor it cannot read).
+bool span_roles(const SymmetryList& syms, const std::vector<std::vector<size_t>>& where,
+                size_t n_params, std::vector<int>& left, std::vector<int>& right) {
+  left.assign(n_params, -1);
+  right.assign(n_params, -1);
+  for (size_t k = 0; k < syms.size(); ++k) {
+    for (size_t j = 0; j < where[k].size(); ++j) {
+      int& side = j + 1 == where[k].size() ? right[where[k][j]] : left[where[k][j]];
+      if (side >= 0) return false;
+      side = static_cast<int>(k);
+    }
+  }
+  return true;
+}
+
+bool span_applies(const SymmetryList& syms, const TeleportOptions& o) {
+  if (detail::dense_gl_ascent || o.mode() != Mode::kExact) return false;
+  for (const auto& s : syms) {
+    // Exactly LayerSymmetry: a subclass may act otherwise.
+    if (typeid(*s) != typeid(LayerSymmetry) || s->diagonal()) return false;
+  }
+  return true;
+}
+
+// An orthonormal basis (n × r) of the range of the PSD matrix K, by a
+// randomized range finder in blocks (seeded: the same basis at every call),
+// stopping when a block adds less than `tol` of K's scale, then trimmed to
+// the directions whose Ritz values exceed `cut` of the largest. A basis cut
+// short only confines the ascent (see above). One host read per block.
+at::Tensor range_basis(const at::Tensor& K, double tol, double cut) {
+  const int64_t n = K.size(0), block = 64;
+  if (n <= block) return at::eye(n, K.options());
+  at::Generator gen = at::detail::createCPUGenerator(0x7e1e);
+  at::Tensor E = at::empty({n, 0}, K.options());
+  double scale = 0;
+  while (E.size(1) < n) {
+    const int64_t b = std::min(block, n - E.size(1));
+    const at::Tensor omega = at::randn({n, b}, gen, K.options().device(at::kCPU)).to(K.device());
+    at::Tensor Y = at::mm(K, omega);
+    if (E.size(1) == 0) {
+      scale = Y.norm().item<double>();
+    } else {
+      for (int pass = 0; pass < 2; ++pass) Y = Y - at::mm(E, at::mm(E.t(), Y));
+      if (!(Y.norm().item<double>() > tol * scale)) break;  // NaN stops too
+    }
+    E = at::cat({E, std::get<0>(at::linalg_qr(Y, "reduced"))}, 1);
+  }
+  // The last block overshoots the rank: keep the directions of EᵀKE whose
+  // eigenvalues are above `cut` of the largest (Rayleigh–Ritz).
+  const auto [lambda, V] = at::linalg_eigh(at::mm(E.t(), at::mm(K, E)));
+  const at::Tensor keep = lambda > lambda.max() * cut;
+  const at::Tensor kept = at::nonzero(keep).flatten();
+  return kept.numel() == 0 ? E.narrow(1, 0, 1) : at::mm(E, V.index_select(1, kept));
+}
+
+Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                   const std::vector<at::Tensor>& grads, const std::vector<int>& left,
+                   const std::vector<int>& right, const TeleportOptions& o) {
+  const auto where = positions(syms, params);
+  Ascent a(syms);
+  a.norm_before = at::zeros({}, grads.front().options());
+  for (const auto& g : grads) a.norm_before = a.norm_before + at::dot(g.reshape(-1), g.reshape(-1));
+  a.norm_after = a.norm_before;
+  if (!std::isfinite(a.norm_before.item<double>())) {
+    // Nothing to ascend from; the teleport rolls back (no step taken).
+    a.steps = at::zeros({}, a.norm_before.options().dtype(at::kLong));
+    a.shortened = a.steps.clone();
+    return a;
+  }
+  const size_t m = syms.size();
+  std::vector<int64_t> width(m);
+  for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
+
+  // Each gradient's Grams on the sides acted on, summed per symmetry into K.
+  std::vector<at::Tensor> K(m), row_gram(grads.size()), col_gram(grads.size());
+  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (left[i] >= 0) {
+      const at::Tensor rows = grads[i].reshape({width[left[i]], -1});
+      row_gram[i] = at::mm(rows, rows.t());
+      add(K[left[i]], row_gram[i]);
+    }
+    if (right[i] >= 0) {
+      const int64_t n = width[right[i]];
+      // Rows of cols are the rows the right side acts on (docs/design.md §2).
+      const at::Tensor cols = grads[i].numel() == grads[i].size(0) * n
+                                  ? grads[i].reshape({-1, n})
+                                  : grads[i].reshape({grads[i].size(0), n, -1}).transpose(1, 2).reshape({-1, n});
+      col_gram[i] = at::mm(cols.t(), cols);
+      add(K[right[i]], col_gram[i]);
+    }
+  }
+  const bool f64 = grads.front().scalar_type() == at::kDouble;
+  std::vector<at::Tensor> E(m);
+  for (size_t k = 0; k < m; ++k) E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7);
+
+  // The pieces: one per gradient acted on from both sides, and one per
+  // symmetry and side for all the gradients acted on from that side only.
+  std::vector<SpanPiece> pieces;
+  std::vector<SpanPiece> only_left(m), only_right(m);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor total = grads[i].square().sum();
+    if (left[i] >= 0 && right[i] >= 0) {
+      const int l = left[i], r = right[i];
+      const at::Tensor G = grads[i].reshape({width[l], width[r], -1});
+      const at::Tensor EG = at::mm(E[l].t(), G.reshape({width[l], -1}))
+                                .view({E[l].size(1), width[r], -1})
+                                .permute({2, 0, 1});  // [inner, r_l, n_r]
+      SpanPiece p;
+      p.left = l, p.right = r;
+      p.A = at::matmul(EG, E[r]);
+      const at::Tensor AL = p.A.permute({1, 0, 2}).reshape({E[l].size(1), -1});
+      const at::Tensor AR = p.A.permute({2, 0, 1}).reshape({E[r].size(1), -1});
+      p.BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l])) - at::mm(AL, AL.t());
+      p.CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r])) - at::mm(AR, AR.t());
+      p.rest = total - p.A.square().sum() - p.BB.trace() - p.CC.trace();
+      pieces.push_back(std::move(p));
+    } else if (left[i] >= 0) {
+      SpanPiece& p = only_left[left[i]];
+      const at::Tensor& El = E[left[i]];
+      const at::Tensor BB = at::mm(El.t(), at::mm(row_gram[i], El));
+      add(p.BB, BB);
+      add(p.rest, total - BB.trace());
+    } else if (right[i] >= 0) {
+      SpanPiece& p = only_right[right[i]];
+      const at::Tensor& Er = E[right[i]];
+      const at::Tensor CC = at::mm(Er.t(), at::mm(col_gram[i], Er));
+      add(p.CC, CC);
+      add(p.rest, total - CC.trace());
+    }
+  }
+  for (size_t k = 0; k < m; ++k) {
+    only_left[k].left = only_right[k].right = static_cast<int>(k);
+    if (only_left[k].BB.defined()) pieces.push_back(std::move(only_left[k]));
+    if (only_right[k].CC.defined()) pieces.push_back(std::move(only_right[k]));
+  }
+
+  // ||∇L||² and the directions (in the bases) at the frames h.
+  auto evaluate_at = [&](const std::vector<SpanFrame>& f, at::Tensor& norm,
+                         std::vector<at::Tensor>& dirs) {
+    std::vector<at::Tensor> rows(m), cols(m), parts;
+    for (const auto& p : pieces) {
+      parts.push_back(p.rest);
+      at::Tensor L, R;  // the left side's h^{-T}, the right side's h
+      if (p.left >= 0) L = f[p.left].h_inv.t();
+      if (p.right >= 0) R = f[p.right].h;
+      if (p.A.defined()) {
+        const at::Tensor A = at::matmul(L, at::matmul(p.A, R.t()));
+        const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
+        const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
+        parts.push_back(A.square().sum());
+        add(rows[p.left], at::mm(AL, AL.t()));
+        add(cols[p.right], at::mm(AR, AR.t()));
+      }
+      if (p.BB.defined()) {
+        const at::Tensor X = at::mm(L, at::mm(p.BB, L.t()));
+        parts.push_back(X.trace());
+        add(rows[p.left], X);
+      }
+      if (p.CC.defined()) {
+        const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
+        parts.push_back(X.trace());
+        add(cols[p.right], X);
+      }
+    }
+    norm = at::stack(parts).sum();
+    dirs.assign(m, at::Tensor());
+    for (size_t k = 0; k < m; ++k) {
+      at::Tensor d = at::zeros({E[k].size(1), E[k].size(1)}, E[k].options());
+      if (cols[k].defined()) d = d + cols[k];
+      if (rows[k].defined()) d = d - rows[k];
+      dirs[k] = d * 2;
+    }
+  };
+
+  std::vector<SpanFrame> frame(m);
+  for (size_t k = 0; k < m; ++k) {
+    const at::Tensor id = at::eye(E[k].size(1), E[k].options());
+    frame[k] = {id, id.clone()};
+  }
+  at::Tensor current;
+  std::vector<at::Tensor> dirs;
+  evaluate_at(frame, current, dirs);
+  Control control(a.norm_before, o);
+  const at::Tensor limit = growth_limit(a.norm_before, o);
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    std::vector<SpanFrame> candidate(m);
+    std::vector<GroupElement> elements;
+    for (size_t k = 0; k < m; ++k) {
+      const at::Tensor t = capped_step(dirs[k], o, false) * control.scale();
+      elements.push_back(GroupElement::from_algebra(t, false, o.parametrization()));
+      candidate[k] = {at::mm(elements[k].g, frame[k].h), at::mm(frame[k].h_inv, elements[k].g_inv)};
+    }
+    at::Tensor norm;
+    std::vector<at::Tensor> next;
+    evaluate_at(candidate, norm, next);
+    const at::Tensor ok = control.active()
+                              .logical_and(accepts(norm, a.norm_after, limit, o))
+                              .logical_and(all_invertible(elements, norm));
+    for (size_t k = 0; k < m; ++k) {
+      frame[k] = {at::where(ok, candidate[k].h, frame[k].h),
+                  at::where(ok, candidate[k].h_inv, frame[k].h_inv)};
+      dirs[k] = at::where(ok, next[k], dirs[k]);
+    }
+    a.norm_after = at::where(ok, norm, a.norm_after);
+    control.record(ok);
+    if (control.done(attempt)) break;
+  }
+  a.steps = control.taken();
+  a.shortened = control.refused();
+  // g = I + E(h − I)Eᵀ, its inverse from one inverse of h (not the product of
+  // the steps' inverses, which accumulates rounding), applied once.
+  for (size_t k = 0; k < m; ++k) {
+    auto [h_inv, info] = at::linalg_inv_ex(frame[k].h);
+    const at::Tensor invertible = info.eq(0);
+    a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
+    const at::Tensor id = at::eye(width[k], E[k].options());
+    const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
+    const at::Tensor Et = E[k].t();
+    a.total[k] = GroupElement{id + at::mm(E[k], at::mm(frame[k].h - Ir, Et)),
+                              id + at::mm(E[k], at::mm(h_inv - Ir, Et)), false, {}};
+  }
+  for (auto& e : a.total) e = e.masked(a.invertible);
+  for (size_t k = 0; k < m; ++k) {
+    syms[k]->apply_(a.total[k]);
+    syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
+  }
   return a;
 }
 
@@ -1250,6 +1520,13 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   const bool fast_scaling = all_layer_scalings(symmetries) && options.mode() == Mode::kExact &&
                             method == Method::kClosedForm && !balance && !preconditioned &&
                             !lowered;
+  // Closed-form GL(n) in the span of the gradients where every symmetry is a
+  // layer GL(n) and each tensor has at most one symmetry per side.
+  std::vector<int> left, right;
+  const bool span = method == Method::kClosedForm && !fast_scaling && !balance &&
+                    !preconditioned && !lowered && span_applies(symmetries, options) &&
+                    span_roles(symmetries, positions(symmetries, params), params.size(), left,
+                               right);
   // The scaling path from .grad decides finiteness before it touches anything;
   // every other path keeps a copy to roll back to.
   const bool self_checking = fast_scaling && batch == nullptr;
@@ -1269,7 +1546,8 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
         : preconditioned ? preconditioned_ascent(symmetries, params, grads, *pre, options)
         : method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
         : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
-                       : closed_form_ascent(symmetries, params, grads, options);
+        : span ? span_ascent(symmetries, params, grads, left, right, options)
+               : closed_form_ascent(symmetries, params, grads, options);
     if (batch != nullptr) {
       // .grad was not the ascent's own gradient: map it to the new point too,
       // where gradients map; elsewhere it must be computed afresh.
