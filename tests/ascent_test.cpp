@@ -99,8 +99,9 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
 
 // Closed-form GL(n) runs in the span of the gradients (docs/design.md §11);
 // carrying the full gradients through every step must reach the same point.
-// Widths above the range finder's block (64) with small batches give bases
-// narrower than the layers; a large batch gives full-rank gradients; a chain
+// Both paths are forced (by default small or full-rank layers take the dense
+// one). Widths above the range finder's block (64) with small batches give
+// bases narrower than the layers; a large batch gives full-rank gradients; a chain
 // of convolutions gives a tensor acted on from both sides in blocks (3 × 3
 // kernels); from .grad and from a batch, both parametrizations, with and
 // without the growth cap stopping the ascent.
@@ -144,8 +145,7 @@ TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
             loss = backward(objective, model);
             const auto syms = discover(model).symmetries;
             for (const auto& s : syms) ASSERT_FALSE(s->diagonal()) << s->name();
-            std::optional<detail::DenseGLAscent> switched;
-            if (dense) switched.emplace();
+            detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
             const auto options = TeleportOptions().steps(8).lr(c.lr).max_growth(growth).parametrization(p);
             reports.push_back(teleport(syms, options, from_grad ? nullptr : &objective));
             ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;

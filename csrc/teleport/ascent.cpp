@@ -24,11 +24,13 @@ namespace detail {
 
 namespace {
 bool scaling_tensor_ops_on_cpu = false;  // see internal/scaling_path.h
-bool dense_gl_ascent = false;            // see internal/gl_path.h
+GLAscentPath gl_ascent_path = GLAscentPath::kAuto;  // see internal/gl_path.h
 }  // namespace
 
-DenseGLAscent::DenseGLAscent() : previous_(dense_gl_ascent) { dense_gl_ascent = true; }
-DenseGLAscent::~DenseGLAscent() { dense_gl_ascent = previous_; }
+ForceGLAscentPath::ForceGLAscentPath(GLAscentPath path) : previous_(gl_ascent_path) {
+  gl_ascent_path = path;
+}
+ForceGLAscentPath::~ForceGLAscentPath() { gl_ascent_path = previous_; }
 
 ScalingTensorOpsOnCpu::ScalingTensorOpsOnCpu() : previous_(scaling_tensor_ops_on_cpu) {
   scaling_tensor_ops_on_cpu = true;
@@ -479,7 +481,9 @@ bool span_roles(const SymmetryList& syms, const std::vector<std::vector<size_t>>
 }
 
 bool span_applies(const SymmetryList& syms, const TeleportOptions& o) {
-  if (detail::dense_gl_ascent || o.mode() != Mode::kExact) return false;
+  if (detail::gl_ascent_path == detail::GLAscentPath::kDense || o.mode() != Mode::kExact) {
+    return false;
+  }
   for (const auto& s : syms) {
     // Exactly LayerSymmetry: a subclass may act otherwise.
     if (typeid(*s) != typeid(LayerSymmetry) || s->diagonal()) return false;
@@ -492,13 +496,14 @@ bool span_applies(const SymmetryList& syms, const TeleportOptions& o) {
 // stopping when a block adds less than `tol` of K's scale, then trimmed to
 // the directions whose Ritz values exceed `cut` of the largest. A basis cut
 // short only confines the ascent (see above). One host read per block.
-at::Tensor range_basis(const at::Tensor& K, double tol, double cut) {
+at::Tensor range_basis(const at::Tensor& K, double tol, double cut, int64_t max_columns) {
   const int64_t n = K.size(0), block = 64;
-  if (n <= block) return at::eye(n, K.options());
+  if (n <= block) return n <= max_columns ? at::eye(n, K.options()) : at::Tensor();
   at::Generator gen = at::detail::createCPUGenerator(0x7e1e);
   at::Tensor E = at::empty({n, 0}, K.options());
   double scale = 0;
   while (E.size(1) < n) {
+    if (E.size(1) > max_columns) return at::Tensor();
     const int64_t b = std::min(block, n - E.size(1));
     const at::Tensor omega = at::randn({n, b}, gen, K.options().device(at::kCPU)).to(K.device());
     at::Tensor Y = at::mm(K, omega);
@@ -515,6 +520,7 @@ at::Tensor range_basis(const at::Tensor& K, double tol, double cut) {
   const auto [lambda, V] = at::linalg_eigh(at::mm(E.t(), at::mm(K, E)));
   const at::Tensor keep = lambda > lambda.max() * cut;
   const at::Tensor kept = at::nonzero(keep).flatten();
+  if (kept.numel() > max_columns) return at::Tensor();
   return kept.numel() == 0 ? E.narrow(1, 0, 1) : at::mm(E, V.index_select(1, kept));
 }
 
@@ -557,7 +563,13 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   }
   const bool f64 = grads.front().scalar_type() == at::kDouble;
   std::vector<at::Tensor> E(m);
-  for (size_t k = 0; k < m; ++k) E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7);
+  for (size_t k = 0; k < m; ++k) {
+    // Beyond 3/4 of the width the r × r work saves too little over the n × n
+    // steps for the bases' cost (measured: docs/performance.md).
+    const int64_t most = detail::gl_ascent_path == detail::GLAscentPath::kSpan ? width[k] : width[k] * 3 / 4;
+    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7, most);
+    if (!E[k].defined()) return closed_form_ascent(syms, params, grads, o);
+  }
 
   // The pieces: one per gradient acted on from both sides, and one per
   // symmetry and side for all the gradients acted on from that side only.

@@ -4,19 +4,23 @@
 
 namespace teleport::detail {
 
-/// While one is alive, closed-form GL(n) teleports carry the full gradients
-/// through every ascent step (n × n matrices throughout) instead of working in
-/// the span of the gradients (docs/design.md §11). The previous choice comes
-/// back when it is destroyed, on a throw too.
-class DenseGLAscent {
+/// How closed-form GL(n) teleports run: kAuto chooses; kDense carries the full
+/// gradients through every ascent step (n × n matrices throughout); kSpan works
+/// in the span of the gradients (docs/design.md §11) even where that span is
+/// the whole space.
+enum class GLAscentPath { kAuto, kDense, kSpan };
+
+/// While one is alive, closed-form GL(n) teleports take `path`. The previous
+/// choice comes back when it is destroyed, on a throw too.
+class ForceGLAscentPath {
  public:
-  DenseGLAscent();
-  ~DenseGLAscent();
-  DenseGLAscent(const DenseGLAscent&) = delete;
-  DenseGLAscent& operator=(const DenseGLAscent&) = delete;
+  explicit ForceGLAscentPath(GLAscentPath path);
+  ~ForceGLAscentPath();
+  ForceGLAscentPath(const ForceGLAscentPath&) = delete;
+  ForceGLAscentPath& operator=(const ForceGLAscentPath&) = delete;
 
  private:
-  bool previous_;
+  GLAscentPath previous_;
 };
 
 }  // namespace teleport::detail
