@@ -276,36 +276,78 @@ struct Evaluation {
   std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
 };
 
-// evaluate() on a batch spread over ranks (docs/design.md §10): with g_r the
-// gradient of share_r × L_r on rank r and ḡ = Σ_r g_r the global batch's,
-// F = ||ḡ||² and ∂F/∂T = Σ_r ∂(2 ḡ·g_r)/∂T: one all-reduce for ḡ and the
-// loss, one for the directions, so that every rank steps alike.
-Evaluation evaluate_spread(const at::Tensor& loss, const std::vector<at::Tensor>& current,
-                           const std::vector<at::Tensor>& Ts, const BatchLoss& batch,
-                           bool with_directions) {
-  const at::Tensor local = loss * batch.share();
-  const auto grads = torch::autograd::grad({local}, current, {}, true, with_directions);
-  std::vector<at::Tensor> summed;
-  for (const auto& g : grads) summed.push_back(g.detach().clone());
-  summed.push_back(local.detach());
-  batch.group()->all_reduce_sum(summed);
-  Evaluation ev{summed.back(), at::Tensor(), {}};
-  summed.pop_back();
-  ev.F = norm_sq(summed);
-  if (with_directions) {
-    at::Tensor s = at::zeros({}, local.options());
-    for (size_t i = 0; i < grads.size(); ++i) s = s + (summed[i] * grads[i]).sum();
-    for (auto& d : torch::autograd::grad({s * 2}, Ts)) ev.directions.push_back(d.detach());
-    batch.group()->all_reduce_sum(ev.directions);
+// F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked, ∂F/∂T by
+// the chain rule (docs/design.md §3): ∇L at the new point treats the new
+// weights as independent variables, so ∂F/∂T_k = J_kᵀ ∂F/∂w with J_k the
+// derivative of action k at the identity. ∂F/∂w is a double backward through
+// the loss alone; each symmetry's pullback() applies J_kᵀ (in closed form for
+// the data-dependent action). On a batch spread over ranks (docs/design.md
+// §10), with g_r the gradient of share_r × L_r on rank r and ḡ = Σ_r g_r the
+// global batch's, F = ||ḡ||² and ∂F/∂w = Σ_r ∂(2 ḡ·g_r)/∂w: one all-reduce
+// for ḡ and the loss, one for ∂F/∂w, so that every rank steps alike.
+Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                    const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
+                    bool with_directions, Mode mode = Mode::kExact);
+
+Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                          const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
+                          bool with_directions) {
+  at::AutoGradMode enable(true);
+  std::vector<at::Tensor> current;
+  ParameterOverrides overrides;
+  for (const auto& p : params) {
+    current.push_back(p.detach().requires_grad_(true));
+    overrides.emplace_back(p, current.back());
+  }
+  const bool spread = batch.group() != nullptr;
+  const at::Tensor loss = spread ? batch.loss(overrides) * batch.share() : batch.loss(overrides);
+  const auto grads = torch::autograd::grad({loss}, current, {}, with_directions, with_directions);
+  Evaluation ev;
+  std::vector<at::Tensor> global;  // ḡ
+  if (spread) {
+    for (const auto& g : grads) global.push_back(g.detach().clone());
+    global.push_back(loss.detach());
+    batch.group()->all_reduce_sum(global);
+    ev.loss = global.back();
+    global.pop_back();
+    ev.F = norm_sq(global);
+  } else {
+    ev.loss = loss.detach();
+    ev.F = norm_sq(grads);
+  }
+  if (!with_directions) {
+    ev.F = ev.F.detach();
+    return ev;
+  }
+  at::Tensor objective = ev.F;
+  if (spread) {
+    objective = at::zeros({}, loss.options());
+    for (size_t i = 0; i < grads.size(); ++i) objective = objective + (global[i] * grads[i]).sum() * 2;
+  }
+  ev.F = ev.F.detach();
+  auto dF = torch::autograd::grad({objective}, current, {}, false, false, /*allow_unused=*/true);
+  for (size_t i = 0; i < dF.size(); ++i) {
+    dF[i] = dF[i].defined() ? dF[i] : at::zeros_like(params[i]);
+  }
+  if (spread) batch.group()->all_reduce_sum(dF);
+  ParameterOverrides values;
+  for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
+  for (size_t k = 0; k < syms.size(); ++k) {
+    std::vector<at::Tensor> own;
+    for (size_t i : where[k]) own.push_back(current[i].detach());
+    ev.directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());
   }
   return ev;
 }
 
-// F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked,
-// ∂F/∂T by double backward.
+// F(T) and, when asked, ∂F/∂T by double backward through the actions
+// themselves, for reference mode: the published code's direction also follows
+// a data-dependent action into the later layers' inputs it changes.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                     const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
-                    bool with_directions, Mode mode = Mode::kExact) {
+                    bool with_directions, Mode mode) {
+  if (mode == Mode::kExact) return evaluate_exact(syms, params, where, batch, with_directions);
+  TORCH_INTERNAL_ASSERT(batch.group() == nullptr, "reference mode runs on one process");
   at::AutoGradMode enable(true);
   std::vector<at::Tensor> Ts;
   std::vector<at::Tensor> current;
@@ -323,17 +365,7 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
         syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force(), mode);
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
-  // ∇L at the new point treats the new weights as independent variables: the
-  // loss reads aliases of them, so its gradient does not also flow into a
-  // weight through a data-dependent action that read it as data (a later
-  // layer's inputs), which would make F another function of T. (The published
-  // code's direction includes that path; reference mode keeps it.)
-  if (mode == Mode::kExact) {
-    for (auto& c : current) c = c.requires_grad() ? c.view_as(c) : c.detach().requires_grad_(true);
-  }
-  const ParameterOverrides overrides = in_force();
-  const at::Tensor loss = batch.loss(overrides);
-  if (batch.group() != nullptr) return evaluate_spread(loss, current, Ts, batch, with_directions);
+  const at::Tensor loss = batch.loss(in_force());
   const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
   const at::Tensor F = norm_sq(grads);
   Evaluation ev{loss.detach(), F.detach(), {}};

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <utility>
@@ -251,6 +252,21 @@ void LayerSymmetry::check_unchanged() const {
   }
 }
 
+at::Tensor Symmetry::pullback(const std::vector<at::Tensor>& params,
+                             const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
+                             const ParameterOverrides& in_force) const {
+  TORCH_CHECK(cotangents.size() == params.size(), name(), ": expected ", params.size(),
+              " cotangents, got ", cotangents.size());
+  at::AutoGradMode enable(true);
+  const at::Tensor T = zero_algebra().requires_grad_(true);
+  std::vector<at::Tensor> values;
+  for (const auto& p : params) values.push_back(p.detach());
+  const auto acted = act(values, T, batch, in_force, Mode::kExact);
+  at::Tensor s = at::zeros({}, T.options());
+  for (size_t j = 0; j < acted.size(); ++j) s = s + (acted[j] * cotangents[j]).sum();
+  return torch::autograd::grad({s}, {T})[0];
+}
+
 DataDependentGL::DataDependentGL(double negative_slope, at::Tensor w_in, at::Tensor b_in,
                                  at::Tensor w_out, std::string name)
     : LayerSymmetry(SymmetryKind::kLinearGL, std::move(w_in), std::move(b_in), std::move(w_out),
@@ -317,24 +333,58 @@ at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Ten
   // least-squares solution. A rank-deficient batch gives non-finite values
   // (refused like any non-finite step) or far-off ones (the loss check rolls back).
   const bool wide = inputs.size(0) <= inputs.size(1);
+  const auto [q, r] = factors(inputs, h, wide);
+  const at::Tensor xd = x.to(q.scalar_type());
+  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(x.scalar_type());
+  return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(x.scalar_type());
+}
+
+at::Tensor DataDependentGL::pseudo_solve_transposed(const at::Tensor& inputs, const at::Tensor& h,
+                                                    const at::Tensor& x) const {
+  // (Q R⁻ᵀ)ᵀ = R⁻¹ Qᵀ within the rank condition, (R⁻¹ Qᵀ)ᵀ = Q R⁻ᵀ beyond it.
+  const bool wide = inputs.size(0) <= inputs.size(1);
+  const auto [q, r] = factors(inputs, h, wide);
+  const at::Tensor xd = x.to(q.scalar_type());
+  if (wide) return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(x.scalar_type());
+  return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(x.scalar_type());
+}
+
+std::pair<at::Tensor, at::Tensor> DataDependentGL::factors(const at::Tensor& inputs,
+                                                           const at::Tensor& h, bool wide) const {
   // In double: the inputs' small singular values would amplify float32 rounding
   // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
-  const at::ScalarType work = at::kDouble;
-  const at::ScalarType out = x.scalar_type();
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
-                      cached_version_ == h._version() && cached_q_.device() == x.device();
-  at::Tensor q, r;
-  if (cached) {
-    q = cached_q_, r = cached_r_;
-  } else {
-    std::tie(q, r) = at::linalg_qr((wide ? inputs.t() : inputs).to(work), "reduced");
-    if (constant) cached_h_ = h, cached_version_ = h._version(), cached_q_ = q, cached_r_ = r;
-  }
-  const at::Tensor xd = x.to(work);
-  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(out);
-  return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(out);
+                      cached_version_ == h._version() && cached_q_.device() == h.device();
+  if (cached) return {cached_q_, cached_r_};
+  auto [q, r] = at::linalg_qr((wide ? inputs.t() : inputs).to(at::kDouble), "reduced");
+  if (constant) cached_h_ = h, cached_version_ = h._version(), cached_q_ = q, cached_r_ = r;
+  return {q, r};
+}
+
+at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
+                                     const std::vector<at::Tensor>& cotangents,
+                                     const BatchLoss* batch,
+                                     const ParameterOverrides& in_force) const {
+  TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
+  TORCH_CHECK(params.size() == parameters().size() && cotangents.size() == params.size(), name_,
+              ": expected ", parameters().size(), " parameters and cotangents, got ", params.size(),
+              " and ", cotangents.size());
+  at::NoGradGuard no_grad;
+  // At T = 0: dθ = H⁺((A Tᵀ) ⊘ σ'(Z)) and dW_out = −W_out T (docs/design.md §3).
+  const at::Tensor h = batch->input_of(w_in_, in_force);
+  const at::Tensor w = params[0].detach();
+  const bool bias = b_in_.defined();
+  const at::Tensor z = bias ? at::addmm(params[1].detach(), h, w.t()) : at::mm(h, w.t());
+  const at::Tensor positive = z >= 0;
+  const at::Tensor a = at::where(positive, z, z * slope_);
+  const at::Tensor inputs = bias ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
+  const at::Tensor c_theta =
+      bias ? at::cat({cotangents[0].t(), cotangents[1].unsqueeze(0)}, 0) : cotangents[0].t();
+  const at::Tensor solved = pseudo_solve_transposed(inputs, h, c_theta);
+  const at::Tensor x = at::where(positive, solved, solved / slope_);
+  return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {

@@ -104,6 +104,14 @@ class Symmetry {
   /// Throws unless the parameters still have the shapes, dtype and device they
   /// had when the symmetry was made.
   virtual void check_unchanged() const = 0;
+  /// ∂/∂T ⟨c, act(params, T)⟩ at T = 0: the derivative of the action at the
+  /// identity, applied backwards to `cotangents` (one per parameter, in the
+  /// order of parameters()). The autograd direction is this of ∂F/∂w
+  /// (docs/design.md §3). By default by autograd through act(); the
+  /// data-dependent action has it in closed form.
+  virtual at::Tensor pullback(const std::vector<at::Tensor>& params,
+                              const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
+                              const ParameterOverrides& in_force) const;
 };
 
 /// What a hidden layer's activation allows.
@@ -195,6 +203,11 @@ class DataDependentGL : public LayerSymmetry {
                               const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const override;
 
+  /// In closed form: with H the layer's inputs on `batch` (a column of ones
+  /// for the bias), Z = H θ, A = σ(Z): (H⁺ᵀ c_θ ⊘ σ'(Z))ᵀ A − W_outᵀ c_out.
+  at::Tensor pullback(const std::vector<at::Tensor>& params,
+                      const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
+                      const ParameterOverrides& in_force) const override;
   double negative_slope() const { return slope_; }
 
  private:
@@ -210,6 +223,12 @@ class DataDependentGL : public LayerSymmetry {
   // published code.
   at::Tensor pseudo_solve(const at::Tensor& inputs, const at::Tensor& h, const at::Tensor& x,
                           Mode mode) const;
+  // X ↦ (inputs⁺)ᵀ X, from the same factors (exact mode).
+  at::Tensor pseudo_solve_transposed(const at::Tensor& inputs, const at::Tensor& h,
+                                     const at::Tensor& x) const;
+  // The thin QR behind both, in double: of inputsᵀ when `wide`, of inputs otherwise.
+  std::pair<at::Tensor, at::Tensor> factors(const at::Tensor& inputs, const at::Tensor& h,
+                                            bool wide) const;
   double slope_;
   // The cache of pseudo_solve: the inputs it was built from (kept alive, so
   // their memory is not reused), their version, and their Q and R.
