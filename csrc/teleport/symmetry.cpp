@@ -294,6 +294,13 @@ void DataDependentGL::transport_gradients_(const GroupElement&,
                             "them afresh after the teleport");
 }
 
+namespace {
+// The layer's inputs with a column of ones for the bias.
+at::Tensor with_ones(const at::Tensor& h, bool bias) {
+  return bias ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
+}
+}  // namespace
+
 std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& w,
                                                          const at::Tensor& b,
@@ -301,66 +308,66 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          Mode mode) const {
   const auto sigma = [&](const at::Tensor& z) { return at::where(z >= 0, z, z * slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::where(y >= 0, y, y / slope_); };
-  const at::Tensor inputs =
-      b.defined() ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
   const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
   // The SVD behind pinv throws on non-finite input; such a step gives NaN
   // weights instead, which the ascent refuses (or the teleport rolls back).
-  const at::Tensor inputs_finite = at::isfinite(inputs).all();
-  const at::Tensor finite = inputs_finite.logical_and(at::isfinite(target).all());
-  // (Masked by their own finiteness only: pseudo_solve may keep a factor of them.)
-  const at::Tensor safe_inputs = at::where(inputs_finite, inputs, 0.0);
-  const at::Tensor safe_target = at::where(finite, target, 0.0);
   at::Tensor theta;  // (m [+1]) × n
+  at::Tensor finite;
   if (mode == Mode::kReference) {
-    theta = at::mm(at::linalg_pinv(safe_inputs), safe_target);
+    const at::Tensor inputs = with_ones(h, b.defined());
+    const at::Tensor inputs_finite = at::isfinite(inputs).all();
+    finite = inputs_finite.logical_and(at::isfinite(target).all());
+    theta = at::mm(at::linalg_pinv(at::where(inputs_finite, inputs, 0.0)),
+                   at::where(finite, target, 0.0));
   } else {
+    const Factors f = factors(h, b.defined());
+    finite = f.finite.logical_and(at::isfinite(target).all());
     const at::Tensor current = b.defined() ? at::cat({w.t(), b.unsqueeze(0)}, 0) : w.t();
-    theta = current + pseudo_solve(safe_inputs, h, safe_target - at::where(finite, z, 0.0), mode);
+    theta = current + pseudo_solve(f, at::where(finite, target - z, 0.0));
   }
   theta = at::where(finite, theta, NAN);
   if (!b.defined()) return {theta.t(), at::Tensor()};
   return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
 }
 
-at::Tensor DataDependentGL::pseudo_solve(const at::Tensor& inputs, const at::Tensor& h,
-                                         const at::Tensor& x, Mode mode) const {
-  if (mode == Mode::kReference) return at::mm(at::linalg_pinv(inputs), x);
-  // A thin QR instead of the SVD (backward stable, differentiable, and much
-  // cheaper): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
-  // inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
-  // least-squares solution. A rank-deficient batch gives non-finite values
-  // (refused like any non-finite step) or far-off ones (the loss check rolls back).
-  const bool wide = inputs.size(0) <= inputs.size(1);
-  const auto [q, r] = factors(inputs, h, wide);
-  const at::Tensor xd = x.to(q.scalar_type());
-  if (wide) return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(x.scalar_type());
-  return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(x.scalar_type());
+// A thin QR instead of the SVD (backward stable, differentiable, and much
+// cheaper): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
+// inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
+// least-squares solution. A rank-deficient batch gives non-finite values
+// (refused like any non-finite step) or far-off ones (the loss check rolls back).
+at::Tensor DataDependentGL::pseudo_solve(const Factors& f, const at::Tensor& x) const {
+  const at::Tensor xd = x.to(f.q.scalar_type());
+  const at::Tensor out = f.wide ? at::mm(f.q, at::linalg_solve_triangular(f.r.t(), xd, /*upper=*/false))
+                                : at::linalg_solve_triangular(f.r, at::mm(f.q.t(), xd), /*upper=*/true);
+  return out.to(x.scalar_type());
 }
 
-at::Tensor DataDependentGL::pseudo_solve_transposed(const at::Tensor& inputs, const at::Tensor& h,
-                                                    const at::Tensor& x) const {
+at::Tensor DataDependentGL::pseudo_solve_transposed(const Factors& f, const at::Tensor& x) const {
   // (Q R⁻ᵀ)ᵀ = R⁻¹ Qᵀ within the rank condition, (R⁻¹ Qᵀ)ᵀ = Q R⁻ᵀ beyond it.
-  const bool wide = inputs.size(0) <= inputs.size(1);
-  const auto [q, r] = factors(inputs, h, wide);
-  const at::Tensor xd = x.to(q.scalar_type());
-  if (wide) return at::linalg_solve_triangular(r, at::mm(q.t(), xd), /*upper=*/true).to(x.scalar_type());
-  return at::mm(q, at::linalg_solve_triangular(r.t(), xd, /*upper=*/false)).to(x.scalar_type());
+  const at::Tensor xd = x.to(f.q.scalar_type());
+  const at::Tensor out = f.wide ? at::linalg_solve_triangular(f.r, at::mm(f.q.t(), xd), /*upper=*/true)
+                                : at::mm(f.q, at::linalg_solve_triangular(f.r.t(), xd, /*upper=*/false));
+  return out.to(x.scalar_type());
 }
 
-std::pair<at::Tensor, at::Tensor> DataDependentGL::factors(const at::Tensor& inputs,
-                                                           const at::Tensor& h, bool wide) const {
-  // In double: the inputs' small singular values would amplify float32 rounding
-  // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
+DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias) const {
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
-                      cached_version_ == h._version() && cached_q_.device() == h.device();
-  if (cached) return {cached_q_, cached_r_};
-  auto [q, r] = at::linalg_qr((wide ? inputs.t() : inputs).to(at::kDouble), "reduced");
-  if (constant) cached_h_ = h, cached_version_ = h._version(), cached_q_ = q, cached_r_ = r;
-  return {q, r};
+                      cached_version_ == h._version() && cached_.q.device() == h.device();
+  if (cached) return cached_;
+  const at::Tensor inputs = with_ones(h, bias);
+  Factors f;
+  f.wide = inputs.size(0) <= inputs.size(1);
+  f.finite = at::isfinite(inputs).all();
+  // In double: the inputs' small singular values would amplify float32 rounding
+  // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
+  // Masked by their own finiteness only, as the factors may be kept.
+  const at::Tensor safe = at::where(f.finite, inputs, 0.0).to(at::kDouble);
+  std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
+  if (constant) cached_h_ = h, cached_version_ = h._version(), cached_ = f;
+  return f;
 }
 
 at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
@@ -379,10 +386,9 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   const at::Tensor z = bias ? at::addmm(params[1].detach(), h, w.t()) : at::mm(h, w.t());
   const at::Tensor positive = z >= 0;
   const at::Tensor a = at::where(positive, z, z * slope_);
-  const at::Tensor inputs = bias ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
   const at::Tensor c_theta =
       bias ? at::cat({cotangents[0].t(), cotangents[1].unsqueeze(0)}, 0) : cotangents[0].t();
-  const at::Tensor solved = pseudo_solve_transposed(inputs, h, c_theta);
+  const at::Tensor solved = pseudo_solve_transposed(factors(h, bias), c_theta);
   const at::Tensor x = at::where(positive, solved, solved / slope_);
   return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }

@@ -216,24 +216,25 @@ class DataDependentGL : public LayerSymmetry {
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g,
                                           Mode mode) const;
-  // X ↦ inputs⁺ X. In exact mode by a thin QR (of inputsᵀ within the rank
-  // condition, of inputs beyond it) and a triangular solve; Q and R are kept
-  // while the inputs are the same unchanged tensor (the first layer's, within
-  // one teleport). In reference mode through the SVD (linalg_pinv), as the
-  // published code.
-  at::Tensor pseudo_solve(const at::Tensor& inputs, const at::Tensor& h, const at::Tensor& x,
-                          Mode mode) const;
-  // X ↦ (inputs⁺)ᵀ X, from the same factors (exact mode).
-  at::Tensor pseudo_solve_transposed(const at::Tensor& inputs, const at::Tensor& h,
-                                     const at::Tensor& x) const;
-  // The thin QR behind both, in double: of inputsᵀ when `wide`, of inputs otherwise.
-  std::pair<at::Tensor, at::Tensor> factors(const at::Tensor& inputs, const at::Tensor& h,
-                                            bool wide) const;
+  // The thin QR of the layer's inputs (a column of ones for the bias), in
+  // double: of inputsᵀ when `wide` (batch ≤ inputs), of inputs otherwise; and
+  // whether the inputs are finite. Kept while the inputs are the same,
+  // unchanged tensor (the first layer's, within one teleport).
+  struct Factors {
+    at::Tensor q, r, finite;
+    bool wide = true;
+  };
+  Factors factors(const at::Tensor& h, bool bias) const;
+  // X ↦ inputs⁺ X and X ↦ (inputs⁺)ᵀ X from the factors (exact mode; reference
+  // mode takes the SVD's pseudo-inverse, as the published code).
+  at::Tensor pseudo_solve(const Factors& f, const at::Tensor& x) const;
+  at::Tensor pseudo_solve_transposed(const Factors& f, const at::Tensor& x) const;
   double slope_;
-  // The cache of pseudo_solve: the inputs it was built from (kept alive, so
-  // their memory is not reused), their version, and their Q and R.
-  mutable at::Tensor cached_h_, cached_q_, cached_r_;
+  // The cache of factors(): the inputs it was built from (kept alive, so
+  // their memory is not reused), their version, and their factors.
+  mutable at::Tensor cached_h_;
   mutable int64_t cached_version_ = -1;
+  mutable Factors cached_;
 };
 
 using SymmetryList = std::vector<std::shared_ptr<Symmetry>>;
