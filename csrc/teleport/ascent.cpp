@@ -556,27 +556,18 @@ at::Tensor range_basis(const at::Tensor& K, double tol, double cut, int64_t max_
   return kept.numel() == 0 ? E.narrow(1, 0, 1) : at::mm(E, V.index_select(1, kept));
 }
 
-Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
-                   const std::vector<at::Tensor>& grads, const std::vector<int>& left,
-                   const std::vector<int>& right, const TeleportOptions& o) {
-  const auto where = positions(syms, params);
-  Ascent a(syms);
-  a.norm_before = at::zeros({}, grads.front().options());
-  for (const auto& g : grads) a.norm_before = a.norm_before + at::dot(g.reshape(-1), g.reshape(-1));
-  a.norm_after = a.norm_before;
-  if (!std::isfinite(a.norm_before.item<double>())) {
-    // Nothing to ascend from; the teleport rolls back (no step taken).
-    a.steps = at::zeros({}, a.norm_before.options().dtype(at::kLong));
-    a.shortened = a.steps.clone();
-    return a;
-  }
+// The gradients as span pieces (see SpanPiece) in bases E of the symmetries'
+// spans; false when a basis would exceed 3/4 of its width (then the n × n
+// steps are cheaper: docs/design.md §11).
+bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
+                 const std::vector<int>& left, const std::vector<int>& right,
+                 std::vector<at::Tensor>& E, std::vector<SpanPiece>& pieces) {
   const size_t m = syms.size();
   std::vector<int64_t> width(m);
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
-
+  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
   // Each gradient's Grams on the sides acted on, summed per symmetry into K.
   std::vector<at::Tensor> K(m), row_gram(grads.size()), col_gram(grads.size());
-  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
   for (size_t i = 0; i < grads.size(); ++i) {
     if (left[i] >= 0) {
       const at::Tensor rows = grads[i].reshape({width[left[i]], -1});
@@ -585,34 +576,31 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     }
     if (right[i] >= 0) {
       const int64_t n = width[right[i]];
-      // Rows of cols are the rows the right side acts on (docs/design.md §2).
-      const at::Tensor cols = grads[i].numel() == grads[i].size(0) * n
-                                  ? grads[i].reshape({-1, n})
-                                  : grads[i].reshape({grads[i].size(0), n, -1}).transpose(1, 2).reshape({-1, n});
+      // The rows the right side acts on (docs/design.md §2), one per block.
+      const at::Tensor cols =
+          grads[i].numel() == grads[i].size(0) * n
+              ? grads[i].reshape({-1, n})
+              : grads[i].reshape({grads[i].size(0), n, -1}).transpose(1, 2).reshape({-1, n});
       col_gram[i] = at::mm(cols.t(), cols);
       add(K[right[i]], col_gram[i]);
     }
   }
   const bool f64 = grads.front().scalar_type() == at::kDouble;
-  std::vector<at::Tensor> E(m);
+  E.assign(m, at::Tensor());
   for (size_t k = 0; k < m; ++k) {
-    // Beyond 3/4 of the width the r × r work saves too little over the n × n
-    // steps for the bases' cost (measured: docs/performance.md).
-    const int64_t most = detail::gl_ascent_path == detail::GLAscentPath::kSpan ? width[k] : width[k] * 3 / 4;
-    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7, most);
-    if (!E[k].defined()) return closed_form_ascent(syms, params, grads, o);
+    const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
+    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7,
+                       forced ? width[k] : width[k] * 3 / 4);
+    if (!E[k].defined()) return false;
   }
-
-  // The pieces: one per gradient acted on from both sides, and one per
-  // symmetry and side for all the gradients acted on from that side only.
-  std::vector<SpanPiece> pieces;
+  // One piece per gradient acted on from both sides, and one per symmetry and
+  // side for all the gradients acted on from that side only.
   std::vector<SpanPiece> only_left(m), only_right(m);
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor total = grads[i].square().sum();
-    if (left[i] >= 0 && right[i] >= 0) {
-      const int l = left[i], r = right[i];
-      const at::Tensor G = grads[i].reshape({width[l], width[r], -1});
-      const at::Tensor EG = at::mm(E[l].t(), G.reshape({width[l], -1}))
+    const int l = left[i], r = right[i];
+    if (l >= 0 && r >= 0) {
+      const at::Tensor EG = at::mm(E[l].t(), grads[i].reshape({width[l], -1}))
                                 .view({E[l].size(1), width[r], -1})
                                 .permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
@@ -624,18 +612,14 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
       p.CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r])) - at::mm(AR, AR.t());
       p.rest = total - p.A.square().sum() - p.BB.trace() - p.CC.trace();
       pieces.push_back(std::move(p));
-    } else if (left[i] >= 0) {
-      SpanPiece& p = only_left[left[i]];
-      const at::Tensor& El = E[left[i]];
-      const at::Tensor BB = at::mm(El.t(), at::mm(row_gram[i], El));
-      add(p.BB, BB);
-      add(p.rest, total - BB.trace());
-    } else if (right[i] >= 0) {
-      SpanPiece& p = only_right[right[i]];
-      const at::Tensor& Er = E[right[i]];
-      const at::Tensor CC = at::mm(Er.t(), at::mm(col_gram[i], Er));
-      add(p.CC, CC);
-      add(p.rest, total - CC.trace());
+    } else if (l >= 0) {
+      const at::Tensor BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l]));
+      add(only_left[l].BB, BB);
+      add(only_left[l].rest, total - BB.trace());
+    } else if (r >= 0) {
+      const at::Tensor CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r]));
+      add(only_right[r].CC, CC);
+      add(only_right[r].rest, total - CC.trace());
     }
   }
   for (size_t k = 0; k < m; ++k) {
@@ -643,75 +627,97 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     if (only_left[k].BB.defined()) pieces.push_back(std::move(only_left[k]));
     if (only_right[k].CC.defined()) pieces.push_back(std::move(only_right[k]));
   }
+  return true;
+}
 
-  // ||∇L||² and the directions (in the bases) at the frames h.
-  auto evaluate_at = [&](const std::vector<SpanFrame>& f, at::Tensor& norm,
-                         std::vector<at::Tensor>& dirs) {
-    std::vector<at::Tensor> rows(m), cols(m), parts;
-    for (const auto& p : pieces) {
-      parts.push_back(p.rest);
-      at::Tensor L, R;  // the left side's h^{-T}, the right side's h
-      if (p.left >= 0) L = f[p.left].h_inv.t();
-      if (p.right >= 0) R = f[p.right].h;
-      if (p.A.defined()) {
-        const at::Tensor A = at::matmul(L, at::matmul(p.A, R.t()));
-        const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
-        const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
-        parts.push_back(A.square().sum());
-        add(rows[p.left], at::mm(AL, AL.t()));
-        add(cols[p.right], at::mm(AR, AR.t()));
-      }
-      if (p.BB.defined()) {
-        const at::Tensor X = at::mm(L, at::mm(p.BB, L.t()));
-        parts.push_back(X.trace());
-        add(rows[p.left], X);
-      }
-      if (p.CC.defined()) {
-        const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
-        parts.push_back(X.trace());
-        add(cols[p.right], X);
-      }
-    }
-    norm = at::stack(parts).sum();
-    dirs.assign(m, at::Tensor());
-    for (size_t k = 0; k < m; ++k) {
-      at::Tensor d = at::zeros({E[k].size(1), E[k].size(1)}, E[k].options());
-      if (cols[k].defined()) d = d + cols[k];
-      if (rows[k].defined()) d = d - rows[k];
-      dirs[k] = d * 2;
-    }
-  };
+struct SpanState {
+  at::Tensor norm;                     // ||∇L||²
+  std::vector<at::Tensor> directions;  // in the bases
+};
 
-  std::vector<SpanFrame> frame(m);
+// ||∇L||² and the directions with the products of steps `f` in the bases:
+// a gradient's left side moves by h^{-T}, its right side by h.
+SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanFrame>& f) {
+  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
+  std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
+  for (const auto& p : pieces) {
+    parts.push_back(p.rest);
+    const at::Tensor L = p.left >= 0 ? f[p.left].h_inv.t() : at::Tensor();
+    const at::Tensor R = p.right >= 0 ? f[p.right].h : at::Tensor();
+    if (p.A.defined()) {
+      const at::Tensor A = at::matmul(L, at::matmul(p.A, R.t()));
+      const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
+      const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
+      parts.push_back(A.square().sum());
+      add(rows[p.left], at::mm(AL, AL.t()));
+      add(cols[p.right], at::mm(AR, AR.t()));
+    }
+    if (p.BB.defined()) {
+      const at::Tensor X = at::mm(L, at::mm(p.BB, L.t()));
+      parts.push_back(X.trace());
+      add(rows[p.left], X);
+    }
+    if (p.CC.defined()) {
+      const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
+      parts.push_back(X.trace());
+      add(cols[p.right], X);
+    }
+  }
+  SpanState st{at::stack(parts).sum(), {}};
+  for (size_t k = 0; k < f.size(); ++k) {
+    at::Tensor d = at::zeros_like(f[k].h);
+    if (cols[k].defined()) d = d + cols[k];
+    if (rows[k].defined()) d = d - rows[k];
+    st.directions.push_back(d * 2);
+  }
+  return st;
+}
+
+Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                   const std::vector<at::Tensor>& grads, const std::vector<int>& left,
+                   const std::vector<int>& right, const TeleportOptions& o) {
+  Ascent a(syms);
+  a.norm_before = at::zeros({}, grads.front().options());
+  for (const auto& g : grads) a.norm_before = a.norm_before + at::dot(g.reshape(-1), g.reshape(-1));
+  a.norm_after = a.norm_before;
+  if (!std::isfinite(a.norm_before.item<double>())) {
+    // Nothing to ascend from; the teleport rolls back (no step taken).
+    a.steps = at::zeros({}, a.norm_before.options().dtype(at::kLong));
+    a.shortened = a.steps.clone();
+    return a;
+  }
+  std::vector<at::Tensor> E;
+  std::vector<SpanPiece> pieces;
+  if (!span_pieces(syms, grads, left, right, E, pieces)) {
+    return closed_form_ascent(syms, params, grads, o);
+  }
+  const size_t m = syms.size();
+  std::vector<SpanFrame> frame;
   for (size_t k = 0; k < m; ++k) {
     const at::Tensor id = at::eye(E[k].size(1), E[k].options());
-    frame[k] = {id, id.clone()};
+    frame.push_back({id, id.clone()});
   }
-  at::Tensor current;
-  std::vector<at::Tensor> dirs;
-  evaluate_at(frame, current, dirs);
+  std::vector<at::Tensor> dirs = span_state(pieces, frame).directions;
   Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    std::vector<SpanFrame> candidate(m);
+    std::vector<SpanFrame> candidate;
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < m; ++k) {
       const at::Tensor t = capped_step(dirs[k], o, false) * control.scale();
       elements.push_back(GroupElement::from_algebra(t, false, o.parametrization()));
-      candidate[k] = {at::mm(elements[k].g, frame[k].h), at::mm(frame[k].h_inv, elements[k].g_inv)};
+      candidate.push_back({at::mm(elements[k].g, frame[k].h), at::mm(frame[k].h_inv, elements[k].g_inv)});
     }
-    at::Tensor norm;
-    std::vector<at::Tensor> next;
-    evaluate_at(candidate, norm, next);
+    const SpanState next = span_state(pieces, candidate);
     const at::Tensor ok = control.active()
-                              .logical_and(accepts(norm, a.norm_after, limit, o))
-                              .logical_and(all_invertible(elements, norm));
+                              .logical_and(accepts(next.norm, a.norm_after, limit, o))
+                              .logical_and(all_invertible(elements, next.norm));
     for (size_t k = 0; k < m; ++k) {
       frame[k] = {at::where(ok, candidate[k].h, frame[k].h),
                   at::where(ok, candidate[k].h_inv, frame[k].h_inv)};
-      dirs[k] = at::where(ok, next[k], dirs[k]);
+      dirs[k] = at::where(ok, next.directions[k], dirs[k]);
     }
-    a.norm_after = at::where(ok, norm, a.norm_after);
+    a.norm_after = at::where(ok, next.norm, a.norm_after);
     control.record(ok);
     if (control.done(attempt)) break;
   }
@@ -723,12 +729,13 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     auto [h_inv, info] = at::linalg_inv_ex(frame[k].h);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
-    const at::Tensor id = at::eye(width[k], E[k].options());
+    const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
     const at::Tensor Et = E[k].t();
     a.total[k] = GroupElement{id + at::mm(E[k], at::mm(frame[k].h - Ir, Et)),
                               id + at::mm(E[k], at::mm(h_inv - Ir, Et)), false, {}};
   }
+  const auto where = positions(syms, params);
   for (auto& e : a.total) e = e.masked(a.invertible);
   for (size_t k = 0; k < m; ++k) {
     syms[k]->apply_(a.total[k]);
