@@ -272,8 +272,10 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
 }
 
 struct Evaluation {
-  at::Tensor loss, F;                  // detached
-  std::vector<at::Tensor> directions;  // ∂F/∂T_k at T = 0, when asked for
+  at::Tensor loss, F;  // detached
+  // ∂F/∂T_k at T = 0, computed on demand from the kept graph: at most once, and
+  // before the weights evaluated change in place. Empty unless asked for.
+  std::function<std::vector<at::Tensor>()> directions;
 };
 
 // F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked, ∂F/∂T by
@@ -315,28 +317,29 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     ev.loss = loss.detach();
     ev.F = norm_sq(grads);
   }
-  if (!with_directions) {
-    ev.F = ev.F.detach();
-    return ev;
-  }
   at::Tensor objective = ev.F;
+  ev.F = ev.F.detach();
+  if (!with_directions) return ev;
   if (spread) {
     objective = at::zeros({}, loss.options());
     for (size_t i = 0; i < grads.size(); ++i) objective = objective + (global[i] * grads[i]).sum() * 2;
   }
-  ev.F = ev.F.detach();
-  auto dF = torch::autograd::grad({objective}, current, {}, false, false, /*allow_unused=*/true);
-  for (size_t i = 0; i < dF.size(); ++i) {
-    dF[i] = dF[i].defined() ? dF[i] : at::zeros_like(params[i]);
-  }
-  if (spread) batch.group()->all_reduce_sum(dF);
-  ParameterOverrides values;
-  for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
-  for (size_t k = 0; k < syms.size(); ++k) {
-    std::vector<at::Tensor> own;
-    for (size_t i : where[k]) own.push_back(current[i].detach());
-    ev.directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());
-  }
+  ev.directions = [=, &syms, &where, &batch] {
+    auto dF = torch::autograd::grad({objective}, current, {}, false, false, /*allow_unused=*/true);
+    for (size_t i = 0; i < dF.size(); ++i) {
+      dF[i] = dF[i].defined() ? dF[i] : at::zeros_like(params[i]);
+    }
+    if (spread) batch.group()->all_reduce_sum(dF);
+    ParameterOverrides values;
+    for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
+    std::vector<at::Tensor> directions;
+    for (size_t k = 0; k < syms.size(); ++k) {
+      std::vector<at::Tensor> own;
+      for (size_t i : where[k]) own.push_back(current[i].detach());
+      directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());
+    }
+    return directions;
+  };
   return ev;
 }
 
@@ -370,7 +373,11 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   const at::Tensor F = norm_sq(grads);
   Evaluation ev{loss.detach(), F.detach(), {}};
   if (with_directions) {
-    for (auto& d : torch::autograd::grad({F}, Ts)) ev.directions.push_back(d.detach());
+    ev.directions = [F, Ts] {
+      std::vector<at::Tensor> directions;
+      for (auto& d : torch::autograd::grad({F}, Ts)) directions.push_back(d.detach());
+      return directions;
+    };
   }
   return ev;
 }
@@ -1022,6 +1029,8 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   a.loss_before = here.loss;
   const at::Tensor limit = growth_limit(here.F, o);
   Control control(here.F, o);
+  std::vector<at::Tensor> directions = here.directions();
+  const bool on_cpu = params.front().device().is_cpu();
 
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<at::Tensor> before;  // the weights before this attempt
@@ -1036,15 +1045,21 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
     }())
                                                              : batch;
     const std::vector<GroupElement> elements =
-        apply_steps(syms, here.directions, control.scale(), pre_step, a.total, o);
+        apply_steps(syms, directions, control.scale(), pre_step, a.total, o);
     Evaluation next = evaluate(syms, params, where, batch, true, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));
-    keep_or_undo(ok, params, before, a.total, total_before, here.directions, next.directions);
-    a.norm_after = at::where(ok, next.F, a.norm_after);
     control.record(ok);
-    if (control.done(attempt)) break;
+    const bool last = control.done(attempt);
+    // The new point's directions serve the next attempt only: none after the
+    // last, and on CPU, where reading `ok` costs nothing, none after a refusal.
+    // (Taken before keep_or_undo writes the weights the graph holds.)
+    std::vector<at::Tensor> next_directions = directions;
+    if (!last && (!on_cpu || ok.item<bool>())) next_directions = next.directions();
+    keep_or_undo(ok, params, before, a.total, total_before, directions, next_directions);
+    a.norm_after = at::where(ok, next.F, a.norm_after);
+    if (last) break;
   }
   a.steps = control.taken();
   a.shortened = control.refused();
@@ -1436,7 +1451,7 @@ std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method
   if (method == Method::kAutograd) {
     TORCH_CHECK(batch != nullptr,
                 "directions: the autograd direction needs a batch and a loss, got none");
-    return evaluate(symmetries, params, where, *batch, true).directions;
+    return evaluate(symmetries, params, where, *batch, true).directions();
   }
   std::vector<at::Tensor> grads;
   if (batch != nullptr) {
