@@ -250,6 +250,34 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
   EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
 }
 
+// The span path (bases wider than the range finder's block) on degenerate
+// gradients: all zero (an empty span) and one entry non-finite. Both roll back
+// and leave weights and gradients bitwise as they were, as the dense path does.
+TEST_P(AscentTest, SpanGLRollsBackOnZeroAndNonFiniteGradients) {
+  for (bool nan : {false, true}) {
+    auto model = make_mlp({20, 100, 90, 5}, Act::kIdentity, true, f64(), 8);
+    const auto batch = random_batch(4, 20, 5, f64());
+    const BatchLoss objective(model, batch.input, batch.target, mse());
+    backward(objective, model);
+    for (auto& p : model->parameters()) p.grad().zero_();
+    if (nan) model->parameters()[2].grad()[3][7] = std::numeric_limits<double>::quiet_NaN();
+    const auto weights = clone_all(model->parameters());
+    std::vector<at::Tensor> grads;
+    for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+    detail::ForceGLAscentPath path(detail::GLAscentPath::kSpan);
+    const auto r = teleport(discover(model).symmetries, ascent());
+    EXPECT_TRUE(r.rolled_back);
+    EXPECT_NE(r.reason.find(nan ? "non-finite" : "no ascent step raised"), std::string::npos) << r.reason;
+    EXPECT_TRUE(bitwise_equal(model->parameters(), weights));
+    std::vector<at::Tensor> after;
+    for (const auto& p : model->parameters()) after.push_back(p.grad());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_TRUE(torch::equal(after[i].isnan(), grads[i].isnan())) << i;
+      EXPECT_TRUE(torch::equal(at::nan_to_num(after[i]), at::nan_to_num(grads[i]))) << i;
+    }
+  }
+}
+
 TEST_P(AscentTest, GrowthCapStopsTheAscent) {
   for (Method m : {Method::kClosedForm, Method::kAutograd}) {
     auto s = make(Act::kReLU, f64());
