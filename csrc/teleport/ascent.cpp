@@ -260,8 +260,16 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& next_directions) {
   {
     at::NoGradGuard no_grad;
+    // On CPU the flag is read for free: a kept attempt copies nothing, a refused
+    // one copies back; elsewhere the choice stays on the device.
+    const bool on_cpu = ok.device().is_cpu();
+    const bool undo = on_cpu && !ok.item<bool>();
     for (size_t i = 0; i < params.size(); ++i) {
-      params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+      if (!on_cpu) {
+        params[i].detach().copy_(at::where(ok, params[i].detach(), before[i]));
+      } else if (undo) {
+        params[i].detach().copy_(before[i]);
+      }
     }
   }
   for (size_t k = 0; k < total.size(); ++k) {
