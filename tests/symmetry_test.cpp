@@ -122,6 +122,21 @@ TEST_P(SymmetryTest, ClosedFormDirectionMatchesAutograd) {
   }
 }
 
+// pullback() takes one cotangent per parameter; the data-dependent one also
+// needs the batch whose inputs define the action.
+TEST_P(SymmetryTest, PullbackChecksItsArguments) {
+  auto model = make_mlp({5, 7, 6, 4}, Act::kLeakyReLU, true, f64(), 3);
+  const auto scaling = discover(model).symmetries.front();
+  const auto params = scaling->parameters();
+  EXPECT_NE(error_of([&] { scaling->pullback(params, {params[0]}, nullptr, {}); })
+                .find("expected 3 cotangents, got 1"),
+            std::string::npos);
+  const auto data_dependent = discover(model, DiscoverOptions().data_dependent(true)).symmetries.front();
+  EXPECT_NE(error_of([&] { data_dependent->pullback(params, params, nullptr, {}); })
+                .find("the data-dependent action needs a batch"),
+            std::string::npos);
+}
+
 TEST_P(SymmetryTest, ClosedFormFromGradMatchesBatchGradient) {
   auto model = make_mlp({5, 7, 4}, Act::kReLU, true, f64());
   const auto batch = random_batch(9, 5, 4, f64());
