@@ -1,0 +1,97 @@
+#include <teleport/internal/ascent_parts.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace teleport::detail {
+
+// Where each symmetry's parameters sit in the list of distinct parameters.
+std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
+                                           const std::vector<at::Tensor>& params) {
+  std::vector<std::vector<size_t>> out;
+  for (const auto& s : symmetries) {
+    std::vector<size_t> idx;
+    for (const auto& p : s->parameters()) {
+      for (size_t j = 0; j < params.size(); ++j) {
+        if (params[j].is_same(p)) idx.push_back(j);
+      }
+    }
+    out.push_back(std::move(idx));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vector<size_t>& idx) {
+  std::vector<at::Tensor> out;
+  out.reserve(idx.size());
+  for (size_t i : idx) out.push_back(all[i]);
+  return out;
+}
+
+at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
+  at::Tensor total = at::zeros({}, tensors.front().options());
+  for (const auto& t : tensors) total = total + t.square().sum();
+  return total;
+}
+
+// Whether a diagonal step under the linear parametrization must keep every
+// factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
+bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
+  return sym.diagonal() && o.parametrization() == Parametrization::kLinear &&
+         o.mode() == Mode::kExact;
+}
+
+// T = η D, scaled down to Frobenius norm max_step when larger, and for
+// diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
+// reference mode). The factors are computed in double so that a cap of 1e300
+// over a tiny norm cannot overflow a float.
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
+                       bool keep_positive) {
+  const at::Tensor t = direction * o.lr();
+  if (o.mode() == Mode::kReference) return t;
+  at::Tensor factor =
+      at::clamp_max(o.max_step() / at::clamp_min(t.norm().to(at::kDouble), 1e-300), 1.0);
+  if (keep_positive) {
+    factor = at::minimum(factor, 0.5 / at::clamp_min(-t.min().to(at::kDouble), 1e-300));
+  }
+  return t * factor.to(t.scalar_type());
+}
+
+// The group element of one ascent step: the symmetry's own, or in reference
+// mode, for the layer actions, the published code's I + T with I - T as its
+// "inverse" (its SO(2) rotations are exact and stay so).
+GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const TeleportOptions& o) {
+  if (o.mode() == Mode::kReference && o.parametrization() == Parametrization::kLinear &&
+      dynamic_cast<const LayerSymmetry*>(&sym) != nullptr) {
+    const at::Tensor id = sym.diagonal() ? at::ones_like(T) : at::eye(T.size(0), T.options());
+    return {id + T, id - T, sym.diagonal(), {}};
+  }
+  return sym.element(T, o.parametrization());
+}
+
+// The cap on ||∇L||² after the teleport (none in reference mode).
+at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o) {
+  return o.mode() == Mode::kReference ? at::full_like(norm_before, INFINITY)
+                                      : norm_before * o.max_growth();
+}
+
+// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
+// is kept. In exact mode it must raise the objective and stay within the
+// cap; the reference arithmetic keeps any finite step. NaN fails either way.
+at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
+                   const at::Tensor& limit, const TeleportOptions& o) {
+  if (o.mode() == Mode::kReference) return at::isfinite(candidate);
+  return (candidate > current).logical_and(candidate <= limit);
+}
+
+// Whether every element of one attempt is invertible (a 0-dim bool).
+at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like) {
+  at::Tensor ok = at::ones({}, like.options().dtype(at::kBool));
+  for (const auto& e : elements) {
+    if (e.invertible.defined()) ok = ok.logical_and(e.invertible);
+  }
+  return ok;
+}
+
+}  // namespace teleport::detail

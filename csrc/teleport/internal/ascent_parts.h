@@ -1,0 +1,141 @@
+#pragma once
+// Not installed: what the ascent engines share (ascent.cpp, gl_ascent.cpp).
+
+#include <teleport/options.h>
+#include <teleport/symmetry.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace teleport::detail {
+
+// Where each symmetry's parameters sit in the list of distinct parameters.
+std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
+                                           const std::vector<at::Tensor>& params);
+
+std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vector<size_t>& idx);
+
+at::Tensor norm_sq(const std::vector<at::Tensor>& tensors);
+
+// Whether a diagonal step under the linear parametrization must keep every
+// factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
+bool keeps_positive(const Symmetry& sym, const TeleportOptions& o);
+
+// T = η D, scaled down to Frobenius norm max_step when larger, and for
+// diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
+// reference mode). The factors are computed in double so that a cap of 1e300
+// over a tiny norm cannot overflow a float.
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
+                       bool keep_positive);
+
+// The group element of one ascent step: the symmetry's own, or in reference
+// mode, for the layer actions, the published code's I + T with I - T as its
+// "inverse" (its SO(2) rotations are exact and stay so).
+GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const TeleportOptions& o);
+
+// The cap on ||∇L||² after the teleport (none in reference mode).
+at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o);
+
+// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
+// is kept. In exact mode it must raise the objective and stay within the
+// cap; the reference arithmetic keeps any finite step. NaN fails either way.
+at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
+                   const at::Tensor& limit, const TeleportOptions& o);
+
+// Whether every element of one attempt is invertible (a 0-dim bool).
+at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like);
+
+// The ascent's bookkeeping, kept on the device: an attempt that is refused
+// halves every later step; the ascent ends when `steps` attempts were kept or
+// more than max_halvings were refused (in reference mode, at the first).
+class Control {
+ public:
+  Control(const at::Tensor& like, const TeleportOptions& o)
+      : steps_(o.steps()),
+        halvings_(o.mode() == Mode::kExact ? o.max_halvings() : 0),
+        active_(at::full({}, o.steps() > 0, like.options().dtype(at::kBool))),
+        scale_(at::ones({}, like.options())),
+        taken_(at::zeros({}, like.options().dtype(at::kLong))),
+        refused_(at::zeros({}, like.options().dtype(at::kLong))),
+        on_cpu_(like.device().is_cpu()) {}
+
+  /// How many attempts at most.
+  int64_t attempts() const { return steps_ + halvings_ + 1; }
+  /// The factor of the next attempt's step (1, halved at each refusal).
+  const at::Tensor& scale() const { return scale_; }
+  /// Whether the ascent still runs: `ok` below must be and-ed with it.
+  const at::Tensor& active() const { return active_; }
+
+  /// Records attempt `ok` (already and-ed with active()).
+  void record(const at::Tensor& ok) {
+    const at::Tensor refused = active_.logical_and(ok.logical_not());
+    taken_ = taken_ + ok.to(at::kLong);
+    refused_ = refused_ + refused.to(at::kLong);
+    scale_ = at::where(refused, scale_ * 0.5, scale_);
+    active_ = active_.logical_and(taken_ < steps_).logical_and(refused_ <= halvings_);
+  }
+  /// Whether the loop may stop after attempt `i`. On CPU reading the flag is
+  /// free; elsewhere it is a host synchronisation, so it is read only once the
+  /// attempts that an ascent with no refusal needs are done.
+  bool done(int64_t i) const {
+    if (i + 1 == attempts()) return true;
+    if (!on_cpu_ && i + 1 < steps_) return false;
+    return !active_.item<bool>();
+  }
+  const at::Tensor& taken() const { return taken_; }
+  const at::Tensor& refused() const { return refused_; }
+
+ private:
+  int64_t steps_, halvings_;
+  at::Tensor active_, scale_, taken_, refused_;
+  bool on_cpu_;
+};
+
+// What an ascent engine hands back to teleport(), which checks it in one host read.
+struct Ascent {
+  at::Tensor norm_before, norm_after, loss_before, steps, shortened;
+  // The teleport objective where it is not ||∇L||² (kBalance: Σ||W||²,
+  // lowered); undefined otherwise.
+  at::Tensor objective_before, objective_after;
+  // Where the path decided before touching anything that its result is finite
+  // (and otherwise applied the identity): a 0-dim bool; undefined elsewhere.
+  at::Tensor finite;
+  // False where the product of the steps could not be inverted (the identity
+  // was applied instead and the teleport rolls back); undefined = invertible.
+  at::Tensor invertible;
+  std::vector<GroupElement> total;  // one per symmetry, starting at the identity
+
+  explicit Ascent(const SymmetryList& syms) {
+    for (const auto& s : syms) {
+      const at::Tensor zero = s->zero_algebra();
+      if (dynamic_cast<const LayerSymmetry*>(s.get()) == nullptr) {
+        total.push_back(s->element(zero, Parametrization::kExp));
+        continue;
+      }
+      // The identity itself (a matrix_exp of an n × n zero costs milliseconds).
+      const at::Tensor id = s->diagonal() ? at::ones_like(zero) : at::eye(zero.size(0), zero.options());
+      total.push_back(GroupElement{id, id.clone(), s->diagonal(), {}});
+    }
+  }
+};
+
+// Closed form: the direction from gradients, the gradients carried along,
+// the weights moved once at the end.
+Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                          std::vector<at::Tensor> grads, const TeleportOptions& o);
+
+// The closed-form GL(n) ascent in the span of the gradients (docs/design.md
+// §11), for lists of layer GL(n) symmetries in exact mode (span_applies), each
+// tensor acted on by at most one symmetry per side (span_roles: which one on
+// its rows, `left`, and its columns, `right`, -1 for none). It falls back to
+// closed_form_ascent where a basis would cover most of a layer.
+bool span_applies(const SymmetryList& syms, const TeleportOptions& o);
+bool span_roles(const SymmetryList& syms, const std::vector<std::vector<size_t>>& where,
+                size_t n_params, std::vector<int>& left, std::vector<int>& right);
+Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                   const std::vector<at::Tensor>& grads, const std::vector<int>& left,
+                   const std::vector<int>& right, const TeleportOptions& o);
+
+}  // namespace teleport::detail
