@@ -25,7 +25,6 @@ namespace {
 bool scaling_tensor_ops_on_cpu = false;  // see internal/scaling_path.h
 }  // namespace
 
-
 ScalingTensorOpsOnCpu::ScalingTensorOpsOnCpu() : previous_(scaling_tensor_ops_on_cpu) {
   scaling_tensor_ops_on_cpu = true;
 }
@@ -95,7 +94,6 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
   return grads;
 }
 
-
 // One attempt on the weights themselves: each symmetry's capped step along its
 // direction, times `scale`, applied (a data-dependent action reads `batch`) and
 // composed into `total`. Returns the attempt's elements.
@@ -144,11 +142,11 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
 struct Evaluation {
   at::Tensor loss, F;  // detached
   // ∂F/∂T_k at T = 0, computed on demand from the kept graph: at most once, and
-  // before the weights evaluated change in place. Empty unless asked for.
+  // before the weights evaluated change in place.
   std::function<std::vector<at::Tensor>()> directions;
 };
 
-// F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and, when asked, ∂F/∂T by
+// F(T) = ||∇L((I+T)·w)||² on the batch at T = 0 and ∂F/∂T (on demand) by
 // the chain rule (docs/design.md §3): ∇L at the new point treats the new
 // weights as independent variables, so ∂F/∂T_k = J_kᵀ ∂F/∂w with J_k the
 // derivative of action k at the identity. ∂F/∂w is a double backward through
@@ -159,11 +157,10 @@ struct Evaluation {
 // for ḡ and the loss, one for ∂F/∂w, so that every rank steps alike.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                     const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
-                    bool with_directions, Mode mode = Mode::kExact);
+                    Mode mode = Mode::kExact);
 
 Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor>& params,
-                          const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
-                          bool with_directions) {
+                          const std::vector<std::vector<size_t>>& where, const BatchLoss& batch) {
   at::AutoGradMode enable(true);
   std::vector<at::Tensor> current;
   ParameterOverrides overrides;
@@ -173,7 +170,8 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   }
   const bool spread = batch.group() != nullptr;
   const at::Tensor loss = spread ? batch.loss(overrides) * batch.share() : batch.loss(overrides);
-  const auto grads = torch::autograd::grad({loss}, current, {}, with_directions, with_directions);
+  // The graph is kept for the directions, which are taken on demand.
+  const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
   Evaluation ev;
   std::vector<at::Tensor> global;  // ḡ
   if (spread) {
@@ -189,7 +187,6 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   }
   at::Tensor objective = ev.F;
   ev.F = ev.F.detach();
-  if (!with_directions) return ev;
   if (spread) {
     objective = at::zeros({}, loss.options());
     for (size_t i = 0; i < grads.size(); ++i) objective = objective + (global[i] * grads[i]).sum() * 2;
@@ -213,13 +210,13 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   return ev;
 }
 
-// F(T) and, when asked, ∂F/∂T by double backward through the actions
+// F(T) and ∂F/∂T (on demand) by double backward through the actions
 // themselves, for reference mode: the published code's direction also follows
 // a data-dependent action into the later layers' inputs it changes.
 Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                     const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
-                    bool with_directions, Mode mode) {
-  if (mode == Mode::kExact) return evaluate_exact(syms, params, where, batch, with_directions);
+                    Mode mode) {
+  if (mode == Mode::kExact) return evaluate_exact(syms, params, where, batch);
   TORCH_INTERNAL_ASSERT(batch.group() == nullptr, "reference mode runs on one process");
   at::AutoGradMode enable(true);
   std::vector<at::Tensor> Ts;
@@ -239,20 +236,16 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
   const at::Tensor loss = batch.loss(in_force());
-  const auto grads = torch::autograd::grad({loss}, current, {}, true, with_directions);
+  const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
   const at::Tensor F = norm_sq(grads);
   Evaluation ev{loss.detach(), F.detach(), {}};
-  if (with_directions) {
-    ev.directions = [F, Ts] {
-      std::vector<at::Tensor> directions;
-      for (auto& d : torch::autograd::grad({F}, Ts)) directions.push_back(d.detach());
-      return directions;
-    };
-  }
+  ev.directions = [F, Ts] {
+    std::vector<at::Tensor> directions;
+    for (auto& d : torch::autograd::grad({F}, Ts)) directions.push_back(d.detach());
+    return directions;
+  };
   return ev;
 }
-
-
 
 // Closed form for diagonal scalings of Linear layers, on squared gradients.
 // With cumulative scales c, a gradient entry (j, k) of a weight is
@@ -526,7 +519,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
                        const BatchLoss& batch, const TeleportOptions& o) {
   const auto where = positions(syms, params);
   Ascent a(syms);
-  Evaluation here = evaluate(syms, params, where, batch, true, o.mode());
+  Evaluation here = evaluate(syms, params, where, batch, o.mode());
   a.norm_before = here.F;
   a.norm_after = here.F;
   a.loss_before = here.loss;
@@ -549,7 +542,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
                                                              : batch;
     const std::vector<GroupElement> elements =
         apply_steps(syms, directions, control.scale(), pre_step, a.total, o);
-    Evaluation next = evaluate(syms, params, where, batch, true, o.mode());
+    Evaluation next = evaluate(syms, params, where, batch, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));
@@ -954,7 +947,7 @@ std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method
   if (method == Method::kAutograd) {
     TORCH_CHECK(batch != nullptr,
                 "directions: the autograd direction needs a batch and a loss, got none");
-    return evaluate(symmetries, params, where, *batch, true).directions();
+    return evaluate(symmetries, params, where, *batch).directions();
   }
   std::vector<at::Tensor> grads;
   if (batch != nullptr) {
