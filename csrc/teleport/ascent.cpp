@@ -274,26 +274,25 @@ ScalingState scaling_state(const std::vector<ScalingSlot>& slots,
     r.push_back(q.back().reciprocal());
   }
   std::vector<at::Tensor> halves(c.size());  // directions / 2
-  auto add = [&](size_t k, const at::Tensor& x) { halves[k] = halves[k].defined() ? halves[k] + x : x; };
   std::vector<at::Tensor> norm_parts;
   for (const auto& s : slots) {
     if (s.bias) {  // rows only
       const at::Tensor part = s.q * r[s.row];
       norm_parts.push_back(part.sum());
-      add(s.row, -part);
+      accumulate(halves[s.row], -part);
     } else if (s.col < 0) {  // rows only: Σ_k Q_jk = row_sums_j
       const at::Tensor part = r[s.row] * s.row_sums;
       norm_parts.push_back(part.sum());
-      add(s.row, -part);
+      accumulate(halves[s.row], -part);
     } else if (s.row < 0) {  // columns only: Σ_j Q_jk = col_sums_k
       const at::Tensor part = q[s.col] * s.col_sums;
       norm_parts.push_back(part.sum());
-      add(s.col, part);
+      accumulate(halves[s.col], part);
     } else {
       const at::Tensor part = r[s.row] * at::mv(s.q, q[s.col]);  // r_j (Q q)_j
       norm_parts.push_back(part.sum());
-      add(s.row, -part);
-      add(s.col, q[s.col] * at::mv(s.q.t(), r[s.row]));  // q_k (Qᵀ r)_k
+      accumulate(halves[s.row], -part);
+      accumulate(halves[s.col], q[s.col] * at::mv(s.q.t(), r[s.row]));  // q_k (Qᵀ r)_k
     }
   }
   ScalingState st;

@@ -35,6 +35,8 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
   return total;
 }
 
+void accumulate(at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; }
+
 // Whether a diagonal step under the linear parametrization must keep every
 // factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
 bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {

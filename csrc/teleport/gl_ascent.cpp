@@ -163,14 +163,13 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   const size_t m = syms.size();
   std::vector<int64_t> width(m);
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
-  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
   // Each gradient's Grams on the sides acted on, summed per symmetry into K.
   std::vector<at::Tensor> K(m), row_gram(grads.size()), col_gram(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     if (left[i] >= 0) {
       const at::Tensor rows = grads[i].reshape({width[left[i]], -1});
       row_gram[i] = at::mm(rows, rows.t());
-      add(K[left[i]], row_gram[i]);
+      accumulate(K[left[i]], row_gram[i]);
     }
     if (right[i] >= 0) {
       const int64_t n = width[right[i]];
@@ -180,7 +179,7 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
               ? grads[i].reshape({-1, n})
               : grads[i].reshape({grads[i].size(0), n, -1}).transpose(1, 2).reshape({-1, n});
       col_gram[i] = at::mm(cols.t(), cols);
-      add(K[right[i]], col_gram[i]);
+      accumulate(K[right[i]], col_gram[i]);
     }
   }
   const bool f64 = grads.front().scalar_type() == at::kDouble;
@@ -212,12 +211,12 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
       const at::Tensor BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l]));
-      add(only_left[l].BB, BB);
-      add(only_left[l].rest, total - BB.trace());
+      accumulate(only_left[l].BB, BB);
+      accumulate(only_left[l].rest, total - BB.trace());
     } else if (r >= 0) {
       const at::Tensor CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r]));
-      add(only_right[r].CC, CC);
-      add(only_right[r].rest, total - CC.trace());
+      accumulate(only_right[r].CC, CC);
+      accumulate(only_right[r].rest, total - CC.trace());
     }
   }
   for (size_t k = 0; k < m; ++k) {
@@ -236,7 +235,6 @@ struct SpanState {
 // ||∇L||² and the directions with the products of steps `f` in the bases:
 // a gradient's left side moves by h^{-T}, its right side by h.
 SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanFrame>& f) {
-  auto add = [](at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; };
   std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
   for (const auto& p : pieces) {
     parts.push_back(p.rest);
@@ -247,18 +245,18 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
       parts.push_back(A.square().sum());
-      add(rows[p.left], at::mm(AL, AL.t()));
-      add(cols[p.right], at::mm(AR, AR.t()));
+      accumulate(rows[p.left], at::mm(AL, AL.t()));
+      accumulate(cols[p.right], at::mm(AR, AR.t()));
     }
     if (p.BB.defined()) {
       const at::Tensor X = at::mm(L, at::mm(p.BB, L.t()));
       parts.push_back(X.trace());
-      add(rows[p.left], X);
+      accumulate(rows[p.left], X);
     }
     if (p.CC.defined()) {
       const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
       parts.push_back(X.trace());
-      add(cols[p.right], X);
+      accumulate(cols[p.right], X);
     }
   }
   SpanState st{at::stack(parts).sum(), {}};

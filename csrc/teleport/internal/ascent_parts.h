@@ -19,6 +19,9 @@ std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vect
 
 at::Tensor norm_sq(const std::vector<at::Tensor>& tensors);
 
+// sum += x, where an undefined sum is zero (of x's shape).
+void accumulate(at::Tensor& sum, const at::Tensor& x);
+
 // Whether a diagonal step under the linear parametrization must keep every
 // factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
 bool keeps_positive(const Symmetry& sym, const TeleportOptions& o);
