@@ -94,17 +94,25 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
   return grads;
 }
 
-// One attempt on the weights themselves: each symmetry's capped step along its
-// direction, times `scale`, applied (a data-dependent action reads `batch`) and
-// composed into `total`. Returns the attempt's elements.
-std::vector<GroupElement> apply_steps(const SymmetryList& syms,
-                                      const std::vector<at::Tensor>& directions,
+// Each symmetry's capped step along its direction (the attempt's steps at factor 1).
+std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
+                                   const TeleportOptions& o) {
+  std::vector<at::Tensor> steps;
+  for (size_t k = 0; k < syms.size(); ++k) {
+    steps.push_back(capped_step(directions[k], o, keeps_positive(*syms[k], o)));
+  }
+  return steps;
+}
+
+// One attempt on the weights themselves: each symmetry's unit step times
+// `scale`, applied (a data-dependent action reads `batch`) and composed into
+// `total`. Returns the attempt's elements.
+std::vector<GroupElement> apply_steps(const SymmetryList& syms, const std::vector<at::Tensor>& unit,
                                       const at::Tensor& scale, const BatchLoss& batch,
                                       std::vector<GroupElement>& total, const TeleportOptions& o) {
   std::vector<GroupElement> elements;
   for (size_t k = 0; k < syms.size(); ++k) {
-    const at::Tensor T = capped_step(directions[k], o, keeps_positive(*syms[k], o)) * scale;
-    elements.push_back(step_element(*syms[k], T, o));
+    elements.push_back(step_element(*syms[k], unit[k] * scale, o));
     syms[k]->apply_(elements.back(), &batch, o.mode());
     total[k] = elements.back().compose(total[k]);
   }
@@ -395,24 +403,34 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
   for (int64_t n : widths) c.emplace_back(static_cast<size_t>(n), 1.0);
   norm_before = norm_after = state(c, dirs);
   const double limit = norm_before * o.max_growth();
+  const double stop = budget_point(norm_before, limit, kStopFraction);
   const bool linear = o.parametrization() == Parametrization::kLinear;
   steps = 0;
   refused = 0;
-  double halved = 1;  // the factor every step gets after the refusals so far
-  // The same rules as Control: kept only if it raises the norm within the cap.
+  double scale = 1;  // the factor of every step: Control's rules, on doubles
   while (steps < o.steps() && refused <= o.max_halvings()) {
-    std::vector<Vec> candidate = c;
+    std::vector<Vec> unit = dirs;  // T = η D capped as capped_step does
+    double slope = 0;               // rise()
     for (size_t k = 0; k < c.size(); ++k) {
-      double length = 0, lowest = INFINITY;  // of T = η D: capped as capped_step does
+      double length = 0, lowest = INFINITY;
       for (double d : dirs[k]) {
         length += d * o.lr() * d * o.lr();
         lowest = std::min(lowest, d * o.lr());
       }
       double factor = std::min(1.0, o.max_step() / std::max(std::sqrt(length), 1e-300));
       if (linear) factor = std::min(factor, 0.5 / std::max(-lowest, 1e-300));
-      const double scale = o.lr() * factor * halved;
+      for (size_t j = 0; j < unit[k].size(); ++j) {
+        unit[k][j] = dirs[k][j] * o.lr() * factor;
+        slope += dirs[k][j] * unit[k][j];
+      }
+    }
+    const double aim = budget_point(norm_after, limit, kAimedFraction);
+    const double bound = linear_bound(norm_after, slope, aim);
+    if (slope > 0 && norm_after + slope * scale > limit && bound > 0) scale = bound;
+    std::vector<Vec> candidate = c;
+    for (size_t k = 0; k < c.size(); ++k) {
       for (size_t j = 0; j < c[k].size(); ++j) {
-        const double t = dirs[k][j] * scale;
+        const double t = unit[k][j] * scale;
         candidate[k][j] *= linear ? 1 + t : std::exp(t);
       }
     }
@@ -422,9 +440,15 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
       dirs = std::move(next_dirs);
       norm_after = norm;
       ++steps;
+      if (norm >= stop) break;
     } else {
       ++refused;
-      halved *= 0.5;
+      double shrink = 0.5;
+      if (std::isfinite(norm) && norm > limit && slope > 0) {
+        const double f = interpolated_shrink(scale, norm_after, slope, norm, aim);
+        if (std::isfinite(f)) shrink = std::clamp(f, 0.1, 0.5);
+      }
+      scale *= shrink;
     }
   }
   std::vector<at::Tensor> out;
@@ -482,15 +506,16 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   }
   ScalingState st = scaling_state(slots, c);
   a.norm_before = st.norm;
-  Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
+  Control control(a.norm_before, limit, o);
   // Every operation here is on vectors of the widths or on scalars, so their
   // count, not their size, is the cost: each line is kept to what it needs.
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    const std::vector<at::Tensor> unit = unit_steps(syms, st.directions, o);
+    const at::Tensor& scale = control.scale(st.norm, rise(st.directions, unit));
     std::vector<at::Tensor> candidate;
     for (size_t k = 0; k < c.size(); ++k) {
-      const at::Tensor T =
-          capped_step(st.directions[k], o, keeps_positive(*syms[k], o)) * control.scale();
+      const at::Tensor T = unit[k] * scale;
       candidate.push_back(c[k] * (o.parametrization() == Parametrization::kExp ? at::exp(T) : T + 1));
     }
     ScalingState next = scaling_state(slots, candidate);
@@ -500,7 +525,7 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
       st.directions[k] = at::where(ok, next.directions[k], st.directions[k]);
     }
     st.norm = at::where(ok, next.norm, st.norm);
-    control.record(ok);
+    control.record(ok, next.norm);
     if (control.done(attempt)) break;
   }
   a.steps = control.taken();
@@ -523,7 +548,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   a.norm_after = here.F;
   a.loss_before = here.loss;
   const at::Tensor limit = growth_limit(here.F, o);
-  Control control(here.F, o);
+  Control control(here.F, limit, o);
   std::vector<at::Tensor> directions = here.directions();
   const bool on_cpu = params.front().device().is_cpu();
 
@@ -539,13 +564,14 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       return fixed;
     }())
                                                              : batch;
-    const std::vector<GroupElement> elements =
-        apply_steps(syms, directions, control.scale(), pre_step, a.total, o);
+    const std::vector<at::Tensor> unit = unit_steps(syms, directions, o);
+    const at::Tensor& scale = control.scale(a.norm_after, rise(directions, unit));
+    const std::vector<GroupElement> elements = apply_steps(syms, unit, scale, pre_step, a.total, o);
     Evaluation next = evaluate(syms, params, where, batch, o.mode());
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.F, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.F));
-    control.record(ok);
+    control.record(ok, next.F);
     const bool last = control.done(attempt);
     // The new point's directions serve the next attempt only: none after the
     // last, and on CPU, where reading `ok` costs nothing, none after a refusal.
@@ -616,8 +642,8 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
     std::vector<at::Tensor> before;
     for (const auto& p : params) before.push_back(p.detach().clone());
     const std::vector<GroupElement> total_before = a.total;
-    const std::vector<GroupElement> elements =
-        apply_steps(syms, here.directions, control.scale(), batch, a.total, o);
+    const std::vector<GroupElement> elements = apply_steps(
+        syms, unit_steps(syms, here.directions, o), control.scale(), batch, a.total, o);
     Value next = value();
     const at::Tensor ok = control.active()
                               .logical_and(next.at.objective < a.objective_after)
@@ -1184,7 +1210,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   } else if (guarded && !balance && !preconditioned && !lowered &&
              !(report.grad_norm_sq_after > report.grad_norm_sq_before)) {
     rollback = "no ascent step raised ||grad L||^2 (" + std::to_string(report.shortened) +
-               " refused and halved)";
+               " refused and shortened)";
   } else if (batch != nullptr) {
     const double change = std::abs(report.loss_after - report.loss_before);
     if (!std::isfinite(report.loss_after)) {
@@ -1202,10 +1228,17 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     report.reason = rollback;
   } else {
     if (report.steps < options.steps() && !balance) {
+      const bool capped = guarded && !preconditioned && !lowered;
+      const double before = report.grad_norm_sq_before;
+      const bool used = capped && report.grad_norm_sq_after >=
+                                      detail::budget_point(before, before * options.max_growth(),
+                                                           detail::kStopFraction);
+      const std::string refused = std::to_string(report.shortened) + " refused";
       report.reason = "stopped after " + std::to_string(report.steps) + " of " +
                       std::to_string(options.steps()) + " steps: " +
-                      std::to_string(report.shortened) +
-                      " refused (lower, non-finite or beyond the growth cap) and halved";
+                      (used ? "7/8 of the growth cap's budget used (" + refused + ")"
+                            : refused + " (lower, non-finite or beyond the growth cap) and " +
+                                  (capped ? "shortened" : "halved"));
     }
     report.elements = std::move(a.total);
   }

@@ -37,6 +37,14 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
 
 void accumulate(at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; }
 
+at::Tensor rise(const std::vector<at::Tensor>& directions, const std::vector<at::Tensor>& steps) {
+  at::Tensor total;
+  for (size_t k = 0; k < steps.size(); ++k) {
+    accumulate(total, at::dot(directions[k].reshape(-1), steps[k].reshape(-1)));
+  }
+  return total;
+}
+
 // Whether a diagonal step under the linear parametrization must keep every
 // factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
 bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {

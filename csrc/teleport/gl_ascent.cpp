@@ -31,20 +31,21 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   Ascent a(syms);
   a.norm_before = norm_sq(grads);
   a.norm_after = a.norm_before;
-  Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
+  Control control(a.norm_before, limit, o);
   // One inverse of the product instead of a product of inverses (the
   // reference arithmetic's "inverses" are I - T and must be multiplied).
   const bool invert_at_end = o.mode() == Mode::kExact;
 
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    std::vector<GroupElement> elements;
+    std::vector<at::Tensor> dirs, unit;
     for (size_t k = 0; k < syms.size(); ++k) {
-      const at::Tensor T = capped_step(syms[k]->direction(pick(grads, where[k])), o,
-                                       keeps_positive(*syms[k], o)) *
-                           control.scale();
-      elements.push_back(step_element(*syms[k], T, o));
+      dirs.push_back(syms[k]->direction(pick(grads, where[k])));
+      unit.push_back(capped_step(dirs.back(), o, keeps_positive(*syms[k], o)));
     }
+    const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
+    std::vector<GroupElement> elements;
+    for (size_t k = 0; k < syms.size(); ++k) elements.push_back(step_element(*syms[k], unit[k] * scale, o));
     // The gradients after this step, known exactly without a backward pass;
     // the step is kept only if they raise ||∇L||² within the cap.
     std::vector<at::Tensor> candidate;
@@ -68,7 +69,7 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
       }
     }
     a.norm_after = at::where(ok, norm, a.norm_after);
-    control.record(ok);
+    control.record(ok, norm);
     if (control.done(attempt)) break;
   }
   a.steps = control.taken();
@@ -324,13 +325,17 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     frame.push_back({id, id.clone()});
   }
   std::vector<at::Tensor> dirs = span_state(pieces, frame).directions;
-  Control control(a.norm_before, o);
   const at::Tensor limit = growth_limit(a.norm_before, o);
+  Control control(a.norm_before, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    std::vector<at::Tensor> unit;
+    for (size_t k = 0; k < m; ++k) unit.push_back(capped_step(dirs[k], o, false));
+    // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
+    const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
     std::vector<SpanFrame> candidate;
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < m; ++k) {
-      const at::Tensor t = capped_step(dirs[k], o, false) * control.scale();
+      const at::Tensor t = unit[k] * scale;
       elements.push_back(GroupElement::from_algebra(t, false, o.parametrization()));
       candidate.push_back({at::mm(elements[k].g, frame[k].h), at::mm(frame[k].h_inv, elements[k].g_inv)});
     }
@@ -344,7 +349,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
       dirs[k] = at::where(ok, next.directions[k], dirs[k]);
     }
     a.norm_after = at::where(ok, next.norm, a.norm_after);
-    control.record(ok);
+    control.record(ok, next.norm);
     if (control.done(attempt)) break;
   }
   a.steps = control.taken();

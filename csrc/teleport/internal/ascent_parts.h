@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -50,9 +51,50 @@ at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
 // Whether every element of one attempt is invertible (a 0-dim bool).
 at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like);
 
-// The ascent's bookkeeping, kept on the device: an attempt that is refused
-// halves every later step; the ascent ends when `steps` attempts were kept or
-// more than max_halvings were refused (in reference mode, at the first).
+// Σ_k <D_k, T_k>: how fast ||∇L||² rises along steps T_k = factor × steps[k]
+// at factor 0, for the directions D_k (its gradients); a 0-dim tensor.
+at::Tensor rise(const std::vector<at::Tensor>& directions, const std::vector<at::Tensor>& steps);
+
+// The sizing of steps under the growth cap (docs/design.md §6), on doubles
+// (the scaling loop on the CPU) and 0-dim tensors (Control) alike. An
+// attempt from `current` aims at 3/4 of the room left below the cap, where a
+// model of ||∇L||² says it would pass the cap; the ascent stops once 7/8 of
+// the cap's budget (limit − start) is used.
+inline double relu_(double x) { return x > 0 ? x : 0; }
+inline at::Tensor relu_(const at::Tensor& x) { return at::relu(x); }
+inline double sqrt_(double x) { return std::sqrt(x); }
+inline at::Tensor sqrt_(const at::Tensor& x) { return at::sqrt(x); }
+constexpr double kAimedFraction = 0.75, kStopFraction = 0.875;
+template <class V>
+V budget_point(const V& start, const V& limit, double fraction) {
+  return start + (limit - start) * fraction;
+}
+// The factor at which the linear model current + rise × factor reaches `aim`.
+template <class V>
+V linear_bound(const V& current, const V& rise, const V& aim) {
+  return (aim - current) / rise;
+}
+// After an attempt at factor s from `current` that went beyond the cap to
+// `next`: the factor at which the quadratic through (0, current) with slope
+// `rise` and through (s, next) reaches `aim` (where the linear model sits
+// below it, the linear model's), over s. The caller keeps it within
+// [1/10, 1/2] and halves where it is not finite.
+template <class V>
+V interpolated_shrink(const V& s, const V& current, const V& rise, const V& next, const V& aim) {
+  const V delta = aim - current;
+  const V curvature = relu_((next - current - rise * s) / (s * s));
+  return delta * 2 / ((rise + sqrt_(rise * rise + curvature * delta * 4)) * s);
+}
+
+// The ascent's bookkeeping, kept on the device: the ascent ends when `steps`
+// attempts were kept or more than max_halvings were refused (in reference
+// mode, at the first). A refused attempt halves every later step. An ascent
+// of ||∇L||² under the growth cap in exact mode (the second constructor)
+// also sizes its steps by the rise of ||∇L||² (docs/design.md §6): an
+// attempt whose linear model passes the cap is shortened to where it reaches
+// 3/4 of the room left, an attempt refused beyond the cap shortens the next
+// to where the quadratic model through it does (by 1/10 to 1/2), and the
+// ascent stops once a kept attempt has used 7/8 of the cap's budget.
 class Control {
  public:
   Control(const at::Tensor& like, const TeleportOptions& o)
@@ -63,20 +105,47 @@ class Control {
         taken_(at::zeros({}, like.options().dtype(at::kLong))),
         refused_(at::zeros({}, like.options().dtype(at::kLong))),
         on_cpu_(like.device().is_cpu()) {}
+  /// An ascent of ||∇L||² from `norm_before` under the cap `limit`.
+  Control(const at::Tensor& norm_before, const at::Tensor& limit, const TeleportOptions& o)
+      : Control(norm_before, o) {
+    if (o.mode() != Mode::kExact) return;
+    limit_ = limit;
+    stop_ = budget_point(norm_before, limit, kStopFraction);
+  }
 
   /// How many attempts at most.
   int64_t attempts() const { return steps_ + halvings_ + 1; }
   /// The factor of the next attempt's step (1, halved at each refusal).
   const at::Tensor& scale() const { return scale_; }
+  /// The same for an attempt of the capped ascent from ||∇L||² = `current`
+  /// whose steps at factor 1 make ||∇L||² rise at `rise` (see rise()).
+  const at::Tensor& scale(const at::Tensor& current, const at::Tensor& rise) {
+    if (!limit_.defined()) return scale_;
+    current_ = current;
+    rise_ = rise;
+    aim_ = budget_point(current, limit_, kAimedFraction);
+    const at::Tensor bound = linear_bound(current, rise, aim_);
+    const at::Tensor passes = (rise > 0).logical_and(current + rise * scale_ > limit_);  // NaN: no
+    scale_ = at::where(passes.logical_and(bound > 0), bound, scale_);
+    return scale_;
+  }
   /// Whether the ascent still runs: `ok` below must be and-ed with it.
   const at::Tensor& active() const { return active_; }
 
-  /// Records attempt `ok` (already and-ed with active()).
-  void record(const at::Tensor& ok) {
+  /// Records attempt `ok` (already and-ed with active()); for the capped
+  /// ascent, `next` is the attempt's ||∇L||².
+  void record(const at::Tensor& ok, const at::Tensor& next = at::Tensor()) {
     const at::Tensor refused = active_.logical_and(ok.logical_not());
     taken_ = taken_ + ok.to(at::kLong);
     refused_ = refused_ + refused.to(at::kLong);
-    scale_ = at::where(refused, scale_ * 0.5, scale_);
+    at::Tensor shrink = at::full({}, 0.5, scale_.options());
+    if (limit_.defined() && next.defined()) {
+      const at::Tensor beyond = at::isfinite(next).logical_and(next > limit_).logical_and(rise_ > 0);
+      const at::Tensor f = interpolated_shrink(scale_, current_, rise_, next, aim_);
+      shrink = at::where(beyond.logical_and(at::isfinite(f)), at::clamp(f, 0.1, 0.5), shrink);
+      active_ = active_.logical_and(ok.logical_and(next >= stop_).logical_not());
+    }
+    scale_ = at::where(refused, scale_ * shrink, scale_);
     active_ = active_.logical_and(taken_ < steps_).logical_and(refused_ <= halvings_);
   }
   /// Whether the loop may stop after attempt `i`. On CPU reading the flag is
@@ -93,6 +162,7 @@ class Control {
  private:
   int64_t steps_, halvings_;
   at::Tensor active_, scale_, taken_, refused_;
+  at::Tensor limit_, aim_, stop_, current_, rise_;  // the capped ascent's
   bool on_cpu_;
 };
 
