@@ -33,7 +33,7 @@ struct TeleportReport {
   /// shortened step did); for kBalance, the sweeps.
   int64_t steps = 0;
   /// Attempts refused (lower, non-finite, singular or beyond the growth cap),
-  /// each halving the steps after it.
+  /// each shortening the steps after it (docs/design.md §6).
   int64_t shortened = 0;
   bool rolled_back = false;
   /// False for arithmetic that does not keep the loss: reference mode, or a

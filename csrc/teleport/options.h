@@ -126,14 +126,17 @@ struct TeleportOptions {
   /// Cap on the Frobenius norm of each ascent step T (per symmetry). Under the
   /// linear parametrization a diagonal step is also shortened so that every
   /// factor 1 + t stays >= 1/2 (a scaling must stay positive across a ReLU),
-  /// and a step whose I + T is singular is refused (halved and tried again).
+  /// and a step whose I + T is singular is refused (shortened and tried again).
   TORCH_ARG(double, max_step) = 0.5;
   /// Cap on ||∇L||² after / before over one teleport; an ascent step that would
-  /// pass it is not taken, and the ascent stops there.
+  /// pass it is not taken. In exact mode steps are sized against it (an attempt
+  /// whose linear model passes it aims at 3/4 of the room left) and the ascent
+  /// stops once 7/8 of the growth it allows is used (docs/design.md §6).
   TORCH_ARG(double, max_growth) = 10.0;
   /// Never worse: an ascent step is kept only if it raises ||∇L||² (and stays
-  /// finite, invertible and within max_growth); otherwise it is halved and
-  /// tried again, at most this many times in one teleport, after which the
+  /// finite, invertible and within max_growth); otherwise it is shortened (by
+  /// half, or past the growth cap to where a quadratic model of ||∇L||² puts
+  /// it) and tried again, at most this many times in one teleport, after which the
   /// ascent stops. A teleport that raised nothing is rolled back. Reference
   /// mode keeps the published, unguarded arithmetic.
   TORCH_ARG(int64_t, max_halvings) = 5;
