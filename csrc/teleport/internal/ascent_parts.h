@@ -115,7 +115,7 @@ class Control {
 
   /// How many attempts at most.
   int64_t attempts() const { return steps_ + halvings_ + 1; }
-  /// The factor of the next attempt's step (1, halved at each refusal).
+  /// The factor of the next attempt's step (1, shortened at each refusal).
   const at::Tensor& scale() const { return scale_; }
   /// The same for an attempt of the capped ascent from ||∇L||² = `current`
   /// whose steps at factor 1 make ||∇L||² rise at `rise` (see rise()).
@@ -139,7 +139,7 @@ class Control {
     taken_ = taken_ + ok.to(at::kLong);
     refused_ = refused_ + refused.to(at::kLong);
     at::Tensor shrink = at::full({}, 0.5, scale_.options());
-    if (limit_.defined() && next.defined()) {
+    if (limit_.defined() && next.defined() && current_.defined()) {  // after scale(current, rise)
       const at::Tensor beyond = at::isfinite(next).logical_and(next > limit_).logical_and(rise_ > 0);
       const at::Tensor f = interpolated_shrink(scale_, current_, rise_, next, aim_);
       shrink = at::where(beyond.logical_and(at::isfinite(f)), at::clamp(f, 0.1, 0.5), shrink);
