@@ -94,16 +94,6 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
   return grads;
 }
 
-// Each symmetry's capped step along its direction (the attempt's steps at factor 1).
-std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
-                                   const TeleportOptions& o) {
-  std::vector<at::Tensor> steps;
-  for (size_t k = 0; k < syms.size(); ++k) {
-    steps.push_back(capped_step(directions[k], o, keeps_positive(*syms[k], o)));
-  }
-  return steps;
-}
-
 // One attempt on the weights themselves: each symmetry's unit step times
 // `scale`, applied (a data-dependent action reads `batch`) and composed into
 // `total`. Returns the attempt's elements.

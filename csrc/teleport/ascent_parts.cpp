@@ -37,6 +37,15 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
 
 void accumulate(at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; }
 
+std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
+                                   const TeleportOptions& o) {
+  std::vector<at::Tensor> steps;
+  for (size_t k = 0; k < syms.size(); ++k) {
+    steps.push_back(capped_step(directions[k], o, keeps_positive(*syms[k], o)));
+  }
+  return steps;
+}
+
 at::Tensor rise(const std::vector<at::Tensor>& directions, const std::vector<at::Tensor>& steps) {
   at::Tensor total;
   for (size_t k = 0; k < steps.size(); ++k) {

@@ -38,11 +38,9 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   const bool invert_at_end = o.mode() == Mode::kExact;
 
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    std::vector<at::Tensor> dirs, unit;
-    for (size_t k = 0; k < syms.size(); ++k) {
-      dirs.push_back(syms[k]->direction(pick(grads, where[k])));
-      unit.push_back(capped_step(dirs.back(), o, keeps_positive(*syms[k], o)));
-    }
+    std::vector<at::Tensor> dirs;
+    for (size_t k = 0; k < syms.size(); ++k) dirs.push_back(syms[k]->direction(pick(grads, where[k])));
+    const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);
     const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < syms.size(); ++k) elements.push_back(step_element(*syms[k], unit[k] * scale, o));
@@ -328,8 +326,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   const at::Tensor limit = growth_limit(a.norm_before, o);
   Control control(a.norm_before, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    std::vector<at::Tensor> unit;
-    for (size_t k = 0; k < m; ++k) unit.push_back(capped_step(dirs[k], o, false));
+    const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);  // GL: no positivity cap
     // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
     const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
     std::vector<SpanFrame> candidate;

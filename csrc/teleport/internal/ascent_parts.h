@@ -34,6 +34,10 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o);
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive);
 
+// Each symmetry's capped step along its direction: an attempt's steps at factor 1.
+std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
+                                   const TeleportOptions& o);
+
 // The group element of one ascent step: the symmetry's own, or in reference
 // mode, for the layer actions, the published code's I + T with I - T as its
 // "inverse" (its SO(2) rotations are exact and stay so).
