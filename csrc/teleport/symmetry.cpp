@@ -304,31 +304,29 @@ at::Tensor with_ones(const at::Tensor& h, bool bias) {
 std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& w,
                                                          const at::Tensor& b,
-                                                         const at::Tensor& g,
-                                                         Mode mode) const {
+                                                         const at::Tensor& g, Mode mode,
+                                                         bool in_place) const {
   const auto sigma = [&](const at::Tensor& z) { return at::where(z >= 0, z, z * slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::where(y >= 0, y, y / slope_); };
   const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
-  // The SVD behind pinv throws on non-finite input; such a step gives NaN
-  // weights instead, which the ascent refuses (or the teleport rolls back).
-  at::Tensor theta;  // (m [+1]) × n
-  at::Tensor finite;
   if (mode == Mode::kReference) {
+    // The SVD behind pinv throws on non-finite input; such a step gives NaN
+    // weights instead, which the ascent refuses (or the teleport rolls back).
     const at::Tensor inputs = with_ones(h, b.defined());
     const at::Tensor inputs_finite = at::isfinite(inputs).all();
-    finite = inputs_finite.logical_and(at::isfinite(target).all());
-    theta = at::mm(at::linalg_pinv(at::where(inputs_finite, inputs, 0.0)),
-                   at::where(finite, target, 0.0));
-  } else {
-    const Factors f = factors(h, b.defined());
-    finite = f.finite.logical_and(at::isfinite(target).all());
-    const at::Tensor current = b.defined() ? at::cat({w.t(), b.unsqueeze(0)}, 0) : w.t();
-    theta = current + pseudo_solve(f, at::where(finite, target - z, 0.0));
+    const at::Tensor finite = inputs_finite.logical_and(at::isfinite(target).all());
+    at::Tensor theta = at::mm(at::linalg_pinv(at::where(inputs_finite, inputs, 0.0)),
+                              at::where(finite, target, 0.0));  // (m [+1]) × n
+    theta = at::where(finite, theta, NAN);
+    if (!b.defined()) return {theta.t(), at::Tensor()};
+    return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
   }
-  theta = at::where(finite, theta, NAN);
-  if (!b.defined()) return {theta.t(), at::Tensor()};
-  return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
+  // The least change Δθ = inputs⁺ (target − z), NaN throughout where the
+  // inputs or the target are not finite (a step the ascent refuses).
+  const Factors f = factors(h, b.defined());
+  const at::Tensor finite = f.finite.logical_and(at::isfinite(target).all());
+  return moved(f, at::where(finite, target - z, NAN), w, b, in_place);
 }
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
@@ -336,26 +334,61 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
 // inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
 // least-squares solution. A rank-deficient batch gives non-finite values
 // (refused like any non-finite step) or far-off ones (the loss check rolls back).
-at::Tensor DataDependentGL::pseudo_solve(const Factors& f, const at::Tensor& x) const {
-  const at::Tensor xd = x.to(f.q.scalar_type());
-  const at::Tensor out = f.wide ? at::mm(f.q, at::linalg_solve_triangular(f.r.t(), xd, /*upper=*/false))
-                                : at::linalg_solve_triangular(f.r, at::mm(f.q.t(), xd), /*upper=*/true);
-  return out.to(x.scalar_type());
+//
+// The triangular solves, where the inputs' condition number enters, run in
+// double. Within the rank condition the product with Q, the one the size of
+// the weights, runs in the weights' dtype: Q is orthonormal, so its rounding
+// changes the new weights by about as much as rounding them to that dtype
+// does. Beyond it Qᵀ x comes before the solve and stays in double.
+std::pair<at::Tensor, at::Tensor> DataDependentGL::moved(const Factors& f, const at::Tensor& x,
+                                                         at::Tensor w, at::Tensor b,
+                                                         bool in_place) const {
+  const int64_t m = w.size(1);
+  const at::Tensor xd = x.to(at::kDouble);
+  if (f.wide) {
+    // Δθ = Q y with y = R⁻ᵀ x: ΔW = yᵀ Q_Wᵀ, Δb = yᵀ q_b (Q_W its first m rows).
+    const at::Tensor yt =
+        at::linalg_solve_triangular(f.r.t(), xd, /*upper=*/false).to(w.scalar_type()).t();
+    const at::Tensor q_w = f.q_work.slice(0, 0, m);
+    w = in_place ? w.addmm_(yt, q_w.t()) : at::addmm(w, yt, q_w.t());
+    if (b.defined()) {
+      const at::Tensor q_b = f.q_work.select(0, m);
+      b = in_place ? b.addmv_(yt, q_b) : at::addmv(b, yt, q_b);
+    }
+    return {w, b};
+  }
+  const at::Tensor delta = at::linalg_solve_triangular(f.r, at::mm(f.q.t(), xd), /*upper=*/true)
+                               .to(w.scalar_type());  // (m [+1]) × n
+  const at::Tensor dw = delta.slice(0, 0, m).t();
+  w = in_place ? w.add_(dw) : w + dw;
+  if (b.defined()) b = in_place ? b.add_(delta.select(0, m)) : b + delta.select(0, m);
+  return {w, b};
 }
 
-at::Tensor DataDependentGL::pseudo_solve_transposed(const Factors& f, const at::Tensor& x) const {
-  // (Q R⁻ᵀ)ᵀ = R⁻¹ Qᵀ within the rank condition, (R⁻¹ Qᵀ)ᵀ = Q R⁻ᵀ beyond it.
-  const at::Tensor xd = x.to(f.q.scalar_type());
-  const at::Tensor out = f.wide ? at::linalg_solve_triangular(f.r, at::mm(f.q.t(), xd), /*upper=*/true)
-                                : at::mm(f.q, at::linalg_solve_triangular(f.r.t(), xd, /*upper=*/false));
-  return out.to(x.scalar_type());
+// (inputs⁺)ᵀ [c_W c_b]ᵀ: R⁻¹ Qᵀ c within the rank condition, Q R⁻ᵀ c beyond
+// it; the products with Q in the weights' dtype (a direction need not be
+// exact: its error is about the inputs' condition number times that dtype's
+// rounding), the solves in double.
+at::Tensor DataDependentGL::pulled(const Factors& f, const at::Tensor& c_w,
+                                   const at::Tensor& c_b) const {
+  const int64_t m = c_w.size(1);
+  if (f.wide) {
+    at::Tensor qc = at::mm(f.q_work.slice(0, 0, m).t(), c_w.t());  // Qᵀ c, batch × n
+    if (c_b.defined()) qc = qc + at::outer(f.q_work.select(0, m), c_b);
+    return at::linalg_solve_triangular(f.r, qc.to(at::kDouble), /*upper=*/true)
+        .to(c_w.scalar_type());
+  }
+  const at::Tensor c = c_b.defined() ? at::cat({c_w.t(), c_b.unsqueeze(0)}, 0) : c_w.t();
+  const at::Tensor y = at::linalg_solve_triangular(f.r.t(), c.to(at::kDouble), /*upper=*/false);
+  return at::mm(f.q_work, y.to(c_w.scalar_type()));
 }
 
 DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias) const {
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
-                      cached_version_ == h._version() && cached_.q.device() == h.device();
+                      cached_version_ == h._version() && cached_.q.device() == h.device() &&
+                      cached_.q_work.scalar_type() == h.scalar_type();
   if (cached) return cached_;
   const at::Tensor inputs = with_ones(h, bias);
   Factors f;
@@ -366,6 +399,7 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   // Masked by their own finiteness only, as the factors may be kept.
   const at::Tensor safe = at::where(f.finite, inputs, 0.0).to(at::kDouble);
   std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
+  f.q_work = f.q.to(h.scalar_type());
   if (constant) cached_h_ = h, cached_version_ = h._version(), cached_ = f;
   return f;
 }
@@ -386,9 +420,8 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   const at::Tensor z = bias ? at::addmm(params[1].detach(), h, w.t()) : at::mm(h, w.t());
   const at::Tensor positive = z >= 0;
   const at::Tensor a = at::where(positive, z, z * slope_);
-  const at::Tensor c_theta =
-      bias ? at::cat({cotangents[0].t(), cotangents[1].unsqueeze(0)}, 0) : cotangents[0].t();
-  const at::Tensor solved = pseudo_solve_transposed(factors(h, bias), c_theta);
+  const at::Tensor solved =
+      pulled(factors(h, bias), cotangents[0], bias ? cotangents[1] : at::Tensor());
   const at::Tensor x = at::where(positive, solved, solved / slope_);
   return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }
@@ -408,9 +441,13 @@ void DataDependentGL::apply_(const GroupElement& e, const BatchLoss* batch, Mode
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   at::NoGradGuard no_grad;
   const at::Tensor h = batch->input_of(w_in_);
-  auto [w, b] = solve(h, w_in_, b_in_, e.g, mode);
-  w_in_.copy_(w);
-  if (b_in_.defined()) b_in_.copy_(b);
+  if (mode == Mode::kExact) {
+    solve(h, w_in_, b_in_, e.g, mode, /*in_place=*/true);
+  } else {
+    auto [w, b] = solve(h, w_in_, b_in_, e.g, mode);
+    w_in_.copy_(w);
+    if (b_in_.defined()) b_in_.copy_(b);
+  }
   w_out_.copy_(at::mm(w_out_, e.g_inv));
 }
 

@@ -212,23 +212,26 @@ class DataDependentGL : public LayerSymmetry {
 
  private:
   // [W_in b_in] solving inputs · [W b]ᵀ = σ⁻¹(σ(inputs · [W b]ᵀ) gᵀ): the
-  // least change in exact mode, the least-norm solution in reference mode.
+  // least change in exact mode (into w and b themselves when `in_place`), the
+  // least-norm solution in reference mode.
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g,
-                                          Mode mode) const;
+                                          Mode mode, bool in_place = false) const;
   // The thin QR of the layer's inputs (a column of ones for the bias), in
-  // double: of inputsᵀ when `wide` (batch ≤ inputs), of inputs otherwise; and
-  // whether the inputs are finite. Kept while the inputs are the same,
-  // unchanged tensor (the first layer's, within one teleport).
+  // double: of inputsᵀ when `wide` (batch ≤ inputs), of inputs otherwise; Q
+  // also in the inputs' dtype (q_work); and whether the inputs are finite.
+  // Kept while the inputs are the same, unchanged tensor (the first layer's,
+  // within one teleport).
   struct Factors {
-    at::Tensor q, r, finite;
+    at::Tensor q, q_work, r, finite;
     bool wide = true;
   };
   Factors factors(const at::Tensor& h, bool bias) const;
-  // X ↦ inputs⁺ X and X ↦ (inputs⁺)ᵀ X from the factors (exact mode; reference
-  // mode takes the SVD's pseudo-inverse, as the published code).
-  at::Tensor pseudo_solve(const Factors& f, const at::Tensor& x) const;
-  at::Tensor pseudo_solve_transposed(const Factors& f, const at::Tensor& x) const;
+  // Exact mode, from the factors: W + ΔW and b + Δb for [ΔW Δb]ᵀ = inputs⁺ x
+  // (into w and b when `in_place`), and (inputs⁺)ᵀ [c_W c_b]ᵀ.
+  std::pair<at::Tensor, at::Tensor> moved(const Factors& f, const at::Tensor& x, at::Tensor w,
+                                          at::Tensor b, bool in_place) const;
+  at::Tensor pulled(const Factors& f, const at::Tensor& c_w, const at::Tensor& c_b) const;
   double slope_;
   // The cache of factors(): the inputs it was built from (kept alive, so
   // their memory is not reused), their version, and their factors.
