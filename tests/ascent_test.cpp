@@ -3,7 +3,7 @@
 
 #include <teleport/internal/ascent_parts.h>
 #include <teleport/internal/gl_path.h>
-#include <teleport/internal/scaling_path.h>
+#include <teleport/internal/tensor_ops.h>
 
 #include <torch/nn/modules/conv.h>
 
@@ -186,7 +186,7 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
         auto s = make(Act::kReLU, f64(), 6);
         const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
         backward(objective, s.model);
-        std::optional<detail::ScalingTensorOpsOnCpu> switched;
+        std::optional<detail::TensorOpsOnCpu> switched;
         if (tensor_ops) switched.emplace();
         reports.push_back(teleport(
             s.syms, ascent().steps(20).lr(growth < 2 ? 5.0 : 0.5).max_growth(growth).parametrization(p)));
@@ -208,6 +208,62 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
       }
     }
   }
+}
+
+// The autograd ascent keeps its bookkeeping (step sizes, keep or refuse, the
+// stop) in host doubles on CPU and in 0-dim tensors elsewhere; on CPU both can
+// run, and must take the same decisions: the data-dependent GL(n) and
+// scalings by autograd, with the growth cap far and near (sized steps,
+// refusals beyond it, the stop at 7/8 of its budget), both parametrizations.
+TEST_P(AscentTest, AutogradBookkeepingOnHostAndDeviceAgree) {
+  if (GetParam() != torch::kCPU) GTEST_SKIP() << "host bookkeeping runs on CPU only";
+  int64_t refused = 0;
+  for (bool data_dependent : {true, false}) {
+    for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
+      for (double growth : {1e6, 1.3}) {
+        std::vector<TeleportReport> reports;
+        std::vector<std::vector<at::Tensor>> weights;
+        for (bool tensor_ops : {false, true}) {
+          auto m = make_mlp({12, 14, 13, 3}, data_dependent ? Act::kLeakyReLU : Act::kReLU, true,
+                            f64(), 8);
+          const auto b = random_batch(10, 12, 3, f64(), 9);
+          const BatchLoss objective(m, b.input, b.target, mse());
+          const auto syms = discover(m, DiscoverOptions().data_dependent(data_dependent)).symmetries;
+          std::optional<detail::TensorOpsOnCpu> switched;
+          if (tensor_ops) switched.emplace();
+          reports.push_back(teleport(syms,
+                                     TeleportOptions()
+                                         .steps(8)
+                                         .lr(data_dependent ? 2.0 : 20.0)
+                                         .max_growth(growth)
+                                         .method(Method::kAutograd)
+                                         .parametrization(p),
+                                     &objective));
+          weights.push_back(clone_all(m->parameters()));
+        }
+        const std::string where = std::string(data_dependent ? "data-dependent" : "scalings") +
+                                  ", growth " + std::to_string(growth);
+        ASSERT_FALSE(reports[0].rolled_back) << where << ": " << reports[0].reason;
+        EXPECT_EQ(reports[0].steps, reports[1].steps) << where;
+        EXPECT_EQ(reports[0].shortened, reports[1].shortened) << where;
+        EXPECT_EQ(reports[0].reason, reports[1].reason) << where;
+        EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
+                    1e-12 * reports[1].grad_norm_sq_after)
+            << where;
+        for (size_t i = 0; i < weights[0].size(); ++i) {
+          EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-12) << where;
+        }
+        ASSERT_EQ(reports[0].elements.size(), reports[1].elements.size());
+        for (size_t k = 0; k < reports[0].elements.size(); ++k) {
+          EXPECT_LE(rel_diff(reports[0].elements[k].g, reports[1].elements[k].g), 1e-12) << where;
+          EXPECT_LE(rel_diff(reports[0].elements[k].g_inv, reports[1].elements[k].g_inv), 1e-12)
+              << where;
+        }
+        refused += reports[0].shortened;
+      }
+    }
+  }
+  EXPECT_GT(refused, 0);  // the refusal paths ran
 }
 
 // GL(n) declared by hand across a ReLU is not a symmetry: the loss changes,
@@ -367,7 +423,7 @@ TEST_P(AscentTest, CappedStepsLandWhereTheLinearModelAims) {
       auto r = make(Act::kReLU, f64(), 2);
       const BatchLoss relu(r.model, r.batch.input, r.batch.target, mse());
       backward(relu, r.model);
-      detail::ScalingTensorOpsOnCpu ops;
+      detail::TensorOpsOnCpu ops;
       check(teleport(r.syms, TeleportOptions(capped).parametrization(p)));
     }
     {  // the data-dependent GL(n), by autograd (batch 10 within the widths: exact)
@@ -421,7 +477,7 @@ TEST_P(AscentTest, KeptTeleportsRaiseTheObjectiveOnEveryPath) {
             before += p.grad().square().sum().item<double>();
           }
           const auto weights = clone_all(s.model->parameters());
-          std::optional<detail::ScalingTensorOpsOnCpu> switched;
+          std::optional<detail::TensorOpsOnCpu> switched;
           if (tensor_ops) switched.emplace();
           const auto r = teleport(s.syms, ascent().steps(10).lr(lr).max_step(1e6).max_growth(1e4));
           switched.reset();
@@ -470,7 +526,7 @@ TEST_P(AscentTest, LargeStepCapKeepsScalingsPositive) {
     auto s = make(Act::kReLU, f64(), 5);
     const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
     const double loss = backward(objective, s.model);
-    std::optional<detail::ScalingTensorOpsOnCpu> switched;
+    std::optional<detail::TensorOpsOnCpu> switched;
     if (tensor_ops) switched.emplace();
     const auto r = teleport(s.syms, ascent().steps(10).lr(50).max_step(1.8).max_growth(1e12));
     switched.reset();

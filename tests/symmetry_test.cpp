@@ -6,7 +6,7 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/pooling.h>
 
-#include <teleport/internal/scaling_path.h>
+#include <teleport/internal/tensor_ops.h>
 
 #include <optional>
 #include <random>
@@ -415,7 +415,7 @@ TEST_P(SymmetryTest, ConvolutionalTeleportsAgreeAcrossPaths) {
       auto net = conv_nets(f64())[i];
       const BatchLoss objective = conv_objective(net, f64());
       const double loss = objective.loss().item<double>();
-      std::optional<detail::ScalingTensorOpsOnCpu> switched;
+      std::optional<detail::TensorOpsOnCpu> switched;
       if (path == 2) switched.emplace();
       const auto method = path == 1 ? Method::kAutograd : Method::kClosedForm;
       const auto syms = discover(net.model).symmetries;

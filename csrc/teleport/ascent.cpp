@@ -1,7 +1,7 @@
 #include <teleport/ascent.h>
 
 #include <teleport/internal/ascent_parts.h>
-#include <teleport/internal/scaling_path.h>
+#include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -22,13 +22,21 @@ namespace teleport {
 namespace detail {
 
 namespace {
-bool scaling_tensor_ops_on_cpu = false;  // see internal/scaling_path.h
+bool tensor_ops_on_cpu = false;  // see internal/tensor_ops.h
 }  // namespace
 
-ScalingTensorOpsOnCpu::ScalingTensorOpsOnCpu() : previous_(scaling_tensor_ops_on_cpu) {
-  scaling_tensor_ops_on_cpu = true;
+TensorOpsOnCpu::TensorOpsOnCpu() : previous_(tensor_ops_on_cpu) {
+  tensor_ops_on_cpu = true;
 }
-ScalingTensorOpsOnCpu::~ScalingTensorOpsOnCpu() { scaling_tensor_ops_on_cpu = previous_; }
+TensorOpsOnCpu::~TensorOpsOnCpu() { tensor_ops_on_cpu = previous_; }
+
+namespace {
+// Whether the bookkeeping of an ascent on `params` runs on host values: on
+// the CPU, where reading a value costs nothing.
+bool host_bookkeeping(const std::vector<at::Tensor>& params) {
+  return params.front().device().is_cpu() && !tensor_ops_on_cpu;
+}
+}  // namespace
 
 Snapshot::Snapshot(std::vector<at::Tensor> params) : params_(std::move(params)) {
   at::NoGradGuard no_grad;
@@ -97,8 +105,9 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
 // One attempt on the weights themselves: each symmetry's unit step times
 // `scale`, applied (a data-dependent action reads `batch`) and composed into
 // `total`. Returns the attempt's elements.
+template <class V>
 std::vector<GroupElement> apply_steps(const SymmetryList& syms, const std::vector<at::Tensor>& unit,
-                                      const at::Tensor& scale, const BatchLoss& batch,
+                                      const V& scale, const BatchLoss& batch,
                                       std::vector<GroupElement>& total, const TeleportOptions& o) {
   std::vector<GroupElement> elements;
   for (size_t k = 0; k < syms.size(); ++k) {
@@ -135,6 +144,22 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
                 at::where(ok, total[k].g_inv, total_before[k].g_inv), total[k].diagonal, {}};
     directions[k] = at::where(ok, next_directions[k], directions[k]);
   }
+}
+
+// The same decided on the host (on the CPU): a kept attempt copies nothing, a
+// refused one copies the weights back.
+void keep_or_undo(bool ok, const std::vector<at::Tensor>& params,
+                  const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
+                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<at::Tensor>& next_directions) {
+  if (ok) {
+    for (auto& e : total) e.invertible = at::Tensor();
+    directions = next_directions;
+    return;
+  }
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) params[i].detach().copy_(before[i]);
+  total = total_before;
 }
 
 struct Evaluation {
@@ -392,13 +417,10 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
   std::vector<Vec> c, dirs, next_dirs;
   for (int64_t n : widths) c.emplace_back(static_cast<size_t>(n), 1.0);
   norm_before = norm_after = state(c, dirs);
-  const double limit = norm_before * o.max_growth();
-  const double stop = budget_point(norm_before, limit, kStopFraction);
+  const double limit = growth_limit(norm_before, o);
   const bool linear = o.parametrization() == Parametrization::kLinear;
-  steps = 0;
-  refused = 0;
-  double scale = 1;  // the factor of every step: Control's rules, on doubles
-  while (steps < o.steps() && refused <= o.max_halvings()) {
+  HostControl control(norm_before, limit, o);
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<Vec> unit = dirs;  // T = η D capped as capped_step does
     double slope = 0;               // rise()
     for (size_t k = 0; k < c.size(); ++k) {
@@ -414,9 +436,7 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
         slope += dirs[k][j] * unit[k][j];
       }
     }
-    const double aim = budget_point(norm_after, limit, kAimedFraction);
-    const double bound = linear_bound(norm_after, slope, aim);
-    if (slope > 0 && norm_after + slope * scale > limit && bound > 0) scale = bound;
+    const double scale = control.scale(norm_after, slope);
     std::vector<Vec> candidate = c;
     for (size_t k = 0; k < c.size(); ++k) {
       for (size_t j = 0; j < c[k].size(); ++j) {
@@ -425,22 +445,17 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
       }
     }
     const double norm = state(candidate, next_dirs);
-    if (norm > norm_after && norm <= limit) {  // NaN fails
+    const bool ok = control.active() && accepts(norm, norm_after, limit, o);  // NaN fails
+    if (ok) {
       c = std::move(candidate);
       dirs = std::move(next_dirs);
       norm_after = norm;
-      ++steps;
-      if (norm >= stop) break;
-    } else {
-      ++refused;
-      double shrink = 0.5;
-      if (std::isfinite(norm) && norm > limit && slope > 0) {
-        const double f = interpolated_shrink(scale, norm_after, slope, norm, aim);
-        if (std::isfinite(f)) shrink = std::clamp(f, 0.1, 0.5);
-      }
-      scale *= shrink;
     }
+    control.record(ok, norm);
+    if (control.done(attempt)) break;
   }
+  steps = control.taken();
+  refused = control.refused();
   std::vector<at::Tensor> out;
   for (const auto& ck : c) out.push_back(as_tensor(ck));
   return out;
@@ -479,7 +494,7 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   for (const auto& sym : syms) c.push_back(at::ones({sym->zero_algebra().size(0)}, params.front().options()));
 
   Ascent a(syms);
-  if (params.front().device().is_cpu() && !detail::scaling_tensor_ops_on_cpu) {
+  if (detail::host_bookkeeping(params)) {
     std::vector<int64_t> widths;
     for (const auto& ck : c) widths.push_back(ck.size(0));
     double before = 0, after = 0;
@@ -528,17 +543,20 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
 // by double backward. One forward, backward and double backward per attempt.
 // A refused attempt is undone by restoring the weights as they were before it
 // (decided on the device), which works for any action, and the next attempt
-// goes half as far along the same direction.
+// goes half as far along the same direction. The bookkeeping runs on values
+// V: 0-dim tensors on the device, or on the CPU doubles read as they come.
+template <class V>
 Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                        const BatchLoss& batch, const TeleportOptions& o) {
+  using Flag = typename Values<V>::Flag;
   const auto where = positions(syms, params);
   Ascent a(syms);
   Evaluation here = evaluate(syms, params, where, batch, o.mode());
   a.norm_before = here.F;
-  a.norm_after = here.F;
   a.loss_before = here.loss;
-  const at::Tensor limit = growth_limit(here.F, o);
-  Control control(here.F, limit, o);
+  V norm_after = read_as<V>(here.F);
+  const V limit = growth_limit(norm_after, o);
+  BasicControl<V> control(norm_after, limit, o);
   std::vector<at::Tensor> directions = here.directions();
   const bool on_cpu = params.front().device().is_cpu();
 
@@ -555,25 +573,26 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
     }())
                                                              : batch;
     const std::vector<at::Tensor> unit = unit_steps(syms, directions, o);
-    const at::Tensor& scale = control.scale(a.norm_after, rise(directions, unit));
+    const V& scale = control.scale(norm_after, read_as<V>(rise(directions, unit)));
     const std::vector<GroupElement> elements = apply_steps(syms, unit, scale, pre_step, a.total, o);
     Evaluation next = evaluate(syms, params, where, batch, o.mode());
-    const at::Tensor ok = control.active()
-                              .logical_and(accepts(next.F, a.norm_after, limit, o))
-                              .logical_and(all_invertible(elements, next.F));
-    control.record(ok, next.F);
+    const V next_F = read_as<V>(next.F);
+    const Flag ok = and_(and_(control.active(), accepts(next_F, norm_after, limit, o)),
+                         read_as<Flag>(all_invertible(elements, next.F)));
+    control.record(ok, next_F);
     const bool last = control.done(attempt);
     // The new point's directions serve the next attempt only: none after the
     // last, and on CPU, where reading `ok` costs nothing, none after a refusal.
     // (Taken before keep_or_undo writes the weights the graph holds.)
     std::vector<at::Tensor> next_directions = directions;
-    if (!last && (!on_cpu || ok.item<bool>())) next_directions = next.directions();
+    if (!last && (!on_cpu || Values<V>::read(ok))) next_directions = next.directions();
     keep_or_undo(ok, params, before, a.total, total_before, directions, next_directions);
-    a.norm_after = at::where(ok, next.F, a.norm_after);
+    norm_after = where_(ok, next_F, norm_after);
     if (last) break;
   }
-  a.steps = control.taken();
-  a.shortened = control.refused();
+  a.norm_after = as_tensor(norm_after, here.F);
+  a.steps = as_tensor(control.taken(), here.F);
+  a.shortened = as_tensor(control.refused(), here.F);
   return a;
 }
 
@@ -1121,7 +1140,9 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
                                    options)
         : balance          ? balance_ascent(symmetries, params, grads, options)
         : preconditioned ? preconditioned_ascent(symmetries, params, grads, *pre, options)
-        : method == Method::kAutograd ? autograd_ascent(symmetries, params, *batch, options)
+        : method == Method::kAutograd ? (host_bookkeeping(params)
+                                            ? autograd_ascent<double>(symmetries, params, *batch, options)
+                                            : autograd_ascent<at::Tensor>(symmetries, params, *batch, options))
         : fast_scaling ? scaling_ascent(symmetries, params, grads, options, self_checking)
         : span ? span_ascent(symmetries, params, grads, left, right, options)
                : closed_form_ascent(symmetries, params, grads, options);

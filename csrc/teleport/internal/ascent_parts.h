@@ -45,12 +45,14 @@ GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const Telepo
 
 // The cap on ||∇L||² after the teleport (none in reference mode).
 at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o);
+double growth_limit(double norm_before, const TeleportOptions& o);
 
 // Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
 // is kept. In exact mode it must raise the objective and stay within the
 // cap; the reference arithmetic keeps any finite step. NaN fails either way.
 at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
                    const at::Tensor& limit, const TeleportOptions& o);
+bool accepts(double candidate, double current, double limit, const TeleportOptions& o);
 
 // Whether every element of one attempt is invertible (a 0-dim bool).
 at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like);
@@ -59,15 +61,79 @@ at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::T
 // at factor 0, for the directions D_k (its gradients); a 0-dim tensor.
 at::Tensor rise(const std::vector<at::Tensor>& directions, const std::vector<at::Tensor>& steps);
 
-// The sizing of steps under the growth cap (docs/design.md §6), on doubles
-// (the scaling loop on the CPU) and 0-dim tensors (Control) alike. An
-// attempt from `current` aims at 3/4 of the room left below the cap, where a
-// model of ||∇L||² says it would pass the cap; the ascent stops once 7/8 of
-// the cap's budget (limit − start) is used.
+// The ascent's bookkeeping is written once for two kinds of values: 0-dim
+// tensors on the parameters' device (no host synchronisation; `Flag` and
+// `Count` are tensors too) and doubles on the host (bool and int64_t), for
+// loops that read their values anyway (on the CPU a read is free, and dozens
+// of 0-dim tensor operations per attempt are not).
+inline at::Tensor and_(const at::Tensor& a, const at::Tensor& b) { return a.logical_and(b); }
+inline bool and_(bool a, bool b) { return a && b; }
+inline at::Tensor not_(const at::Tensor& a) { return a.logical_not(); }
+inline bool not_(bool a) { return !a; }
+inline at::Tensor where_(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  return at::where(c, a, b);
+}
+inline double where_(bool c, double a, double b) { return c ? a : b; }
+inline at::Tensor isfinite_(const at::Tensor& x) { return at::isfinite(x); }
+inline bool isfinite_(double x) { return std::isfinite(x); }
+inline at::Tensor clamp_(const at::Tensor& x, double lo, double hi) { return at::clamp(x, lo, hi); }
+inline double clamp_(double x, double lo, double hi) { return x < lo ? lo : x > hi ? hi : x; }
+inline at::Tensor count_(const at::Tensor& flag) { return flag.to(at::kLong); }
+inline int64_t count_(bool flag) { return flag ? 1 : 0; }
 inline double relu_(double x) { return x > 0 ? x : 0; }
 inline at::Tensor relu_(const at::Tensor& x) { return at::relu(x); }
 inline double sqrt_(double x) { return std::sqrt(x); }
 inline at::Tensor sqrt_(const at::Tensor& x) { return at::sqrt(x); }
+
+template <class V>
+struct Values;
+template <>
+struct Values<at::Tensor> {
+  using Flag = at::Tensor;
+  using Count = at::Tensor;
+  static at::Tensor constant(double x, const at::Tensor& like) { return at::full({}, x, like.options()); }
+  static Flag flag(bool b, const at::Tensor& like) {
+    return at::full({}, b, like.options().dtype(at::kBool));
+  }
+  static Count zero_count(const at::Tensor& like) {
+    return at::zeros({}, like.options().dtype(at::kLong));
+  }
+  static bool read(const Flag& f) { return f.item<bool>(); }
+  static bool free_to_read(const at::Tensor& like) { return like.device().is_cpu(); }
+};
+template <>
+struct Values<double> {
+  using Flag = bool;
+  using Count = int64_t;
+  static double constant(double x, double) { return x; }
+  static Flag flag(bool b, double) { return b; }
+  static Count zero_count(double) { return 0; }
+  static bool read(Flag f) { return f; }
+  static bool free_to_read(double) { return true; }
+};
+
+// A 0-dim tensor as a value V (the tensor itself, or read on the host), and
+// back (dtype of `like`; a count as a long).
+template <class V>
+V read_as(const at::Tensor& t);
+template <>
+inline at::Tensor read_as<at::Tensor>(const at::Tensor& t) { return t; }
+template <>
+inline double read_as<double>(const at::Tensor& t) { return t.item<double>(); }
+template <>
+inline bool read_as<bool>(const at::Tensor& t) { return t.item<bool>(); }
+inline at::Tensor as_tensor(const at::Tensor& v, const at::Tensor&) { return v; }
+inline at::Tensor as_tensor(double v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options());
+}
+inline at::Tensor as_tensor(int64_t v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options().dtype(at::kLong));
+}
+
+// The sizing of steps under the growth cap (docs/design.md §6). An attempt
+// from `current` aims at 3/4 of the room left below the cap, where a model of
+// ||∇L||² says it would pass the cap; the ascent stops once 7/8 of the cap's
+// budget (limit − start) is used.
 constexpr double kAimedFraction = 0.75, kStopFraction = 0.875;
 template <class V>
 V budget_point(const V& start, const V& limit, double fraction) {
@@ -90,29 +156,35 @@ V interpolated_shrink(const V& s, const V& current, const V& rise, const V& next
   return delta * 2 / ((rise + sqrt_(rise * rise + curvature * delta * 4)) * s);
 }
 
-// The ascent's bookkeeping, kept on the device: the ascent ends when `steps`
-// attempts were kept or more than max_halvings were refused (in reference
-// mode, at the first). A refused attempt halves every later step. An ascent
-// of ||∇L||² under the growth cap in exact mode (the second constructor)
-// also sizes its steps by the rise of ||∇L||² (docs/design.md §6): an
-// attempt whose linear model passes the cap is shortened to where it reaches
-// 3/4 of the room left, an attempt refused beyond the cap shortens the next
-// to where the quadratic model through it does (by 1/10 to 1/2), and the
-// ascent stops once a kept attempt has used 7/8 of the cap's budget.
-class Control {
+// The ascent's bookkeeping, on 0-dim tensors (Control) or host doubles
+// (HostControl): the ascent ends when `steps` attempts were kept or more than
+// max_halvings were refused (in reference mode, at the first). A refused
+// attempt halves every later step. An ascent of ||∇L||² under the growth cap
+// in exact mode (the second constructor) also sizes its steps by the rise of
+// ||∇L||² (docs/design.md §6): an attempt whose linear model passes the cap
+// is shortened to where it reaches 3/4 of the room left, an attempt refused
+// beyond the cap shortens the next to where the quadratic model through it
+// does (by 1/10 to 1/2), and the ascent stops once a kept attempt has used
+// 7/8 of the cap's budget.
+template <class V>
+class BasicControl {
  public:
-  Control(const at::Tensor& like, const TeleportOptions& o)
+  using Flag = typename Values<V>::Flag;
+  using Count = typename Values<V>::Count;
+
+  BasicControl(const V& like, const TeleportOptions& o)
       : steps_(o.steps()),
         halvings_(o.mode() == Mode::kExact ? o.max_halvings() : 0),
-        active_(at::full({}, o.steps() > 0, like.options().dtype(at::kBool))),
-        scale_(at::ones({}, like.options())),
-        taken_(at::zeros({}, like.options().dtype(at::kLong))),
-        refused_(at::zeros({}, like.options().dtype(at::kLong))),
-        on_cpu_(like.device().is_cpu()) {}
+        active_(Values<V>::flag(o.steps() > 0, like)),
+        scale_(Values<V>::constant(1, like)),
+        taken_(Values<V>::zero_count(like)),
+        refused_(Values<V>::zero_count(like)),
+        free_to_read_(Values<V>::free_to_read(like)) {}
   /// An ascent of ||∇L||² from `norm_before` under the cap `limit`.
-  Control(const at::Tensor& norm_before, const at::Tensor& limit, const TeleportOptions& o)
-      : Control(norm_before, o) {
+  BasicControl(const V& norm_before, const V& limit, const TeleportOptions& o)
+      : BasicControl(norm_before, o) {
     if (o.mode() != Mode::kExact) return;
+    capped_ = true;
     limit_ = limit;
     stop_ = budget_point(norm_before, limit, kStopFraction);
   }
@@ -120,55 +192,66 @@ class Control {
   /// How many attempts at most.
   int64_t attempts() const { return steps_ + halvings_ + 1; }
   /// The factor of the next attempt's step (1, shortened at each refusal).
-  const at::Tensor& scale() const { return scale_; }
+  const V& scale() const { return scale_; }
   /// The same for an attempt of the capped ascent from ||∇L||² = `current`
   /// whose steps at factor 1 make ||∇L||² rise at `rise` (see rise()).
-  const at::Tensor& scale(const at::Tensor& current, const at::Tensor& rise) {
-    if (!limit_.defined()) return scale_;
+  const V& scale(const V& current, const V& rise) {
+    if (!capped_) return scale_;
+    sized_ = true;
     current_ = current;
     rise_ = rise;
     aim_ = budget_point(current, limit_, kAimedFraction);
-    const at::Tensor bound = linear_bound(current, rise, aim_);
-    const at::Tensor passes = (rise > 0).logical_and(current + rise * scale_ > limit_);  // NaN: no
-    scale_ = at::where(passes.logical_and(bound > 0), bound, scale_);
+    const V bound = linear_bound(current, rise, aim_);
+    const Flag passes = and_(rise > 0, current + rise * scale_ > limit_);  // NaN: no
+    scale_ = where_(and_(passes, bound > 0), bound, scale_);
     return scale_;
   }
   /// Whether the ascent still runs: `ok` below must be and-ed with it.
-  const at::Tensor& active() const { return active_; }
+  const Flag& active() const { return active_; }
 
-  /// Records attempt `ok` (already and-ed with active()); for the capped
-  /// ascent, `next` is the attempt's ||∇L||².
-  void record(const at::Tensor& ok, const at::Tensor& next = at::Tensor()) {
-    const at::Tensor refused = active_.logical_and(ok.logical_not());
-    taken_ = taken_ + ok.to(at::kLong);
-    refused_ = refused_ + refused.to(at::kLong);
-    at::Tensor shrink = at::full({}, 0.5, scale_.options());
-    if (limit_.defined() && next.defined() && current_.defined()) {  // after scale(current, rise)
-      const at::Tensor beyond = at::isfinite(next).logical_and(next > limit_).logical_and(rise_ > 0);
-      const at::Tensor f = interpolated_shrink(scale_, current_, rise_, next, aim_);
-      shrink = at::where(beyond.logical_and(at::isfinite(f)), at::clamp(f, 0.1, 0.5), shrink);
-      active_ = active_.logical_and(ok.logical_and(next >= stop_).logical_not());
-    }
-    scale_ = at::where(refused, scale_ * shrink, scale_);
-    active_ = active_.logical_and(taken_ < steps_).logical_and(refused_ <= halvings_);
-  }
-  /// Whether the loop may stop after attempt `i`. On CPU reading the flag is
-  /// free; elsewhere it is a host synchronisation, so it is read only once the
-  /// attempts that an ascent with no refusal needs are done.
+  /// Records attempt `ok` (already and-ed with active()).
+  void record(const Flag& ok) { record(ok, nullptr); }
+  /// The same for the capped ascent, with `next` the attempt's ||∇L||².
+  void record(const Flag& ok, const V& next) { record(ok, &next); }
+
+  /// Whether the loop may stop after attempt `i`. Where reading the flag is
+  /// free (host values, the CPU) it is read every time; elsewhere it is a host
+  /// synchronisation, read only once the attempts that an ascent with no
+  /// refusal needs are done.
   bool done(int64_t i) const {
     if (i + 1 == attempts()) return true;
-    if (!on_cpu_ && i + 1 < steps_) return false;
-    return !active_.item<bool>();
+    if (!free_to_read_ && i + 1 < steps_) return false;
+    return !Values<V>::read(active_);
   }
-  const at::Tensor& taken() const { return taken_; }
-  const at::Tensor& refused() const { return refused_; }
+  const Count& taken() const { return taken_; }
+  const Count& refused() const { return refused_; }
 
  private:
+  void record(const Flag& ok, const V* next) {
+    const Flag refused = and_(active_, not_(ok));
+    taken_ = taken_ + count_(ok);
+    refused_ = refused_ + count_(refused);
+    V shrink = Values<V>::constant(0.5, scale_);
+    if (capped_ && next != nullptr && sized_) {  // after scale(current, rise)
+      const Flag beyond = and_(and_(isfinite_(*next), *next > limit_), rise_ > 0);
+      const V f = interpolated_shrink(scale_, current_, rise_, *next, aim_);
+      shrink = where_(and_(beyond, isfinite_(f)), clamp_(f, 0.1, 0.5), shrink);
+      active_ = and_(active_, not_(and_(ok, *next >= stop_)));
+    }
+    scale_ = where_(refused, scale_ * shrink, scale_);
+    active_ = and_(and_(active_, taken_ < steps_), refused_ <= halvings_);
+  }
+
   int64_t steps_, halvings_;
-  at::Tensor active_, scale_, taken_, refused_;
-  at::Tensor limit_, aim_, stop_, current_, rise_;  // the capped ascent's
-  bool on_cpu_;
+  Flag active_;
+  V scale_;
+  Count taken_, refused_;
+  bool free_to_read_;
+  bool capped_ = false, sized_ = false;
+  V limit_{}, aim_{}, stop_{}, current_{}, rise_{};  // the capped ascent's
 };
+using Control = BasicControl<at::Tensor>;
+using HostControl = BasicControl<double>;
 
 // What an ascent engine hands back to teleport(), which checks it in one host read.
 struct Ascent {
