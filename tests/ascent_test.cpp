@@ -273,26 +273,33 @@ SymmetryList wrong_symmetry(torch::nn::Sequential& model) {
   return {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
 }
 
+// (By autograd too, where the loss at the weights left is the ascent's own
+// last evaluation rather than a fresh one.)
 TEST_P(AscentTest, RollbackWhenTheLossChangesBeyondTolerance) {
-  auto s = make(Act::kReLU, f64());
-  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
-  backward(objective, s.model);
-  const auto weights = clone_all(s.model->parameters());
-  std::vector<at::Tensor> grads;
-  for (const auto& p : s.model->parameters()) grads.push_back(p.grad().clone());
-  const auto r = teleport(wrong_symmetry(s.model), ascent(), &objective);
-  EXPECT_TRUE(r.rolled_back) << r.loss_before << " " << r.loss_after;
-  EXPECT_NE(r.reason.find("above the tolerance"), std::string::npos) << r.reason;
-  EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos) << r.reason;
-  EXPECT_TRUE(r.elements.empty());
-  EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
-  std::vector<at::Tensor> after;
-  for (const auto& p : s.model->parameters()) after.push_back(p.grad());
-  EXPECT_TRUE(bitwise_equal(after, grads));
-  // The same teleport with a tolerance it meets is kept.
-  const auto kept = teleport(wrong_symmetry(s.model), ascent().tolerance(1e6), &objective);
-  EXPECT_FALSE(kept.rolled_back) << kept.reason;
-  EXPECT_FALSE(bitwise_equal(s.model->parameters(), weights));
+  for (Method method : {Method::kClosedForm, Method::kAutograd}) {
+    auto s = make(Act::kReLU, f64());
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
+    backward(objective, s.model);
+    const auto weights = clone_all(s.model->parameters());
+    std::vector<at::Tensor> grads;
+    for (const auto& p : s.model->parameters()) grads.push_back(p.grad().clone());
+    const auto r = teleport(wrong_symmetry(s.model), ascent().method(method), &objective);
+    EXPECT_TRUE(r.rolled_back) << r.loss_before << " " << r.loss_after;
+    EXPECT_NE(r.reason.find("above the tolerance"), std::string::npos) << r.reason;
+    EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos) << r.reason;
+    EXPECT_TRUE(r.elements.empty());
+    EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+    std::vector<at::Tensor> after;
+    for (const auto& p : s.model->parameters()) after.push_back(p.grad());
+    EXPECT_TRUE(bitwise_equal(after, grads));
+    // The same teleport with a tolerance it meets is kept, and reports the loss
+    // where it left the weights.
+    const auto kept =
+        teleport(wrong_symmetry(s.model), ascent().method(method).tolerance(1e6), &objective);
+    EXPECT_FALSE(kept.rolled_back) << kept.reason;
+    EXPECT_FALSE(bitwise_equal(s.model->parameters(), weights));
+    EXPECT_NEAR(kept.loss_after, objective.loss().item<double>(), 1e-12 * kept.loss_after);
+  }
 }
 
 TEST_P(AscentTest, NonFiniteGradientRollsBack) {

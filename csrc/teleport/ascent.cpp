@@ -16,6 +16,7 @@
 #include <memory>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 namespace teleport {
@@ -104,16 +105,18 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
 
 // One attempt on the weights themselves: each symmetry's unit step times
 // `scale`, applied (a data-dependent action reads `batch`) and composed into
-// `total`. Returns the attempt's elements.
+// `total` (which, when `from_identity`, is the identity: the product is the
+// attempt's element). Returns the attempt's elements.
 template <class V>
 std::vector<GroupElement> apply_steps(const SymmetryList& syms, const std::vector<at::Tensor>& unit,
                                       const V& scale, const BatchLoss& batch,
-                                      std::vector<GroupElement>& total, const TeleportOptions& o) {
+                                      std::vector<GroupElement>& total, const TeleportOptions& o,
+                                      bool from_identity = false) {
   std::vector<GroupElement> elements;
   for (size_t k = 0; k < syms.size(); ++k) {
     elements.push_back(step_element(*syms[k], unit[k] * scale, o));
     syms[k]->apply_(elements.back(), &batch, o.mode());
-    total[k] = elements.back().compose(total[k]);
+    total[k] = from_identity ? elements.back() : elements.back().compose(total[k]);
   }
   return elements;
 }
@@ -554,6 +557,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   Evaluation here = evaluate(syms, params, where, batch, o.mode());
   a.norm_before = here.F;
   a.loss_before = here.loss;
+  at::Tensor loss_after = here.loss;
   V norm_after = read_as<V>(here.F);
   const V limit = growth_limit(norm_after, o);
   BasicControl<V> control(norm_after, limit, o);
@@ -574,7 +578,11 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
                                                              : batch;
     const std::vector<at::Tensor> unit = unit_steps(syms, directions, o);
     const V& scale = control.scale(norm_after, read_as<V>(rise(directions, unit)));
-    const std::vector<GroupElement> elements = apply_steps(syms, unit, scale, pre_step, a.total, o);
+    // Known on the host: whether the product of steps so far is the identity.
+    bool from_identity = false;
+    if constexpr (std::is_same_v<V, double>) from_identity = control.taken() == 0;
+    const std::vector<GroupElement> elements =
+        apply_steps(syms, unit, scale, pre_step, a.total, o, from_identity);
     Evaluation next = evaluate(syms, params, where, batch, o.mode());
     const V next_F = read_as<V>(next.F);
     const Flag ok = and_(and_(control.active(), accepts(next_F, norm_after, limit, o)),
@@ -588,9 +596,11 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
     if (!last && (!on_cpu || Values<V>::read(ok))) next_directions = next.directions();
     keep_or_undo(ok, params, before, a.total, total_before, directions, next_directions);
     norm_after = where_(ok, next_F, norm_after);
+    loss_after = where_(ok, next.loss, loss_after);
     if (last) break;
   }
   a.norm_after = as_tensor(norm_after, here.F);
+  if (o.mode() == Mode::kExact) a.loss_after = loss_after;  // at the weights left
   a.steps = as_tensor(control.taken(), here.F);
   a.shortened = as_tensor(control.refused(), here.F);
   return a;
@@ -1185,7 +1195,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   if (batch != nullptr) {
     at::NoGradGuard no_grad;
     checks.push_back(a.loss_before.to(dtype));
-    checks.push_back(batch->global_loss().to(dtype));
+    checks.push_back((a.loss_after.defined() ? a.loss_after : batch->global_loss()).to(dtype));
   }
   const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
   const double* v = host.data_ptr<double>();

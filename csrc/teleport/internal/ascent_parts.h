@@ -74,6 +74,7 @@ inline at::Tensor where_(const at::Tensor& c, const at::Tensor& a, const at::Ten
   return at::where(c, a, b);
 }
 inline double where_(bool c, double a, double b) { return c ? a : b; }
+inline at::Tensor where_(bool c, const at::Tensor& a, const at::Tensor& b) { return c ? a : b; }
 inline at::Tensor isfinite_(const at::Tensor& x) { return at::isfinite(x); }
 inline bool isfinite_(double x) { return std::isfinite(x); }
 inline at::Tensor clamp_(const at::Tensor& x, double lo, double hi) { return at::clamp(x, lo, hi); }
@@ -256,6 +257,9 @@ using HostControl = BasicControl<double>;
 // What an ascent engine hands back to teleport(), which checks it in one host read.
 struct Ascent {
   at::Tensor norm_before, norm_after, loss_before, steps, shortened;
+  // The batch's loss at the weights the ascent leaves, where it evaluated
+  // them there in exact mode (else teleport() measures it).
+  at::Tensor loss_after;
   // The teleport objective where it is not ||∇L||² (kBalance: Σ||W||²,
   // lowered); undefined otherwise.
   at::Tensor objective_before, objective_after;
