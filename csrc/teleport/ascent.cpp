@@ -199,26 +199,31 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   // The graph is kept for the directions, which are taken on demand.
   const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
   Evaluation ev;
+  // ∂F/∂w = Σ_i (∂g_i/∂w)ᵀ 2ḡ_i: one vector-Jacobian product through the
+  // gradients, weighted by 2ḡ (ḡ = g on one process), with no graph for F.
   std::vector<at::Tensor> global;  // ḡ
+  for (const auto& g : grads) global.push_back(g.detach());
   if (spread) {
-    for (const auto& g : grads) global.push_back(g.detach().clone());
+    for (auto& g : global) g = g.clone();
     global.push_back(loss.detach());
     batch.group()->all_reduce_sum(global);
     ev.loss = global.back();
     global.pop_back();
-    ev.F = norm_sq(global);
   } else {
     ev.loss = loss.detach();
-    ev.F = norm_sq(grads);
   }
-  at::Tensor objective = ev.F;
-  ev.F = ev.F.detach();
-  if (spread) {
-    objective = at::zeros({}, loss.options());
-    for (size_t i = 0; i < grads.size(); ++i) objective = objective + (global[i] * grads[i]).sum() * 2;
-  }
+  ev.F = norm_sq(global);
   ev.directions = [=, &syms, &where, &batch] {
-    auto dF = torch::autograd::grad({objective}, current, {}, false, false, /*allow_unused=*/true);
+    std::vector<at::Tensor> outputs, weights;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].requires_grad()) continue;  // constant in the weights
+      outputs.push_back(grads[i]);
+      weights.push_back(global[i] * 2);
+    }
+    std::vector<at::Tensor> dF(params.size());
+    if (!outputs.empty()) {
+      dF = torch::autograd::grad(outputs, current, weights, false, false, /*allow_unused=*/true);
+    }
     for (size_t i = 0; i < dF.size(); ++i) {
       dF[i] = dF[i].defined() ? dF[i] : at::zeros_like(params[i]);
     }
