@@ -306,8 +306,9 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& b,
                                                          const at::Tensor& g, Mode mode,
                                                          bool in_place) const {
-  const auto sigma = [&](const at::Tensor& z) { return at::where(z >= 0, z, z * slope_); };
-  const auto sigma_inv = [&](const at::Tensor& y) { return at::where(y >= 0, y, y / slope_); };
+  // σ⁻¹ is the LeakyReLU of slope 1/a.
+  const auto sigma = [&](const at::Tensor& z) { return at::leaky_relu(z, slope_); };
+  const auto sigma_inv = [&](const at::Tensor& y) { return at::leaky_relu(y, 1 / slope_); };
   const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
   if (mode == Mode::kReference) {
@@ -430,11 +431,10 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   const at::Tensor w = params[0].detach();
   const bool bias = b_in_.defined();
   const at::Tensor z = bias ? at::addmm(params[1].detach(), h, w.t()) : at::mm(h, w.t());
-  const at::Tensor positive = z >= 0;
-  const at::Tensor a = at::where(positive, z, z * slope_);
+  const at::Tensor a = at::leaky_relu(z, slope_);
   const at::Tensor solved =
       pulled(factors(h, bias), cotangents[0], bias ? cotangents[1] : at::Tensor());
-  const at::Tensor x = at::where(positive, solved, solved / slope_);
+  const at::Tensor x = at::where(z >= 0, solved, solved / slope_);
   return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }
 
