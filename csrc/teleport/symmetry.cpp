@@ -323,11 +323,9 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
     if (!b.defined()) return {theta.t(), at::Tensor()};
     return {theta.slice(0, 0, h.size(1)).t(), theta.select(0, h.size(1))};
   }
-  // The least change Δθ = inputs⁺ (target − z), NaN throughout where the
-  // inputs or the target are not finite (a step the ascent refuses).
-  const Factors f = factors(h, b.defined());
-  const at::Tensor finite = f.finite.logical_and(at::isfinite(target).all());
-  return moved(f, at::where(finite, target - z, NAN), w, b, in_place);
+  // The least change Δθ = inputs⁺ (target − z). Non-finite inputs give NaN
+  // factors; a non-finite target, non-finite weights: a step the ascent refuses.
+  return moved(factors(h, b.defined()), target - z, w, b, in_place);
 }
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
@@ -395,11 +393,11 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   const at::Tensor inputs = with_ones(h, bias);
   Factors f;
   f.wide = inputs.size(0) <= inputs.size(1);
-  f.finite = at::isfinite(inputs).all();
+  const at::Tensor finite = at::isfinite(inputs).all();
   // In double: the inputs' small singular values would amplify float32 rounding
   // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
   // Masked by their own finiteness only, as the factors may be kept.
-  const at::Tensor safe = at::where(f.finite, inputs, 0.0).to(at::kDouble);
+  const at::Tensor safe = at::where(finite, inputs, 0.0).to(at::kDouble);
   if (f.wide && h.scalar_type() == at::kFloat) {
     // Cholesky QR: HHᵀ = LLᵀ, R = Lᵀ, Q = Hᵀ L⁻ᵀ, a quarter of Householder's
     // time. Q's orthogonality is lost in proportion to κ², the square of H's
@@ -412,6 +410,7 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   } else {
     std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
   }
+  f.r = at::where(finite, f.r, NAN);  // the solves give NaN steps, refused
   f.q_work = f.q.to(h.scalar_type());
   if (constant) cached_h_ = h, cached_version_ = h._version(), cached_ = f;
   return f;

@@ -218,12 +218,13 @@ class DataDependentGL : public LayerSymmetry {
                                           const at::Tensor& b, const at::Tensor& g,
                                           Mode mode, bool in_place = false) const;
   // The thin QR of the layer's inputs (a column of ones for the bias), in
-  // double: of inputsᵀ when `wide` (batch ≤ inputs), of inputs otherwise; Q
-  // also in the inputs' dtype (q_work); and whether the inputs are finite.
+  // double: of inputsᵀ when `wide` (batch ≤ inputs; a Cholesky QR for float32
+  // weights), of inputs otherwise; Q
+  // also in the inputs' dtype (q_work); R is NaN where the inputs are not finite.
   // Kept while the inputs are the same, unchanged tensor (the first layer's,
   // within one teleport).
   struct Factors {
-    at::Tensor q, q_work, r, finite;
+    at::Tensor q, q_work, r;
     bool wide = true;
   };
   Factors factors(const at::Tensor& h, bool bias) const;
