@@ -91,6 +91,69 @@ TEST_P(PaperTest, DataDependentActionStaysExactWhenTheBatchChangesInPlace) {
   }
 }
 
+// BatchLoss::layer_of() reuses the inputs and outputs the last evaluation
+// computed, which the data-dependent action and its pullback read: only while
+// every value they came from is the same, unchanged tensor; otherwise, and
+// under grad mode, it computes them afresh.
+TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
+  auto m = make_mlp({12, 14, 13, 3}, Act::kLeakyReLU, true, f64(), 5);
+  const auto b = random_batch(10, 12, 3, f64(), 6);
+  const BatchLoss objective(m, b.input, b.target, mse());
+  const auto p = m->parameters();  // W1, b1, W2, b2, W3, b3
+  const auto fresh = [&](const ParameterOverrides& o) {
+    at::NoGradGuard no_grad;
+    const at::Tensor x = objective.input_of(p[2], o);
+    return std::make_pair(x, at::linear(x, value_of(o, p[2]), value_of(o, p[3])));
+  };
+  const auto check = [&](const ParameterOverrides& o, const std::string& where) {
+    at::NoGradGuard no_grad;
+    const auto [x, z] = objective.layer_of(p[2], o);
+    const auto [fx, fz] = fresh(o);
+    EXPECT_TRUE(at::equal(x, fx)) << where;
+    EXPECT_TRUE(at::equal(z, fz)) << where;
+    return z.clone();
+  };
+  fresh({});                       // asked about once: watched from now on
+  objective.loss().item<double>();  // records layer 2's input and output
+  const at::Tensor before = check({}, "after an evaluation");
+  {
+    at::NoGradGuard no_grad;
+    p[0].mul_(1.1);  // an earlier layer's weight changes in place
+  }
+  EXPECT_FALSE(at::equal(check({}, "after W1 changed"), before));
+  objective.loss().item<double>();
+  const at::Tensor reevaluated = check({}, "after a new evaluation");
+  {
+    at::NoGradGuard no_grad;
+    b.input.add_(0.5);  // the batch changes in place
+  }
+  EXPECT_FALSE(at::equal(check({}, "after the batch changed"), reevaluated));
+  // Overrides: aliases of the parameters are the same values; another tensor is not.
+  ParameterOverrides aliases, other;
+  for (const auto& t : p) aliases.emplace_back(t, t.detach());
+  other.emplace_back(p[0], p[0].detach() * 1.01);
+  objective.loss(aliases).item<double>();
+  check(aliases, "aliases");
+  check(other, "another W1");
+  // Under grad mode the result is differentiable in the overrides.
+  const at::Tensor w = p[2].detach().requires_grad_(true);
+  EXPECT_TRUE(objective.layer_of(p[2], {{p[2], w}}).second.requires_grad());
+  // An in-place activation overwrites the first layer's output after it was
+  // recorded: that record is not used.
+  torch::nn::Sequential inplace(
+      torch::nn::Linear(12, 14),
+      torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1).inplace(true)),
+      torch::nn::Linear(14, 3));
+  inplace->to(torch::kDouble);
+  const BatchLoss in_place(inplace, b.input, b.target, mse());
+  const at::Tensor w1 = inplace->parameters()[0];
+  at::NoGradGuard no_grad;
+  const at::Tensor z1 = at::linear(b.input, w1, inplace->parameters()[1]);
+  in_place.layer_of(w1);
+  in_place.loss().item<double>();
+  EXPECT_TRUE(at::equal(in_place.layer_of(w1).second, z1));
+}
+
 // In float32 the action is as exact as float32 weights can be: the network's
 // outputs on the batch move no more than when the same action, computed in
 // float64, is rounded to float32 (the inputs' condition number enters only

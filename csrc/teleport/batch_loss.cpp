@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <functional>
+#include <mutex>
 #include <string>
 #include <torch/enum.h>
 #include <torch/nn/functional/conv.h>
@@ -20,6 +21,54 @@ const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor
   return p;
 }
 
+struct BatchLoss::Seen {
+  std::mutex mutex;                 // a const BatchLoss may be shared between threads
+  std::vector<at::Tensor> watched;  // weights layer_of() or input_of() was asked about
+  // The values the record holds for (every parameter's in the evaluation, then
+  // the batch; kept alive, so that their memory is not reused) and their versions.
+  std::vector<at::Tensor> values;
+  std::vector<int64_t> versions;
+  struct Layer {
+    at::Tensor weight, input, output;  // detached
+    // Their versions when recorded: a module that works in place (an in-place
+    // activation) changes a recorded tensor afterwards.
+    int64_t input_version = 0, output_version = 0;
+    bool intact() const {
+      return input._version() == input_version &&
+             (!output.defined() || output._version() == output_version);
+    }
+  };
+  std::vector<Layer> layers;
+
+  bool watches(const at::Tensor& w) const {
+    for (const auto& v : watched) {
+      if (v.is_same(w)) return true;
+    }
+    return false;
+  }
+  Layer* find(const at::Tensor& w) {
+    for (auto& l : layers) {
+      if (l.weight.is_same(w)) return &l;
+    }
+    return nullptr;
+  }
+  // Whether `now` are the same, unchanged tensors as the record's values
+  // (aliases share their storage and version counter).
+  bool holds_for(const std::vector<at::Tensor>& now) const {
+    if (now.size() != values.size()) return false;
+    for (size_t i = 0; i < now.size(); ++i) {
+      const at::Tensor& a = values[i];
+      const at::Tensor& b = now[i];
+      if (a.data_ptr() != b.data_ptr() || versions[i] != b._version() || a.sizes() != b.sizes() ||
+          a.strides() != b.strides() || a.scalar_type() != b.scalar_type() ||
+          a.device() != b.device()) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
 BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input,
                      at::Tensor target, LossFn loss_fn)
     : model_(std::move(model)),
@@ -33,16 +82,21 @@ BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input,
   tensors.push_back(input_);
   devices_ = devices_of(tensors);
   random_ = std::make_shared<const RandomState>(devices_);
+  seen_ = std::make_shared<Seen>();
 }
 
 BatchLoss::BatchLoss(ParametricLossFn loss) : parametric_(std::move(loss)) {
   TORCH_CHECK(parametric_ != nullptr, "BatchLoss: expected a loss function, got none");
   random_ = std::make_shared<const RandomState>();
+  seen_ = std::make_shared<Seen>();
 }
 
 namespace {
 
 using Lookup = std::function<const at::Tensor&(const at::Tensor&)>;
+// Called with a layer's weight, its input and (undefined where the run stops
+// before the layer) its output.
+using Record = std::function<void(const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
 
 // A convolution with its module's options and the given weight and bias.
 template <typename FuncOptions, typename Impl, typename F>
@@ -60,9 +114,10 @@ at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, 
 }
 
 // The layer `m` (a Linear or a Conv) applied to x with its parameters looked
-// up; false for any other module. `stopped` when `m`'s weight is `stop`.
+// up; false for any other module. `stopped` when `m`'s weight is `stop` (then
+// x is its input, or its output when `through`).
 bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup,
-                 const at::Tensor& stop, bool& stopped) {
+                 const at::Tensor& stop, bool through, const Record& record, bool& stopped) {
   namespace F = torch::nn::functional;
   at::Tensor weight, bias;
   if (const auto* l = m.as<torch::nn::Linear>()) {
@@ -76,10 +131,12 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
   } else {
     return false;
   }
-  if (stop.defined() && weight.is_same(stop)) {
-    stopped = true;
+  stopped = stop.defined() && weight.is_same(stop);
+  if (stopped && !through) {
+    if (record) record(weight, x, at::Tensor());
     return true;
   }
+  const at::Tensor input = x;
   const at::Tensor& w = lookup(weight);
   const at::Tensor& b = lookup(bias);
   if (m.as<torch::nn::Linear>()) {
@@ -91,35 +148,45 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
   } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
     x = convolve<F::Conv3dFuncOptions>(*c3, x, w, b, [](auto&&... a) { return F::conv3d(a...); });
   }
+  if (record) record(weight, input, x);
   return true;
 }
 
 // Runs the modules of `seq` (nested Sequentials too) on x; true when it
-// reached the layer whose weight is `stop` (x is then that layer's input).
+// reached the layer whose weight is `stop` (x is then that layer's input, or
+// its output when `through`).
 bool run_into(torch::nn::SequentialImpl& seq, at::Tensor& x, const Lookup& lookup,
-              const at::Tensor& stop) {
+              const at::Tensor& stop, bool through, const Record& record) {
   for (auto& module : seq) {
     if (auto* nested = module.ptr()->as<torch::nn::Sequential>()) {
-      if (run_into(*nested, x, lookup, stop)) return true;
+      if (run_into(*nested, x, lookup, stop, through, record)) return true;
       continue;
     }
     bool stopped = false;
-    if (!apply_layer(*module.ptr(), x, lookup, stop, stopped)) x = module.forward(x);
+    if (!apply_layer(*module.ptr(), x, lookup, stop, through, record, stopped)) {
+      x = module.forward(x);
+    }
     if (stopped) return true;
   }
   return false;
 }
 
-// Runs the model on x up to (not including) the layer whose weight is `stop`,
-// or to the end when `stop` is undefined; `overrides` first, then `fixed`.
+// The value of `p` in an evaluation: `overrides` first, then `fixed`.
+const at::Tensor& effective(const ParameterOverrides& overrides, const ParameterOverrides& fixed,
+                            const at::Tensor& p) {
+  const at::Tensor& v = value_of(overrides, p);
+  return v.is_same(p) ? value_of(fixed, p) : v;
+}
+
+// Runs the model on x up to (not including, or through when `through`) the
+// layer whose weight is `stop`, or to the end when `stop` is undefined.
 at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
                const ParameterOverrides& overrides, const ParameterOverrides& fixed,
-               const at::Tensor& stop) {
+               const at::Tensor& stop, bool through = false, const Record& record = {}) {
   const Lookup lookup = [&](const at::Tensor& p) -> const at::Tensor& {
-    const at::Tensor& v = value_of(overrides, p);
-    return v.is_same(p) ? value_of(fixed, p) : v;
+    return effective(overrides, fixed, p);
   };
-  const bool reached = run_into(*model.ptr(), x, lookup, stop);
+  const bool reached = run_into(*model.ptr(), x, lookup, stop, through, record);
   TORCH_CHECK(reached || !stop.defined(),
               "BatchLoss::input_of: the model has no Linear or Conv layer with that weight");
   return x;
@@ -148,10 +215,47 @@ at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& d
 
 }  // namespace
 
+at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::Tensor& stop,
+                                bool through) const {
+  Seen& seen = *seen_;
+  std::lock_guard<std::mutex> lock(seen.mutex);
+  if (seen.watched.empty()) {
+    return replayed(*random_, devices_,
+                    [&] { return run(model_, input_, overrides, fixed_, stop, through); });
+  }
+  std::vector<at::Tensor> values;
+  for (const auto& p : model_->parameters()) values.push_back(effective(overrides, fixed_, p));
+  values.push_back(input_);
+  std::vector<Seen::Layer> layers;
+  const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor& out) {
+    if (!seen.watches(w)) return;
+    Seen::Layer l{w, in.detach(), out.defined() ? out.detach() : out};
+    l.input_version = in._version();
+    l.output_version = out.defined() ? out._version() : 0;
+    layers.push_back(std::move(l));
+  };
+  const at::Tensor x = replayed(
+      *random_, devices_, [&] { return run(model_, input_, overrides, fixed_, stop, through, record); });
+  if (!seen.holds_for(values)) {
+    seen.values = values;
+    seen.versions.clear();
+    for (const auto& v : values) seen.versions.push_back(v._version());
+    seen.layers.clear();
+  }
+  for (auto& l : layers) {
+    Seen::Layer* known = seen.find(l.weight);
+    if (known == nullptr) {
+      seen.layers.push_back(std::move(l));
+    } else if (!known->output.defined() || !known->intact()) {
+      *known = std::move(l);
+    }
+  }
+  return x;
+}
+
 at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::forward: this objective has no model");
-  return replayed(*random_, devices_,
-                  [&] { return run(model_, input_, overrides, fixed_, at::Tensor()); });
+  return run_model(overrides, at::Tensor(), false);
 }
 
 namespace {
@@ -208,12 +312,46 @@ at::Tensor BatchLoss::sum_over_ranks(const at::Tensor& x) const {
   return group_ ? SumOverRanks::apply(x, group_.get()) : x;
 }
 
+at::Tensor BatchLoss::rows_of(const at::Tensor& x) const {
+  const at::Tensor rows = x.reshape({-1, x.size(-1)});
+  return group_ ? GatherRows::apply(rows, group_.get()) : rows;
+}
+
+std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
+                                                      const ParameterOverrides& overrides) const {
+  TORCH_CHECK(has_model(), "BatchLoss::layer_of: this objective has no model");
+  at::Tensor input, output;
+  {
+    Seen& seen = *seen_;
+    std::lock_guard<std::mutex> lock(seen.mutex);
+    if (!seen.watches(weight)) seen.watched.push_back(weight);
+    if (!at::GradMode::is_enabled()) {
+      std::vector<at::Tensor> values;
+      for (const auto& p : model_->parameters()) values.push_back(effective(overrides, fixed_, p));
+      values.push_back(input_);
+      const Seen::Layer* l = seen.holds_for(values) ? seen.find(weight) : nullptr;
+      if (l != nullptr && l->output.defined() && l->intact()) input = l->input, output = l->output;
+    }
+  }
+  if (!output.defined()) {
+    const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&) {
+      if (w.is_same(weight)) input = in;
+    };
+    output = replayed(*random_, devices_, [&] {
+      return run(model_, input_, overrides, fixed_, weight, /*through=*/true, record);
+    });
+  }
+  return {rows_of(input), rows_of(output)};
+}
+
 at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
-  at::Tensor x =
-      replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); });
-  x = x.reshape({-1, x.size(-1)});
-  return group_ ? GatherRows::apply(x, group_.get()) : x;
+  {
+    std::lock_guard<std::mutex> lock(seen_->mutex);
+    if (!seen_->watches(weight)) seen_->watched.push_back(weight);  // for layer_of() later
+  }
+  return rows_of(
+      replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); }));
 }
 
 BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double share) const {

@@ -49,6 +49,15 @@ class BatchLoss {
   /// `weight`, with optional overrides in the layers before it.
   at::Tensor input_of(const at::Tensor& weight, const ParameterOverrides& overrides = {}) const;
 
+  /// The input and the output (its pre-activation: input · Wᵀ + b for a
+  /// Linear) of that layer, each batch × features, with optional overrides in
+  /// it and the layers before it. Without grad mode it reuses what the last
+  /// evaluation of the loss computed for a layer it or input_of() was asked
+  /// about before, where every parameter value and the batch are the same,
+  /// unchanged tensors as then: no forward pass.
+  std::pair<at::Tensor, at::Tensor> layer_of(const at::Tensor& weight,
+                                             const ParameterOverrides& overrides = {}) const;
+
   bool has_model() const { return !model_.is_empty(); }
 
   /// This batch as one rank's slice of a global batch split over `group`
@@ -84,6 +93,16 @@ class BatchLoss {
   std::vector<c10::Device> devices_;
   std::shared_ptr<Collectives> group_;
   double share_ = 1;
+  // The layers layer_of() was asked about, and their inputs and outputs as the
+  // last evaluation computed them, with the values it ran on.
+  struct Seen;
+  std::shared_ptr<Seen> seen_;
+  // Runs the model up to the layer of `stop` (through it when `through`), or to
+  // the end, recording what seen_ watches.
+  at::Tensor run_model(const ParameterOverrides& overrides, const at::Tensor& stop,
+                       bool through) const;
+  // x as rows (batch × features), gathered over the ranks when spread.
+  at::Tensor rows_of(const at::Tensor& x) const;
 };
 
 /// The value `p` has under `overrides`: its override, or `p` itself.

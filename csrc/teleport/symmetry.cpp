@@ -305,11 +305,14 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& w,
                                                          const at::Tensor& b,
                                                          const at::Tensor& g, Mode mode,
-                                                         bool in_place) const {
+                                                         bool in_place,
+                                                         const at::Tensor& known_z) const {
   // σ⁻¹ is the LeakyReLU of slope 1/a.
   const auto sigma = [&](const at::Tensor& z) { return at::leaky_relu(z, slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::leaky_relu(y, 1 / slope_); };
-  const at::Tensor z = b.defined() ? at::addmm(b, h, w.t()) : at::mm(h, w.t());
+  const at::Tensor z = known_z.defined() ? known_z
+                       : b.defined()      ? at::addmm(b, h, w.t())
+                                          : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
   if (mode == Mode::kReference) {
     // The SVD behind pinv throws on non-finite input; such a step gives NaN
@@ -426,10 +429,12 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
               " and ", cotangents.size());
   at::NoGradGuard no_grad;
   // At T = 0: dθ = H⁺((A Tᵀ) ⊘ σ'(Z)) and dW_out = −W_out T (docs/design.md §3).
-  const at::Tensor h = batch->input_of(w_in_, in_force);
-  const at::Tensor w = params[0].detach();
+  // H and Z as the batch's last evaluation left them where it can.
   const bool bias = b_in_.defined();
-  const at::Tensor z = bias ? at::addmm(params[1].detach(), h, w.t()) : at::mm(h, w.t());
+  ParameterOverrides values = {{w_in_, params[0].detach()}};
+  if (bias) values.emplace_back(b_in_, params[1].detach());
+  values.insert(values.end(), in_force.begin(), in_force.end());
+  const auto [h, z] = batch->layer_of(w_in_, values);
   const at::Tensor a = at::leaky_relu(z, slope_);
   const at::Tensor solved =
       pulled(factors(h, bias), cotangents[0], bias ? cotangents[1] : at::Tensor());
@@ -451,11 +456,13 @@ bool DataDependentGL::exact_for(const BatchLoss* batch) const {
 void DataDependentGL::apply_(const GroupElement& e, const BatchLoss* batch, Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   at::NoGradGuard no_grad;
-  const at::Tensor h = batch->input_of(w_in_);
   if (mode == Mode::kExact) {
-    solve(h, w_in_, b_in_, e.g, mode, /*in_place=*/true);
+    // The layer's inputs and outputs as the batch's last evaluation left them,
+    // where the weights have not changed since.
+    const auto [h, z] = batch->layer_of(w_in_);
+    solve(h, w_in_, b_in_, e.g, mode, /*in_place=*/true, z);
   } else {
-    auto [w, b] = solve(h, w_in_, b_in_, e.g, mode);
+    auto [w, b] = solve(batch->input_of(w_in_), w_in_, b_in_, e.g, mode);
     w_in_.copy_(w);
     if (b_in_.defined()) b_in_.copy_(b);
   }

@@ -213,10 +213,12 @@ class DataDependentGL : public LayerSymmetry {
  private:
   // [W_in b_in] solving inputs · [W b]ᵀ = σ⁻¹(σ(inputs · [W b]ᵀ) gᵀ): the
   // least change in exact mode (into w and b themselves when `in_place`), the
-  // least-norm solution in reference mode.
+  // least-norm solution in reference mode; `known_z`, where given, is inputs ·
+  // [W b]ᵀ.
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g,
-                                          Mode mode, bool in_place = false) const;
+                                          Mode mode, bool in_place = false,
+                                          const at::Tensor& known_z = {}) const;
   // The thin QR of the layer's inputs (a column of ones for the bias), in
   // double: of inputsᵀ when `wide` (batch ≤ inputs; a Cholesky QR for float32
   // weights), of inputs otherwise; Q
