@@ -89,30 +89,6 @@ GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const Telepo
   return sym.element(T, o.parametrization());
 }
 
-// The cap on ||∇L||² after the teleport (none in reference mode).
-at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o) {
-  return o.mode() == Mode::kReference ? at::full_like(norm_before, INFINITY)
-                                      : norm_before * o.max_growth();
-}
-
-double growth_limit(double norm_before, const TeleportOptions& o) {
-  return o.mode() == Mode::kReference ? INFINITY : norm_before * o.max_growth();
-}
-
-// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
-// is kept. In exact mode it must raise the objective and stay within the
-// cap; the reference arithmetic keeps any finite step. NaN fails either way.
-at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
-                   const at::Tensor& limit, const TeleportOptions& o) {
-  if (o.mode() == Mode::kReference) return at::isfinite(candidate);
-  return (candidate > current).logical_and(candidate <= limit);
-}
-
-bool accepts(double candidate, double current, double limit, const TeleportOptions& o) {
-  if (o.mode() == Mode::kReference) return std::isfinite(candidate);
-  return candidate > current && candidate <= limit;
-}
-
 // Whether every element of one attempt is invertible (a 0-dim bool).
 at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like) {
   at::Tensor ok = at::ones({}, like.options().dtype(at::kBool));

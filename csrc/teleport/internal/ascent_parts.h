@@ -43,17 +43,6 @@ std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<a
 // "inverse" (its SO(2) rotations are exact and stay so).
 GroupElement step_element(const Symmetry& sym, const at::Tensor& T, const TeleportOptions& o);
 
-// The cap on ||∇L||² after the teleport (none in reference mode).
-at::Tensor growth_limit(const at::Tensor& norm_before, const TeleportOptions& o);
-double growth_limit(double norm_before, const TeleportOptions& o);
-
-// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
-// is kept. In exact mode it must raise the objective and stay within the
-// cap; the reference arithmetic keeps any finite step. NaN fails either way.
-at::Tensor accepts(const at::Tensor& candidate, const at::Tensor& current,
-                   const at::Tensor& limit, const TeleportOptions& o);
-bool accepts(double candidate, double current, double limit, const TeleportOptions& o);
-
 // Whether every element of one attempt is invertible (a 0-dim bool).
 at::Tensor all_invertible(const std::vector<GroupElement>& elements, const at::Tensor& like);
 
@@ -129,6 +118,23 @@ inline at::Tensor as_tensor(double v, const at::Tensor& like) {
 }
 inline at::Tensor as_tensor(int64_t v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options().dtype(at::kLong));
+}
+
+// The cap on ||∇L||² after the teleport (none in reference mode).
+template <class V>
+V growth_limit(const V& norm_before, const TeleportOptions& o) {
+  return o.mode() == Mode::kReference ? Values<V>::constant(INFINITY, norm_before)
+                                      : V(norm_before * o.max_growth());
+}
+
+// Never worse (docs/design.md §6): whether a step to `candidate` = ||∇L||²
+// is kept. In exact mode it must raise the objective and stay within the
+// cap; the reference arithmetic keeps any finite step. NaN fails either way.
+template <class V>
+typename Values<V>::Flag accepts(const V& candidate, const V& current, const V& limit,
+                                 const TeleportOptions& o) {
+  if (o.mode() == Mode::kReference) return isfinite_(candidate);
+  return and_(candidate > current, candidate <= limit);
 }
 
 // The sizing of steps under the growth cap (docs/design.md §6). An attempt
