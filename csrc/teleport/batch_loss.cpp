@@ -46,6 +46,9 @@ struct BatchLoss::Seen {
     }
     return false;
   }
+  void watch(const at::Tensor& w) {
+    if (!watches(w)) watched.push_back(w);
+  }
   Layer* find(const at::Tensor& w) {
     for (auto& l : layers) {
       if (l.weight.is_same(w)) return &l;
@@ -178,6 +181,16 @@ const at::Tensor& effective(const ParameterOverrides& overrides, const Parameter
   return v.is_same(p) ? value_of(fixed, p) : v;
 }
 
+// What an evaluation runs on: every parameter's value, then the batch.
+std::vector<at::Tensor> evaluation_values(const torch::nn::Sequential& model, const at::Tensor& input,
+                                          const ParameterOverrides& overrides,
+                                          const ParameterOverrides& fixed) {
+  std::vector<at::Tensor> values;
+  for (const auto& p : model->parameters()) values.push_back(effective(overrides, fixed, p));
+  values.push_back(input);
+  return values;
+}
+
 // Runs the model on x up to (not including, or through when `through`) the
 // layer whose weight is `stop`, or to the end when `stop` is undefined.
 at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
@@ -223,9 +236,7 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
     return replayed(*random_, devices_,
                     [&] { return run(model_, input_, overrides, fixed_, stop, through); });
   }
-  std::vector<at::Tensor> values;
-  for (const auto& p : model_->parameters()) values.push_back(effective(overrides, fixed_, p));
-  values.push_back(input_);
+  const std::vector<at::Tensor> values = evaluation_values(model_, input_, overrides, fixed_);
   std::vector<Seen::Layer> layers;
   const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor& out) {
     if (!seen.watches(w)) return;
@@ -324,12 +335,11 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
   {
     Seen& seen = *seen_;
     std::lock_guard<std::mutex> lock(seen.mutex);
-    if (!seen.watches(weight)) seen.watched.push_back(weight);
+    seen.watch(weight);
     if (!at::GradMode::is_enabled()) {
-      std::vector<at::Tensor> values;
-      for (const auto& p : model_->parameters()) values.push_back(effective(overrides, fixed_, p));
-      values.push_back(input_);
-      const Seen::Layer* l = seen.holds_for(values) ? seen.find(weight) : nullptr;
+      const Seen::Layer* l = seen.holds_for(evaluation_values(model_, input_, overrides, fixed_))
+                                 ? seen.find(weight)
+                                 : nullptr;
       if (l != nullptr && l->output.defined() && l->intact()) input = l->input, output = l->output;
     }
   }
@@ -348,7 +358,7 @@ at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverride
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
   {
     std::lock_guard<std::mutex> lock(seen_->mutex);
-    if (!seen_->watches(weight)) seen_->watched.push_back(weight);  // for layer_of() later
+    seen_->watch(weight);  // for layer_of() later
   }
   return rows_of(
       replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); }));
