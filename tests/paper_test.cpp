@@ -154,6 +154,63 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   EXPECT_TRUE(at::equal(in_place.layer_of(w1).second, z1));
 }
 
+// traced_layer() hands out a layer's output from the last evaluation's graph
+// only where it is that graph's: the derivative of the loss through it gives
+// the weight's gradient (∂L/∂W = (∂L/∂Z)ᵀ X for a Linear), and any other
+// override tensor, a change in place, an evaluation without grad mode, an
+// unwatched layer or a weight used by two layers gives nothing.
+TEST_P(PaperTest, TracedLayerIsTheLastEvaluationsOwn) {
+  auto m = make_mlp({12, 14, 13, 3}, Act::kLeakyReLU, true, f64(), 7);
+  const auto b = random_batch(10, 12, 3, f64(), 8);
+  const BatchLoss objective(m, b.input, b.target, mse());
+  const auto p = m->parameters();  // W1, b1, W2, b2, W3, b3
+  ParameterOverrides vars;
+  for (const auto& t : p) vars.emplace_back(t, t.detach().requires_grad_(true));
+  objective.loss(vars);
+  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "an unwatched layer";
+  objective.watch(p[2]);
+  const at::Tensor loss = objective.loss(vars);
+  const auto [h, z] = objective.traced_layer(p[2], vars);
+  ASSERT_TRUE(z.defined());
+  at::Tensor fresh_h, fresh_z;
+  {
+    at::NoGradGuard no_grad;
+    std::tie(fresh_h, fresh_z) = objective.layer_of(p[2]);
+  }
+  EXPECT_TRUE(at::equal(h.detach(), fresh_h));
+  EXPECT_TRUE(at::equal(z.detach(), fresh_z));
+  const auto g = torch::autograd::grad({loss}, {z, vars[2].second, vars[3].second}, {}, true);
+  EXPECT_LE(rel_diff(at::mm(g[0].t(), h.detach()), g[1]), 1e-12);
+  EXPECT_LE(rel_diff(g[0].sum(0), g[2]), 1e-12);
+  // Other tensors with the same values are not that evaluation's variables.
+  ParameterOverrides others;
+  for (const auto& t : p) others.emplace_back(t, t.detach().requires_grad_(true));
+  EXPECT_FALSE(objective.traced_layer(p[2], others).second.defined()) << "other tensors";
+  EXPECT_FALSE(objective.traced_layer(p[2]).second.defined()) << "no overrides";
+  {
+    at::NoGradGuard no_grad;
+    objective.loss(vars);
+  }
+  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "after a no-grad evaluation";
+  objective.loss(vars);
+  EXPECT_TRUE(objective.traced_layer(p[2], vars).second.defined());
+  {
+    at::NoGradGuard no_grad;
+    vars[0].second.mul_(1.01);  // an earlier layer's weight changes in place
+  }
+  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "after W1 changed";
+  // One Linear module twice: its weight's derivatives are not one layer's.
+  torch::nn::Linear twice(12, 12);
+  torch::nn::Sequential shared(twice, torch::nn::LeakyReLU(), twice, torch::nn::Linear(12, 3));
+  shared->to(torch::kDouble);
+  const BatchLoss tied(shared, b.input, b.target, mse());
+  tied.watch(twice->weight);
+  ParameterOverrides tied_vars;
+  for (const auto& t : shared->parameters()) tied_vars.emplace_back(t, t.detach().requires_grad_(true));
+  tied.loss(tied_vars);
+  EXPECT_FALSE(tied.traced_layer(twice->weight, tied_vars).second.defined()) << "a shared weight";
+}
+
 // In float32 the action is as exact as float32 weights can be: the network's
 // outputs on the batch move no more than when the same action, computed in
 // float64, is rounded to float32 (the inputs' condition number enters only

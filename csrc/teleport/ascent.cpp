@@ -195,9 +195,27 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     overrides.emplace_back(p, current.back());
   }
   const bool spread = batch.group() != nullptr;
+  // A data-dependent action whose layer inputs H are a constant of F (the
+  // first layer's: the batch) takes its pullback from ∂F/∂Z, Z the layer's
+  // output in this evaluation's graph, instead of from ∂F/∂θ = Hᵀ ∂F/∂Z
+  // (DataDependentGL::pullback_from_output): the layer is watched so that the
+  // forward pass keeps Z (on one process; spread, Z is this rank's rows only).
+  std::vector<const DataDependentGL*> data_dependent(syms.size(), nullptr);
+  if (!spread && batch.has_model()) {
+    for (size_t k = 0; k < syms.size(); ++k) {
+      data_dependent[k] = dynamic_cast<const DataDependentGL*>(syms[k].get());
+      if (data_dependent[k] != nullptr) batch.watch(data_dependent[k]->parameters().front());
+    }
+  }
   const at::Tensor loss = spread ? batch.loss(overrides) * batch.share() : batch.loss(overrides);
   // The graph is kept for the directions, which are taken on demand.
   const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
+  std::vector<at::Tensor> tapped_h(syms.size()), tapped_z(syms.size());
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (data_dependent[k] == nullptr) continue;
+    const auto [h, z] = batch.traced_layer(data_dependent[k]->parameters().front(), overrides);
+    if (z.defined() && z.requires_grad() && !h.requires_grad()) tapped_h[k] = h, tapped_z[k] = z;
+  }
   Evaluation ev;
   // ∂F/∂w = Σ_i (∂g_i/∂w)ᵀ 2ḡ_i: one vector-Jacobian product through the
   // gradients, weighted by 2ḡ (ḡ = g on one process), with no graph for F.
@@ -220,18 +238,50 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
       outputs.push_back(grads[i]);
       weights.push_back(global[i] * 2);
     }
-    std::vector<at::Tensor> dF(params.size());
-    if (!outputs.empty()) {
-      dF = torch::autograd::grad(outputs, current, weights, false, false, /*allow_unused=*/true);
+    // ∂F/∂w for the weights a pullback needs (a tapped action only its
+    // W_out's), then ∂F/∂Z for the tapped layers' outputs.
+    std::vector<bool> needed(params.size(), false);
+    for (size_t k = 0; k < syms.size(); ++k) {
+      if (tapped_z[k].defined()) {
+        needed[where[k].back()] = true;
+      } else {
+        for (size_t i : where[k]) needed[i] = true;
+      }
     }
-    for (size_t i = 0; i < dF.size(); ++i) {
-      dF[i] = dF[i].defined() ? dF[i] : at::zeros_like(params[i]);
+    std::vector<at::Tensor> inputs;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (needed[i]) inputs.push_back(current[i]);
+    }
+    for (const auto& z : tapped_z) {
+      if (z.defined()) inputs.push_back(z);
+    }
+    std::vector<at::Tensor> derivatives(inputs.size());
+    if (!outputs.empty()) {
+      derivatives =
+          torch::autograd::grad(outputs, inputs, weights, false, false, /*allow_unused=*/true);
+    }
+    std::vector<at::Tensor> dF(params.size());
+    size_t next = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!needed[i]) continue;
+      const at::Tensor& d = derivatives[next++];
+      dF[i] = d.defined() ? d : at::zeros_like(params[i]);
     }
     if (spread) batch.group()->all_reduce_sum(dF);
     ParameterOverrides values;
     for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
     std::vector<at::Tensor> directions;
     for (size_t k = 0; k < syms.size(); ++k) {
+      if (tapped_z[k].defined()) {
+        const at::Tensor& z = tapped_z[k];
+        const at::Tensor& d = derivatives[next++];
+        const auto rows = [](const at::Tensor& t) { return t.detach().reshape({-1, t.size(-1)}); };
+        const at::Tensor dz = d.defined() ? rows(d) : at::zeros_like(rows(z));
+        const size_t out = where[k].back();
+        directions.push_back(data_dependent[k]->pullback_from_output(
+            dz, rows(tapped_h[k]), rows(z), current[out].detach(), dF[out]));
+        continue;
+      }
       std::vector<at::Tensor> own;
       for (size_t i : where[k]) own.push_back(current[i].detach());
       directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());

@@ -33,6 +33,10 @@ struct BatchLoss::Seen {
     // Their versions when recorded: a module that works in place (an in-place
     // activation) changes a recorded tensor afterwards.
     int64_t input_version = 0, output_version = 0;
+    // Recorded under grad mode: the same input and output in that run's graph,
+    // and the very tensors the run evaluated (for traced_layer()).
+    at::Tensor traced_input, traced_output;
+    std::vector<at::Tensor> traced_values;
     bool intact() const {
       return input._version() == input_version &&
              (!output.defined() || output._version() == output_version);
@@ -238,11 +242,18 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
   }
   const std::vector<at::Tensor> values = evaluation_values(model_, input_, overrides, fixed_);
   std::vector<Seen::Layer> layers;
+  const bool traced = at::GradMode::is_enabled();
   const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor& out) {
     if (!seen.watches(w)) return;
-    Seen::Layer l{w, in.detach(), out.defined() ? out.detach() : out};
+    for (auto& l : layers) {
+      // A weight used by two layers: its derivatives are not its layer's alone.
+      if (l.weight.is_same(w)) return l.traced_output.reset();
+    }
+    Seen::Layer l;
+    l.weight = w, l.input = in.detach(), l.output = out.defined() ? out.detach() : out;
     l.input_version = in._version();
     l.output_version = out.defined() ? out._version() : 0;
+    if (traced && out.defined()) l.traced_input = in, l.traced_output = out, l.traced_values = values;
     layers.push_back(std::move(l));
   };
   const at::Tensor x = replayed(
@@ -259,6 +270,10 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
       seen.layers.push_back(std::move(l));
     } else if (!known->output.defined() || !known->intact()) {
       *known = std::move(l);
+    } else {  // the same values: only the graph is this run's
+      known->traced_input = std::move(l.traced_input);
+      known->traced_output = std::move(l.traced_output);
+      known->traced_values = std::move(l.traced_values);
     }
   }
   return x;
@@ -352,6 +367,27 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
     });
   }
   return {rows_of(input), rows_of(output)};
+}
+
+void BatchLoss::watch(const at::Tensor& weight) const {
+  std::lock_guard<std::mutex> lock(seen_->mutex);
+  seen_->watch(weight);
+}
+
+std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(const at::Tensor& weight,
+                                                          const ParameterOverrides& overrides) const {
+  if (!has_model()) return {};
+  const std::vector<at::Tensor> now = evaluation_values(model_, input_, overrides, fixed_);
+  std::lock_guard<std::mutex> lock(seen_->mutex);
+  const Seen::Layer* l = seen_->holds_for(now) ? seen_->find(weight) : nullptr;
+  if (l == nullptr || !l->traced_output.defined() || !l->intact() ||
+      l->traced_values.size() != now.size()) {
+    return {};
+  }
+  for (size_t i = 0; i < now.size(); ++i) {
+    if (!l->traced_values[i].is_same(now[i])) return {};
+  }
+  return {l->traced_input, l->traced_output};
 }
 
 at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {

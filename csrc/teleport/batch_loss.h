@@ -58,6 +58,19 @@ class BatchLoss {
   std::pair<at::Tensor, at::Tensor> layer_of(const at::Tensor& weight,
                                              const ParameterOverrides& overrides = {}) const;
 
+  /// Has every later evaluation record the input and output of the layer
+  /// whose weight is `weight`, for layer_of() and traced_layer().
+  void watch(const at::Tensor& weight) const;
+
+  /// That layer's input and output, in its own shapes, as the last evaluation
+  /// of the loss computed them under grad mode: part of its graph, where
+  /// derivatives with respect to the layer's output can be taken. Defined only
+  /// where that evaluation ran on `overrides` (the very same tensors, each
+  /// parameter and the batch unchanged since), watched the layer and met its
+  /// weight in no other layer; a pair of undefined tensors otherwise.
+  std::pair<at::Tensor, at::Tensor> traced_layer(const at::Tensor& weight,
+                                                 const ParameterOverrides& overrides = {}) const;
+
   bool has_model() const { return !model_.is_empty(); }
 
   /// This batch as one rank's slice of a global batch split over `group`

@@ -442,6 +442,22 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }
 
+at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
+                                                const at::Tensor& z, const at::Tensor& w_out,
+                                                const at::Tensor& c_out) const {
+  at::NoGradGuard no_grad;
+  // (inputs⁺)ᵀ c_θᵀ with c_θ = inputsᵀ ∂F/∂Z: ∂F/∂Z itself where the inputs'
+  // rows are independent (inputsᵀ = QR: R⁻¹ Qᵀ Q R ∂F/∂Z), else Q Qᵀ ∂F/∂Z
+  // (inputs = QR). No solve, and no product the size of the weights.
+  at::Tensor solved = dF_dz;
+  if (h.size(0) > h.size(1) + (b_in_.defined() ? 1 : 0)) {
+    const at::Tensor q = factors(h, b_in_.defined()).q_work;
+    solved = at::mm(q, at::mm(q.t(), dF_dz));
+  }
+  const at::Tensor x = at::where(z >= 0, solved, solved / slope_);
+  return at::mm(x.t(), at::leaky_relu(z, slope_)) - at::mm(w_out.t(), c_out);
+}
+
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   const at::Tensor h = batch->input_of(w_in_);

@@ -208,6 +208,14 @@ class DataDependentGL : public LayerSymmetry {
   at::Tensor pullback(const std::vector<at::Tensor>& params,
                       const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
                       const ParameterOverrides& in_force) const override;
+  /// The same from ∂F/∂Z, the derivative with respect to the layer's output
+  /// Z = H θ (rows, batch × n), where H, the layer's inputs (rows, without
+  /// the ones), is a constant of F, so that c_θ = Hᵀ ∂F/∂Z: (P ∂F/∂Z ⊘
+  /// σ'(Z))ᵀ A − W_outᵀ c_out, with P the projection onto the span of H's
+  /// columns (the identity within the rank condition: no solve).
+  at::Tensor pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
+                                  const at::Tensor& z, const at::Tensor& w_out,
+                                  const at::Tensor& c_out) const;
   double negative_slope() const { return slope_; }
 
  private:
