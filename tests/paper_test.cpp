@@ -128,6 +128,28 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
     b.input.add_(0.5);  // the batch changes in place
   }
   EXPECT_FALSE(at::equal(check({}, "after the batch changed"), reevaluated));
+  // The layer's own weight or bias changed: recomputed; a later layer's: the
+  // record still holds (the very tensor is handed out again).
+  for (const int64_t i : {2, 3}) {
+    objective.loss().item<double>();
+    const at::Tensor z = check({}, "evaluated");
+    {
+      at::NoGradGuard no_grad;
+      p[static_cast<size_t>(i)].add_(0.25);
+    }
+    EXPECT_FALSE(at::equal(check({}, "after its own parameter " + std::to_string(i) + " changed"), z));
+  }
+  objective.loss().item<double>();
+  {
+    at::NoGradGuard no_grad;
+    const at::Tensor recorded = objective.layer_of(p[2]).second;
+    p[4].mul_(1.5);
+    EXPECT_EQ(objective.layer_of(p[2]).second.data_ptr(), recorded.data_ptr())
+        << "a later layer's weight changed";
+    p[0].mul_(1.5);
+    EXPECT_NE(objective.layer_of(p[2]).second.data_ptr(), recorded.data_ptr());
+  }
+  check({}, "after a later and an earlier layer changed");
   // Overrides: aliases of the parameters are the same values; another tensor is not.
   ParameterOverrides aliases, other;
   for (const auto& t : p) aliases.emplace_back(t, t.detach());

@@ -106,17 +106,23 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
 // One attempt on the weights themselves: each symmetry's unit step times
 // `scale`, applied (a data-dependent action reads `batch`) and composed into
 // `total` (which, when `from_identity`, is the identity: the product is the
-// attempt's element). Returns the attempt's elements.
+// attempt's element). Returns the attempt's elements. In exact mode the last
+// symmetry acts first: a data-dependent action then finds its layer's inputs
+// and outputs as the batch's last evaluation left them, the layers before it
+// not yet changed (the actions compose either way: docs/design.md §3); the
+// reference arithmetic acts in the published code's order.
 template <class V>
 std::vector<GroupElement> apply_steps(const SymmetryList& syms, const std::vector<at::Tensor>& unit,
                                       const V& scale, const BatchLoss& batch,
                                       std::vector<GroupElement>& total, const TeleportOptions& o,
                                       bool from_identity = false) {
-  std::vector<GroupElement> elements;
-  for (size_t k = 0; k < syms.size(); ++k) {
-    elements.push_back(step_element(*syms[k], unit[k] * scale, o));
-    syms[k]->apply_(elements.back(), &batch, o.mode());
-    total[k] = from_identity ? elements.back() : elements.back().compose(total[k]);
+  std::vector<GroupElement> elements(syms.size());
+  const bool backwards = o.mode() == Mode::kExact;
+  for (size_t j = 0; j < syms.size(); ++j) {
+    const size_t k = backwards ? syms.size() - 1 - j : j;
+    elements[k] = step_element(*syms[k], unit[k] * scale, o);
+    syms[k]->apply_(elements[k], &batch, o.mode());
+    total[k] = from_identity ? elements[k] : elements[k].compose(total[k]);
   }
   return elements;
 }

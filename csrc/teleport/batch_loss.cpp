@@ -5,6 +5,8 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -24,22 +26,39 @@ const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor
 struct BatchLoss::Seen {
   std::mutex mutex;                 // a const BatchLoss may be shared between threads
   std::vector<at::Tensor> watched;  // weights layer_of() or input_of() was asked about
-  // The values the record holds for (every parameter's in the evaluation, then
-  // the batch; kept alive, so that their memory is not reused) and their versions.
-  std::vector<at::Tensor> values;
-  std::vector<int64_t> versions;
   struct Layer {
     at::Tensor weight, input, output;  // detached
     // Their versions when recorded: a module that works in place (an in-place
     // activation) changes a recorded tensor afterwards.
     int64_t input_version = 0, output_version = 0;
+    // What they were computed from: the batch and the values of the parameters
+    // of this layer and the modules before it, a prefix of the evaluation's
+    // values (kept alive, so that their memory is not reused), and their versions.
+    std::vector<at::Tensor> values;
+    std::vector<int64_t> versions;
     // Recorded under grad mode: the same input and output in that run's graph,
-    // and the very tensors the run evaluated (for traced_layer()).
+    // and all the very tensors the run evaluated (for traced_layer()).
     at::Tensor traced_input, traced_output;
     std::vector<at::Tensor> traced_values;
     bool intact() const {
       return input._version() == input_version &&
              (!output.defined() || output._version() == output_version);
+    }
+    // Whether an evaluation on `now` computes the same input and output: its
+    // prefix holds the same, unchanged tensors (aliases share their storage
+    // and version counter).
+    bool holds_for(const std::vector<at::Tensor>& now) const {
+      if (now.size() < values.size()) return false;
+      for (size_t i = 0; i < values.size(); ++i) {
+        const at::Tensor& a = values[i];
+        const at::Tensor& b = now[i];
+        if (a.data_ptr() != b.data_ptr() || versions[i] != b._version() ||
+            a.sizes() != b.sizes() || a.strides() != b.strides() ||
+            a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
+          return false;
+        }
+      }
+      return true;
     }
   };
   std::vector<Layer> layers;
@@ -58,21 +77,6 @@ struct BatchLoss::Seen {
       if (l.weight.is_same(w)) return &l;
     }
     return nullptr;
-  }
-  // Whether `now` are the same, unchanged tensors as the record's values
-  // (aliases share their storage and version counter).
-  bool holds_for(const std::vector<at::Tensor>& now) const {
-    if (now.size() != values.size()) return false;
-    for (size_t i = 0; i < now.size(); ++i) {
-      const at::Tensor& a = values[i];
-      const at::Tensor& b = now[i];
-      if (a.data_ptr() != b.data_ptr() || versions[i] != b._version() || a.sizes() != b.sizes() ||
-          a.strides() != b.strides() || a.scalar_type() != b.scalar_type() ||
-          a.device() != b.device()) {
-        return false;
-      }
-    }
-    return true;
   }
 };
 
@@ -101,9 +105,11 @@ BatchLoss::BatchLoss(ParametricLossFn loss) : parametric_(std::move(loss)) {
 namespace {
 
 using Lookup = std::function<const at::Tensor&(const at::Tensor&)>;
-// Called with a layer's weight, its input and (undefined where the run stops
-// before the layer) its output.
-using Record = std::function<void(const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+// Called with a layer's weight, its input, (undefined where the run stops
+// before the layer) its output, and how many of the model's parameters
+// (in parameters() order) belong to it and the modules before it.
+using Record =
+    std::function<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, size_t)>;
 
 // A convolution with its module's options and the given weight and bias.
 template <typename FuncOptions, typename Impl, typename F>
@@ -124,7 +130,8 @@ at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, 
 // up; false for any other module. `stopped` when `m`'s weight is `stop` (then
 // x is its input, or its output when `through`).
 bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup,
-                 const at::Tensor& stop, bool through, const Record& record, bool& stopped) {
+                 const at::Tensor& stop, bool through, const Record& record, size_t upstream,
+                 bool& stopped) {
   namespace F = torch::nn::functional;
   at::Tensor weight, bias;
   if (const auto* l = m.as<torch::nn::Linear>()) {
@@ -140,7 +147,7 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
   }
   stopped = stop.defined() && weight.is_same(stop);
   if (stopped && !through) {
-    if (record) record(weight, x, at::Tensor());
+    if (record) record(weight, x, at::Tensor(), upstream);
     return true;
   }
   const at::Tensor input = x;
@@ -155,22 +162,25 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
   } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
     x = convolve<F::Conv3dFuncOptions>(*c3, x, w, b, [](auto&&... a) { return F::conv3d(a...); });
   }
-  if (record) record(weight, input, x);
+  if (record) record(weight, input, x, upstream);
   return true;
 }
 
 // Runs the modules of `seq` (nested Sequentials too) on x; true when it
 // reached the layer whose weight is `stop` (x is then that layer's input, or
-// its output when `through`).
+// its output when `through`). `upstream` counts the parameters of the modules
+// run so far (a Sequential's parameters() lists its modules' in order).
 bool run_into(torch::nn::SequentialImpl& seq, at::Tensor& x, const Lookup& lookup,
-              const at::Tensor& stop, bool through, const Record& record) {
+              const at::Tensor& stop, bool through, const Record& record, size_t& upstream) {
   for (auto& module : seq) {
     if (auto* nested = module.ptr()->as<torch::nn::Sequential>()) {
-      if (run_into(*nested, x, lookup, stop, through, record)) return true;
+      if (record) upstream += nested->parameters(/*recurse=*/false).size();
+      if (run_into(*nested, x, lookup, stop, through, record, upstream)) return true;
       continue;
     }
+    if (record) upstream += module.ptr()->parameters().size();
     bool stopped = false;
-    if (!apply_layer(*module.ptr(), x, lookup, stop, through, record, stopped)) {
+    if (!apply_layer(*module.ptr(), x, lookup, stop, through, record, upstream, stopped)) {
       x = module.forward(x);
     }
     if (stopped) return true;
@@ -185,13 +195,12 @@ const at::Tensor& effective(const ParameterOverrides& overrides, const Parameter
   return v.is_same(p) ? value_of(fixed, p) : v;
 }
 
-// What an evaluation runs on: every parameter's value, then the batch.
+// What an evaluation runs on: the batch, then every parameter's value.
 std::vector<at::Tensor> evaluation_values(const torch::nn::Sequential& model, const at::Tensor& input,
                                           const ParameterOverrides& overrides,
                                           const ParameterOverrides& fixed) {
-  std::vector<at::Tensor> values;
+  std::vector<at::Tensor> values = {input};
   for (const auto& p : model->parameters()) values.push_back(effective(overrides, fixed, p));
-  values.push_back(input);
   return values;
 }
 
@@ -203,7 +212,8 @@ at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
   const Lookup lookup = [&](const at::Tensor& p) -> const at::Tensor& {
     return effective(overrides, fixed, p);
   };
-  const bool reached = run_into(*model.ptr(), x, lookup, stop, through, record);
+  size_t upstream = 0;
+  const bool reached = run_into(*model.ptr(), x, lookup, stop, through, record, upstream);
   TORCH_CHECK(reached || !stop.defined(),
               "BatchLoss::input_of: the model has no Linear or Conv layer with that weight");
   return x;
@@ -243,7 +253,8 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
   const std::vector<at::Tensor> values = evaluation_values(model_, input_, overrides, fixed_);
   std::vector<Seen::Layer> layers;
   const bool traced = at::GradMode::is_enabled();
-  const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor& out) {
+  const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor& out,
+                            size_t upstream) {
     if (!seen.watches(w)) return;
     for (auto& l : layers) {
       // A weight used by two layers: its derivatives are not its layer's alone.
@@ -253,27 +264,21 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
     l.weight = w, l.input = in.detach(), l.output = out.defined() ? out.detach() : out;
     l.input_version = in._version();
     l.output_version = out.defined() ? out._version() : 0;
+    l.values.assign(values.begin(),
+                    values.begin() + static_cast<std::ptrdiff_t>(std::min(values.size(), 1 + upstream)));
+    for (const auto& v : l.values) l.versions.push_back(v._version());
     if (traced && out.defined()) l.traced_input = in, l.traced_output = out, l.traced_values = values;
     layers.push_back(std::move(l));
   };
   const at::Tensor x = replayed(
       *random_, devices_, [&] { return run(model_, input_, overrides, fixed_, stop, through, record); });
-  if (!seen.holds_for(values)) {
-    seen.values = values;
-    seen.versions.clear();
-    for (const auto& v : values) seen.versions.push_back(v._version());
-    seen.layers.clear();
-  }
   for (auto& l : layers) {
     Seen::Layer* known = seen.find(l.weight);
     if (known == nullptr) {
       seen.layers.push_back(std::move(l));
-    } else if (!known->output.defined() || !known->intact()) {
-      *known = std::move(l);
-    } else {  // the same values: only the graph is this run's
-      known->traced_input = std::move(l.traced_input);
-      known->traced_output = std::move(l.traced_output);
-      known->traced_values = std::move(l.traced_values);
+    } else if (l.output.defined() || !known->output.defined() || !known->intact() ||
+               !known->holds_for(values)) {
+      *known = std::move(l);  // a run that stopped before the layer keeps a valid output
     }
   }
   return x;
@@ -352,14 +357,15 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
     std::lock_guard<std::mutex> lock(seen.mutex);
     seen.watch(weight);
     if (!at::GradMode::is_enabled()) {
-      const Seen::Layer* l = seen.holds_for(evaluation_values(model_, input_, overrides, fixed_))
-                                 ? seen.find(weight)
-                                 : nullptr;
-      if (l != nullptr && l->output.defined() && l->intact()) input = l->input, output = l->output;
+      const Seen::Layer* l = seen.find(weight);
+      if (l != nullptr && l->output.defined() && l->intact() &&
+          l->holds_for(evaluation_values(model_, input_, overrides, fixed_))) {
+        input = l->input, output = l->output;
+      }
     }
   }
   if (!output.defined()) {
-    const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&) {
+    const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&, size_t) {
       if (w.is_same(weight)) input = in;
     };
     output = replayed(*random_, devices_, [&] {
@@ -379,8 +385,8 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(const at::Tensor& weig
   if (!has_model()) return {};
   const std::vector<at::Tensor> now = evaluation_values(model_, input_, overrides, fixed_);
   std::lock_guard<std::mutex> lock(seen_->mutex);
-  const Seen::Layer* l = seen_->holds_for(now) ? seen_->find(weight) : nullptr;
-  if (l == nullptr || !l->traced_output.defined() || !l->intact() ||
+  const Seen::Layer* l = seen_->find(weight);
+  if (l == nullptr || !l->traced_output.defined() || !l->intact() || !l->holds_for(now) ||
       l->traced_values.size() != now.size()) {
     return {};
   }
