@@ -214,20 +214,56 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     }
   }
   const at::Tensor loss = spread ? batch.loss(overrides) * batch.share() : batch.loss(overrides);
-  // The graph is kept for the directions, which are taken on demand.
-  const auto grads = torch::autograd::grad({loss}, current, {}, true, true);
   std::vector<at::Tensor> tapped_h(syms.size()), tapped_z(syms.size());
   for (size_t k = 0; k < syms.size(); ++k) {
     if (data_dependent[k] == nullptr) continue;
     const auto [h, z] = batch.traced_layer(data_dependent[k]->parameters().front(), overrides);
     if (z.defined() && z.requires_grad() && !h.requires_grad()) tapped_h[k] = h, tapped_z[k] = z;
   }
+  const auto rows = [](const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); };
+  // A tapped layer within the rank condition whose weight and bias no other
+  // symmetry acts on: their gradient δᵀ[H 1] (δ = ∂L/∂Z) enters F only as
+  // tr(δᵀ G δ), G = [H 1][H 1]ᵀ, batch × batch, and ∂F/∂δ = 2 G δ, so it is
+  // never formed (a product with the batch × inputs H each way saved).
+  std::vector<size_t> uses(params.size(), 0);
+  for (const auto& w : where) {
+    for (size_t i : w) ++uses[i];
+  }
+  std::vector<at::Tensor> gram(syms.size());
+  std::vector<bool> via_gram(params.size(), false);
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (!tapped_z[k].defined()) continue;
+    bool alone = true;
+    for (size_t j = 0; j + 1 < where[k].size(); ++j) alone = alone && uses[where[k][j]] == 1;
+    if (alone) gram[k] = data_dependent[k]->input_gram(rows(tapped_h[k]));
+    if (!gram[k].defined()) continue;
+    for (size_t j = 0; j + 1 < where[k].size(); ++j) via_gram[where[k][j]] = true;
+  }
+  // The graph is kept for the directions, which are taken on demand.
+  std::vector<at::Tensor> first;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!via_gram[i]) first.push_back(current[i]);
+  }
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (gram[k].defined()) first.push_back(tapped_z[k]);
+  }
+  const auto first_grads = torch::autograd::grad({loss}, first, {}, true, true);
+  std::vector<at::Tensor> grads(params.size()), deltas(syms.size());  // g_i; δ_k
+  size_t at_first = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!via_gram[i]) grads[i] = first_grads[at_first++];
+  }
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (gram[k].defined()) deltas[k] = first_grads[at_first++];
+  }
   Evaluation ev;
   // ∂F/∂w = Σ_i (∂g_i/∂w)ᵀ 2ḡ_i: one vector-Jacobian product through the
   // gradients, weighted by 2ḡ (ḡ = g on one process), with no graph for F.
-  std::vector<at::Tensor> global;  // ḡ
-  for (const auto& g : grads) global.push_back(g.detach());
-  if (spread) {
+  std::vector<at::Tensor> global(params.size());  // ḡ (undefined where not formed)
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (grads[i].defined()) global[i] = grads[i].detach();
+  }
+  if (spread) {  // every gradient formed: nothing is tapped on a spread batch
     for (auto& g : global) g = g.clone();
     global.push_back(loss.detach());
     batch.group()->all_reduce_sum(global);
@@ -236,13 +272,30 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   } else {
     ev.loss = loss.detach();
   }
-  ev.F = norm_sq(global);
+  std::vector<at::Tensor> formed;
+  for (const auto& g : global) {
+    if (g.defined()) formed.push_back(g);
+  }
+  ev.F = norm_sq(formed);
+  std::vector<at::Tensor> gram_delta(syms.size());  // 2 G δ, in δ's shape and dtype
+  for (size_t k = 0; k < syms.size(); ++k) {
+    if (!deltas[k].defined()) continue;
+    const at::Tensor d = rows(deltas[k].detach()).to(at::kDouble);
+    const at::Tensor gd = at::mm(gram[k], d);
+    ev.F = ev.F + (d * gd).sum().to(ev.F.scalar_type());
+    gram_delta[k] = (gd * 2).to(deltas[k].scalar_type()).reshape(deltas[k].sizes());
+  }
   ev.directions = [=, &syms, &where, &batch] {
     std::vector<at::Tensor> outputs, weights;
     for (size_t i = 0; i < grads.size(); ++i) {
-      if (!grads[i].requires_grad()) continue;  // constant in the weights
+      if (!grads[i].defined() || !grads[i].requires_grad()) continue;  // constant in the weights
       outputs.push_back(grads[i]);
       weights.push_back(global[i] * 2);
+    }
+    for (size_t k = 0; k < syms.size(); ++k) {
+      if (!deltas[k].defined() || !deltas[k].requires_grad()) continue;
+      outputs.push_back(deltas[k]);
+      weights.push_back(gram_delta[k]);
     }
     // ∂F/∂w for the weights a pullback needs (a tapped action only its
     // W_out's), then ∂F/∂Z for the tapped layers' outputs.

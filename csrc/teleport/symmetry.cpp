@@ -406,14 +406,17 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
     // time. Q's orthogonality is lost in proportion to κ², the square of H's
     // condition number, but in double that stays below what rounding the new
     // weights to float32 costs anyway (κ² 1e-16 < κ 6e-8 up to κ ~ 5e8).
-    auto [l, info] = at::linalg_cholesky_ex(at::mm(safe, safe.t()));
+    f.gram = at::mm(safe, safe.t());
+    auto [l, info] = at::linalg_cholesky_ex(f.gram);
     l = at::where(info.eq(0), l, NAN);  // singular inputs: NaN steps, refused
     f.q = at::linalg_solve_triangular(l, safe, /*upper=*/false).t();
     f.r = l.t();
   } else {
     std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
+    if (f.wide) f.gram = at::mm(f.r.t(), f.r);  // inputs = Rᵀ Qᵀ
   }
   f.r = at::where(finite, f.r, NAN);  // the solves give NaN steps, refused
+  if (f.wide) f.gram = at::where(finite, f.gram, NAN);
   f.q_work = f.q.to(h.scalar_type());
   if (constant) cached_h_ = h, cached_version_ = h._version(), cached_ = f;
   return f;
@@ -456,6 +459,12 @@ at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const 
   }
   const at::Tensor x = at::where(z >= 0, solved, solved / slope_);
   return at::mm(x.t(), at::leaky_relu(z, slope_)) - at::mm(w_out.t(), c_out);
+}
+
+at::Tensor DataDependentGL::input_gram(const at::Tensor& h) const {
+  at::NoGradGuard no_grad;
+  if (h.size(0) > h.size(1) + (b_in_.defined() ? 1 : 0)) return {};
+  return factors(h, b_in_.defined()).gram;
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {

@@ -216,6 +216,11 @@ class DataDependentGL : public LayerSymmetry {
   at::Tensor pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
                                   const at::Tensor& z, const at::Tensor& w_out,
                                   const at::Tensor& c_out) const;
+  /// [H 1][H 1]ᵀ (the ones for the bias), in double, for the layer's inputs
+  /// H (rows) within the rank condition (batch ≤ inputs + 1, else undefined):
+  /// the gradient of W_in and b_in, δᵀ[H 1] with δ = ∂L/∂Z, has the squared
+  /// norm tr(δᵀ G δ). Kept with the factors of H; NaN where H is not finite.
+  at::Tensor input_gram(const at::Tensor& h) const;
   double negative_slope() const { return slope_; }
 
  private:
@@ -234,7 +239,7 @@ class DataDependentGL : public LayerSymmetry {
   // Kept while the inputs are the same, unchanged tensor (the first layer's,
   // within one teleport).
   struct Factors {
-    at::Tensor q, q_work, r;
+    at::Tensor q, q_work, r, gram;  // gram: inputs inputsᵀ where wide
     bool wide = true;
   };
   Factors factors(const at::Tensor& h, bool bias) const;
