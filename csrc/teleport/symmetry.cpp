@@ -299,6 +299,17 @@ namespace {
 at::Tensor with_ones(const at::Tensor& h, bool bias) {
   return bias ? at::cat({h, at::ones({h.size(0), 1}, h.options())}, 1) : h;
 }
+
+// h hᵀ, its lower blocks computed and mirrored (some 3/4 of the products).
+at::Tensor gram_of(const at::Tensor& h) {
+  const int64_t n = h.size(0), k = n / 2;
+  if (k < 16) return at::mm(h, h.t());
+  const at::Tensor top = h.slice(0, 0, k), bottom = h.slice(0, k, n);
+  const at::Tensor lower = at::mm(bottom, top.t());
+  return at::cat({at::cat({at::mm(top, top.t()), lower.t()}, 1),
+                  at::cat({lower, at::mm(bottom, bottom.t())}, 1)},
+                 0);
+}
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
@@ -396,27 +407,32 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   const at::Tensor inputs = with_ones(h, bias);
   Factors f;
   f.wide = inputs.size(0) <= inputs.size(1);
-  const at::Tensor finite = at::isfinite(inputs).all();
   // In double: the inputs' small singular values would amplify float32 rounding
   // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
-  // Masked by their own finiteness only, as the factors may be kept.
-  const at::Tensor safe = at::where(finite, inputs, 0.0).to(at::kDouble);
   if (f.wide && h.scalar_type() == at::kFloat) {
     // Cholesky QR: HHᵀ = LLᵀ, R = Lᵀ, Q = Hᵀ L⁻ᵀ, a quarter of Householder's
     // time. Q's orthogonality is lost in proportion to κ², the square of H's
     // condition number, but in double that stays below what rounding the new
     // weights to float32 costs anyway (κ² 1e-16 < κ 6e-8 up to κ ~ 5e8).
-    f.gram = at::mm(safe, safe.t());
-    auto [l, info] = at::linalg_cholesky_ex(f.gram);
-    l = at::where(info.eq(0), l, NAN);  // singular inputs: NaN steps, refused
-    f.q = at::linalg_solve_triangular(l, safe, /*upper=*/false).t();
+    // Non-finite inputs make HHᵀ non-finite (float32 squares cannot overflow
+    // double): R is then NaN, and so is every step, refused.
+    const at::Tensor hd = inputs.to(at::kDouble);
+    f.gram = gram_of(hd);
+    const at::Tensor finite = at::isfinite(f.gram.sum());
+    auto [l, info] = at::linalg_cholesky_ex(
+        at::where(finite, f.gram, at::eye(f.gram.size(0), f.gram.options())));
+    l = at::where(info.eq(0).logical_and(finite), l, NAN);  // singular inputs too
     f.r = l.t();
+    f.q = at::linalg_solve_triangular(f.r, hd.t(), /*upper=*/true, /*left=*/false);
+    f.gram = at::where(finite, f.gram, NAN);
   } else {
+    // Masked by their own finiteness only, as the factors may be kept.
+    const at::Tensor finite = at::isfinite(inputs).all();
+    const at::Tensor safe = at::where(finite, inputs, 0.0).to(at::kDouble);
     std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
+    f.r = at::where(finite, f.r, NAN);  // the solves give NaN steps, refused
     if (f.wide) f.gram = at::mm(f.r.t(), f.r);  // inputs = Rᵀ Qᵀ
   }
-  f.r = at::where(finite, f.r, NAN);  // the solves give NaN steps, refused
-  if (f.wide) f.gram = at::where(finite, f.gram, NAN);
   f.q_work = f.q.to(h.scalar_type());
   if (constant) cached_h_ = h, cached_version_ = h._version(), cached_ = f;
   return f;
