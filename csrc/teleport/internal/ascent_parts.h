@@ -138,10 +138,11 @@ typename Values<V>::Flag accepts(const V& candidate, const V& current, const V& 
 }
 
 // The sizing of steps under the growth cap (docs/design.md §6). An attempt
-// from `current` aims at 3/4 of the room left below the cap, where a model of
-// ||∇L||² says it would pass the cap; the ascent stops once 7/8 of the cap's
-// budget (limit − start) is used.
-constexpr double kAimedFraction = 0.75, kStopFraction = 0.875;
+// from `current` aims at 3/4 of the room left below the cap, where the linear
+// model of ||∇L||² says it would pass the cap; the ascent stops once 7/8 of
+// the cap's budget (limit − start) is used. After an attempt refused beyond
+// the cap, the quadratic through it aims at the middle of that last eighth.
+constexpr double kAimedFraction = 0.75, kStopFraction = 0.875, kBandMiddle = 0.9375;
 template <class V>
 V budget_point(const V& start, const V& limit, double fraction) {
   return start + (limit - start) * fraction;
@@ -155,7 +156,7 @@ V linear_bound(const V& current, const V& rise, const V& aim) {
 // `next`: the factor at which the quadratic through (0, current) with slope
 // `rise` and through (s, next) reaches `aim` (where the linear model sits
 // below it, the linear model's), over s. The caller keeps it within
-// [1/10, 1/2] and halves where it is not finite.
+// [1/10, 9/10] and halves where it is not finite.
 template <class V>
 V interpolated_shrink(const V& s, const V& current, const V& rise, const V& next, const V& aim) {
   const V delta = aim - current;
@@ -171,8 +172,8 @@ V interpolated_shrink(const V& s, const V& current, const V& rise, const V& next
 // ||∇L||² (docs/design.md §6): an attempt whose linear model passes the cap
 // is shortened to where it reaches 3/4 of the room left, an attempt refused
 // beyond the cap shortens the next to where the quadratic model through it
-// does (by 1/10 to 1/2), and the ascent stops once a kept attempt has used
-// 7/8 of the cap's budget.
+// reaches 15/16 of the cap's budget (by 1/10 to 9/10), and the ascent stops
+// once a kept attempt has used 7/8 of that budget.
 template <class V>
 class BasicControl {
  public:
@@ -194,6 +195,7 @@ class BasicControl {
     capped_ = true;
     limit_ = limit;
     stop_ = budget_point(norm_before, limit, kStopFraction);
+    band_ = budget_point(norm_before, limit, kBandMiddle);
   }
 
   /// How many attempts at most.
@@ -207,8 +209,7 @@ class BasicControl {
     sized_ = true;
     current_ = current;
     rise_ = rise;
-    aim_ = budget_point(current, limit_, kAimedFraction);
-    const V bound = linear_bound(current, rise, aim_);
+    const V bound = linear_bound(current, rise, budget_point(current, limit_, kAimedFraction));
     const Flag passes = and_(rise > 0, current + rise * scale_ > limit_);  // NaN: no
     scale_ = where_(and_(passes, bound > 0), bound, scale_);
     return scale_;
@@ -241,8 +242,8 @@ class BasicControl {
     V shrink = Values<V>::constant(0.5, scale_);
     if (capped_ && next != nullptr && sized_) {  // after scale(current, rise)
       const Flag beyond = and_(and_(isfinite_(*next), *next > limit_), rise_ > 0);
-      const V f = interpolated_shrink(scale_, current_, rise_, *next, aim_);
-      shrink = where_(and_(beyond, isfinite_(f)), clamp_(f, 0.1, 0.5), shrink);
+      const V f = interpolated_shrink(scale_, current_, rise_, *next, band_);
+      shrink = where_(and_(beyond, isfinite_(f)), clamp_(f, 0.1, 0.9), shrink);
       active_ = and_(active_, not_(and_(ok, *next >= stop_)));
     }
     scale_ = where_(refused, scale_ * shrink, scale_);
@@ -255,7 +256,7 @@ class BasicControl {
   Count taken_, refused_;
   bool free_to_read_;
   bool capped_ = false, sized_ = false;
-  V limit_{}, aim_{}, stop_{}, current_{}, rise_{};  // the capped ascent's
+  V limit_{}, stop_{}, band_{}, current_{}, rise_{};  // the capped ascent's
 };
 using Control = BasicControl<at::Tensor>;
 using HostControl = BasicControl<double>;
