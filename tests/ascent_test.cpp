@@ -396,6 +396,29 @@ TEST(StepModel, InterpolationLandsOnItsAim) {
   }
 }
 
+// An attempt refused beyond the cap is followed by one aimed, by the
+// quadratic through it, at the middle of the stopping band (15/16 of the
+// budget): on an objective that is that quadratic it lands there and the
+// ascent stops, two attempts in all (docs/design.md §6).
+TEST(StepModel, AfterARefusalTheNextAttemptEndsTheAscent) {
+  for (const double curvature : {20.0, 80.0, 320.0}) {
+    const double before = 1.0, limit = 1.5, rise = 3.0;
+    const auto F = [&](double s) { return before + rise * s + curvature * s * s; };
+    detail::HostControl control(before, limit, TeleportOptions().steps(10).max_growth(1.5));
+    const double first = control.scale(before, rise);
+    EXPECT_NEAR(before + rise * first, before + 0.75 * (limit - before), 1e-12);
+    ASSERT_GT(F(first), limit) << "the linear model passes the cap here";
+    control.record(false, F(first));
+    EXPECT_FALSE(control.done(0));
+    const double second = control.scale(before, rise);
+    EXPECT_NEAR(F(second), before + 0.9375 * (limit - before), 1e-12) << curvature;
+    control.record(true, F(second));
+    EXPECT_TRUE(control.done(1)) << "7/8 of the budget used: the ascent stops";
+    EXPECT_EQ(control.taken(), 1);
+    EXPECT_EQ(control.refused(), 1);
+  }
+}
+
 // Each engine's rise of ||∇L||² is its true derivative along the step: under a
 // cap so tight that ||∇L||² is linear in the step across the budget, the
 // first attempt, whose linear model passes the cap, lands at 3/4 of the
