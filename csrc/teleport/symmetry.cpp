@@ -343,8 +343,7 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
 }
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
-// cheaper; for float32 weights within the rank condition the Cholesky QR in
-// factors()): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
+// cheaper; for float32 weights the Cholesky QR in factors()): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
 // inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
 // least-squares solution. A rank-deficient batch gives non-finite values
 // (refused like any non-finite step) or far-off ones (the loss check rolls back).
@@ -409,22 +408,23 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   f.wide = inputs.size(0) <= inputs.size(1);
   // In double: the inputs' small singular values would amplify float32 rounding
   // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
-  if (f.wide && h.scalar_type() == at::kFloat) {
-    // Cholesky QR: HHᵀ = LLᵀ, R = Lᵀ, Q = Hᵀ L⁻ᵀ, a quarter of Householder's
-    // time. Q's orthogonality is lost in proportion to κ², the square of H's
+  if (h.scalar_type() == at::kFloat) {
+    // Cholesky QR: with G = HHᵀ = LLᵀ (wide) Hᵀ = QR, R = Lᵀ, Q = Hᵀ R⁻¹; with
+    // G = HᵀH = RᵀR (tall) H = QR, Q = H R⁻¹: a fraction of Householder's time.
+    // Q's orthogonality is lost in proportion to κ², the square of H's
     // condition number, but in double that stays below what rounding the new
     // weights to float32 costs anyway (κ² 1e-16 < κ 6e-8 up to κ ~ 5e8).
-    // Non-finite inputs make HHᵀ non-finite (float32 squares cannot overflow
+    // Non-finite inputs make G non-finite (float32 squares cannot overflow
     // double): R is then NaN, and so is every step, refused.
     const at::Tensor hd = inputs.to(at::kDouble);
-    f.gram = gram_of(hd);
-    const at::Tensor finite = at::isfinite(f.gram.sum());
-    auto [l, info] = at::linalg_cholesky_ex(
-        at::where(finite, f.gram, at::eye(f.gram.size(0), f.gram.options())));
+    const at::Tensor g = gram_of(f.wide ? hd : hd.t());
+    const at::Tensor finite = at::isfinite(g.sum());
+    auto [l, info] =
+        at::linalg_cholesky_ex(at::where(finite, g, at::eye(g.size(0), g.options())));
     l = at::where(info.eq(0).logical_and(finite), l, NAN);  // singular inputs too
     f.r = l.t();
-    f.q = at::linalg_solve_triangular(f.r, hd.t(), /*upper=*/true, /*left=*/false);
-    f.gram = at::where(finite, f.gram, NAN);
+    f.q = at::linalg_solve_triangular(f.r, f.wide ? hd.t() : hd, /*upper=*/true, /*left=*/false);
+    if (f.wide) f.gram = at::where(finite, g, NAN);
   } else {
     // Masked by their own finiteness only, as the factors may be kept.
     const at::Tensor finite = at::isfinite(inputs).all();

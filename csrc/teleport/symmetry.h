@@ -233,8 +233,8 @@ class DataDependentGL : public LayerSymmetry {
                                           Mode mode, bool in_place = false,
                                           const at::Tensor& known_z = {}) const;
   // The thin QR of the layer's inputs (a column of ones for the bias), in
-  // double: of inputsᵀ when `wide` (batch ≤ inputs; a Cholesky QR for float32
-  // weights), of inputs otherwise; Q
+  // double (a Cholesky QR for float32 weights): of inputsᵀ when `wide`
+  // (batch ≤ inputs), of inputs otherwise; Q
   // also in the inputs' dtype (q_work); R is NaN where the inputs are not finite.
   // Kept while the inputs are the same, unchanged tensor (the first layer's,
   // within one teleport).
