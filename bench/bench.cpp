@@ -256,7 +256,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("--published", published,
                  "also time the published ICLR 2024 code's MNIST teleport setting (true/false)");
-  app.add_option("--threads", threads, "intra-op threads (0 = LibTorch's default)")
+  app.add_option("--threads", threads, "intra-op threads (0 = LibTorch's default; OpenBLAS takes its own from OMP_NUM_THREADS)")
       ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
     if (device_name == "cuda" && !torch::cuda::is_available()) {
