@@ -13,6 +13,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <chrono>
 #include <functional>
@@ -256,14 +258,22 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("--published", published,
                  "also time the published ICLR 2024 code's MNIST teleport setting (true/false)");
-  app.add_option("--threads", threads, "intra-op threads (0 = LibTorch's default; OpenBLAS takes its own from OMP_NUM_THREADS)")
+  app.add_option("--threads", threads, "intra-op threads, OpenBLAS's too (0 = LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
     if (device_name == "cuda" && !torch::cuda::is_available()) {
       throw teleport::examples::UsageError("--device cuda: CUDA is not available here");
     }
     const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
-    if (threads > 0) at::set_num_threads(threads);
+    if (threads > 0) {
+      at::set_num_threads(threads);
+      // OpenBLAS (Debian's LibTorch) keeps its own thread pool, sized from
+      // OMP_NUM_THREADS at load, which set_num_threads() does not reach.
+      using SetThreads = void (*)(int);
+      if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
+        set(threads);
+      }
+    }
     std::vector<std::string> cases;
     for (int64_t w : parse_list<int64_t>(widths, "--widths")) {
       cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
