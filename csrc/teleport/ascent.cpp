@@ -31,13 +31,12 @@ TensorOpsOnCpu::TensorOpsOnCpu() : previous_(tensor_ops_on_cpu) {
 }
 TensorOpsOnCpu::~TensorOpsOnCpu() { tensor_ops_on_cpu = previous_; }
 
-namespace {
-// Whether the bookkeeping of an ascent on `params` runs on host values: on
-// the CPU, where reading a value costs nothing.
-bool host_bookkeeping(const std::vector<at::Tensor>& params) {
-  return params.front().device().is_cpu() && !tensor_ops_on_cpu;
+bool host_bookkeeping(const at::Tensor& like) {
+  return like.device().is_cpu() && !tensor_ops_on_cpu;
 }
-}  // namespace
+bool host_bookkeeping(const std::vector<at::Tensor>& params) {
+  return host_bookkeeping(params.front());
+}
 
 Snapshot::Snapshot(std::vector<at::Tensor> params) : params_(std::move(params)) {
   at::NoGradGuard no_grad;

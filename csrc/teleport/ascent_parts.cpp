@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace teleport::detail {
@@ -64,11 +65,19 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
 // T = η D, scaled down to Frobenius norm max_step when larger, and for
 // diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
 // reference mode). The factors are computed in double so that a cap of 1e300
-// over a tiny norm cannot overflow a float.
+// over a tiny norm cannot overflow a float; on the host where reading is free
+// (the same arithmetic, NaN propagated alike).
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive) {
   const at::Tensor t = direction * o.lr();
   if (o.mode() == Mode::kReference) return t;
+  if (host_bookkeeping(t)) {
+    const auto clamp_min = [](double x, double lo) { return std::isnan(x) || x >= lo ? x : lo; };
+    const auto min_of = [](double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b); };
+    double factor = min_of(o.max_step() / clamp_min(t.norm().item<double>(), 1e-300), 1.0);
+    if (keep_positive) factor = min_of(factor, 0.5 / clamp_min(-t.min().item<double>(), 1e-300));
+    return t * factor;
+  }
   at::Tensor factor =
       at::clamp_max(o.max_step() / at::clamp_min(t.norm().to(at::kDouble), 1e-300), 1.0);
   if (keep_positive) {
