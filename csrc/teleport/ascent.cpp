@@ -190,6 +190,66 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
                     const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
                     Mode mode = Mode::kExact);
 
+// A tensor as rows (batch × features), as BatchLoss hands out layer inputs.
+at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// The data-dependent actions an evaluation takes from their layer's output
+// (docs/design.md §3): one whose layer inputs H are a constant of F (the first
+// layer's: the batch) takes its pullback from ∂F/∂Z, Z the layer's output in
+// the evaluation's graph, instead of from ∂F/∂θ = Hᵀ ∂F/∂Z
+// (DataDependentGL::pullback_from_output). Within the rank condition, where
+// no other symmetry acts on its weight and bias, their gradient δᵀ[H 1] (δ =
+// ∂L/∂Z) enters F only as tr(δᵀ G δ), G = [H 1][H 1]ᵀ (batch × batch), with
+// ∂F/∂δ = 2 G δ: it is never formed (a product with the batch × inputs H
+// saved each way). On one process only: spread, Z holds this rank's rows.
+struct Taps {
+  std::vector<const DataDependentGL*> symmetry;  // per symmetry, null if not tapped
+  std::vector<at::Tensor> h, z;                  // its layer's input and output (graph)
+  std::vector<at::Tensor> gram;                  // G, where its gradient goes through G
+  std::vector<bool> via_gram;                    // per parameter: its gradient is not formed
+
+  bool tapped(size_t k) const { return symmetry[k] != nullptr; }
+};
+
+// Before the evaluation: the layers to record.
+std::vector<const DataDependentGL*> tap_candidates(const SymmetryList& syms, const BatchLoss& batch) {
+  std::vector<const DataDependentGL*> out(syms.size(), nullptr);
+  if (batch.group() != nullptr || !batch.has_model()) return out;
+  for (size_t k = 0; k < syms.size(); ++k) {
+    out[k] = dynamic_cast<const DataDependentGL*>(syms[k].get());
+    if (out[k] != nullptr) batch.watch(out[k]->parameters().front());
+  }
+  return out;
+}
+
+// After the loss's forward pass on `overrides`: which candidates are tapped.
+Taps taps_of(std::vector<const DataDependentGL*> candidates, const std::vector<at::Tensor>& params,
+             const std::vector<std::vector<size_t>>& where, const BatchLoss& batch,
+             const ParameterOverrides& overrides) {
+  const size_t n = candidates.size();
+  Taps t{std::move(candidates), std::vector<at::Tensor>(n), std::vector<at::Tensor>(n),
+         std::vector<at::Tensor>(n), std::vector<bool>(params.size(), false)};
+  std::vector<size_t> uses(params.size(), 0);
+  for (const auto& w : where) {
+    for (size_t i : w) ++uses[i];
+  }
+  for (size_t k = 0; k < n; ++k) {
+    if (t.symmetry[k] == nullptr) continue;
+    const auto [h, z] = batch.traced_layer(t.symmetry[k]->parameters().front(), overrides);
+    if (!z.defined() || !z.requires_grad() || h.requires_grad()) {
+      t.symmetry[k] = nullptr;
+      continue;
+    }
+    t.h[k] = h, t.z[k] = z;
+    bool alone = true;  // W_in and b_in: every parameter but W_out
+    for (size_t j = 0; j + 1 < where[k].size(); ++j) alone = alone && uses[where[k][j]] == 1;
+    if (alone) t.gram[k] = t.symmetry[k]->input_gram(rows_of(h));
+    if (!t.gram[k].defined()) continue;
+    for (size_t j = 0; j + 1 < where[k].size(); ++j) t.via_gram[where[k][j]] = true;
+  }
+  return t;
+}
+
 Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                           const std::vector<std::vector<size_t>>& where, const BatchLoss& batch) {
   at::AutoGradMode enable(true);
@@ -200,60 +260,26 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     overrides.emplace_back(p, current.back());
   }
   const bool spread = batch.group() != nullptr;
-  // A data-dependent action whose layer inputs H are a constant of F (the
-  // first layer's: the batch) takes its pullback from ∂F/∂Z, Z the layer's
-  // output in this evaluation's graph, instead of from ∂F/∂θ = Hᵀ ∂F/∂Z
-  // (DataDependentGL::pullback_from_output): the layer is watched so that the
-  // forward pass keeps Z (on one process; spread, Z is this rank's rows only).
-  std::vector<const DataDependentGL*> data_dependent(syms.size(), nullptr);
-  if (!spread && batch.has_model()) {
-    for (size_t k = 0; k < syms.size(); ++k) {
-      data_dependent[k] = dynamic_cast<const DataDependentGL*>(syms[k].get());
-      if (data_dependent[k] != nullptr) batch.watch(data_dependent[k]->parameters().front());
-    }
-  }
+  auto candidates = tap_candidates(syms, batch);  // watched: the forward pass keeps Z
   const at::Tensor loss = spread ? batch.loss(overrides) * batch.share() : batch.loss(overrides);
-  std::vector<at::Tensor> tapped_h(syms.size()), tapped_z(syms.size());
-  for (size_t k = 0; k < syms.size(); ++k) {
-    if (data_dependent[k] == nullptr) continue;
-    const auto [h, z] = batch.traced_layer(data_dependent[k]->parameters().front(), overrides);
-    if (z.defined() && z.requires_grad() && !h.requires_grad()) tapped_h[k] = h, tapped_z[k] = z;
-  }
-  const auto rows = [](const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); };
-  // A tapped layer within the rank condition whose weight and bias no other
-  // symmetry acts on: their gradient δᵀ[H 1] (δ = ∂L/∂Z) enters F only as
-  // tr(δᵀ G δ), G = [H 1][H 1]ᵀ, batch × batch, and ∂F/∂δ = 2 G δ, so it is
-  // never formed (a product with the batch × inputs H each way saved).
-  std::vector<size_t> uses(params.size(), 0);
-  for (const auto& w : where) {
-    for (size_t i : w) ++uses[i];
-  }
-  std::vector<at::Tensor> gram(syms.size());
-  std::vector<bool> via_gram(params.size(), false);
-  for (size_t k = 0; k < syms.size(); ++k) {
-    if (!tapped_z[k].defined()) continue;
-    bool alone = true;
-    for (size_t j = 0; j + 1 < where[k].size(); ++j) alone = alone && uses[where[k][j]] == 1;
-    if (alone) gram[k] = data_dependent[k]->input_gram(rows(tapped_h[k]));
-    if (!gram[k].defined()) continue;
-    for (size_t j = 0; j + 1 < where[k].size(); ++j) via_gram[where[k][j]] = true;
-  }
-  // The graph is kept for the directions, which are taken on demand.
+  const Taps taps = taps_of(std::move(candidates), params, where, batch, overrides);
+  // The graph is kept for the directions, which are taken on demand. The
+  // gradients g_i, and δ_k = ∂L/∂Z_k where the Gram matrix stands in for them.
   std::vector<at::Tensor> first;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (!via_gram[i]) first.push_back(current[i]);
+    if (!taps.via_gram[i]) first.push_back(current[i]);
   }
   for (size_t k = 0; k < syms.size(); ++k) {
-    if (gram[k].defined()) first.push_back(tapped_z[k]);
+    if (taps.gram[k].defined()) first.push_back(taps.z[k]);
   }
   const auto first_grads = torch::autograd::grad({loss}, first, {}, true, true);
-  std::vector<at::Tensor> grads(params.size()), deltas(syms.size());  // g_i; δ_k
+  std::vector<at::Tensor> grads(params.size()), deltas(syms.size());
   size_t at_first = 0;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (!via_gram[i]) grads[i] = first_grads[at_first++];
+    if (!taps.via_gram[i]) grads[i] = first_grads[at_first++];
   }
   for (size_t k = 0; k < syms.size(); ++k) {
-    if (gram[k].defined()) deltas[k] = first_grads[at_first++];
+    if (taps.gram[k].defined()) deltas[k] = first_grads[at_first++];
   }
   Evaluation ev;
   // ∂F/∂w = Σ_i (∂g_i/∂w)ᵀ 2ḡ_i: one vector-Jacobian product through the
@@ -279,8 +305,8 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
   std::vector<at::Tensor> gram_delta(syms.size());  // 2 G δ, in δ's shape and dtype
   for (size_t k = 0; k < syms.size(); ++k) {
     if (!deltas[k].defined()) continue;
-    const at::Tensor d = rows(deltas[k].detach()).to(at::kDouble);
-    const at::Tensor gd = at::mm(gram[k], d);
+    const at::Tensor d = rows_of(deltas[k].detach()).to(at::kDouble);
+    const at::Tensor gd = at::mm(taps.gram[k], d);
     ev.F = ev.F + (d * gd).sum().to(ev.F.scalar_type());
     gram_delta[k] = (gd * 2).to(deltas[k].scalar_type()).reshape(deltas[k].sizes());
   }
@@ -300,7 +326,7 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     // W_out's), then ∂F/∂Z for the tapped layers' outputs.
     std::vector<bool> needed(params.size(), false);
     for (size_t k = 0; k < syms.size(); ++k) {
-      if (tapped_z[k].defined()) {
+      if (taps.tapped(k)) {
         needed[where[k].back()] = true;
       } else {
         for (size_t i : where[k]) needed[i] = true;
@@ -310,7 +336,7 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     for (size_t i = 0; i < params.size(); ++i) {
       if (needed[i]) inputs.push_back(current[i]);
     }
-    for (const auto& z : tapped_z) {
+    for (const auto& z : taps.z) {
       if (z.defined()) inputs.push_back(z);
     }
     std::vector<at::Tensor> derivatives(inputs.size());
@@ -330,14 +356,13 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
     std::vector<at::Tensor> directions;
     for (size_t k = 0; k < syms.size(); ++k) {
-      if (tapped_z[k].defined()) {
-        const at::Tensor& z = tapped_z[k];
+      if (taps.tapped(k)) {
+        const at::Tensor z = rows_of(taps.z[k].detach());
         const at::Tensor& d = derivatives[next++];
-        const auto rows = [](const at::Tensor& t) { return t.detach().reshape({-1, t.size(-1)}); };
-        const at::Tensor dz = d.defined() ? rows(d) : at::zeros_like(rows(z));
+        const at::Tensor dz = d.defined() ? rows_of(d) : at::zeros_like(z);
         const size_t out = where[k].back();
-        directions.push_back(data_dependent[k]->pullback_from_output(
-            dz, rows(tapped_h[k]), rows(z), current[out].detach(), dF[out]));
+        directions.push_back(taps.symmetry[k]->pullback_from_output(
+            dz, rows_of(taps.h[k].detach()), z, current[out].detach(), dF[out]));
         continue;
       }
       std::vector<at::Tensor> own;
