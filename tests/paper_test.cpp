@@ -176,6 +176,31 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   EXPECT_TRUE(at::equal(in_place.layer_of(w1).second, z1));
 }
 
+// The data-dependent action's public pieces say what they expected.
+TEST_P(PaperTest, DataDependentPiecesCheckTheirInputs) {
+  auto r = regression({4, 5, 6, 7, 8}, true, f64(), 0);
+  const auto syms = data_dependent(r.model);
+  const auto* d = dynamic_cast<const DataDependentGL*>(syms[0].get());
+  ASSERT_NE(d, nullptr);
+  const auto w_out = syms[0]->parameters().back();
+  const at::Tensor h = torch::rand({4, 5}, f64()), z = torch::rand({4, 6}, f64());
+  EXPECT_TRUE(d->input_gram(h).defined());
+  EXPECT_NE(error_of([&] { d->input_gram(torch::rand({4, 7}, f64())); })
+                .find("expected the layer's inputs as rows, [batch, 5]"),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros_like(w_out)); }),
+            "");
+  EXPECT_NE(error_of([&] {
+              d->pullback_from_output(torch::rand({4, 5}, f64()), h, z, w_out.detach(),
+                                      torch::zeros_like(w_out));
+            }).find("expected Z and dF/dZ of 4 x 6"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros({2, 6}, f64()));
+            }).find("expected W_out and its cotangent"),
+            std::string::npos);
+}
+
 // traced_layer() hands out a layer's output from the last evaluation's graph
 // only where it is that graph's: the derivative of the loss through it gives
 // the weight's gradient (∂L/∂W = (∂L/∂Z)ᵀ X for a Linear), and any other

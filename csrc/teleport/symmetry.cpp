@@ -343,8 +343,8 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
 }
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
-// cheaper; for float32 weights the Cholesky QR in factors()): within the rank condition (batch ≤ inputs) inputsᵀ = QR and
-// inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
+// cheaper; for float32 weights the Cholesky QR in factors()): within the rank
+// condition (batch ≤ inputs) inputsᵀ = QR and inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
 // least-squares solution. A rank-deficient batch gives non-finite values
 // (refused like any non-finite step) or far-off ones (the loss check rolls back).
 //
@@ -461,9 +461,23 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
 }
 
+void DataDependentGL::check_layer_rows(const at::Tensor& h, const char* what) const {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) == w_in_.size(1), name_, ": ", what,
+              " expected the layer's inputs as rows, [batch, ", w_in_.size(1), "], got ",
+              shape_of(h));
+}
+
 at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
                                                 const at::Tensor& z, const at::Tensor& w_out,
                                                 const at::Tensor& c_out) const {
+  check_layer_rows(h, "pullback_from_output");
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == h.size(0) && z.size(1) == width() &&
+                  dF_dz.sizes() == z.sizes(),
+              name_, ": pullback_from_output expected Z and dF/dZ of ", h.size(0), " x ", width(),
+              " (the layer's outputs), got ", shape_of(z), " and ", shape_of(dF_dz));
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == width() && c_out.sizes() == w_out.sizes(),
+              name_, ": pullback_from_output expected W_out and its cotangent of shape [*, ",
+              width(), "], got ", shape_of(w_out), " and ", shape_of(c_out));
   at::NoGradGuard no_grad;
   // (inputs⁺)ᵀ c_θᵀ with c_θ = inputsᵀ ∂F/∂Z: ∂F/∂Z itself where the inputs'
   // rows are independent (inputsᵀ = QR: R⁻¹ Qᵀ Q R ∂F/∂Z), else Q Qᵀ ∂F/∂Z
@@ -478,6 +492,7 @@ at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const 
 }
 
 at::Tensor DataDependentGL::input_gram(const at::Tensor& h) const {
+  check_layer_rows(h, "input_gram");
   at::NoGradGuard no_grad;
   if (h.size(0) > h.size(1) + (b_in_.defined() ? 1 : 0)) return {};
   return factors(h, b_in_.defined()).gram;

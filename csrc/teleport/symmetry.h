@@ -243,6 +243,8 @@ class DataDependentGL : public LayerSymmetry {
     bool wide = true;
   };
   Factors factors(const at::Tensor& h, bool bias) const;
+  // TORCH_CHECKs that h is the layer's inputs as rows.
+  void check_layer_rows(const at::Tensor& h, const char* what) const;
   // Exact mode, from the factors: W + ΔW and b + Δb for [ΔW Δb]ᵀ = inputs⁺ x
   // (into w and b when `in_place`), and (inputs⁺)ᵀ [c_W c_b]ᵀ.
   std::pair<at::Tensor, at::Tensor> moved(const Factors& f, const at::Tensor& x, at::Tensor w,
