@@ -215,6 +215,9 @@ TEST_P(PaperTest, TracedLayerIsTheLastEvaluationsOwn) {
   for (const auto& t : p) vars.emplace_back(t, t.detach().requires_grad_(true));
   objective.loss(vars);
   EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "an unwatched layer";
+  const BatchLoss parametric([](const ParameterOverrides&) { return torch::zeros({}); });
+  EXPECT_NE(error_of([&] { parametric.watch(p[2]); }).find("has no model"), std::string::npos);
+  EXPECT_FALSE(parametric.traced_layer(p[2]).second.defined());
   objective.watch(p[2]);
   const at::Tensor loss = objective.loss(vars);
   const auto [h, z] = objective.traced_layer(p[2], vars);

@@ -376,6 +376,8 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
 }
 
 void BatchLoss::watch(const at::Tensor& weight) const {
+  TORCH_CHECK(has_model(), "BatchLoss::watch: this objective has no model");
+  TORCH_CHECK(weight.defined(), "BatchLoss::watch: expected a layer's weight, got an undefined tensor");
   std::lock_guard<std::mutex> lock(seen_->mutex);
   seen_->watch(weight);
 }
