@@ -62,27 +62,35 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
          o.mode() == Mode::kExact;
 }
 
+namespace {
+// The factor that scales a step of Frobenius norm `norm` down to max_step,
+// and, given `most_negative` (−min t), keeps every 1 + t >= 1/2; on host
+// doubles or 0-dim double tensors alike (NaN propagated either way).
+template <class V>
+V step_factor(const V& norm, const V* most_negative, const TeleportOptions& o) {
+  V factor = clamp_(o.max_step() / clamp_(norm, 1e-300, INFINITY), -INFINITY, 1.0);
+  if (most_negative != nullptr) {
+    factor = minimum_(factor, 0.5 / clamp_(*most_negative, 1e-300, INFINITY));
+  }
+  return factor;
+}
+}  // namespace
+
 // T = η D, scaled down to Frobenius norm max_step when larger, and for
 // diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
 // reference mode). The factors are computed in double so that a cap of 1e300
-// over a tiny norm cannot overflow a float; on the host where reading is free
-// (the same arithmetic, NaN propagated alike).
+// over a tiny norm cannot overflow a float; on the host where reading is free.
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive) {
   const at::Tensor t = direction * o.lr();
   if (o.mode() == Mode::kReference) return t;
   if (host_bookkeeping(t)) {
-    const auto clamp_min = [](double x, double lo) { return std::isnan(x) || x >= lo ? x : lo; };
-    const auto min_of = [](double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b); };
-    double factor = min_of(o.max_step() / clamp_min(t.norm().item<double>(), 1e-300), 1.0);
-    if (keep_positive) factor = min_of(factor, 0.5 / clamp_min(-t.min().item<double>(), 1e-300));
-    return t * factor;
+    const double negative = keep_positive ? -t.min().item<double>() : 0.0;
+    return t * step_factor(t.norm().item<double>(), keep_positive ? &negative : nullptr, o);
   }
-  at::Tensor factor =
-      at::clamp_max(o.max_step() / at::clamp_min(t.norm().to(at::kDouble), 1e-300), 1.0);
-  if (keep_positive) {
-    factor = at::minimum(factor, 0.5 / at::clamp_min(-t.min().to(at::kDouble), 1e-300));
-  }
+  const at::Tensor negative = keep_positive ? -t.min().to(at::kDouble) : at::Tensor();
+  const at::Tensor factor =
+      step_factor(t.norm().to(at::kDouble), keep_positive ? &negative : nullptr, o);
   return t * factor.to(t.scalar_type());
 }
 

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -68,6 +69,10 @@ inline at::Tensor isfinite_(const at::Tensor& x) { return at::isfinite(x); }
 inline bool isfinite_(double x) { return std::isfinite(x); }
 inline at::Tensor clamp_(const at::Tensor& x, double lo, double hi) { return at::clamp(x, lo, hi); }
 inline double clamp_(double x, double lo, double hi) { return x < lo ? lo : x > hi ? hi : x; }
+inline at::Tensor minimum_(const at::Tensor& a, const at::Tensor& b) { return at::minimum(a, b); }
+inline double minimum_(double a, double b) {  // NaN propagated, as at::minimum
+  return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b);
+}
 inline at::Tensor count_(const at::Tensor& flag) { return flag.to(at::kLong); }
 inline int64_t count_(bool flag) { return flag ? 1 : 0; }
 inline double relu_(double x) { return x > 0 ? x : 0; }
