@@ -290,6 +290,28 @@ TEST_P(OptimizerTest, OnDemandTeleportsWhenTheGradientCollapses) {
   for (size_t i = 1; i < fired.size(); ++i) EXPECT_GE(fired[i] - fired[i - 1], 15);
 }
 
+// A RandomState replays every draw of the CPU's generator (and the device's):
+// uniform, integer and normal ones, whose Box–Muller pair leaves one sample
+// cached in the generator, so an odd count of normal draws must replay too.
+TEST_P(OptimizerTest, RandomStateReplaysEveryDraw) {
+  torch::manual_seed(11);
+  const auto opts = torch::TensorOptions(device()).dtype(torch::kDouble);
+  auto draws = [&] {
+    std::vector<at::Tensor> out = {torch::randn({1}, torch::kDouble), torch::randn({1}, torch::kFloat),
+                                   torch::rand({5}, torch::kDouble), torch::randint(0, 1000, {7}),
+                                   torch::randn({33}, opts), torch::rand({3}, opts)};
+    return out;
+  };
+  torch::randn({1}, torch::kDouble);  // a normal sample left cached
+  const RandomState state(devices_of({torch::zeros({1}, opts)}));
+  const auto first = draws();
+  state.restore();
+  const auto again = draws();
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_TRUE(torch::equal(first[i], again[i])) << i;
+  const auto next = draws();  // the stream goes on from where the replay left it
+  EXPECT_FALSE(torch::equal(next[2], first[2]));
+}
+
 // Dropout draws new masks at every forward; the loss before and after a
 // teleport must see the same ones, or every exact teleport looks inexact.
 TEST_P(OptimizerTest, DropoutModelsTeleportWithTheSameMasksBeforeAndAfter) {

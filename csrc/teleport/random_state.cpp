@@ -1,5 +1,6 @@
 #include <teleport/random_state.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 
 #include <algorithm>
@@ -7,12 +8,24 @@
 
 namespace teleport {
 
-RandomState::RandomState(const std::vector<c10::Device>& devices) {
-  std::vector<c10::Device> all = {c10::Device(c10::kCPU)};
-  for (const auto& d : devices) {
-    if (std::find(all.begin(), all.end(), d) == all.end()) all.push_back(d);
+struct RandomState::CpuState {
+  at::mt19937 engine;
+  c10::optional<float> next_float_normal;
+  c10::optional<double> next_double_normal;
+};
+
+RandomState::RandomState(const std::vector<c10::Device>& devices)
+    : cpu_(at::globalContext().defaultGenerator(c10::Device(c10::kCPU))) {
+  {
+    std::lock_guard<std::mutex> lock(cpu_.mutex());
+    auto* cpu = cpu_.get<at::CPUGeneratorImpl>();
+    cpu_state_ = std::make_shared<const CpuState>(CpuState{
+        cpu->engine(), cpu->next_float_normal_sample(), cpu->next_double_normal_sample()});
   }
-  for (const auto& d : all) {
+  std::vector<c10::Device> others;
+  for (const auto& d : devices) {
+    if (d.is_cpu() || std::find(others.begin(), others.end(), d) != others.end()) continue;
+    others.push_back(d);
     at::Generator gen = at::globalContext().defaultGenerator(d);
     std::lock_guard<std::mutex> lock(gen.mutex());
     states_.emplace_back(gen, gen.get_state());
@@ -20,6 +33,14 @@ RandomState::RandomState(const std::vector<c10::Device>& devices) {
 }
 
 void RandomState::restore() const {
+  {
+    at::Generator g = cpu_;
+    std::lock_guard<std::mutex> lock(g.mutex());
+    auto* cpu = g.get<at::CPUGeneratorImpl>();
+    cpu->set_engine(cpu_state_->engine);
+    cpu->set_next_float_normal_sample(cpu_state_->next_float_normal);
+    cpu->set_next_double_normal_sample(cpu_state_->next_double_normal);
+  }
   for (const auto& [gen, state] : states_) {
     at::Generator g = gen;
     std::lock_guard<std::mutex> lock(g.mutex());

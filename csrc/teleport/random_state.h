@@ -4,6 +4,7 @@
 #include <ATen/core/Generator.h>
 #include <c10/core/Device.h>
 
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -21,6 +22,12 @@ class RandomState {
   void restore() const;
 
  private:
+  // The CPU's generator as a copy of its engine (a few kilobytes copied,
+  // against get_state()'s tensor and set_state()'s checks at every
+  // evaluation of a loss); other devices' through their state tensors.
+  struct CpuState;
+  at::Generator cpu_;
+  std::shared_ptr<const CpuState> cpu_state_;
   std::vector<std::pair<at::Generator, at::Tensor>> states_;
 };
 
