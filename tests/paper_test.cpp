@@ -2,7 +2,11 @@
 // reference mode against exact mode.
 #include "test_util.h"
 
+#include <teleport/internal/tensor_ops.h>
+
 #include <torch/optim/sgd.h>
+
+#include <optional>
 
 namespace teleport::testing {
 namespace {
@@ -313,6 +317,61 @@ TEST_P(PaperTest, DataDependentActionInFloat32IsAsExactAsFloat32Weights) {
       EXPECT_LE(ours, 2 * rounded) << "low rank " << low_rank << ", round " << round;
     }
   }
+}
+
+// Small float32 layers on the CPU take the data-dependent action's Cholesky
+// QR on the host, and under TensorOpsOnCpu the ATen calls: both must move the
+// weights and pull back cotangents alike, within the rank condition and
+// beyond, with and without biases; a singular batch (a zero row, no bias) and
+// a non-finite one give NaN on both.
+TEST_P(PaperTest, DataDependentFactorsOnHostMatchTensorOps) {
+  if (GetParam() != torch::kCPU) GTEST_SKIP() << "the host path runs on CPU only";
+  const auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return torch::isnan(a).equal(torch::isnan(b)) &&
+           rel_diff(torch::nan_to_num(a, 0.0).to(torch::kDouble),
+                    torch::nan_to_num(b, 0.0).to(torch::kDouble)) <= 1e-6;
+  };
+  int64_t nan_cases = 0;
+  for (bool bias : {false, true}) {
+    for (int64_t rows : {4, 9}) {     // within the rank condition (<= 5 inputs), beyond it
+      for (int poison : {0, 1, 2}) {  // none, a zero row, a NaN
+        std::vector<std::vector<at::Tensor>> weights, directions;
+        for (bool tensor_ops : {false, true}) {
+          auto m = make_mlp({5, 7, 6, 3}, Act::kLeakyReLU, bias, f32(), 2);
+          auto b = random_batch(rows, 5, 3, f32(), 3);
+          if (poison == 1) b.input[1].zero_();
+          if (poison == 2) b.input[2][3] = NAN;
+          const BatchLoss objective(m, b.input, b.target, mse());
+          const auto syms = data_dependent(m);
+          std::optional<detail::TensorOpsOnCpu> switched;
+          if (tensor_ops) switched.emplace();
+          torch::manual_seed(4);
+          std::vector<at::Tensor> pulled;
+          for (const auto& s : syms) {
+            std::vector<at::Tensor> cotangents;
+            for (const auto& p : s->parameters()) cotangents.push_back(torch::randn_like(p));
+            pulled.push_back(s->pullback(s->parameters(), cotangents, &objective, {}));
+          }
+          for (const auto& s : syms) {
+            const at::Tensor T = torch::randn_like(s->zero_algebra()) * 0.1;
+            s->apply_(s->element(T, Parametrization::kLinear), &objective);
+          }
+          weights.push_back(clone_all(m->parameters()));
+          directions.push_back(pulled);
+        }
+        const std::string where = "bias " + std::to_string(bias) + ", rows " +
+                                  std::to_string(rows) + ", poison " + std::to_string(poison);
+        for (size_t i = 0; i < weights[0].size(); ++i) {
+          EXPECT_TRUE(same(weights[0][i], weights[1][i])) << where << ", parameter " << i;
+        }
+        for (size_t k = 0; k < directions[0].size(); ++k) {
+          EXPECT_TRUE(same(directions[0][k], directions[1][k])) << where << ", symmetry " << k;
+        }
+        nan_cases += torch::isnan(weights[0][0]).any().item<bool>();
+      }
+    }
+  }
+  EXPECT_GE(nan_cases, 3);  // the NaN batches and the singular one did reach the factors
 }
 
 // The data-dependent direction comes from ∂F/∂w pulled back through each

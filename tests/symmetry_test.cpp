@@ -161,6 +161,47 @@ TEST_P(SymmetryTest, InversesAreExact) {
   }
 }
 
+// Small elements on the CPU are inverted on the host, larger ones and others
+// by linalg_inv_ex: both must give that call's inverse and its verdict on
+// singular and non-finite matrices, and autograd must still see the inverse.
+TEST_P(SymmetryTest, SmallAndLargeInversesAgreeWithLinalgInv) {
+  torch::manual_seed(0);
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    const auto opts = torch::TensorOptions(GetParam()).dtype(dtype);
+    const double tol = dtype == torch::kDouble ? 1e-12 : 2e-5;
+    for (int64_t n : {1, 2, 6, 16, 17, 40}) {
+      const at::Tensor T = torch::randn({n, n}, opts) * 0.3;
+      const auto e = GroupElement::from_algebra(T, false, Parametrization::kLinear);
+      const auto [expected, info] = at::linalg_inv_ex(T + torch::eye(n, opts));
+      EXPECT_EQ(e.g_inv.scalar_type(), dtype);
+      EXPECT_LE(rel_diff(e.g_inv, expected), tol) << "n = " << n;
+      EXPECT_TRUE(e.invertible.item<bool>());
+      // g = I + T singular: a zero row, and a repeated one.
+      at::Tensor zero_row = -torch::eye(n, opts);
+      at::Tensor repeated = torch::randn({n, n}, opts);
+      if (n > 1) repeated[1] = repeated[0];
+      for (const auto& singular_T : {zero_row, repeated - torch::eye(n, opts)}) {
+        if (n == 1 && singular_T.equal(repeated - torch::eye(n, opts))) continue;
+        const auto s = GroupElement::from_algebra(singular_T, false, Parametrization::kLinear);
+        const bool lapack = std::get<1>(at::linalg_inv_ex(singular_T + torch::eye(n, opts))).eq(0).item<bool>();
+        EXPECT_EQ(s.invertible.item<bool>(), lapack) << "n = " << n;
+      }
+      at::Tensor poisoned = T.clone();
+      poisoned[0][0] = NAN;
+      const auto p = GroupElement::from_algebra(poisoned, false, Parametrization::kLinear);
+      EXPECT_FALSE(torch::isfinite(p.g_inv).all().item<bool>() && p.invertible.item<bool>());
+    }
+    // Recorded by autograd: d tr(g⁻¹)/dT = -(g⁻²)ᵀ, on both paths.
+    for (int64_t n : {5, 20}) {
+      const at::Tensor T = (torch::randn({n, n}, opts) * 0.3).requires_grad_(true);
+      const auto e = GroupElement::from_algebra(T, false, Parametrization::kLinear);
+      const at::Tensor grad = torch::autograd::grad({e.g_inv.trace()}, {T})[0];
+      const at::Tensor inv = e.g_inv.detach();
+      EXPECT_LE(rel_diff(grad, -torch::mm(inv, inv).t()), tol * 10) << "n = " << n;
+    }
+  }
+}
+
 TEST_P(SymmetryTest, MaskedElementIsIdentityWhenFalse) {
   const auto e = GroupElement::from_algebra(torch::randn({4, 4}, f64()), false,
                                             Parametrization::kExp);

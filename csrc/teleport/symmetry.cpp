@@ -1,10 +1,13 @@
 #include <teleport/symmetry.h>
+#include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -41,6 +44,55 @@ at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   return at::matmul(x3.transpose(1, 2), m).transpose(1, 2).reshape(x.sizes());
 }
 
+// linalg_inv_ex for a small matrix on the CPU: Gauss–Jordan elimination with
+// partial pivoting, in double on the host. At the widths of the paper's
+// regression (6 × 6) linalg_inv_ex's dispatch costs some 20 µs and the
+// arithmetic well under one. As LAPACK's getrf, a zero pivot (only zeros left
+// in a column) makes `invertible` false; non-finite entries give NaN. Returns
+// nothing where the ATen call is the one to make: a larger matrix, another
+// device or dtype, or one that autograd records.
+constexpr int64_t kHostInverseMax = 16;
+std::optional<std::pair<at::Tensor, at::Tensor>> inverse_on_host(const at::Tensor& g) {
+  if (!g.device().is_cpu() || g.dim() != 2 || g.size(0) != g.size(1) ||
+      g.size(0) > kHostInverseMax ||
+      (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble) ||
+      (g.requires_grad() && at::GradMode::is_enabled())) {
+    return std::nullopt;
+  }
+  const int64_t n = g.size(0);
+  const at::Tensor in = g.detach().to(at::kDouble).contiguous();
+  std::vector<double> a(in.data_ptr<double>(), in.data_ptr<double>() + n * n), inv(n * n, 0.0);
+  for (int64_t i = 0; i < n; ++i) inv[i * n + i] = 1;
+  bool invertible = true;
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t p = c;
+    for (int64_t r = c + 1; r < n; ++r) {
+      if (std::abs(a[r * n + c]) > std::abs(a[p * n + c])) p = r;
+    }
+    if (a[p * n + c] == 0) {
+      invertible = false;
+      break;
+    }
+    if (p != c) {
+      for (int64_t j = 0; j < n; ++j) {
+        std::swap(a[p * n + j], a[c * n + j]);
+        std::swap(inv[p * n + j], inv[c * n + j]);
+      }
+    }
+    const double d = 1 / a[c * n + c];
+    for (int64_t j = 0; j < n; ++j) a[c * n + j] *= d, inv[c * n + j] *= d;
+    for (int64_t r = 0; r < n; ++r) {
+      const double f = a[r * n + c];
+      if (r == c || f == 0) continue;
+      for (int64_t j = 0; j < n; ++j) a[r * n + j] -= f * a[c * n + j], inv[r * n + j] -= f * inv[c * n + j];
+    }
+  }
+  at::Tensor out = at::empty({n, n}, in.options());
+  std::copy(inv.begin(), inv.end(), out.data_ptr<double>());
+  return std::make_pair(out.to(g.scalar_type()),
+                        at::scalar_tensor(invertible, g.options().dtype(at::kBool)));
+}
+
 std::string shape_of(const at::Tensor& t) {
   std::ostringstream os;
   os << t.sizes();
@@ -61,9 +113,13 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
     e.g_inv = at::reciprocal(e.g);
   } else {
     e.g = T + at::eye(T.size(0), T.options());
-    auto [inverse, info] = at::linalg_inv_ex(e.g);
-    e.g_inv = inverse;
-    e.invertible = info.eq(0);
+    if (auto host = inverse_on_host(e.g)) {
+      std::tie(e.g_inv, e.invertible) = *host;
+    } else {
+      auto [inverse, info] = at::linalg_inv_ex(e.g);
+      e.g_inv = inverse;
+      e.invertible = info.eq(0);
+    }
   }
   return e;
 }
@@ -312,6 +368,86 @@ at::Tensor gram_of(const at::Tensor& h) {
 }
 }  // namespace
 
+namespace {
+// The Cholesky QR of factors() for small float32 inputs on the CPU, on the
+// host in double (the same arithmetic as its ATen calls, a dozen of which cost
+// more than the products at the sizes of the paper's problems). M is the
+// inputs (with the ones column) transposed where wide and as they are where
+// tall, p × k with k ≤ p: G = MᵀM = LLᵀ, R = Lᵀ, Q = M R⁻¹. A non-finite or
+// not positive definite G makes R and Q NaN, as there. Returns false where
+// the ATen calls are the ones to make.
+constexpr int64_t kHostFactorsMaxWork = 1 << 16;  // p·k² multiply-adds
+bool cholesky_qr_on_host(const at::Tensor& h, bool bias, bool wide, at::Tensor& r_out,
+                         at::Tensor& q_out, at::Tensor& gram_out) {
+  const int64_t rows = h.size(0), cols = h.size(1) + (bias ? 1 : 0);
+  const int64_t p = wide ? cols : rows, k = wide ? rows : cols;
+  if (!detail::host_bookkeeping(h) || h.scalar_type() != at::kFloat ||
+      (h.requires_grad() && at::GradMode::is_enabled()) || p * k * k > kHostFactorsMaxWork) {
+    return false;
+  }
+  const at::Tensor hc = h.detach().contiguous();
+  const float* in = hc.data_ptr<float>();
+  // M[i][a]: entry i of column a of M, i < p, a < k.
+  std::vector<double> m(static_cast<size_t>(p * k));
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col = 0; col < cols; ++col) {
+      const double v = col < h.size(1) ? in[row * h.size(1) + col] : 1.0;
+      m[wide ? col * k + row : row * k + col] = v;
+    }
+  }
+  std::vector<double> g(static_cast<size_t>(k * k), 0.0);
+  for (int64_t i = 0; i < p; ++i) {
+    const double* mi = &m[i * k];
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t b = 0; b <= a; ++b) g[a * k + b] += mi[a] * mi[b];
+    }
+  }
+  double total = 0;
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < a; ++b) g[b * k + a] = g[a * k + b], total += 2 * g[a * k + b];
+    total += g[a * k + a];
+  }
+  // L row by row; R = Lᵀ stored as r[j][c] = L[c][j].
+  std::vector<double> r(static_cast<size_t>(k * k), 0.0);
+  bool ok = std::isfinite(total);
+  for (int64_t c = 0; c < k && ok; ++c) {
+    for (int64_t j = 0; j <= c; ++j) {
+      double s = g[c * k + j];
+      for (int64_t l = 0; l < j; ++l) s -= r[l * k + c] * r[l * k + j];
+      if (j == c) {
+        ok = s > 0;  // false for NaN too
+        r[c * k + c] = std::sqrt(s);
+      } else {
+        r[j * k + c] = s / r[j * k + j];
+      }
+    }
+  }
+  if (!ok) std::fill(r.begin(), r.end(), NAN);
+  // Q = M R⁻¹ row by row: q_i R = m_i, R upper triangular.
+  std::vector<double> q(static_cast<size_t>(p * k));
+  for (int64_t i = 0; i < p; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      double s = m[i * k + j];
+      for (int64_t l = 0; l < j; ++l) s -= q[i * k + l] * r[l * k + j];
+      q[i * k + j] = s / r[j * k + j];
+    }
+  }
+  const auto options = h.options().dtype(at::kDouble);
+  auto tensor_of = [&](const std::vector<double>& v, int64_t a, int64_t b) {
+    at::Tensor t = at::empty({a, b}, options);
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+    return t;
+  };
+  r_out = tensor_of(r, k, k);
+  q_out = tensor_of(q, p, k);
+  if (wide) {
+    if (!std::isfinite(total)) std::fill(g.begin(), g.end(), NAN);
+    gram_out = tensor_of(g, k, k);
+  }
+  return true;
+}
+}  // namespace
+
 std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
                                                          const at::Tensor& w,
                                                          const at::Tensor& b,
@@ -408,7 +544,9 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
   f.wide = inputs.size(0) <= inputs.size(1);
   // In double: the inputs' small singular values would amplify float32 rounding
   // of the right-hand side (10x the loss drift of the SVD, which cuts them off).
-  if (h.scalar_type() == at::kFloat) {
+  if (cholesky_qr_on_host(h, bias, f.wide, f.r, f.q, f.gram)) {
+    // The Cholesky QR below, on the host.
+  } else if (h.scalar_type() == at::kFloat) {
     // Cholesky QR: with G = HHᵀ = LLᵀ (wide) Hᵀ = QR, R = Lᵀ, Q = Hᵀ R⁻¹; with
     // G = HᵀH = RᵀR (tall) H = QR, Q = H R⁻¹: a fraction of Householder's time.
     // Q's orthogonality is lost in proportion to κ², the square of H's

@@ -1,6 +1,7 @@
 #pragma once
 // Not installed: what the ascent engines share (ascent.cpp, gl_ascent.cpp).
 
+#include <teleport/internal/tensor_ops.h>
 #include <teleport/options.h>
 #include <teleport/symmetry.h>
 
@@ -124,12 +125,6 @@ inline at::Tensor as_tensor(double v, const at::Tensor& like) {
 inline at::Tensor as_tensor(int64_t v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options().dtype(at::kLong));
 }
-
-// Whether the bookkeeping of an ascent on tensors like these runs on host
-// values: on the CPU, where reading a value costs nothing (unless
-// TensorOpsOnCpu, internal/tensor_ops.h, says otherwise).
-bool host_bookkeeping(const at::Tensor& like);
-bool host_bookkeeping(const std::vector<at::Tensor>& params);
 
 // The cap on ||∇L||² after the teleport (none in reference mode).
 template <class V>
