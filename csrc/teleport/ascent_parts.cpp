@@ -80,18 +80,21 @@ V step_factor(const V& norm, const V* most_negative, const TeleportOptions& o) {
 // diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
 // reference mode). The factors are computed in double so that a cap of 1e300
 // over a tiny norm cannot overflow a float; on the host where reading is free.
+// (The norm and minimum of η D are η times D's, so the step takes one product.)
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive) {
-  const at::Tensor t = direction * o.lr();
-  if (o.mode() == Mode::kReference) return t;
-  if (host_bookkeeping(t)) {
-    const double negative = keep_positive ? -t.min().item<double>() : 0.0;
-    return t * step_factor(t.norm().item<double>(), keep_positive ? &negative : nullptr, o);
+  const double lr = o.lr();
+  if (o.mode() == Mode::kReference) return direction * lr;
+  if (host_bookkeeping(direction)) {
+    const double negative = keep_positive ? -direction.min().item<double>() * lr : 0.0;
+    const double norm = direction.norm().item<double>() * lr;
+    return direction * (lr * step_factor(norm, keep_positive ? &negative : nullptr, o));
   }
-  const at::Tensor negative = keep_positive ? -t.min().to(at::kDouble) : at::Tensor();
+  const at::Tensor negative =
+      keep_positive ? -direction.min().to(at::kDouble) * lr : at::Tensor();
   const at::Tensor factor =
-      step_factor(t.norm().to(at::kDouble), keep_positive ? &negative : nullptr, o);
-  return t * factor.to(t.scalar_type());
+      step_factor(direction.norm().to(at::kDouble) * lr, keep_positive ? &negative : nullptr, o);
+  return direction * (factor * lr).to(direction.scalar_type());
 }
 
 // The group element of one ascent step: the symmetry's own, or in reference

@@ -44,25 +44,30 @@ at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   return at::matmul(x3.transpose(1, 2), m).transpose(1, 2).reshape(x.sizes());
 }
 
-// linalg_inv_ex for a small matrix on the CPU: Gauss–Jordan elimination with
-// partial pivoting, in double on the host. At the widths of the paper's
-// regression (6 × 6) linalg_inv_ex's dispatch costs some 20 µs and the
-// arithmetic well under one. As LAPACK's getrf, a zero pivot (only zeros left
-// in a column) makes `invertible` false; non-finite entries give NaN. Returns
-// nothing where the ATen call is the one to make: a larger matrix, another
-// device or dtype, or one that autograd records.
+// I + T and its inverse for a small matrix T on the CPU, with I + T as the
+// ATen sum gives it and its inverse by Gauss–Jordan elimination with partial
+// pivoting, in double on the host: at the widths of the paper's regression
+// (6 × 6) linalg_inv_ex's dispatch costs some 20 µs, the arithmetic well under
+// one. As LAPACK's getrf, a zero pivot (only zeros left in a column) makes
+// `invertible` false; non-finite entries give NaN. Nothing where the ATen
+// calls are the ones to make: a larger matrix, another device or dtype, or
+// one that autograd records.
 constexpr int64_t kHostInverseMax = 16;
-std::optional<std::pair<at::Tensor, at::Tensor>> inverse_on_host(const at::Tensor& g) {
-  if (!g.device().is_cpu() || g.dim() != 2 || g.size(0) != g.size(1) ||
-      g.size(0) > kHostInverseMax ||
-      (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble) ||
-      (g.requires_grad() && at::GradMode::is_enabled())) {
+std::optional<GroupElement> linear_element_on_host(const at::Tensor& T) {
+  if (!T.device().is_cpu() || T.dim() != 2 || T.size(0) != T.size(1) ||
+      T.size(0) > kHostInverseMax ||
+      (T.scalar_type() != at::kFloat && T.scalar_type() != at::kDouble) ||
+      (T.requires_grad() && at::GradMode::is_enabled())) {
     return std::nullopt;
   }
-  const int64_t n = g.size(0);
-  const at::Tensor in = g.detach().to(at::kDouble).contiguous();
+  const int64_t n = T.size(0);
+  const at::Tensor in = T.detach().to(at::kDouble).contiguous();
   std::vector<double> a(in.data_ptr<double>(), in.data_ptr<double>() + n * n), inv(n * n, 0.0);
-  for (int64_t i = 0; i < n; ++i) inv[i * n + i] = 1;
+  for (int64_t i = 0; i < n; ++i) a[i * n + i] += 1, inv[i * n + i] = 1;
+  // t + 1 is exact in double for a float t (but where |t| < 2⁻³⁰, and then
+  // both round to 1): rounded, it is the float sum.
+  at::Tensor g = at::empty({n, n}, in.options());
+  std::copy(a.begin(), a.end(), g.data_ptr<double>());
   bool invertible = true;
   for (int64_t c = 0; c < n; ++c) {
     int64_t p = c;
@@ -87,10 +92,10 @@ std::optional<std::pair<at::Tensor, at::Tensor>> inverse_on_host(const at::Tenso
       for (int64_t j = 0; j < n; ++j) a[r * n + j] -= f * a[c * n + j], inv[r * n + j] -= f * inv[c * n + j];
     }
   }
-  at::Tensor out = at::empty({n, n}, in.options());
-  std::copy(inv.begin(), inv.end(), out.data_ptr<double>());
-  return std::make_pair(out.to(g.scalar_type()),
-                        at::scalar_tensor(invertible, g.options().dtype(at::kBool)));
+  at::Tensor g_inv = at::empty({n, n}, in.options());
+  std::copy(inv.begin(), inv.end(), g_inv.data_ptr<double>());
+  return GroupElement{g.to(T.scalar_type()), g_inv.to(T.scalar_type()), false,
+                      at::scalar_tensor(invertible, T.options().dtype(at::kBool))};
 }
 
 std::string shape_of(const at::Tensor& t) {
@@ -112,14 +117,11 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
     e.g = T + 1;
     e.g_inv = at::reciprocal(e.g);
   } else {
+    if (auto host = linear_element_on_host(T)) return *host;
     e.g = T + at::eye(T.size(0), T.options());
-    if (auto host = inverse_on_host(e.g)) {
-      std::tie(e.g_inv, e.invertible) = *host;
-    } else {
-      auto [inverse, info] = at::linalg_inv_ex(e.g);
-      e.g_inv = inverse;
-      e.invertible = info.eq(0);
-    }
+    auto [inverse, info] = at::linalg_inv_ex(e.g);
+    e.g_inv = inverse;
+    e.invertible = info.eq(0);
   }
   return e;
 }
