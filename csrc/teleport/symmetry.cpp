@@ -378,7 +378,8 @@ namespace {
 // tall, p × k with k ≤ p: G = MᵀM = LLᵀ, R = Lᵀ, Q = M R⁻¹. A non-finite or
 // not positive definite G makes R and Q NaN, as there. Returns false where
 // the ATen calls are the ones to make.
-constexpr int64_t kHostFactorsMaxWork = 1 << 16;  // p·k² multiply-adds
+// Beyond about p·k² = 2e4 multiply-adds the plain loops cost more (callgrind).
+constexpr int64_t kHostFactorsMaxWork = 1 << 12;
 bool cholesky_qr_on_host(const at::Tensor& h, bool bias, bool wide, at::Tensor& r_out,
                          at::Tensor& q_out, at::Tensor& gram_out) {
   const int64_t rows = h.size(0), cols = h.size(1) + (bias ? 1 : 0);
