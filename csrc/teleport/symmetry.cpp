@@ -368,9 +368,7 @@ at::Tensor gram_of(const at::Tensor& h) {
                   at::cat({lower, at::mm(bottom, bottom.t())}, 1)},
                  0);
 }
-}  // namespace
 
-namespace {
 // The Cholesky QR of factors() for small float32 inputs on the CPU, on the
 // host in double (the same arithmetic as its ATen calls, a dozen of which cost
 // more than the products at the sizes of the paper's problems). M is the
