@@ -5,13 +5,16 @@
 
 #include <algorithm>
 #include <mutex>
+#include <utility>
 
 namespace teleport {
 
+// The cached samples' types as the generator declares them (c10::optional in
+// LibTorch 1.13, std::optional in later releases).
 struct RandomState::CpuState {
   at::mt19937 engine;
-  c10::optional<float> next_float_normal;
-  c10::optional<double> next_double_normal;
+  decltype(std::declval<at::CPUGeneratorImpl&>().next_float_normal_sample()) next_float_normal;
+  decltype(std::declval<at::CPUGeneratorImpl&>().next_double_normal_sample()) next_double_normal;
 };
 
 RandomState::RandomState(const std::vector<c10::Device>& devices)
