@@ -44,6 +44,13 @@ at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
   return at::matmul(x3.transpose(1, 2), m).transpose(1, 2).reshape(x.sizes());
 }
 
+// A rows × cols double tensor (CPU) holding `values`, row-major.
+at::Tensor host_matrix(const std::vector<double>& values, int64_t rows, int64_t cols) {
+  at::Tensor t = at::empty({rows, cols}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(values.begin(), values.end(), t.data_ptr<double>());
+  return t;
+}
+
 // I + T and its inverse for a small matrix T on the CPU, with I + T as the
 // ATen sum gives it and its inverse by Gauss–Jordan elimination with partial
 // pivoting, in double on the host: at the widths of the paper's regression
@@ -66,8 +73,7 @@ std::optional<GroupElement> linear_element_on_host(const at::Tensor& T) {
   for (int64_t i = 0; i < n; ++i) a[i * n + i] += 1, inv[i * n + i] = 1;
   // t + 1 is exact in double for a float t (but where |t| < 2⁻³⁰, and then
   // both round to 1): rounded, it is the float sum.
-  at::Tensor g = at::empty({n, n}, in.options());
-  std::copy(a.begin(), a.end(), g.data_ptr<double>());
+  const at::Tensor g = host_matrix(a, n, n);
   bool invertible = true;
   for (int64_t c = 0; c < n; ++c) {
     int64_t p = c;
@@ -92,9 +98,7 @@ std::optional<GroupElement> linear_element_on_host(const at::Tensor& T) {
       for (int64_t j = 0; j < n; ++j) a[r * n + j] -= f * a[c * n + j], inv[r * n + j] -= f * inv[c * n + j];
     }
   }
-  at::Tensor g_inv = at::empty({n, n}, in.options());
-  std::copy(inv.begin(), inv.end(), g_inv.data_ptr<double>());
-  return GroupElement{g.to(T.scalar_type()), g_inv.to(T.scalar_type()), false,
+  return GroupElement{g.to(T.scalar_type()), host_matrix(inv, n, n).to(T.scalar_type()), false,
                       at::scalar_tensor(invertible, T.options().dtype(at::kBool))};
 }
 
@@ -433,17 +437,11 @@ bool cholesky_qr_on_host(const at::Tensor& h, bool bias, bool wide, at::Tensor& 
       q[i * k + j] = s / r[j * k + j];
     }
   }
-  const auto options = h.options().dtype(at::kDouble);
-  auto tensor_of = [&](const std::vector<double>& v, int64_t a, int64_t b) {
-    at::Tensor t = at::empty({a, b}, options);
-    std::copy(v.begin(), v.end(), t.data_ptr<double>());
-    return t;
-  };
-  r_out = tensor_of(r, k, k);
-  q_out = tensor_of(q, p, k);
+  r_out = host_matrix(r, k, k);
+  q_out = host_matrix(q, p, k);
   if (wide) {
     if (!std::isfinite(total)) std::fill(g.begin(), g.end(), NAN);
-    gram_out = tensor_of(g, k, k);
+    gram_out = host_matrix(g, k, k);
   }
   return true;
 }

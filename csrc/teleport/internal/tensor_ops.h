@@ -26,9 +26,9 @@ class TensorOpsOnCpu {
 };
 
 // Whether the bookkeeping of an ascent on tensors like these, and the small
-// Cholesky QRs of the data-dependent action on them, run on the host: on the CPU, where reading a value
-// costs nothing and dozens of ATen calls on tiny tensors do not, unless a
-// TensorOpsOnCpu is alive.
+// Cholesky QRs of the data-dependent action on them, run on the host: on the
+// CPU, where reading a value costs nothing and dozens of ATen calls on tiny
+// tensors do not, unless a TensorOpsOnCpu is alive.
 bool host_bookkeeping(const at::Tensor& like);
 bool host_bookkeeping(const std::vector<at::Tensor>& params);
 
