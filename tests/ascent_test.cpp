@@ -317,6 +317,39 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
 // The span path (bases wider than the range finder's block) on degenerate
 // gradients: all zero (an empty span) and one entry non-finite. Both roll back
 // and leave weights and gradients bitwise as they were, as the dense path does.
+// Gradient mass outside the span path's bases is carried, not dropped. Here
+// the first layer's gradient is 1e8 times the second's, so the second's rows
+// lie below the range finder's tolerance in the first symmetry's basis (its
+// Gram there is 1e-16 of the first layer's) while its columns span the second
+// symmetry's: its Gram outside the first basis drives the second symmetry's
+// ascent, and span and dense paths must reach the same weights and gradients.
+TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
+  std::vector<std::vector<at::Tensor>> weights, grads;
+  for (bool dense : {false, true}) {
+    auto model = make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
+    torch::manual_seed(5);
+    const auto params = model->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& p = params[i];
+      at::Tensor g = p.dim() == 2 ? torch::mm(torch::randn({p.size(0), 4}, f64()), torch::randn({4, p.size(1)}, f64()))
+                                  : torch::randn(p.sizes(), f64());
+      p.mutable_grad() = i < 2 ? g * 1e8 : g;
+    }
+    detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
+    const auto r = teleport(discover(model).symmetries, TeleportOptions().steps(6).lr(0.5).max_growth(1e6));
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_EQ(r.steps, 6);
+    weights.push_back(clone_all(params));
+    std::vector<at::Tensor> g;
+    for (const auto& t : params) g.push_back(t.grad().clone());
+    grads.push_back(g);
+  }
+  for (size_t i = 0; i < weights[0].size(); ++i) {
+    EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-9) << "parameter " << i;
+    EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-9) << "gradient " << i;
+  }
+}
+
 TEST_P(AscentTest, SpanGLRollsBackOnZeroAndNonFiniteGradients) {
   for (bool nan : {false, true}) {
     auto model = make_mlp({20, 100, 90, 5}, Act::kIdentity, true, f64(), 8);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <typeinfo>
 #include <utility>
 
@@ -111,6 +112,8 @@ struct SpanPiece {
   at::Tensor A;     // [inner, r_left, r_right]: E_leftᵀ G E_right, both sides only
   at::Tensor BB;    // [r_left, r_left]: the left side's Gram outside A
   at::Tensor CC;    // [r_right, r_right]: the right side's Gram outside A
+  at::Tensor BF;    // [r_left, q]: BB as BF BFᵀ, for gradients thinner than the basis
+  at::Tensor CF;    // [r_right, q]: CC as CF CFᵀ, likewise
   at::Tensor rest;  // ||G||² outside the bases
 };
 
@@ -122,14 +125,19 @@ struct SpanFrame {
 
 // An orthonormal basis (n × r) of the range of the PSD matrix K, by a
 // randomized range finder in blocks (seeded: the same basis at every call),
-// stopping when a block adds less than `tol` of K's scale, then trimmed to
-// the directions whose Ritz values exceed `cut` of the largest. A basis cut
-// short only confines the ascent (see above). One host read per block.
-at::Tensor range_basis(const at::Tensor& K, double tol, double cut, int64_t max_columns) {
+// stopping when a block adds less than `tol` of K's scale. Once the range is
+// exhausted the rest of a block is rounding, normalised by its QR; so the
+// last block kept is trimmed to the directions whose Ritz values in it exceed
+// `tol` of the largest (Rayleigh–Ritz on that block alone: a 64 × 64 problem,
+// not one the size of the basis; K's own rounding gives its null vectors
+// Ritz values near ε of the largest, so the cut is `tol`, not ε). A basis
+// cut short only confines the ascent (see above). One host read per block.
+at::Tensor range_basis(const at::Tensor& K, double tol, int64_t max_columns) {
   const int64_t n = K.size(0), block = 64;
   if (n <= block) return n <= max_columns ? at::eye(n, K.options()) : at::Tensor();
   at::Generator gen = at::detail::createCPUGenerator(0x7e1e);
   at::Tensor E = at::empty({n, 0}, K.options());
+  int64_t last = 0;  // where the last block kept starts
   double scale = 0;
   while (E.size(1) < n) {
     if (E.size(1) > max_columns) return at::Tensor();
@@ -142,15 +150,28 @@ at::Tensor range_basis(const at::Tensor& K, double tol, double cut, int64_t max_
       for (int pass = 0; pass < 2; ++pass) Y = Y - at::mm(E, at::mm(E.t(), Y));
       if (!(Y.norm().item<double>() > tol * scale)) break;  // NaN stops too
     }
+    last = E.size(1);
     E = at::cat({E, std::get<0>(at::linalg_qr(Y, "reduced"))}, 1);
   }
-  // The last block overshoots the rank: keep the directions of EᵀKE whose
-  // eigenvalues are above `cut` of the largest (Rayleigh–Ritz).
-  const auto [lambda, V] = at::linalg_eigh(at::mm(E.t(), at::mm(K, E)));
-  const at::Tensor keep = lambda > lambda.max() * cut;
-  const at::Tensor kept = at::nonzero(keep).flatten();
-  if (kept.numel() > max_columns) return at::Tensor();
-  return kept.numel() == 0 ? E.narrow(1, 0, 1) : at::mm(E, V.index_select(1, kept));
+  // The cut is relative to the largest Ritz value of the first block, a
+  // close lower bound on K's largest eigenvalue.
+  const at::Tensor Q = E.narrow(1, last, E.size(1) - last);
+  const auto [lambda, V] = at::linalg_eigh(at::mm(Q.t(), at::mm(K, Q)));
+  const at::Tensor first = E.narrow(1, 0, std::min(block, E.size(1)));
+  const at::Tensor largest =
+      last == 0 ? lambda.max() : at::linalg_eigvalsh(at::mm(first.t(), at::mm(K, first))).max();
+  const at::Tensor kept = at::nonzero(lambda > largest * tol).flatten();
+  if (last + kept.numel() > max_columns) return at::Tensor();
+  if (last + kept.numel() == 0) return E.narrow(1, 0, 1);
+  return at::cat({E.narrow(1, 0, last), at::mm(Q, V.index_select(1, kept))}, 1);
+}
+
+// The rows of a gradient that a symmetry's right side acts on (docs/design.md
+// §2), as a matrix [q, n]: one row per output and kernel position.
+at::Tensor column_rows(const at::Tensor& grad, int64_t n) {
+  return grad.numel() == grad.size(0) * n
+             ? grad.reshape({-1, n})
+             : grad.reshape({grad.size(0), n, -1}).transpose(1, 2).reshape({-1, n});
 }
 
 // The gradients as span pieces (see SpanPiece) in bases E of the symmetries'
@@ -172,11 +193,7 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
     }
     if (right[i] >= 0) {
       const int64_t n = width[right[i]];
-      // The rows the right side acts on (docs/design.md §2), one per block.
-      const at::Tensor cols =
-          grads[i].numel() == grads[i].size(0) * n
-              ? grads[i].reshape({-1, n})
-              : grads[i].reshape({grads[i].size(0), n, -1}).transpose(1, 2).reshape({-1, n});
+      const at::Tensor cols = column_rows(grads[i], n);
       col_gram[i] = at::mm(cols.t(), cols);
       accumulate(K[right[i]], col_gram[i]);
     }
@@ -185,43 +202,76 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   E.assign(m, at::Tensor());
   for (size_t k = 0; k < m; ++k) {
     const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
-    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, f64 ? 1e-15 : 1e-7,
-                       forced ? width[k] : width[k] * 3 / 4);
+    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, forced ? width[k] : width[k] * 3 / 4);
     if (!E[k].defined()) return false;
   }
   // One piece per gradient acted on from both sides, and one per symmetry and
-  // side for all the gradients acted on from that side only.
+  // side for all the gradients acted on from that side only. A gradient
+  // thinner than its basis (a bias, a narrow output layer) is held as its
+  // projection, whose Gram it is, and costs r²q per ascent step, not r³.
+  // Mass outside both bases of a two-sided gradient is rounding when the
+  // bases hold its range (their purpose); below 64 ε of the gradient's
+  // squared norm it is left with the constant rest instead of carried.
+  const double drop = 64 * (f64 ? std::numeric_limits<double>::epsilon()
+                                : std::numeric_limits<float>::epsilon());
   std::vector<SpanPiece> only_left(m), only_right(m);
+  auto stack_columns = [](at::Tensor& factor, const at::Tensor& x) {
+    factor = factor.defined() ? at::cat({factor, x}, 1) : x;
+  };
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor total = grads[i].square().sum();
     const int l = left[i], r = right[i];
     if (l >= 0 && r >= 0) {
-      const at::Tensor EG = at::mm(E[l].t(), grads[i].reshape({width[l], -1}))
-                                .view({E[l].size(1), width[r], -1})
-                                .permute({2, 0, 1});  // [inner, r_l, n_r]
+      const at::Tensor EG_rows = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+      const at::Tensor EG = EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
       p.left = l, p.right = r;
       p.A = at::matmul(EG, E[r]);
       const at::Tensor AL = p.A.permute({1, 0, 2}).reshape({E[l].size(1), -1});
       const at::Tensor AR = p.A.permute({2, 0, 1}).reshape({E[r].size(1), -1});
-      p.BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l])) - at::mm(AL, AL.t());
-      p.CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r])) - at::mm(AR, AR.t());
-      p.rest = total - p.A.square().sum() - p.BB.trace() - p.CC.trace();
+      const at::Tensor in_left = EG_rows.square().sum(), in_a = p.A.square().sum();
+      // ||E_lᵀG||² − ||A||² is the left Gram's trace outside A; ||G||² −
+      // ||E_lᵀG||² bounds the right one's. One host read.
+      const at::Tensor outside = at::stack({in_left - in_a, total - in_left, total}).to(at::kCPU, at::kDouble);
+      const double* o = outside.data_ptr<double>();
+      p.rest = total - in_a;
+      if (!(std::abs(o[0]) <= drop * o[2])) {
+        p.BB = at::mm(EG_rows, EG_rows.t()) - at::mm(AL, AL.t());
+        p.rest = p.rest - p.BB.trace();
+      }
+      if (!(std::abs(o[1]) <= drop * o[2])) {
+        p.CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r])) - at::mm(AR, AR.t());
+        p.rest = p.rest - p.CC.trace();
+      }
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
-      const at::Tensor BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l]));
-      accumulate(only_left[l].BB, BB);
-      accumulate(only_left[l].rest, total - BB.trace());
+      const at::Tensor rows = grads[i].reshape({width[l], -1});
+      if (rows.size(1) < E[l].size(1)) {
+        const at::Tensor P = at::mm(E[l].t(), rows);
+        stack_columns(only_left[l].BF, P);
+        accumulate(only_left[l].rest, total - P.square().sum());
+      } else {
+        const at::Tensor BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l]));
+        accumulate(only_left[l].BB, BB);
+        accumulate(only_left[l].rest, total - BB.trace());
+      }
     } else if (r >= 0) {
-      const at::Tensor CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r]));
-      accumulate(only_right[r].CC, CC);
-      accumulate(only_right[r].rest, total - CC.trace());
+      const at::Tensor cols = column_rows(grads[i], width[r]);
+      if (cols.size(0) < E[r].size(1)) {
+        const at::Tensor P = at::mm(cols, E[r]).t();
+        stack_columns(only_right[r].CF, P);
+        accumulate(only_right[r].rest, total - P.square().sum());
+      } else {
+        const at::Tensor CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r]));
+        accumulate(only_right[r].CC, CC);
+        accumulate(only_right[r].rest, total - CC.trace());
+      }
     }
   }
   for (size_t k = 0; k < m; ++k) {
     only_left[k].left = only_right[k].right = static_cast<int>(k);
-    if (only_left[k].BB.defined()) pieces.push_back(std::move(only_left[k]));
-    if (only_right[k].CC.defined()) pieces.push_back(std::move(only_right[k]));
+    if (only_left[k].rest.defined()) pieces.push_back(std::move(only_left[k]));
+    if (only_right[k].rest.defined()) pieces.push_back(std::move(only_right[k]));
   }
   return true;
 }
@@ -256,6 +306,16 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
       const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
       parts.push_back(X.trace());
       accumulate(cols[p.right], X);
+    }
+    if (p.BF.defined()) {
+      const at::Tensor LF = at::mm(L, p.BF);
+      parts.push_back(LF.square().sum());
+      accumulate(rows[p.left], at::mm(LF, LF.t()));
+    }
+    if (p.CF.defined()) {
+      const at::Tensor RF = at::mm(R, p.CF);
+      parts.push_back(RF.square().sum());
+      accumulate(cols[p.right], at::mm(RF, RF.t()));
     }
   }
   SpanState st{at::stack(parts).sum(), {}};
