@@ -215,8 +215,19 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   const double drop = 64 * (f64 ? std::numeric_limits<double>::epsilon()
                                 : std::numeric_limits<float>::epsilon());
   std::vector<SpanPiece> only_left(m), only_right(m);
-  auto stack_columns = [](at::Tensor& factor, const at::Tensor& x) {
-    factor = factor.defined() ? at::cat({factor, x}, 1) : x;
+  // A gradient acted on from one side only, as `acted` (n × q, the side acted
+  // on as rows) with its Gram: added to that side's factor or Gram, and rest.
+  auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
+                     const at::Tensor& full_gram, const at::Tensor& basis, const at::Tensor& total) {
+    if (acted.size(1) < basis.size(1)) {
+      const at::Tensor P = at::mm(basis.t(), acted);
+      factor = factor.defined() ? at::cat({factor, P}, 1) : P;
+      accumulate(rest, total - P.square().sum());
+    } else {
+      const at::Tensor X = at::mm(basis.t(), at::mm(full_gram, basis));
+      accumulate(gram, X);
+      accumulate(rest, total - X.trace());
+    }
   };
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor total = grads[i].square().sum();
@@ -245,27 +256,11 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       }
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
-      const at::Tensor rows = grads[i].reshape({width[l], -1});
-      if (rows.size(1) < E[l].size(1)) {
-        const at::Tensor P = at::mm(E[l].t(), rows);
-        stack_columns(only_left[l].BF, P);
-        accumulate(only_left[l].rest, total - P.square().sum());
-      } else {
-        const at::Tensor BB = at::mm(E[l].t(), at::mm(row_gram[i], E[l]));
-        accumulate(only_left[l].BB, BB);
-        accumulate(only_left[l].rest, total - BB.trace());
-      }
+      one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest, grads[i].reshape({width[l], -1}),
+               row_gram[i], E[l], total);
     } else if (r >= 0) {
-      const at::Tensor cols = column_rows(grads[i], width[r]);
-      if (cols.size(0) < E[r].size(1)) {
-        const at::Tensor P = at::mm(cols, E[r]).t();
-        stack_columns(only_right[r].CF, P);
-        accumulate(only_right[r].rest, total - P.square().sum());
-      } else {
-        const at::Tensor CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r]));
-        accumulate(only_right[r].CC, CC);
-        accumulate(only_right[r].rest, total - CC.trace());
-      }
+      one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
+               col_gram[i], E[r], total);
     }
   }
   for (size_t k = 0; k < m; ++k) {
