@@ -117,8 +117,8 @@ struct SpanPiece {
   at::Tensor rest;  // ||G||² outside the bases
 };
 
-struct SpanFrame {
-  at::Tensor h, h_inv;  // the product of the steps in the basis, and its inverse
+struct SpanStep {
+  at::Tensor g, g_inv;  // one step in the basis, and its inverse
 };
 
 
@@ -274,18 +274,24 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
 struct SpanState {
   at::Tensor norm;                     // ||∇L||²
   std::vector<at::Tensor> directions;  // in the bases
+  std::vector<SpanPiece> pieces;       // the gradients after the steps
 };
 
-// ||∇L||² and the directions with the products of steps `f` in the bases:
-// a gradient's left side moves by h^{-T}, its right side by h.
-SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanFrame>& f) {
+// The gradients moved by one step per symmetry in the bases (a gradient's
+// left side by g^{-T}, its right side by g), with ||∇L||² and the directions
+// there. The pieces are carried from step to step, so the ascent needs the
+// product of the steps but not the product of their inverses.
+SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanStep>& f) {
   std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
+  SpanState st;
   for (const auto& p : pieces) {
     parts.push_back(p.rest);
-    const at::Tensor L = p.left >= 0 ? f[p.left].h_inv.t() : at::Tensor();
-    const at::Tensor R = p.right >= 0 ? f[p.right].h : at::Tensor();
+    SpanPiece moved;
+    moved.left = p.left, moved.right = p.right, moved.rest = p.rest;
+    const at::Tensor L = p.left >= 0 ? f[p.left].g_inv.t() : at::Tensor();
+    const at::Tensor R = p.right >= 0 ? f[p.right].g : at::Tensor();
     if (p.A.defined()) {
-      const at::Tensor A = at::matmul(L, at::matmul(p.A, R.t()));
+      const at::Tensor A = moved.A = at::matmul(L, at::matmul(p.A, R.t()));
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
       parts.push_back(A.square().sum());
@@ -293,34 +299,49 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
       accumulate(cols[p.right], at::mm(AR, AR.t()));
     }
     if (p.BB.defined()) {
-      const at::Tensor X = at::mm(L, at::mm(p.BB, L.t()));
+      const at::Tensor X = moved.BB = at::mm(L, at::mm(p.BB, L.t()));
       parts.push_back(X.trace());
       accumulate(rows[p.left], X);
     }
     if (p.CC.defined()) {
-      const at::Tensor X = at::mm(R, at::mm(p.CC, R.t()));
+      const at::Tensor X = moved.CC = at::mm(R, at::mm(p.CC, R.t()));
       parts.push_back(X.trace());
       accumulate(cols[p.right], X);
     }
     if (p.BF.defined()) {
-      const at::Tensor LF = at::mm(L, p.BF);
+      const at::Tensor LF = moved.BF = at::mm(L, p.BF);
       parts.push_back(LF.square().sum());
       accumulate(rows[p.left], at::mm(LF, LF.t()));
     }
     if (p.CF.defined()) {
-      const at::Tensor RF = at::mm(R, p.CF);
+      const at::Tensor RF = moved.CF = at::mm(R, p.CF);
       parts.push_back(RF.square().sum());
       accumulate(cols[p.right], at::mm(RF, RF.t()));
     }
+    st.pieces.push_back(std::move(moved));
   }
-  SpanState st{at::stack(parts).sum(), {}};
+  st.norm = at::stack(parts).sum();
   for (size_t k = 0; k < f.size(); ++k) {
-    at::Tensor d = at::zeros_like(f[k].h);
+    at::Tensor d = at::zeros_like(f[k].g);
     if (cols[k].defined()) d = d + cols[k];
     if (rows[k].defined()) d = d - rows[k];
     st.directions.push_back(d * 2);
   }
   return st;
+}
+
+// `moved` where `ok`, else `kept`.
+SpanPiece chosen(const at::Tensor& ok, const SpanPiece& moved, const SpanPiece& kept) {
+  auto pick_one = [&ok](const at::Tensor& a, const at::Tensor& b) {
+    return a.defined() ? at::where(ok, a, b) : a;
+  };
+  SpanPiece p = kept;
+  p.A = pick_one(moved.A, kept.A);
+  p.BB = pick_one(moved.BB, kept.BB);
+  p.CC = pick_one(moved.CC, kept.CC);
+  p.BF = pick_one(moved.BF, kept.BF);
+  p.CF = pick_one(moved.CF, kept.CF);
+  return p;
 }
 
 }  // namespace
@@ -372,34 +393,35 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     return closed_form_ascent(syms, params, grads, o);
   }
   const size_t m = syms.size();
-  std::vector<SpanFrame> frame;
+  std::vector<at::Tensor> h;  // the product of the steps kept, in the basis
+  std::vector<SpanStep> identity;
   for (size_t k = 0; k < m; ++k) {
-    const at::Tensor id = at::eye(E[k].size(1), E[k].options());
-    frame.push_back({id, id.clone()});
+    h.push_back(at::eye(E[k].size(1), E[k].options()));
+    identity.push_back({h.back(), h.back()});
   }
-  std::vector<at::Tensor> dirs = span_state(pieces, frame).directions;
+  std::vector<at::Tensor> dirs = span_state(pieces, identity).directions;
   const at::Tensor limit = growth_limit(a.norm_before, o);
   Control control(a.norm_before, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);  // GL: no positivity cap
     // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
     const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
-    std::vector<SpanFrame> candidate;
+    std::vector<SpanStep> steps;
     std::vector<GroupElement> elements;
     for (size_t k = 0; k < m; ++k) {
       const at::Tensor t = unit[k] * scale;
       elements.push_back(GroupElement::from_algebra(t, false, o.parametrization()));
-      candidate.push_back({at::mm(elements[k].g, frame[k].h), at::mm(frame[k].h_inv, elements[k].g_inv)});
+      steps.push_back({elements[k].g, elements[k].g_inv});
     }
-    const SpanState next = span_state(pieces, candidate);
+    const SpanState next = span_state(pieces, steps);
     const at::Tensor ok = control.active()
                               .logical_and(accepts(next.norm, a.norm_after, limit, o))
                               .logical_and(all_invertible(elements, next.norm));
     for (size_t k = 0; k < m; ++k) {
-      frame[k] = {at::where(ok, candidate[k].h, frame[k].h),
-                  at::where(ok, candidate[k].h_inv, frame[k].h_inv)};
+      h[k] = at::where(ok, at::mm(elements[k].g, h[k]), h[k]);
       dirs[k] = at::where(ok, next.directions[k], dirs[k]);
     }
+    for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
     a.norm_after = at::where(ok, next.norm, a.norm_after);
     control.record(ok, next.norm);
     if (control.done(attempt)) break;
@@ -409,13 +431,13 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   // g = I + E(h − I)Eᵀ, its inverse from one inverse of h (not the product of
   // the steps' inverses, which accumulates rounding), applied once.
   for (size_t k = 0; k < m; ++k) {
-    auto [h_inv, info] = at::linalg_inv_ex(frame[k].h);
+    auto [h_inv, info] = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
     const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
     const at::Tensor Et = E[k].t();
-    a.total[k] = GroupElement{id + at::mm(E[k], at::mm(frame[k].h - Ir, Et)),
+    a.total[k] = GroupElement{id + at::mm(E[k], at::mm(h[k] - Ir, Et)),
                               id + at::mm(E[k], at::mm(h_inv - Ir, Et)), false, {}};
   }
   const auto where = positions(syms, params);
