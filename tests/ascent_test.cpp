@@ -314,9 +314,6 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
   EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
 }
 
-// The span path (bases wider than the range finder's block) on degenerate
-// gradients: all zero (an empty span) and one entry non-finite. Both roll back
-// and leave weights and gradients bitwise as they were, as the dense path does.
 // Gradient mass outside the span path's bases is carried, not dropped. Here
 // the first layer's gradient is 1e8 times the second's, so the second's rows
 // lie below the range finder's tolerance in the first symmetry's basis (its
@@ -350,6 +347,9 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
   }
 }
 
+// The span path (bases wider than the range finder's block) on degenerate
+// gradients: all zero (an empty span) and one entry non-finite. Both roll back
+// and leave weights and gradients bitwise as they were, as the dense path does.
 TEST_P(AscentTest, SpanGLRollsBackOnZeroAndNonFiniteGradients) {
   for (bool nan : {false, true}) {
     auto model = make_mlp({20, 100, 90, 5}, Act::kIdentity, true, f64(), 8);
