@@ -239,6 +239,60 @@ std::string run_published_case(int reps, torch::Device device) {
       device.str(), seconds[seconds.size() / 2] * 1e3);
 }
 
+// The published NeurIPS 2022 code's multi-layer regression, as
+// examples/regression.cpp sets it up and teleports it: dims 4,5,6,7,8 (a batch
+// of 4, Linear layers without bias, LeakyReLU 0.1), each of the seeds
+// n·n·12345 (n < 5), 5 steps of gradient descent at lr 1e-4 on ½||Y − f(X)||²,
+// then the teleport (8 ascent steps at lr 1e-7, the example's caps). The
+// median over `reps` rounds of the five teleports, as bench/published_teleport.py
+// --regression takes it for the published code.
+std::string run_regression_case(int reps) {
+  namespace nn = torch::nn;
+  const std::vector<int64_t> dims = {4, 5, 6, 7, 8};
+  auto half_sse = [](const at::Tensor& out, const at::Tensor& target) {
+    return 0.5 * (target - out).square().sum();
+  };
+  const auto options =
+      teleport::TeleportOptions().steps(8).lr(1e-7).max_step(1e12).max_growth(1e12).tolerance(1e-4);
+  std::vector<double> seconds;
+  for (int r = 0; r <= reps; ++r) {
+    for (int64_t n = 0; n < 5; ++n) {
+      torch::manual_seed(n * n * 12345);
+      std::vector<at::Tensor> weights;
+      for (size_t i = 0; i + 2 < dims.size(); ++i) weights.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
+      const at::Tensor x = torch::rand({dims[1], dims[0]}).t().contiguous();
+      const at::Tensor y = torch::rand({dims.back(), dims[0]}).t().contiguous();
+      nn::Sequential m;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        auto linear = nn::Linear(nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(false));
+        torch::NoGradGuard no_grad;
+        linear->weight.copy_(weights[i]);
+        m->push_back(linear);
+        if (i + 1 < weights.size()) m->push_back(nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.1)));
+      }
+      torch::optim::SGD sgd(m->parameters(), torch::optim::SGDOptions(1e-4));
+      for (int step = 0; step < 5; ++step) {
+        sgd.zero_grad();
+        half_sse(m->forward(x), y).backward();
+        sgd.step();
+      }
+      const teleport::BatchLoss batch(m, x, y, half_sse);
+      const auto syms =
+          teleport::discover(m, teleport::DiscoverOptions().linear_gl(true).data_dependent(true)).symmetries;
+      const auto start = std::chrono::steady_clock::now();
+      teleport::teleport(syms, options, &batch);
+      if (r > 0) {  // the first round is a warm-up
+        seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+  }
+  std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+  return fmt::format(
+      R"({{"name": "published-regression-setting", "dims": "4,5,6,7,8", "device": "cpu", )"
+      R"("teleport_steps": 8, "teleport_ms": {{"data_dependent_gl": {:.4f}}}}})",
+      seconds[seconds.size() / 2] * 1e3);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -257,7 +311,7 @@ int main(int argc, char** argv) {
   bool published = true;
   int threads = 0;
   app.add_option("--published", published,
-                 "also time the published ICLR 2024 code's MNIST teleport setting (true/false)");
+                 "also time the published code's settings: the ICLR 2024 MNIST teleport and the NeurIPS 2022 regression (CPU only) (true/false)");
   app.add_option("--threads", threads, "intra-op threads, OpenBLAS's too (0 = LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
@@ -279,7 +333,10 @@ int main(int argc, char** argv) {
       cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
     }
     if (cnn_batch > 0) cases.push_back(run_cnn_case(cnn_batch, reps, teleport_steps, device));
-    if (published) cases.push_back(run_published_case(reps, device));
+    if (published) {
+      cases.push_back(run_published_case(reps, device));
+      if (device.is_cpu()) cases.push_back(run_regression_case(reps));
+    }
     fmt::print("{{\"cases\": [\n  {}\n]}}\n", fmt::join(cases, ",\n  "));
     return 0;
   });
