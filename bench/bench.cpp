@@ -23,6 +23,12 @@ namespace {
 
 using teleport::examples::parse_list;
 
+// The median of `v` (the upper one of an even count), as every timing here reports.
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
 struct Case {
   std::vector<int64_t> widths;  // input, hidden..., output
   int64_t batch;
@@ -84,10 +90,8 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
     bare_t.push_back(bare_first ? first : second);
     ratios.push_back(bare_first ? second / first : first / second);
   }
-  std::nth_element(bare_t.begin(), bare_t.begin() + bare_t.size() / 2, bare_t.end());
-  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-  const double step_s = bare_t[bare_t.size() / 2];
-  const double off_overhead = ratios[ratios.size() / 2] - 1;
+  const double step_s = median(bare_t);
+  const double off_overhead = median(ratios) - 1;
 
   // One full teleport: all hidden layers, `teleport_steps` ascent steps, each
   // timed right after a training step so that their ratio sees one machine
@@ -114,9 +118,7 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       seconds.push_back(t);
       ratios.push_back(t / step);
     }
-    std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
-    std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-    return Timing{seconds[seconds.size() / 2], ratios[ratios.size() / 2]};
+    return Timing{median(seconds), median(ratios)};
   };
   const auto scaling = teleport::discover(model).symmetries;
   // GL(n) on the same weights: the cost is the same whatever the activation.
@@ -190,10 +192,6 @@ std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Dev
     seconds.push_back(t);
     ratios.push_back(t / step);
   }
-  auto median = [](std::vector<double> v) {
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
-  };
   return fmt::format(
       R"({{"name": "mnist-cnn", "batch": {}, "device": "{}", "symmetries": {}, "teleport_steps": {}, )"
       R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}}}, )"
@@ -232,11 +230,10 @@ std::string run_published_case(int reps, torch::Device device) {
       seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
   }
-  std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
   return fmt::format(
       R"({{"name": "published-mnist-setting", "widths": "784-16-10-10", "batch": 200, "device": "{}", )"
       R"("teleport_steps": 10, "teleport_ms": {{"data_dependent_gl": {:.4f}}}}})",
-      device.str(), seconds[seconds.size() / 2] * 1e3);
+      device.str(), median(seconds) * 1e3);
 }
 
 // The published NeurIPS 2022 code's multi-layer regression, as
@@ -286,11 +283,10 @@ std::string run_regression_case(int reps) {
       }
     }
   }
-  std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
   return fmt::format(
       R"({{"name": "published-regression-setting", "dims": "4,5,6,7,8", "device": "cpu", )"
       R"("teleport_steps": 8, "teleport_ms": {{"data_dependent_gl": {:.4f}}}}})",
-      seconds[seconds.size() / 2] * 1e3);
+      median(seconds) * 1e3);
 }
 
 }  // namespace
