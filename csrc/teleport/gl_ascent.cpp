@@ -5,14 +5,16 @@
 #include <teleport/internal/gl_path.h>
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <typeinfo>
 #include <utility>
+#include <vector>
 
 namespace teleport::detail {
 namespace {
@@ -123,47 +125,136 @@ struct SpanStep {
 
 
 
-// An orthonormal basis (n × r) of the range of the PSD matrix K, by a
-// randomized range finder in blocks (seeded: the same basis at every call),
-// stopping when a block adds less than `tol` of K's scale. Once the range is
-// exhausted the rest of a block is rounding, normalised by its QR; so the
-// last block kept is trimmed to the directions whose Ritz values in it exceed
-// `tol` of the largest (Rayleigh–Ritz on that block alone: a 64 × 64 problem,
-// not one the size of the basis; K's own rounding gives its null vectors
-// Ritz values near ε of the largest, so the cut is `tol`, not ε). A basis
-// cut short only confines the ascent (see above). One host read per block.
-at::Tensor range_basis(const at::Tensor& K, double tol, int64_t max_columns) {
-  const int64_t n = K.size(0), block = 64;
-  if (n <= block) return n <= max_columns ? at::eye(n, K.options()) : at::Tensor();
-  at::Generator gen = at::detail::createCPUGenerator(0x7e1e);
-  at::Tensor E = at::empty({n, 0}, K.options());
-  int64_t last = 0;  // where the last block kept starts
-  double scale = 0;
-  while (E.size(1) < n) {
+// A test matrix of random signs (rows × cols, ±1) for the range finder: a
+// counter-based hash of (stream, entry), so the same at every call, and far
+// cheaper than drawing normals (which the range finder does not need).
+at::Tensor random_signs(int64_t rows, int64_t cols, uint64_t stream, const at::TensorOptions& o) {
+  at::Tensor out = at::empty({rows, cols}, o.device(at::kCPU).dtype(at::kFloat));
+  float* x = out.data_ptr<float>();
+  const int64_t count = rows * cols;
+  for (int64_t i = 0; i < count; i += 64) {
+    uint64_t z = (stream * 0x9e3779b97f4a7c15ULL) ^ static_cast<uint64_t>(i / 64 + 1) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;  // splitmix64's finaliser
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    const int64_t end = std::min<int64_t>(64, count - i);
+    for (int64_t j = 0; j < end; ++j) x[i + j] = 1.0f - 2.0f * static_cast<float>((z >> j) & 1);
+  }
+  return out.to(o);
+}
+
+// Pivoted Cholesky of the b × b PSD matrix C (doubles, row-major), stopping
+// once no remaining diagonal exceeds `cut`: the pivots kept, in order, and R
+// (k × k, upper triangular) with C[piv, piv] = RᵀR. Rank-revealing: every
+// column left out lies within √cut of the span of those kept.
+int64_t pivoted_cholesky(const double* C, int64_t b, double cut, std::vector<int64_t>& piv,
+                         std::vector<double>& R) {
+  std::vector<double> d(b);
+  piv.resize(b);
+  R.assign(b * b, 0.0);
+  for (int64_t i = 0; i < b; ++i) d[i] = C[i * b + i], piv[i] = i;
+  int64_t k = 0;
+  for (; k < b; ++k) {
+    int64_t p = k;
+    for (int64_t i = k + 1; i < b; ++i) {
+      if (d[piv[i]] > d[piv[p]]) p = i;
+    }
+    if (!(d[piv[p]] > cut)) break;  // NaN stops too
+    std::swap(piv[k], piv[p]);
+    for (int64_t l = 0; l < k; ++l) std::swap(R[l * b + k], R[l * b + p]);
+    const double rkk = std::sqrt(d[piv[k]]);
+    R[k * b + k] = rkk;
+    for (int64_t i = k + 1; i < b; ++i) {
+      double v = C[piv[k] * b + piv[i]];
+      for (int64_t l = 0; l < k; ++l) v -= R[l * b + k] * R[l * b + i];
+      R[k * b + i] = v / rkk;
+      d[piv[i]] -= R[k * b + i] * R[k * b + i];
+    }
+  }
+  return k;
+}
+
+// Y with the span of E's columns removed, twice (once loses what rounding
+// of the first projection leaves).
+at::Tensor project_out(const at::Tensor& E, at::Tensor Y) {
+  if (E.size(1) == 0) return Y;
+  for (int pass = 0; pass < 2; ++pass) Y = Y - at::mm(E, at::mm(E.t(), Y));
+  return Y;
+}
+
+// An orthonormal basis (n × r) of the span of the columns of the matrices
+// `acted` (each n × m_i: the gradients' sides a symmetry acts on), by a
+// randomized range finder in blocks of 64 random sign combinations of their
+// columns (one product per gradient and block, no n × n Gram). Each block,
+// with the basis so far projected out, keeps by a pivoted Cholesky of its
+// Gram (in double) the columns whose mass outside the others exceeds the
+// cut, orthonormalised (Cholesky QR, twice); the finder stops at the first
+// block that keeps fewer than half its columns. The cut is at rounding level, 4096 (Σ m_i) ε² of
+// the gradients' squared norm, because a sketch mixes the gradients linearly:
+// the basis leans towards a direction left out by the square root of that
+// direction's share of the mass, which must stay near ε for the ascent to
+// match the dense one (a cut at 1e-5 would tilt it by 3e-3). So the basis
+// holds the gradients' whole numerical range. One host read per block.
+at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns) {
+  const at::Tensor& first = acted.front();
+  const int64_t n = first.size(0), block = 64;
+  if (n <= block) return n <= max_columns ? at::eye(n, first.options()) : at::Tensor();
+  at::Tensor mass = at::zeros({}, first.options().dtype(at::kDouble));
+  int64_t inner = 0;
+  for (const auto& a : acted) {
+    mass = mass + a.norm().to(at::kDouble).square();  // no copy of a transposed view
+    inner += a.size(1);
+  }
+  const double eps = first.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                        : std::numeric_limits<float>::epsilon();
+  const double cut = 4096.0 * static_cast<double>(inner) * eps * eps * mass.item<double>();
+  at::Tensor E = at::empty({n, 0}, first.options());
+  for (uint64_t round = 0; E.size(1) < n; ++round) {
     if (E.size(1) > max_columns) return at::Tensor();
     const int64_t b = std::min(block, n - E.size(1));
-    const at::Tensor omega = at::randn({n, b}, gen, K.options().device(at::kCPU)).to(K.device());
-    at::Tensor Y = at::mm(K, omega);
-    if (E.size(1) == 0) {
-      scale = Y.norm().item<double>();
-    } else {
-      for (int pass = 0; pass < 2; ++pass) Y = Y - at::mm(E, at::mm(E.t(), Y));
-      if (!(Y.norm().item<double>() > tol * scale)) break;  // NaN stops too
+    at::Tensor Y;
+    for (size_t i = 0; i < acted.size(); ++i) {
+      const at::Tensor omega = random_signs(acted[i].size(1), b, round * 64 + i, first.options());
+      accumulate(Y, at::mm(acted[i], omega));
     }
-    last = E.size(1);
-    E = at::cat({E, std::get<0>(at::linalg_qr(Y, "reduced"))}, 1);
+    Y = project_out(E, Y);
+    const at::Tensor C = at::mm(Y.t(), Y).to(at::kCPU, at::kDouble).contiguous();
+    std::vector<int64_t> piv;
+    std::vector<double> R;
+    const int64_t k = pivoted_cholesky(C.data_ptr<double>(), b, cut, piv, R);
+    if (k == 0) break;
+    at::Tensor R11 = at::zeros({k, k}, C.options());
+    double* r11 = R11.data_ptr<double>();
+    for (int64_t i = 0; i < k; ++i) std::copy(&R[i * b + i], &R[i * b + k], r11 + i * k + i);
+    const at::Tensor kept = at::tensor(std::vector<int64_t>(piv.begin(), piv.begin() + k)).to(Y.device());
+    at::Tensor Q = at::linalg_solve_triangular(R11.to(Y.options()), Y.index_select(1, kept),
+                                               /*upper=*/true, /*left=*/false);
+    // Q is orthonormal to about ε κ², κ the condition of the columns kept
+    // (about R's largest over its smallest diagonal entry): once more against
+    // E and itself makes it so to about ε, by a Cholesky QR where ε κ² is
+    // below 1/10, else by Householder's.
+    Q = project_out(E, Q);
+    const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
+    const double eps = Q.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                      : std::numeric_limits<float>::epsilon();
+    bool orthonormal = false;
+    if (eps * kappa * kappa < 0.1) {
+      const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q).to(at::kDouble));
+      if (info.item<int64_t>() == 0) {
+        Q = at::linalg_solve_triangular(L.t().to(Q.dtype()), Q, /*upper=*/true, /*left=*/false);
+        orthonormal = true;
+      }
+    }
+    if (!orthonormal) Q = std::get<0>(at::linalg_qr(Q, "reduced"));
+    E = at::cat({E, Q}, 1);
+    // A block of b random combinations captures every direction of a range
+    // of dimension d ≤ b/2 (its sketch there is well conditioned): fewer
+    // than b/2 kept means the range is exhausted.
+    if (2 * k < b) break;
   }
-  // The cut is relative to the largest Ritz value of the first block, a
-  // close lower bound on K's largest eigenvalue.
-  const at::Tensor Q = E.narrow(1, last, E.size(1) - last);
-  const auto [lambda, V] = at::linalg_eigh(at::mm(Q.t(), at::mm(K, Q)));
-  const at::Tensor first = E.narrow(1, 0, std::min(block, E.size(1)));
-  const at::Tensor largest =
-      last == 0 ? lambda.max() : at::linalg_eigvalsh(at::mm(first.t(), at::mm(K, first))).max();
-  const at::Tensor kept = at::nonzero(lambda > largest * tol).flatten();
-  if (last + kept.numel() > max_columns) return at::Tensor();
-  if (last + kept.numel() == 0) return E.narrow(1, 0, 1);
-  return at::cat({E.narrow(1, 0, last), at::mm(Q, V.index_select(1, kept))}, 1);
+  if (E.size(1) > max_columns) return at::Tensor();
+  if (E.size(1) == 0) return at::eye(n, 1, first.options());  // no gradient: any direction
+  return E;
 }
 
 // The rows of a gradient that a symmetry's right side acts on (docs/design.md
@@ -183,26 +274,18 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   const size_t m = syms.size();
   std::vector<int64_t> width(m);
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
-  // Each gradient's Grams on the sides acted on, summed per symmetry into K.
-  std::vector<at::Tensor> K(m), row_gram(grads.size()), col_gram(grads.size());
+  // Each gradient's sides acted on, as columns of n-vectors: rows for the
+  // left side, column_rows() transposed for the right.
+  std::vector<std::vector<at::Tensor>> acted(m);
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (left[i] >= 0) {
-      const at::Tensor rows = grads[i].reshape({width[left[i]], -1});
-      row_gram[i] = at::mm(rows, rows.t());
-      accumulate(K[left[i]], row_gram[i]);
-    }
-    if (right[i] >= 0) {
-      const int64_t n = width[right[i]];
-      const at::Tensor cols = column_rows(grads[i], n);
-      col_gram[i] = at::mm(cols.t(), cols);
-      accumulate(K[right[i]], col_gram[i]);
-    }
+    if (left[i] >= 0) acted[left[i]].push_back(grads[i].reshape({width[left[i]], -1}));
+    if (right[i] >= 0) acted[right[i]].push_back(column_rows(grads[i], width[right[i]]).t());
   }
   const bool f64 = grads.front().scalar_type() == at::kDouble;
   E.assign(m, at::Tensor());
   for (size_t k = 0; k < m; ++k) {
     const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
-    E[k] = range_basis(K[k], f64 ? 1e-12 : 1e-5, forced ? width[k] : width[k] * 3 / 4);
+    E[k] = range_basis(acted[k], forced ? width[k] : width[k] * 3 / 4);
     if (!E[k].defined()) return false;
   }
   // One piece per gradient acted on from both sides, and one per symmetry and
@@ -216,18 +299,18 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
                                 : std::numeric_limits<float>::epsilon());
   std::vector<SpanPiece> only_left(m), only_right(m);
   // A gradient acted on from one side only, as `acted` (n × q, the side acted
-  // on as rows) with its Gram: added to that side's factor or Gram, and rest.
+  // on as rows): its projection P on the basis added to that side's factor
+  // (q below the basis's width) or its Gram PPᵀ to the side's Gram, the rest
+  // of its squared norm to `rest`.
   auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
-                     const at::Tensor& full_gram, const at::Tensor& basis, const at::Tensor& total) {
+                     const at::Tensor& basis, const at::Tensor& total) {
+    const at::Tensor P = at::mm(basis.t(), acted);
     if (acted.size(1) < basis.size(1)) {
-      const at::Tensor P = at::mm(basis.t(), acted);
       factor = factor.defined() ? at::cat({factor, P}, 1) : P;
-      accumulate(rest, total - P.square().sum());
     } else {
-      const at::Tensor X = at::mm(basis.t(), at::mm(full_gram, basis));
-      accumulate(gram, X);
-      accumulate(rest, total - X.trace());
+      accumulate(gram, at::mm(P, P.t()));
     }
+    accumulate(rest, total - at::dot(P.reshape(-1), P.reshape(-1)));
   };
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor total = grads[i].square().sum();
@@ -251,16 +334,17 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
         p.rest = p.rest - p.BB.trace();
       }
       if (!(std::abs(o[1]) <= drop * o[2])) {
-        p.CC = at::mm(E[r].t(), at::mm(col_gram[i], E[r])) - at::mm(AR, AR.t());
+        const at::Tensor GE = at::mm(column_rows(grads[i], width[r]), E[r]);
+        p.CC = at::mm(GE.t(), GE) - at::mm(AR, AR.t());
         p.rest = p.rest - p.CC.trace();
       }
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
       one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest, grads[i].reshape({width[l], -1}),
-               row_gram[i], E[l], total);
+               E[l], total);
     } else if (r >= 0) {
       one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
-               col_gram[i], E[r], total);
+               E[r], total);
     }
   }
   for (size_t k = 0; k < m; ++k) {
@@ -281,17 +365,23 @@ struct SpanState {
 // left side by g^{-T}, its right side by g), with ||∇L||² and the directions
 // there. The pieces are carried from step to step, so the ascent needs the
 // product of the steps but not the product of their inverses.
-SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanStep>& f) {
+SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanStep>& f,
+                     bool identity = false) {
   std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
   SpanState st;
   for (const auto& p : pieces) {
     parts.push_back(p.rest);
     SpanPiece moved;
     moved.left = p.left, moved.right = p.right, moved.rest = p.rest;
-    const at::Tensor L = p.left >= 0 ? f[p.left].g_inv.t() : at::Tensor();
-    const at::Tensor R = p.right >= 0 ? f[p.right].g : at::Tensor();
+    // The steps' maps of the sides (none at the identity).
+    const at::Tensor L = p.left >= 0 && !identity ? f[p.left].g_inv.t() : at::Tensor();
+    const at::Tensor R = p.right >= 0 && !identity ? f[p.right].g : at::Tensor();
+    auto by = [](const at::Tensor& m, const at::Tensor& x) { return m.defined() ? at::matmul(m, x) : x; };
+    auto sandwich = [](const at::Tensor& m, const at::Tensor& x) {
+      return m.defined() ? at::mm(m, at::mm(x, m.t())) : x;
+    };
     if (p.A.defined()) {
-      const at::Tensor A = moved.A = at::matmul(L, at::matmul(p.A, R.t()));
+      const at::Tensor A = moved.A = by(L, R.defined() ? at::matmul(p.A, R.t()) : p.A);
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
       parts.push_back(A.square().sum());
@@ -299,22 +389,22 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
       accumulate(cols[p.right], at::mm(AR, AR.t()));
     }
     if (p.BB.defined()) {
-      const at::Tensor X = moved.BB = at::mm(L, at::mm(p.BB, L.t()));
+      const at::Tensor X = moved.BB = sandwich(L, p.BB);
       parts.push_back(X.trace());
       accumulate(rows[p.left], X);
     }
     if (p.CC.defined()) {
-      const at::Tensor X = moved.CC = at::mm(R, at::mm(p.CC, R.t()));
+      const at::Tensor X = moved.CC = sandwich(R, p.CC);
       parts.push_back(X.trace());
       accumulate(cols[p.right], X);
     }
     if (p.BF.defined()) {
-      const at::Tensor LF = moved.BF = at::mm(L, p.BF);
+      const at::Tensor LF = moved.BF = by(L, p.BF);
       parts.push_back(LF.square().sum());
       accumulate(rows[p.left], at::mm(LF, LF.t()));
     }
     if (p.CF.defined()) {
-      const at::Tensor RF = moved.CF = at::mm(R, p.CF);
+      const at::Tensor RF = moved.CF = by(R, p.CF);
       parts.push_back(RF.square().sum());
       accumulate(cols[p.right], at::mm(RF, RF.t()));
     }
@@ -322,9 +412,10 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
   }
   st.norm = at::stack(parts).sum();
   for (size_t k = 0; k < f.size(); ++k) {
-    at::Tensor d = at::zeros_like(f[k].g);
-    if (cols[k].defined()) d = d + cols[k];
-    if (rows[k].defined()) d = d - rows[k];
+    const at::Tensor d = cols[k].defined() && rows[k].defined() ? cols[k] - rows[k]
+                         : cols[k].defined()                   ? cols[k]
+                         : rows[k].defined()                   ? -rows[k]
+                                                               : at::zeros_like(f[k].g);
     st.directions.push_back(d * 2);
   }
   return st;
@@ -342,6 +433,80 @@ SpanPiece chosen(const at::Tensor& ok, const SpanPiece& moved, const SpanPiece& 
   p.BF = pick_one(moved.BF, kept.BF);
   p.CF = pick_one(moved.CF, kept.CF);
   return p;
+}
+
+// One step's element in a basis: I + T and its inverse (exp(±T) under
+// kExp). Where the step's Frobenius norm is known on the host (`norm`, NaN
+// when not) and small, the inverse is the Neumann series I − T + T² − …,
+// summed to where its remainder, at most ‖T‖^(m+1) / (1 − ‖T‖), is below a
+// quarter of the dtype's ε: one or two products instead of an LU inverse
+// (an ascent's steps are mostly that small), and exact to rounding as that is.
+GroupElement basis_step(const at::Tensor& t, const TeleportOptions& o, double norm) {
+  if (o.parametrization() == Parametrization::kLinear && norm < 0.5) {
+    const double eps = (t.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                       : std::numeric_limits<float>::epsilon()) / 4;
+    int64_t terms = 1;  // the series up to (−T)^terms
+    double remainder = norm * norm / (1 - norm);
+    for (; remainder > eps && terms < 3; ++terms) remainder *= norm;
+    if (remainder <= eps) {
+      const at::Tensor id = at::eye(t.size(0), t.options());
+      at::Tensor inverse = id - t;
+      for (int64_t j = 1; j < terms; ++j) inverse = at::addmm(id, t, inverse, 1, -1);  // I − T·inverse
+      return {id + t, inverse, false, {}};
+    }
+  }
+  return GroupElement::from_algebra(t, false, o.parametrization());
+}
+
+// The span ascent's attempts, from the pieces and directions at the identity:
+// each symmetry's product of the steps kept in h, the ascent's figures in
+// `a`. The bookkeeping runs on values V: 0-dim tensors on the device, or on
+// the CPU doubles read as they come, where a refused attempt is skipped
+// instead of masked out.
+template <class V>
+void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<SpanPiece> pieces,
+               std::vector<at::Tensor> dirs, std::vector<at::Tensor>& h, Ascent& a) {
+  using Flag = typename Values<V>::Flag;
+  constexpr bool on_host = std::is_same_v<V, double>;
+  const size_t m = syms.size();
+  V norm_after = read_as<V>(a.norm_before);
+  const V limit = growth_limit(norm_after, o);
+  BasicControl<V> control(norm_after, limit, o);
+  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
+    const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);  // GL: no positivity cap
+    // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
+    const V& scale = control.scale(norm_after, read_as<V>(rise(dirs, unit)));
+    std::vector<SpanStep> steps;
+    std::vector<GroupElement> elements;
+    for (size_t k = 0; k < m; ++k) {
+      const at::Tensor t = unit[k] * scale;
+      elements.push_back(basis_step(t, o, on_host ? t.norm().item<double>() : NAN));
+      steps.push_back({elements[k].g, elements[k].g_inv});
+    }
+    SpanState next = span_state(pieces, steps);
+    const V next_norm = read_as<V>(next.norm);
+    const Flag ok = and_(and_(control.active(), accepts(next_norm, norm_after, limit, o)),
+                         read_as<Flag>(all_invertible(elements, next.norm)));
+    if constexpr (on_host) {
+      if (ok) {
+        for (size_t k = 0; k < m; ++k) h[k] = at::mm(elements[k].g, h[k]);
+        dirs = std::move(next.directions);
+        pieces = std::move(next.pieces);
+      }
+    } else {
+      for (size_t k = 0; k < m; ++k) {
+        h[k] = at::where(ok, at::mm(elements[k].g, h[k]), h[k]);
+        dirs[k] = at::where(ok, next.directions[k], dirs[k]);
+      }
+      for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
+    }
+    norm_after = where_(ok, next_norm, norm_after);
+    control.record(ok, next_norm);
+    if (control.done(attempt)) break;
+  }
+  a.norm_after = as_tensor(norm_after, a.norm_before);
+  a.steps = as_tensor(control.taken(), a.norm_before);
+  a.shortened = as_tensor(control.refused(), a.norm_before);
 }
 
 }  // namespace
@@ -399,35 +564,12 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     h.push_back(at::eye(E[k].size(1), E[k].options()));
     identity.push_back({h.back(), h.back()});
   }
-  std::vector<at::Tensor> dirs = span_state(pieces, identity).directions;
-  const at::Tensor limit = growth_limit(a.norm_before, o);
-  Control control(a.norm_before, limit, o);
-  for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);  // GL: no positivity cap
-    // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
-    const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
-    std::vector<SpanStep> steps;
-    std::vector<GroupElement> elements;
-    for (size_t k = 0; k < m; ++k) {
-      const at::Tensor t = unit[k] * scale;
-      elements.push_back(GroupElement::from_algebra(t, false, o.parametrization()));
-      steps.push_back({elements[k].g, elements[k].g_inv});
-    }
-    const SpanState next = span_state(pieces, steps);
-    const at::Tensor ok = control.active()
-                              .logical_and(accepts(next.norm, a.norm_after, limit, o))
-                              .logical_and(all_invertible(elements, next.norm));
-    for (size_t k = 0; k < m; ++k) {
-      h[k] = at::where(ok, at::mm(elements[k].g, h[k]), h[k]);
-      dirs[k] = at::where(ok, next.directions[k], dirs[k]);
-    }
-    for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
-    a.norm_after = at::where(ok, next.norm, a.norm_after);
-    control.record(ok, next.norm);
-    if (control.done(attempt)) break;
+  const std::vector<at::Tensor> dirs = span_state(pieces, identity, /*identity=*/true).directions;
+  if (host_bookkeeping(grads)) {
+    span_loop<double>(syms, o, std::move(pieces), dirs, h, a);
+  } else {
+    span_loop<at::Tensor>(syms, o, std::move(pieces), dirs, h, a);
   }
-  a.steps = control.taken();
-  a.shortened = control.refused();
   // g = I + E(h − I)Eᵀ, its inverse from one inverse of h (not the product of
   // the steps' inverses, which accumulates rounding), applied once.
   for (size_t k = 0; k < m; ++k) {
@@ -437,11 +579,14 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
     const at::Tensor Et = E[k].t();
-    a.total[k] = GroupElement{id + at::mm(E[k], at::mm(h[k] - Ir, Et)),
-                              id + at::mm(E[k], at::mm(h_inv - Ir, Et)), false, {}};
+    a.total[k] = GroupElement{at::addmm(id, E[k], at::mm(h[k] - Ir, Et)),
+                              at::addmm(id, E[k], at::mm(h_inv - Ir, Et)), false, {}};
   }
+  // Where the inverse failed the identity is applied (and the teleport rolls
+  // back); decided on the device, or read where that is free.
+  const bool masked = !host_bookkeeping(grads) || !a.invertible.item<bool>();
+  for (auto& e : a.total) e = masked ? e.masked(a.invertible) : e;
   const auto where = positions(syms, params);
-  for (auto& e : a.total) e = e.masked(a.invertible);
   for (size_t k = 0; k < m; ++k) {
     syms[k]->apply_(a.total[k]);
     syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
