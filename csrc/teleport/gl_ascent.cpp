@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
@@ -509,6 +510,34 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
   a.shortened = as_tensor(control.refused(), a.norm_before);
 }
 
+// A matrix I + E M Eᵀ acting on rows, given both formed (`full`) and as
+// its low-rank part (E, M).
+struct RowMap {
+  at::Tensor full, E, M;
+};
+
+// x <- map · x along the rows a symmetry acts on, in place: dimension 0 of
+// x (`left`), or dimension 1, block by block (x as [outer, n, inner]; a
+// Linear's columns when inner is 1). By the low-rank update x + E(M(Eᵀx))
+// where it costs fewer multiply-adds per column (2nr + r²) than the product
+// with the formed matrix (n²), else by that product. x is contiguous.
+void move_rows_(const RowMap& map, const at::Tensor& x, bool left) {
+  const int64_t n = map.E.size(0), r = map.E.size(1);
+  at::Tensor rows;
+  if (left) {
+    rows = x.view({n, -1});
+  } else if (x.numel() == x.size(0) * n) {
+    rows = x.view({x.size(0), n}).t();
+  } else {
+    rows = x.view({x.size(0), n, -1});
+  }
+  if (2 * n * r + r * r < n * n) {
+    rows.add_(at::matmul(map.E, at::matmul(map.M, at::matmul(map.E.t(), rows))));
+  } else {
+    rows.copy_(at::matmul(map.full, rows));
+  }
+}
+
 }  // namespace
 
 // Which symmetries act on each parameter's rows and columns; false when the
@@ -572,24 +601,54 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   }
   // g = I + E(h − I)Eᵀ, its inverse from one inverse of h (not the product of
   // the steps' inverses, which accumulates rounding), applied once.
+  std::vector<at::Tensor> h_inv(m);
   for (size_t k = 0; k < m; ++k) {
-    auto [h_inv, info] = at::linalg_inv_ex(h[k]);
+    at::Tensor info;
+    std::tie(h_inv[k], info) = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
     const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
     const at::Tensor Et = E[k].t();
     a.total[k] = GroupElement{at::addmm(id, E[k], at::mm(h[k] - Ir, Et)),
-                              at::addmm(id, E[k], at::mm(h_inv - Ir, Et)), false, {}};
+                              at::addmm(id, E[k], at::mm(h_inv[k] - Ir, Et)), false, {}};
   }
   // Where the inverse failed the identity is applied (and the teleport rolls
   // back); decided on the device, or read where that is free.
   const bool masked = !host_bookkeeping(grads) || !a.invertible.item<bool>();
-  for (auto& e : a.total) e = masked ? e.masked(a.invertible) : e;
-  const auto where = positions(syms, params);
+  bool contiguous = true;
+  for (size_t i = 0; i < params.size(); ++i) {
+    contiguous = contiguous && params[i].is_contiguous() && grads[i].is_contiguous();
+  }
+  if (masked || !contiguous) {
+    for (auto& e : a.total) e = masked ? e.masked(a.invertible) : e;
+    const auto where = positions(syms, params);
+    for (size_t k = 0; k < m; ++k) {
+      syms[k]->apply_(a.total[k]);
+      syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
+    }
+    return a;
+  }
+  // Each side of each tensor moved once, with g or g^{-T} as a matrix acting
+  // on its rows (a right action X m is the row action of mᵀ), in low rank
+  // where that is cheaper (see move_rows_).
+  at::NoGradGuard no_grad;
+  std::vector<RowMap> by_g(m), by_g_inv_t(m);
   for (size_t k = 0; k < m; ++k) {
-    syms[k]->apply_(a.total[k]);
-    syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
+    const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
+    by_g[k] = {a.total[k].g, E[k], h[k] - Ir};
+    by_g_inv_t[k] = {a.total[k].g_inv.t(), E[k], (h_inv[k] - Ir).t()};
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor w = params[i].detach();
+    if (left[i] >= 0) {
+      move_rows_(by_g[left[i]], w, true);
+      move_rows_(by_g_inv_t[left[i]], grads[i], true);
+    }
+    if (right[i] >= 0) {
+      move_rows_(by_g_inv_t[right[i]], w, false);
+      move_rows_(by_g[right[i]], grads[i], false);
+    }
   }
   return a;
 }
