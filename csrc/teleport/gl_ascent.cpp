@@ -175,11 +175,11 @@ int64_t pivoted_cholesky(const double* C, int64_t b, double cut, std::vector<int
   return k;
 }
 
-// Y with the span of E's columns removed, twice (once loses what rounding
-// of the first projection leaves).
-at::Tensor project_out(const at::Tensor& E, at::Tensor Y) {
+// Y with the span of E's columns removed, in `passes` passes (a second
+// removes what rounding of the first leaves).
+at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
   if (E.size(1) == 0) return Y;
-  for (int pass = 0; pass < 2; ++pass) Y = Y - at::mm(E, at::mm(E.t(), Y));
+  for (int pass = 0; pass < passes; ++pass) Y = at::addmm(Y, E, at::mm(E.t(), Y), 1, -1);
   return Y;
 }
 
@@ -218,7 +218,8 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
       const at::Tensor omega = random_signs(acted[i].size(1), b, round * 64 + i, first.options());
       accumulate(Y, at::mm(acted[i], omega));
     }
-    Y = project_out(E, Y);
+    // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
+    Y = project_out(E, Y, 1);
     const at::Tensor C = at::mm(Y.t(), Y).to(at::kCPU, at::kDouble).contiguous();
     std::vector<int64_t> piv;
     std::vector<double> R;
@@ -234,7 +235,7 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     // (about R's largest over its smallest diagonal entry): once more against
     // E and itself makes it so to about ε, by a Cholesky QR where ε κ² is
     // below 1/10, else by Householder's.
-    Q = project_out(E, Q);
+    Q = project_out(E, Q, 2);
     const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
     const double eps = Q.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                       : std::numeric_limits<float>::epsilon();
@@ -271,7 +272,8 @@ at::Tensor column_rows(const at::Tensor& grad, int64_t n) {
 // steps are cheaper: docs/design.md §11).
 bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
                  const std::vector<int>& left, const std::vector<int>& right,
-                 std::vector<at::Tensor>& E, std::vector<SpanPiece>& pieces) {
+                 std::vector<at::Tensor>& E, std::vector<SpanPiece>& pieces,
+                 std::vector<at::Tensor>& left_projections) {
   const size_t m = syms.size();
   std::vector<int64_t> width(m);
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
@@ -305,19 +307,20 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   // of its squared norm to `rest`.
   auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
                      const at::Tensor& basis, const at::Tensor& total) {
-    const at::Tensor P = at::mm(basis.t(), acted);
+    at::Tensor P = at::mm(basis.t(), acted);
     if (acted.size(1) < basis.size(1)) {
       factor = factor.defined() ? at::cat({factor, P}, 1) : P;
     } else {
       accumulate(gram, at::mm(P, P.t()));
     }
     accumulate(rest, total - at::dot(P.reshape(-1), P.reshape(-1)));
+    return P;
   };
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor total = grads[i].square().sum();
     const int l = left[i], r = right[i];
     if (l >= 0 && r >= 0) {
-      const at::Tensor EG_rows = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+      const at::Tensor EG_rows = left_projections[i] = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
       const at::Tensor EG = EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
       p.left = l, p.right = r;
@@ -341,7 +344,8 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       }
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
-      one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest, grads[i].reshape({width[l], -1}),
+      left_projections[i] = one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest,
+                                     grads[i].reshape({width[l], -1}),
                E[l], total);
     } else if (r >= 0) {
       one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
@@ -520,8 +524,9 @@ struct RowMap {
 // x (`left`), or dimension 1, block by block (x as [outer, n, inner]; a
 // Linear's columns when inner is 1). By the low-rank update x + E(M(Eᵀx))
 // where it costs fewer multiply-adds per column (2nr + r²) than the product
-// with the formed matrix (n²), else by that product. x is contiguous.
-void move_rows_(const RowMap& map, const at::Tensor& x, bool left) {
+// with the formed matrix (n²), or (nr + r²) where Eᵀx is `known`, else by
+// that product. x is contiguous.
+void move_rows_(const RowMap& map, const at::Tensor& x, bool left, const at::Tensor& known = {}) {
   const int64_t n = map.E.size(0), r = map.E.size(1);
   at::Tensor rows;
   if (left) {
@@ -531,7 +536,9 @@ void move_rows_(const RowMap& map, const at::Tensor& x, bool left) {
   } else {
     rows = x.view({x.size(0), n, -1});
   }
-  if (2 * n * r + r * r < n * n) {
+  if (known.defined() && n * r + r * r < n * n) {
+    rows.add_(at::mm(map.E, at::mm(map.M, known)));
+  } else if (2 * n * r + r * r < n * n) {
     rows.add_(at::matmul(map.E, at::matmul(map.M, at::matmul(map.E.t(), rows))));
   } else {
     rows.copy_(at::matmul(map.full, rows));
@@ -583,7 +590,8 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   }
   std::vector<at::Tensor> E;
   std::vector<SpanPiece> pieces;
-  if (!span_pieces(syms, grads, left, right, E, pieces)) {
+  std::vector<at::Tensor> projections(grads.size());  // Eᵀ of each gradient's left side
+  if (!span_pieces(syms, grads, left, right, E, pieces, projections)) {
     return closed_form_ascent(syms, params, grads, o);
   }
   const size_t m = syms.size();
@@ -643,7 +651,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     const at::Tensor w = params[i].detach();
     if (left[i] >= 0) {
       move_rows_(by_g[left[i]], w, true);
-      move_rows_(by_g_inv_t[left[i]], grads[i], true);
+      move_rows_(by_g_inv_t[left[i]], grads[i], true, projections[i]);
     }
     if (right[i] >= 0) {
       move_rows_(by_g_inv_t[right[i]], w, false);
