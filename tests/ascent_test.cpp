@@ -348,6 +348,47 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
   }
 }
 
+// Small steps in the span path take their inverses as Neumann series (one to
+// three terms, by the steps' norms); they must move weights and gradients as
+// the dense path's LU inverses do. The step cap fixes ||T|| at 1e-5 (three
+// terms in float64) and 1e-7 (two); compared are the changes, ~1e-5 of the
+// weights, so that a wrong term shows.
+TEST_P(AscentTest, SpanGLSmallStepsMatchTheDenseAscent) {
+  for (double step : {1e-5, 1e-7}) {
+    SCOPED_TRACE(step);
+    std::vector<std::vector<at::Tensor>> moved, transported;
+    std::vector<double> norms;
+    for (bool dense : {false, true}) {
+      auto model = make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
+      const auto batch = random_batch(6, 30, 5, f64());
+      const BatchLoss objective(model, batch.input, batch.target, mse());
+      backward(objective, model);
+      const auto params = model->parameters();
+      const auto w0 = clone_all(params);
+      std::vector<at::Tensor> g0;
+      for (const auto& p : params) g0.push_back(p.grad().clone());
+      detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
+      const auto r = teleport(discover(model).symmetries,
+                              TeleportOptions().steps(6).lr(10.0).max_step(step).max_growth(1e6));
+      ASSERT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_EQ(r.steps, 6);
+      norms.push_back(r.grad_norm_sq_after);
+      std::vector<at::Tensor> dw, dg;
+      for (size_t i = 0; i < params.size(); ++i) {
+        dw.push_back(params[i].detach() - w0[i]);
+        dg.push_back(params[i].grad() - g0[i]);
+      }
+      moved.push_back(dw);
+      transported.push_back(dg);
+    }
+    EXPECT_NEAR(norms[0], norms[1], 1e-12 * norms[1]);
+    for (size_t i = 0; i < moved[0].size(); ++i) {
+      EXPECT_LE(rel_diff(moved[0][i], moved[1][i]), 1e-7) << "parameter " << i;
+      EXPECT_LE(rel_diff(transported[0][i], transported[1][i]), 1e-7) << "gradient " << i;
+    }
+  }
+}
+
 // The span path (bases wider than the range finder's block) on degenerate
 // gradients: all zero (an empty span) and one entry non-finite. Both roll back
 // and leave weights and gradients bitwise as they were, as the dense path does.

@@ -120,8 +120,11 @@ struct SpanPiece {
   at::Tensor rest;  // ||G||² outside the bases
 };
 
+// One step in a basis as its differences from the identity: g = I + D and
+// g⁻¹ = I + Di, so that moving a piece is a fused multiply-add per side.
 struct SpanStep {
-  at::Tensor g, g_inv;  // one step in the basis, and its inverse
+  at::Tensor D, Di;
+  at::Tensor invertible;  // a 0-dim bool, undefined when invertible by construction
 };
 
 
@@ -374,54 +377,58 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
                      bool identity = false) {
   std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
   SpanState st;
+  // x (I + D) and (I + D) x, as one fused product and sum; nothing at the identity.
+  auto times = [identity](const at::Tensor& x, const at::Tensor& D) {
+    return identity ? x : x.dim() == 2 ? at::addmm(x, x, D) : x + at::matmul(x, D);
+  };
+  auto by = [identity](const at::Tensor& D, const at::Tensor& x) {
+    return identity ? x : x.dim() == 2 ? at::addmm(x, D, x) : x + at::matmul(D, x);
+  };
+  auto squared = [](const at::Tensor& x) { return at::dot(x.reshape(-1), x.reshape(-1)); };
   for (const auto& p : pieces) {
     parts.push_back(p.rest);
     SpanPiece moved;
     moved.left = p.left, moved.right = p.right, moved.rest = p.rest;
-    // The steps' maps of the sides (none at the identity).
-    const at::Tensor L = p.left >= 0 && !identity ? f[p.left].g_inv.t() : at::Tensor();
-    const at::Tensor R = p.right >= 0 && !identity ? f[p.right].g : at::Tensor();
-    auto by = [](const at::Tensor& m, const at::Tensor& x) { return m.defined() ? at::matmul(m, x) : x; };
-    auto sandwich = [](const at::Tensor& m, const at::Tensor& x) {
-      return m.defined() ? at::mm(m, at::mm(x, m.t())) : x;
-    };
+    // The left side moves by g^{-T} = I + Diᵀ, the right by g = I + D.
+    const at::Tensor L = p.left >= 0 ? f[p.left].Di.t() : at::Tensor();
+    const at::Tensor R = p.right >= 0 ? f[p.right].D : at::Tensor();
     if (p.A.defined()) {
-      const at::Tensor A = moved.A = by(L, R.defined() ? at::matmul(p.A, R.t()) : p.A);
+      const at::Tensor A = moved.A = by(L, times(p.A, R.t()));
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
-      parts.push_back(A.square().sum());
+      parts.push_back(squared(A));
       accumulate(rows[p.left], at::mm(AL, AL.t()));
       accumulate(cols[p.right], at::mm(AR, AR.t()));
     }
     if (p.BB.defined()) {
-      const at::Tensor X = moved.BB = sandwich(L, p.BB);
+      const at::Tensor X = moved.BB = by(L, times(p.BB, L.t()));
       parts.push_back(X.trace());
       accumulate(rows[p.left], X);
     }
     if (p.CC.defined()) {
-      const at::Tensor X = moved.CC = sandwich(R, p.CC);
+      const at::Tensor X = moved.CC = by(R, times(p.CC, R.t()));
       parts.push_back(X.trace());
       accumulate(cols[p.right], X);
     }
     if (p.BF.defined()) {
       const at::Tensor LF = moved.BF = by(L, p.BF);
-      parts.push_back(LF.square().sum());
+      parts.push_back(squared(LF));
       accumulate(rows[p.left], at::mm(LF, LF.t()));
     }
     if (p.CF.defined()) {
       const at::Tensor RF = moved.CF = by(R, p.CF);
-      parts.push_back(RF.square().sum());
+      parts.push_back(squared(RF));
       accumulate(cols[p.right], at::mm(RF, RF.t()));
     }
     st.pieces.push_back(std::move(moved));
   }
   st.norm = at::stack(parts).sum();
   for (size_t k = 0; k < f.size(); ++k) {
-    const at::Tensor d = cols[k].defined() && rows[k].defined() ? cols[k] - rows[k]
-                         : cols[k].defined()                   ? cols[k]
+    const at::Tensor d = cols[k].defined() && rows[k].defined() ? at::sub(cols[k], rows[k])
+                         : cols[k].defined()                   ? cols[k].clone()
                          : rows[k].defined()                   ? -rows[k]
-                                                               : at::zeros_like(f[k].g);
-    st.directions.push_back(d * 2);
+                                                               : at::zeros_like(f[k].D);
+    st.directions.push_back(d.mul_(2));
   }
   return st;
 }
@@ -440,13 +447,13 @@ SpanPiece chosen(const at::Tensor& ok, const SpanPiece& moved, const SpanPiece& 
   return p;
 }
 
-// One step's element in a basis: I + T and its inverse (exp(±T) under
-// kExp). Where the step's Frobenius norm is known on the host (`norm`, NaN
-// when not) and small, the inverse is the Neumann series I − T + T² − …,
-// summed to where its remainder, at most ‖T‖^(m+1) / (1 − ‖T‖), is below a
-// quarter of the dtype's ε: one or two products instead of an LU inverse
-// (an ascent's steps are mostly that small), and exact to rounding as that is.
-GroupElement basis_step(const at::Tensor& t, const TeleportOptions& o, double norm) {
+// One step in a basis: I + T and its inverse (exp(±T) under kExp). Where
+// the step's Frobenius norm is known on the host (`norm`, NaN when not) and
+// small, the inverse is the Neumann series I − T + T² − …, summed to where
+// its remainder, at most ‖T‖^(m+1) / (1 − ‖T‖), is below a quarter of the
+// dtype's ε: at most two products instead of an LU inverse (an ascent's
+// steps are mostly that small), and exact to rounding as that is.
+SpanStep basis_step(const at::Tensor& t, const TeleportOptions& o, double norm) {
   if (o.parametrization() == Parametrization::kLinear && norm < 0.5) {
     const double eps = (t.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                        : std::numeric_limits<float>::epsilon()) / 4;
@@ -454,13 +461,14 @@ GroupElement basis_step(const at::Tensor& t, const TeleportOptions& o, double no
     double remainder = norm * norm / (1 - norm);
     for (; remainder > eps && terms < 3; ++terms) remainder *= norm;
     if (remainder <= eps) {
-      const at::Tensor id = at::eye(t.size(0), t.options());
-      at::Tensor inverse = id - t;
-      for (int64_t j = 1; j < terms; ++j) inverse = at::addmm(id, t, inverse, 1, -1);  // I − T·inverse
-      return {id + t, inverse, false, {}};
+      at::Tensor Di = -t;  // the series less I, by Horner: Di <- −T (I + Di)
+      for (int64_t j = 1; j < terms; ++j) Di = at::addmm(t, t, Di).neg_();
+      return {t, Di, {}};
     }
   }
-  return GroupElement::from_algebra(t, false, o.parametrization());
+  const GroupElement e = GroupElement::from_algebra(t, false, o.parametrization());
+  const at::Tensor id = at::eye(t.size(0), t.options());
+  return {e.g - id, e.g_inv - id, e.invertible};
 }
 
 // The span ascent's attempts, from the pieces and directions at the identity:
@@ -482,25 +490,25 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
     // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
     const V& scale = control.scale(norm_after, read_as<V>(rise(dirs, unit)));
     std::vector<SpanStep> steps;
-    std::vector<GroupElement> elements;
+    at::Tensor invertible = at::ones({}, a.norm_before.options().dtype(at::kBool));
     for (size_t k = 0; k < m; ++k) {
       const at::Tensor t = unit[k] * scale;
-      elements.push_back(basis_step(t, o, on_host ? t.norm().item<double>() : NAN));
-      steps.push_back({elements[k].g, elements[k].g_inv});
+      steps.push_back(basis_step(t, o, on_host ? t.norm().item<double>() : NAN));
+      if (steps[k].invertible.defined()) invertible = invertible.logical_and(steps[k].invertible);
     }
     SpanState next = span_state(pieces, steps);
     const V next_norm = read_as<V>(next.norm);
     const Flag ok = and_(and_(control.active(), accepts(next_norm, norm_after, limit, o)),
-                         read_as<Flag>(all_invertible(elements, next.norm)));
+                         read_as<Flag>(invertible));
     if constexpr (on_host) {
       if (ok) {
-        for (size_t k = 0; k < m; ++k) h[k] = at::mm(elements[k].g, h[k]);
+        for (size_t k = 0; k < m; ++k) h[k] = at::addmm(h[k], steps[k].D, h[k]);
         dirs = std::move(next.directions);
         pieces = std::move(next.pieces);
       }
     } else {
       for (size_t k = 0; k < m; ++k) {
-        h[k] = at::where(ok, at::mm(elements[k].g, h[k]), h[k]);
+        h[k] = at::where(ok, at::addmm(h[k], steps[k].D, h[k]), h[k]);
         dirs[k] = at::where(ok, next.directions[k], dirs[k]);
       }
       for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
@@ -599,7 +607,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   std::vector<SpanStep> identity;
   for (size_t k = 0; k < m; ++k) {
     h.push_back(at::eye(E[k].size(1), E[k].options()));
-    identity.push_back({h.back(), h.back()});
+    identity.push_back({at::zeros_like(h.back()), at::zeros_like(h.back()), {}});
   }
   const std::vector<at::Tensor> dirs = span_state(pieces, identity, /*identity=*/true).directions;
   if (host_bookkeeping(grads)) {
