@@ -193,12 +193,13 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
 // with the basis so far projected out, keeps by a pivoted Cholesky of its
 // Gram (in double) the columns whose mass outside the others exceeds the
 // cut, orthonormalised (Cholesky QR, twice); the finder stops at the first
-// block that keeps fewer than half its columns. The cut is at rounding level, 4096 (Σ m_i) ε² of
-// the gradients' squared norm, because a sketch mixes the gradients linearly:
-// the basis leans towards a direction left out by the square root of that
-// direction's share of the mass, which must stay near ε for the ascent to
-// match the dense one (a cut at 1e-5 would tilt it by 3e-3). So the basis
-// holds the gradients' whole numerical range. One host read per block.
+// block that keeps fewer than half its columns. The cut is at rounding
+// level, 4096 (Σ m_i) ε² of the gradients' squared norm, because a sketch
+// mixes the gradients linearly: the basis leans towards a direction left out
+// by the square root of that direction's share of the mass, which must stay
+// near ε for the ascent to match the dense one (a cut at 1e-5 would tilt it
+// by 3e-3). So the basis holds the gradients' whole numerical range
+// (docs/design.md §11). Two host reads per block.
 at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns) {
   const at::Tensor& first = acted.front();
   const int64_t n = first.size(0), block = 64;
@@ -240,8 +241,6 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     // below 1/10, else by Householder's.
     Q = project_out(E, Q, 2);
     const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
-    const double eps = Q.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                      : std::numeric_limits<float>::epsilon();
     bool orthonormal = false;
     if (eps * kappa * kappa < 0.1) {
       const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q).to(at::kDouble));
