@@ -137,7 +137,8 @@ at::Tensor random_signs(int64_t rows, int64_t cols, uint64_t stream, const at::T
   float* x = out.data_ptr<float>();
   const int64_t count = rows * cols;
   for (int64_t i = 0; i < count; i += 64) {
-    uint64_t z = (stream * 0x9e3779b97f4a7c15ULL) ^ static_cast<uint64_t>(i / 64 + 1) * 0xbf58476d1ce4e5b9ULL;
+    uint64_t z = (stream * 0x9e3779b97f4a7c15ULL) ^
+                 static_cast<uint64_t>(i / 64 + 1) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;  // splitmix64's finaliser
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     z ^= z >> 31;
@@ -232,7 +233,8 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     at::Tensor R11 = at::zeros({k, k}, C.options());
     double* r11 = R11.data_ptr<double>();
     for (int64_t i = 0; i < k; ++i) std::copy(&R[i * b + i], &R[i * b + k], r11 + i * k + i);
-    const at::Tensor kept = at::tensor(std::vector<int64_t>(piv.begin(), piv.begin() + k)).to(Y.device());
+    const at::Tensor kept =
+        at::tensor(std::vector<int64_t>(piv.begin(), piv.begin() + k)).to(Y.device());
     at::Tensor Q = at::linalg_solve_triangular(R11.to(Y.options()), Y.index_select(1, kept),
                                                /*upper=*/true, /*left=*/false);
     // Q is orthonormal to about ε κ², κ the condition of the columns kept
@@ -322,7 +324,8 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
     const at::Tensor total = grads[i].square().sum();
     const int l = left[i], r = right[i];
     if (l >= 0 && r >= 0) {
-      const at::Tensor EG_rows = left_projections[i] = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+      const at::Tensor EG_rows = left_projections[i] =
+          at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
       const at::Tensor EG = EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
       p.left = l, p.right = r;
