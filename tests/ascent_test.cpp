@@ -102,7 +102,8 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
 // carrying the full gradients through every step must reach the same point.
 // Both paths are forced (by default small or full-rank layers take the dense
 // one). Widths above the range finder's block (64) with small batches give
-// bases narrower than the layers; a large batch gives full-rank gradients; a chain
+// bases narrower than the layers (with 100 inputs, a first-layer gradient
+// wider than the range finder's block); a large batch gives full-rank gradients; a chain
 // of convolutions gives a tensor acted on from both sides in blocks (3 × 3
 // kernels); from .grad and from a batch, both parametrizations, with and
 // without the growth cap stopping the ascent.
@@ -117,6 +118,8 @@ TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
   const std::vector<Case> cases = {
       {"784-like MLP 30-150-140-5, batch 6 (bases narrower than the layers)",
        [this] { return make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3); }, {6, 30}, {6, 5}, 2.0, 1.5},
+      {"MLP 100-150-140-5, batch 6 (a first-layer gradient of rank 5 and 100 columns)",
+       [this] { return make_mlp({100, 150, 140, 5}, Act::kIdentity, true, f64(), 4); }, {6, 100}, {6, 5}, 2.0, 1.5},
       {"MLP 10-12-11-4 without biases, batch 40 (full rank)",
        [this] { return make_mlp({10, 12, 11, 4}, Act::kIdentity, false, f64(), 5); }, {40, 10}, {40, 4}, 0.5, 1.05},
       {"conv 2-4-5-3, 3x3 kernels, nothing between",

@@ -151,19 +151,22 @@ at::Tensor random_signs(int64_t rows, int64_t cols, uint64_t stream, const at::T
 // Pivoted Cholesky of the b × b PSD matrix C (doubles, row-major), stopping
 // once no remaining diagonal exceeds `cut`: the pivots kept, in order, and R
 // (k × k, upper triangular) with C[piv, piv] = RᵀR. Rank-revealing: every
-// column left out lies within √cut of the span of those kept.
+// column left out lies within √cut of the span of those kept. `left` is the
+// largest remaining diagonal at the stop.
 int64_t pivoted_cholesky(const double* C, int64_t b, double cut, std::vector<int64_t>& piv,
-                         std::vector<double>& R) {
+                         std::vector<double>& R, double& left) {
   std::vector<double> d(b);
   piv.resize(b);
   R.assign(b * b, 0.0);
   for (int64_t i = 0; i < b; ++i) d[i] = C[i * b + i], piv[i] = i;
   int64_t k = 0;
+  left = 0;
   for (; k < b; ++k) {
     int64_t p = k;
     for (int64_t i = k + 1; i < b; ++i) {
       if (d[piv[i]] > d[piv[p]]) p = i;
     }
+    left = d[piv[p]];
     if (!(d[piv[p]] > cut)) break;  // NaN stops too
     std::swap(piv[k], piv[p]);
     for (int64_t l = 0; l < k; ++l) std::swap(R[l * b + k], R[l * b + p]);
@@ -225,11 +228,21 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     }
     // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
     Y = project_out(E, Y, 1);
-    const at::Tensor C = at::mm(Y.t(), Y).to(at::kCPU, at::kDouble).contiguous();
+    const at::Tensor Yd = Y.to(at::kDouble);
+    const at::Tensor C = at::mm(Yd.t(), Yd).to(at::kCPU).contiguous();
+    // The residuals the elimination computes are good to about b ε (double)
+    // of the block's largest diagonal; those between the cut and that are
+    // left to a later block, where the larger directions are projected out.
+    const double* c = C.data_ptr<double>();
+    double largest = 0;
+    for (int64_t i = 0; i < b; ++i) largest = std::max(largest, c[i * b + i]);
+    const double resolved =
+        std::max(cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
     std::vector<int64_t> piv;
     std::vector<double> R;
-    const int64_t k = pivoted_cholesky(C.data_ptr<double>(), b, cut, piv, R);
-    if (k == 0) break;
+    double left = 0;
+    const int64_t k = pivoted_cholesky(c, b, resolved, piv, R, left);
+    if (k == 0) break;  // then nothing above the cut is left either
     at::Tensor R11 = at::zeros({k, k}, C.options());
     double* r11 = R11.data_ptr<double>();
     for (int64_t i = 0; i < k; ++i) std::copy(&R[i * b + i], &R[i * b + k], r11 + i * k + i);
@@ -255,8 +268,9 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     E = at::cat({E, Q}, 1);
     // A block of b random combinations captures every direction of a range
     // of dimension d ≤ b/2 (its sketch there is well conditioned): fewer
-    // than b/2 kept means the range is exhausted.
-    if (2 * k < b) break;
+    // than b/2 kept, with nothing left to a later block, means the range is
+    // exhausted.
+    if (2 * k < b && !(left > cut)) break;
   }
   if (E.size(1) > max_columns) return at::Tensor();
   if (E.size(1) == 0) return at::eye(n, 1, first.options());  // no gradient: any direction
