@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
@@ -129,6 +128,12 @@ struct SpanStep {
 
 
 
+// The machine epsilon of x's dtype (float or double).
+double epsilon_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : std::numeric_limits<float>::epsilon();
+}
+
 // A test matrix of random signs (rows × cols, ±1) for the range finder: a
 // counter-based hash of (stream, entry), so the same at every call, and far
 // cheaper than drawing normals (which the range finder does not need).
@@ -197,7 +202,8 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
 // with the basis so far projected out, keeps by a pivoted Cholesky of its
 // Gram (in double) the columns whose mass outside the others exceeds the
 // cut, orthonormalised (Cholesky QR, twice); the finder stops at the first
-// block that keeps fewer than half its columns. The cut is at rounding
+// block that keeps fewer than half its columns and leaves nothing to a later
+// one. The cut is at rounding
 // level, 4096 (Σ m_i) ε² of the gradients' squared norm, because a sketch
 // mixes the gradients linearly: the basis leans towards a direction left out
 // by the square root of that direction's share of the mass, which must stay
@@ -214,8 +220,7 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     mass = mass + a.norm().to(at::kDouble).square();  // no copy of a transposed view
     inner += a.size(1);
   }
-  const double eps = first.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                        : std::numeric_limits<float>::epsilon();
+  const double eps = epsilon_of(first);
   const double cut = 4096.0 * static_cast<double>(inner) * eps * eps * mass.item<double>();
   at::Tensor E = at::empty({n, 0}, first.options());
   for (uint64_t round = 0; E.size(1) < n; ++round) {
@@ -236,8 +241,8 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
     const double* c = C.data_ptr<double>();
     double largest = 0;
     for (int64_t i = 0; i < b; ++i) largest = std::max(largest, c[i * b + i]);
-    const double resolved =
-        std::max(cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
+    const double resolved = std::max(
+        cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
     std::vector<int64_t> piv;
     std::vector<double> R;
     double left = 0;
@@ -302,7 +307,6 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
     if (left[i] >= 0) acted[left[i]].push_back(grads[i].reshape({width[left[i]], -1}));
     if (right[i] >= 0) acted[right[i]].push_back(column_rows(grads[i], width[right[i]]).t());
   }
-  const bool f64 = grads.front().scalar_type() == at::kDouble;
   E.assign(m, at::Tensor());
   for (size_t k = 0; k < m; ++k) {
     const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
@@ -316,8 +320,7 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   // Mass outside both bases of a two-sided gradient is rounding when the
   // bases hold its range (their purpose); below 64 ε of the gradient's
   // squared norm it is left with the constant rest instead of carried.
-  const double drop = 64 * (f64 ? std::numeric_limits<double>::epsilon()
-                                : std::numeric_limits<float>::epsilon());
+  const double drop = 64 * epsilon_of(grads.front());
   std::vector<SpanPiece> only_left(m), only_right(m);
   // A gradient acted on from one side only, as `acted` (n × q, the side acted
   // on as rows): its projection P on the basis added to that side's factor
@@ -364,8 +367,7 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
       left_projections[i] = one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest,
-                                     grads[i].reshape({width[l], -1}),
-               E[l], total);
+                                     grads[i].reshape({width[l], -1}), E[l], total);
     } else if (r >= 0) {
       one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
                E[r], total);
@@ -467,12 +469,11 @@ SpanPiece chosen(const at::Tensor& ok, const SpanPiece& moved, const SpanPiece& 
 // the step's Frobenius norm is known on the host (`norm`, NaN when not) and
 // small, the inverse is the Neumann series I − T + T² − …, summed to where
 // its remainder, at most ‖T‖^(m+1) / (1 − ‖T‖), is below a quarter of the
-// dtype's ε: at most two products instead of an LU inverse (an ascent's
-// steps are mostly that small), and exact to rounding as that is.
+// dtype's ε: at most two products instead of an LU inverse, and exact to
+// rounding as that is (docs/design.md §11).
 SpanStep basis_step(const at::Tensor& t, const TeleportOptions& o, double norm) {
   if (o.parametrization() == Parametrization::kLinear && norm < 0.5) {
-    const double eps = (t.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                       : std::numeric_limits<float>::epsilon()) / 4;
+    const double eps = epsilon_of(t) / 4;
     int64_t terms = 1;  // the series up to (−T)^terms
     double remainder = norm * norm / (1 - norm);
     for (; remainder > eps && terms < 3; ++terms) remainder *= norm;
@@ -633,17 +634,19 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   }
   // g = I + E(h − I)Eᵀ, its inverse from one inverse of h (not the product of
   // the steps' inverses, which accumulates rounding), applied once.
-  std::vector<at::Tensor> h_inv(m);
+  // by_g[k] and by_g_inv_t[k] hold g and g^{-T} as maps of rows, for the move.
+  std::vector<RowMap> by_g(m), by_g_inv_t(m);
   for (size_t k = 0; k < m; ++k) {
-    at::Tensor info;
-    std::tie(h_inv[k], info) = at::linalg_inv_ex(h[k]);
+    auto [h_inv, info] = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
     const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
-    const at::Tensor Et = E[k].t();
-    a.total[k] = GroupElement{at::addmm(id, E[k], at::mm(h[k] - Ir, Et)),
-                              at::addmm(id, E[k], at::mm(h_inv[k] - Ir, Et)), false, {}};
+    const at::Tensor M = h[k] - Ir, M_inv = h_inv - Ir, Et = E[k].t();
+    a.total[k] = GroupElement{at::addmm(id, E[k], at::mm(M, Et)),
+                              at::addmm(id, E[k], at::mm(M_inv, Et)), false, {}};
+    by_g[k] = {a.total[k].g, E[k], M};
+    by_g_inv_t[k] = {a.total[k].g_inv.t(), E[k], M_inv.t()};
   }
   // Where the inverse failed the identity is applied (and the teleport rolls
   // back); decided on the device, or read where that is free.
@@ -665,12 +668,6 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   // on its rows (a right action X m is the row action of mᵀ), in low rank
   // where that is cheaper (see move_rows_).
   at::NoGradGuard no_grad;
-  std::vector<RowMap> by_g(m), by_g_inv_t(m);
-  for (size_t k = 0; k < m; ++k) {
-    const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
-    by_g[k] = {a.total[k].g, E[k], h[k] - Ir};
-    by_g_inv_t[k] = {a.total[k].g_inv.t(), E[k], (h_inv[k] - Ir).t()};
-  }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor w = params[i].detach();
     if (left[i] >= 0) {
