@@ -195,24 +195,76 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
   return Y;
 }
 
+// Extends the orthonormal basis E (n × c) by the directions of the block Y
+// (n × b) that lie outside it with mass above `cut`: E with Y projected out,
+// a pivoted Cholesky of the block's Gram (in double, on the host) keeps the
+// columns whose mass outside the others exceeds the cut, orthonormalised by
+// a Cholesky QR twice (Householder's where ill-conditioned). Returns how many
+// were kept; `left` is the largest mass left in a column. Two host reads.
+int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
+  const int64_t b = Y.size(1);
+  // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
+  Y = project_out(E, Y, 1);
+  const at::Tensor Yd = Y.to(at::kDouble);
+  const at::Tensor C = at::mm(Yd.t(), Yd).to(at::kCPU).contiguous();
+  // The residuals the elimination computes are good to about b ε (double)
+  // of the block's largest diagonal; those between the cut and that are
+  // left to a later block, where the larger directions are projected out.
+  const double* c = C.data_ptr<double>();
+  double largest = 0;
+  for (int64_t i = 0; i < b; ++i) largest = std::max(largest, c[i * b + i]);
+  const double resolved = std::max(
+      cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
+  std::vector<int64_t> piv;
+  std::vector<double> R;
+  const int64_t k = pivoted_cholesky(c, b, resolved, piv, R, left);
+  if (k == 0) return 0;
+  at::Tensor R11 = at::zeros({k, k}, C.options());
+  double* r11 = R11.data_ptr<double>();
+  for (int64_t i = 0; i < k; ++i) std::copy(&R[i * b + i], &R[i * b + k], r11 + i * k + i);
+  const at::Tensor kept =
+      at::tensor(std::vector<int64_t>(piv.begin(), piv.begin() + k)).to(Y.device());
+  at::Tensor Q = at::linalg_solve_triangular(R11.to(Y.options()), Y.index_select(1, kept),
+                                             /*upper=*/true, /*left=*/false);
+  // Q is orthonormal to about ε κ², κ the condition of the columns kept
+  // (about R's largest over its smallest diagonal entry): once more against
+  // E and itself makes it so to about ε, by a Cholesky QR where ε κ² is
+  // below 1/10, else by Householder's.
+  Q = project_out(E, Q, 2);
+  const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
+  bool orthonormal = false;
+  if (epsilon_of(Q) * kappa * kappa < 0.1) {
+    const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q).to(at::kDouble));
+    if (info.item<int64_t>() == 0) {
+      Q = at::linalg_solve_triangular(L.t().to(Q.dtype()), Q, /*upper=*/true, /*left=*/false);
+      orthonormal = true;
+    }
+  }
+  if (!orthonormal) Q = std::get<0>(at::linalg_qr(Q, "reduced"));
+  E = at::cat({E, Q}, 1);
+  return k;
+}
+
 // An orthonormal basis (n × r) of the span of the columns of the matrices
-// `acted` (each n × m_i: the gradients' sides a symmetry acts on), by a
-// randomized range finder in blocks of 64 random sign combinations of their
-// columns (one product per gradient and block, no n × n Gram). Each block,
-// with the basis so far projected out, keeps by a pivoted Cholesky of its
-// Gram (in double) the columns whose mass outside the others exceeds the
-// cut, orthonormalised (Cholesky QR, twice); the finder stops at the first
-// block that keeps fewer than half its columns and leaves nothing to a later
-// one. The cut is at rounding
+// `acted` (each n × m_i: the gradients' sides a symmetry acts on), gradient
+// by gradient, so that the range of acted[i] lies in the first ends[i]
+// columns (a gradient's Gram in the basis is then held by a factor of that
+// width: span_pieces). A gradient with at most 64 columns extends the basis
+// by its columns themselves; a wider one by a randomized range finder, in
+// blocks of 64 random sign combinations of its columns (one product per
+// block, no n × n Gram), until a block keeps fewer than half its columns and
+// leaves nothing to a later one (see extend_basis). The cut is at rounding
 // level, 4096 (Σ m_i) ε² of the gradients' squared norm, because a sketch
 // mixes the gradients linearly: the basis leans towards a direction left out
 // by the square root of that direction's share of the mass, which must stay
 // near ε for the ascent to match the dense one (a cut at 1e-5 would tilt it
 // by 3e-3). So the basis holds the gradients' whole numerical range
-// (docs/design.md §11). Two host reads per block.
-at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns) {
+// (docs/design.md §11). Undefined when it would exceed max_columns.
+at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns,
+                       std::vector<int64_t>& ends) {
   const at::Tensor& first = acted.front();
   const int64_t n = first.size(0), block = 64;
+  ends.assign(acted.size(), n);
   if (n <= block) return n <= max_columns ? at::eye(n, first.options()) : at::Tensor();
   at::Tensor mass = at::zeros({}, first.options().dtype(at::kDouble));
   int64_t inner = 0;
@@ -223,62 +275,33 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns
   const double eps = epsilon_of(first);
   const double cut = 4096.0 * static_cast<double>(inner) * eps * eps * mass.item<double>();
   at::Tensor E = at::empty({n, 0}, first.options());
-  for (uint64_t round = 0; E.size(1) < n; ++round) {
-    if (E.size(1) > max_columns) return at::Tensor();
-    const int64_t b = std::min(block, n - E.size(1));
-    at::Tensor Y;
-    for (size_t i = 0; i < acted.size(); ++i) {
-      const at::Tensor omega = random_signs(acted[i].size(1), b, round * 64 + i, first.options());
-      accumulate(Y, at::mm(acted[i], omega));
-    }
-    // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
-    Y = project_out(E, Y, 1);
-    const at::Tensor Yd = Y.to(at::kDouble);
-    const at::Tensor C = at::mm(Yd.t(), Yd).to(at::kCPU).contiguous();
-    // The residuals the elimination computes are good to about b ε (double)
-    // of the block's largest diagonal; those between the cut and that are
-    // left to a later block, where the larger directions are projected out.
-    const double* c = C.data_ptr<double>();
-    double largest = 0;
-    for (int64_t i = 0; i < b; ++i) largest = std::max(largest, c[i * b + i]);
-    const double resolved = std::max(
-        cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
-    std::vector<int64_t> piv;
-    std::vector<double> R;
+  uint64_t stream = 0;
+  for (size_t i = 0; i < acted.size(); ++i) {
+    const int64_t m = acted[i].size(1);
     double left = 0;
-    const int64_t k = pivoted_cholesky(c, b, resolved, piv, R, left);
-    if (k == 0) break;  // then nothing above the cut is left either
-    at::Tensor R11 = at::zeros({k, k}, C.options());
-    double* r11 = R11.data_ptr<double>();
-    for (int64_t i = 0; i < k; ++i) std::copy(&R[i * b + i], &R[i * b + k], r11 + i * k + i);
-    const at::Tensor kept =
-        at::tensor(std::vector<int64_t>(piv.begin(), piv.begin() + k)).to(Y.device());
-    at::Tensor Q = at::linalg_solve_triangular(R11.to(Y.options()), Y.index_select(1, kept),
-                                               /*upper=*/true, /*left=*/false);
-    // Q is orthonormal to about ε κ², κ the condition of the columns kept
-    // (about R's largest over its smallest diagonal entry): once more against
-    // E and itself makes it so to about ε, by a Cholesky QR where ε κ² is
-    // below 1/10, else by Householder's.
-    Q = project_out(E, Q, 2);
-    const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
-    bool orthonormal = false;
-    if (eps * kappa * kappa < 0.1) {
-      const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q).to(at::kDouble));
-      if (info.item<int64_t>() == 0) {
-        Q = at::linalg_solve_triangular(L.t().to(Q.dtype()), Q, /*upper=*/true, /*left=*/false);
-        orthonormal = true;
+    if (m <= block) {
+      // Its columns as they are, until nothing above the cut is left in them.
+      while (E.size(1) < n && extend_basis(E, acted[i], cut, left) > 0 && left > cut) {
+      }
+    } else {
+      while (E.size(1) < n && E.size(1) <= max_columns) {
+        const int64_t b = std::min(block, n - E.size(1));
+        const int64_t k = extend_basis(E, at::mm(acted[i], random_signs(m, b, stream++, first.options())),
+                                       cut, left);
+        // A block of b random combinations captures every direction of a
+        // range of dimension d ≤ b/2 (its sketch there is well conditioned):
+        // fewer than b/2 kept, with nothing left to a later block, means the
+        // range is exhausted (and k == 0 means nothing above the cut is left).
+        if (k == 0 || (2 * k < b && !(left > cut))) break;
       }
     }
-    if (!orthonormal) Q = std::get<0>(at::linalg_qr(Q, "reduced"));
-    E = at::cat({E, Q}, 1);
-    // A block of b random combinations captures every direction of a range
-    // of dimension d ≤ b/2 (its sketch there is well conditioned): fewer
-    // than b/2 kept, with nothing left to a later block, means the range is
-    // exhausted.
-    if (2 * k < b && !(left > cut)) break;
+    if (E.size(1) > max_columns) return at::Tensor();
+    ends[i] = E.size(1);
   }
-  if (E.size(1) > max_columns) return at::Tensor();
-  if (E.size(1) == 0) return at::eye(n, 1, first.options());  // no gradient: any direction
+  if (E.size(1) == 0) {  // no gradient: any direction
+    ends.assign(acted.size(), 1);
+    return at::eye(n, 1, first.options());
+  }
   return E;
 }
 
@@ -302,16 +325,30 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
   // Each gradient's sides acted on, as columns of n-vectors: rows for the
   // left side, column_rows() transposed for the right.
+  // end_left[i] and end_right[i]: how many leading columns of the basis hold
+  // that side's range (range_basis's `ends`).
   std::vector<std::vector<at::Tensor>> acted(m);
+  std::vector<int64_t> end_left(grads.size()), end_right(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (left[i] >= 0) acted[left[i]].push_back(grads[i].reshape({width[left[i]], -1}));
-    if (right[i] >= 0) acted[right[i]].push_back(column_rows(grads[i], width[right[i]]).t());
+    if (left[i] >= 0) {
+      end_left[i] = static_cast<int64_t>(acted[left[i]].size());
+      acted[left[i]].push_back(grads[i].reshape({width[left[i]], -1}));
+    }
+    if (right[i] >= 0) {
+      end_right[i] = static_cast<int64_t>(acted[right[i]].size());
+      acted[right[i]].push_back(column_rows(grads[i], width[right[i]]).t());
+    }
   }
   E.assign(m, at::Tensor());
+  std::vector<std::vector<int64_t>> ends(m);
   for (size_t k = 0; k < m; ++k) {
     const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
-    E[k] = range_basis(acted[k], forced ? width[k] : width[k] * 3 / 4);
+    E[k] = range_basis(acted[k], forced ? width[k] : width[k] * 3 / 4, ends[k]);
     if (!E[k].defined()) return false;
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (left[i] >= 0) end_left[i] = ends[left[i]][end_left[i]];
+    if (right[i] >= 0) end_right[i] = ends[right[i]][end_right[i]];
   }
   // One piece per gradient acted on from both sides, and one per symmetry and
   // side for all the gradients acted on from that side only. A gradient
@@ -323,18 +360,31 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   const double drop = 64 * epsilon_of(grads.front());
   std::vector<SpanPiece> only_left(m), only_right(m);
   // A gradient acted on from one side only, as `acted` (n × q, the side acted
-  // on as rows): its projection P on the basis added to that side's factor
-  // (q below the basis's width) or its Gram PPᵀ to the side's Gram, the rest
-  // of its squared norm to `rest`.
+  // on as rows), its range in the basis's first `end` columns: its projection
+  // P on the basis added to that side's factor where q is below the basis's
+  // width r; else, where end < r, a factor of its Gram of width end (the
+  // triangle R of P's first end rows, PPᵀ = RᵀR there, the rows below are
+  // rounding), which costs 2r²·end per ascent step instead of the Gram's 2r³;
+  // else its Gram PPᵀ added to the side's Gram. The rest of its squared norm
+  // goes to `rest`.
   auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
-                     const at::Tensor& basis, const at::Tensor& total) {
-    at::Tensor P = at::mm(basis.t(), acted);
-    if (acted.size(1) < basis.size(1)) {
-      factor = factor.defined() ? at::cat({factor, P}, 1) : P;
+                     const at::Tensor& basis, int64_t end, const at::Tensor& total) {
+    const at::Tensor P = at::mm(basis.t(), acted);
+    const int64_t r = basis.size(1);
+    at::Tensor F;
+    if (acted.size(1) < r) {
+      F = P;
+    } else if (end < r) {
+      const at::Tensor R = std::get<1>(at::linalg_qr(P.narrow(0, 0, end).t(), "r"));
+      F = at::cat({R.t(), at::zeros({r - end, R.size(0)}, R.options())});
     } else {
-      accumulate(gram, at::mm(P, P.t()));
+      const at::Tensor PP = at::mm(P, P.t());
+      accumulate(gram, PP);
+      accumulate(rest, total - PP.trace());
+      return P;
     }
-    accumulate(rest, total - at::dot(P.reshape(-1), P.reshape(-1)));
+    factor = factor.defined() ? at::cat({factor, F}, 1) : F;
+    accumulate(rest, total - at::dot(F.reshape(-1), F.reshape(-1)));
     return P;
   };
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -367,10 +417,10 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       pieces.push_back(std::move(p));
     } else if (l >= 0) {
       left_projections[i] = one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest,
-                                     grads[i].reshape({width[l], -1}), E[l], total);
+                                     grads[i].reshape({width[l], -1}), E[l], end_left[i], total);
     } else if (r >= 0) {
       one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
-               E[r], total);
+               E[r], end_right[i], total);
     }
   }
   for (size_t k = 0; k < m; ++k) {
