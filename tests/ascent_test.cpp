@@ -323,8 +323,13 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
 // of its mass is 1e-32, under the cut's 4096 m ε²) while its columns span the
 // second symmetry's: its Gram outside the first basis drives the second
 // symmetry's ascent, and span and dense paths must reach the same weights and
-// gradients (they differ by 2e-2 when that Gram is dropped).
+// gradients (they differ by 2e-2 when that Gram is dropped). With the last
+// layer's gradient 1e16 times larger instead, the second layer's columns fall
+// below the second symmetry's cut, so its rows must not be found from its
+// projection on that basis (the first basis would miss them).
 TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
+  for (bool first_large : {true, false}) {
+  SCOPED_TRACE(first_large ? "first layer 1e16" : "last layer 1e16");
   std::vector<std::vector<at::Tensor>> weights, grads;
   for (bool dense : {false, true}) {
     auto model = make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
@@ -334,7 +339,13 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
       const auto& p = params[i];
       at::Tensor g = p.dim() == 2 ? torch::mm(torch::randn({p.size(0), 4}, f64()), torch::randn({4, p.size(1)}, f64()))
                                   : torch::randn(p.sizes(), f64());
-      p.mutable_grad() = i < 2 ? g * 1e16 : g;
+      p.mutable_grad() = (first_large ? i < 2 : i >= 4) ? g * 1e16 : g;
+    }
+    if (!first_large) {
+      // The last layer's gradient's rows orthogonal to the second's columns,
+      // so that the second symmetry's basis holds none of the latter.
+      const at::Tensor Q = std::get<0>(at::linalg_qr(params[2].grad().mm(torch::randn({150, 4}, f64()))));
+      params[4].mutable_grad() = params[4].grad() - params[4].grad().mm(Q).mm(Q.t());
     }
     detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
     const auto r = teleport(discover(model).symmetries, TeleportOptions().steps(6).lr(0.5).max_growth(1e6));
@@ -348,6 +359,7 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
   for (size_t i = 0; i < weights[0].size(); ++i) {
     EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-9) << "parameter " << i;
     EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-9) << "gradient " << i;
+  }
   }
 }
 

@@ -228,15 +228,16 @@ int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
                                              /*upper=*/true, /*left=*/false);
   // Q is orthonormal to about ε κ², κ the condition of the columns kept
   // (about R's largest over its smallest diagonal entry): once more against
-  // E and itself makes it so to about ε, by a Cholesky QR where ε κ² is
-  // below 1/10, else by Householder's.
-  Q = project_out(E, Q, 2);
+  // E (the second pass, which is enough) and itself makes it so to about ε,
+  // by a Cholesky QR in Q's own precision (its Gram is then within 1/10 of
+  // the identity) where ε κ² is below 1/10, else by Householder's.
+  Q = project_out(E, Q, 1);
   const double kappa = r11[0] / r11[(k - 1) * k + k - 1];
   bool orthonormal = false;
   if (epsilon_of(Q) * kappa * kappa < 0.1) {
-    const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q).to(at::kDouble));
+    const auto [L, info] = at::linalg_cholesky_ex(at::mm(Q.t(), Q));
     if (info.item<int64_t>() == 0) {
-      Q = at::linalg_solve_triangular(L.t().to(Q.dtype()), Q, /*upper=*/true, /*left=*/false);
+      Q = at::linalg_solve_triangular(L.t(), Q, /*upper=*/true, /*left=*/false);
       orthonormal = true;
     }
   }
@@ -259,21 +260,14 @@ int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
 // by the square root of that direction's share of the mass, which must stay
 // near ε for the ascent to match the dense one (a cut at 1e-5 would tilt it
 // by 3e-3). So the basis holds the gradients' whole numerical range
-// (docs/design.md §11). Undefined when it would exceed max_columns.
-at::Tensor range_basis(const std::vector<at::Tensor>& acted, int64_t max_columns,
+// (docs/design.md §11); the caller computes the cut (rounding_cut).
+// Undefined when the basis would exceed max_columns.
+at::Tensor range_basis(const std::vector<at::Tensor>& acted, double cut, int64_t max_columns,
                        std::vector<int64_t>& ends) {
   const at::Tensor& first = acted.front();
   const int64_t n = first.size(0), block = 64;
   ends.assign(acted.size(), n);
   if (n <= block) return n <= max_columns ? at::eye(n, first.options()) : at::Tensor();
-  at::Tensor mass = at::zeros({}, first.options().dtype(at::kDouble));
-  int64_t inner = 0;
-  for (const auto& a : acted) {
-    mass = mass + a.norm().to(at::kDouble).square();  // no copy of a transposed view
-    inner += a.size(1);
-  }
-  const double eps = epsilon_of(first);
-  const double cut = 4096.0 * static_cast<double>(inner) * eps * eps * mass.item<double>();
   at::Tensor E = at::empty({n, 0}, first.options());
   uint64_t stream = 0;
   for (size_t i = 0; i < acted.size(); ++i) {
@@ -316,39 +310,64 @@ at::Tensor column_rows(const at::Tensor& grad, int64_t n) {
 // The gradients as span pieces (see SpanPiece) in bases E of the symmetries'
 // spans; false when a basis would exceed 3/4 of its width (then the n × n
 // steps are cheaper: docs/design.md §11).
+// `squares` holds each gradient's squared norm (0-dim tensors), `mass` the
+// same read on the host.
 bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
+                 const std::vector<at::Tensor>& squares, const std::vector<double>& mass,
                  const std::vector<int>& left, const std::vector<int>& right,
                  std::vector<at::Tensor>& E, std::vector<SpanPiece>& pieces,
                  std::vector<at::Tensor>& left_projections) {
   const size_t m = syms.size();
   std::vector<int64_t> width(m);
   for (size_t k = 0; k < m; ++k) width[k] = static_cast<const LayerSymmetry&>(*syms[k]).width();
-  // Each gradient's sides acted on, as columns of n-vectors: rows for the
-  // left side, column_rows() transposed for the right.
-  // end_left[i] and end_right[i]: how many leading columns of the basis hold
-  // that side's range (range_basis's `ends`).
-  std::vector<std::vector<at::Tensor>> acted(m);
-  std::vector<int64_t> end_left(grads.size()), end_right(grads.size());
+  // Each symmetry's cut (see range_basis): 4096 m ε² of its gradients'
+  // squared norm, m the columns of the sides it acts on.
+  const double eps = epsilon_of(grads.front());
+  std::vector<double> cut(m), inner(m);
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (left[i] >= 0) {
-      end_left[i] = static_cast<int64_t>(acted[left[i]].size());
-      acted[left[i]].push_back(grads[i].reshape({width[left[i]], -1}));
-    }
-    if (right[i] >= 0) {
-      end_right[i] = static_cast<int64_t>(acted[right[i]].size());
-      acted[right[i]].push_back(column_rows(grads[i], width[right[i]]).t());
+    for (int k : {left[i], right[i]}) {
+      if (k < 0) continue;
+      cut[k] += mass[i];
+      inner[k] += static_cast<double>(grads[i].numel() / width[k]);
     }
   }
+  for (size_t k = 0; k < m; ++k) cut[k] *= 4096.0 * inner[k] * eps * eps;
+  // The bases, last symmetry first. Each gradient's sides acted on, as
+  // columns of n-vectors: rows for the left side, column_rows() transposed
+  // for the right. A gradient acted on from both sides has its rows in the
+  // left basis, found first where the symmetries form a chain: its right
+  // side's range is that of E_lᵀG (r_l rows instead of n_l; the mass left
+  // out is below the left basis's cut, which must then be below this one's).
+  // Its left side's range ends at column end_left[i] of the left basis, its
+  // right side's at end_right[i] (range_basis's `ends`).
+  std::vector<int64_t> end_left(grads.size(), -1), end_right(grads.size(), -1);
   E.assign(m, at::Tensor());
-  std::vector<std::vector<int64_t>> ends(m);
-  for (size_t k = 0; k < m; ++k) {
-    const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
-    E[k] = range_basis(acted[k], forced ? width[k] : width[k] * 3 / 4, ends[k]);
+  const bool forced = detail::gl_ascent_path == detail::GLAscentPath::kSpan;
+  for (size_t k = m; k-- > 0;) {
+    std::vector<at::Tensor> acted;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const int l = left[i], r = right[i];
+      if (l == static_cast<int>(k)) {
+        acted.push_back(grads[i].reshape({width[k], -1}));
+      } else if (r == static_cast<int>(k)) {
+        if (l >= 0 && E[l].defined() && cut[l] <= cut[k]) {
+          left_projections[i] = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+          acted.push_back(column_rows(left_projections[i], width[k]).t());
+        } else {
+          acted.push_back(column_rows(grads[i], width[k]).t());
+        }
+      } else {
+        continue;
+      }
+      which.push_back(i);
+    }
+    std::vector<int64_t> ends;
+    E[k] = range_basis(acted, cut[k], forced ? width[k] : width[k] * 3 / 4, ends);
     if (!E[k].defined()) return false;
-  }
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (left[i] >= 0) end_left[i] = ends[left[i]][end_left[i]];
-    if (right[i] >= 0) end_right[i] = ends[right[i]][end_right[i]];
+    for (size_t j = 0; j < which.size(); ++j) {
+      (left[which[j]] == static_cast<int>(k) ? end_left : end_right)[which[j]] = ends[j];
+    }
   }
   // One piece per gradient acted on from both sides, and one per symmetry and
   // side for all the gradients acted on from that side only. A gradient
@@ -388,11 +407,13 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
     return P;
   };
   for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor total = grads[i].square().sum();
+    const at::Tensor& total = squares[i];
     const int l = left[i], r = right[i];
     if (l >= 0 && r >= 0) {
-      const at::Tensor EG_rows = left_projections[i] =
-          at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+      if (!left_projections[i].defined()) {
+        left_projections[i] = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
+      }
+      const at::Tensor EG_rows = left_projections[i];
       const at::Tensor EG = EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
       p.left = l, p.right = r;
@@ -439,10 +460,11 @@ struct SpanState {
 
 // The gradients moved by one step per symmetry in the bases (a gradient's
 // left side by g^{-T}, its right side by g), with ||∇L||² and the directions
-// there. The pieces are carried from step to step, so the ascent needs the
-// product of the steps but not the product of their inverses.
+// there (none where `directions` is false: after the last attempt). The
+// pieces are carried from step to step, so the ascent needs the product of
+// the steps but not the product of their inverses.
 SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanStep>& f,
-                     bool identity = false) {
+                     bool identity = false, bool directions = true) {
   std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
   SpanState st;
   // x (I + D) and (I + D) x, as one fused product and sum; nothing at the identity.
@@ -465,8 +487,10 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
       parts.push_back(squared(A));
-      accumulate(rows[p.left], at::mm(AL, AL.t()));
-      accumulate(cols[p.right], at::mm(AR, AR.t()));
+      if (directions) {
+        accumulate(rows[p.left], at::mm(AL, AL.t()));
+        accumulate(cols[p.right], at::mm(AR, AR.t()));
+      }
     }
     if (p.BB.defined()) {
       const at::Tensor X = moved.BB = by(L, times(p.BB, L.t()));
@@ -481,17 +505,17 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
     if (p.BF.defined()) {
       const at::Tensor LF = moved.BF = by(L, p.BF);
       parts.push_back(squared(LF));
-      accumulate(rows[p.left], at::mm(LF, LF.t()));
+      if (directions) accumulate(rows[p.left], at::mm(LF, LF.t()));
     }
     if (p.CF.defined()) {
       const at::Tensor RF = moved.CF = by(R, p.CF);
       parts.push_back(squared(RF));
-      accumulate(cols[p.right], at::mm(RF, RF.t()));
+      if (directions) accumulate(cols[p.right], at::mm(RF, RF.t()));
     }
     st.pieces.push_back(std::move(moved));
   }
   st.norm = at::stack(parts).sum();
-  for (size_t k = 0; k < f.size(); ++k) {
+  for (size_t k = 0; k < f.size() && directions; ++k) {
     const at::Tensor d = cols[k].defined() && rows[k].defined() ? at::sub(cols[k], rows[k])
                          : cols[k].defined()                   ? cols[k].clone()
                          : rows[k].defined()                   ? -rows[k]
@@ -563,7 +587,9 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
       steps.push_back(basis_step(t, o, on_host ? t.norm().item<double>() : NAN));
       if (steps[k].invertible.defined()) invertible = invertible.logical_and(steps[k].invertible);
     }
-    SpanState next = span_state(pieces, steps);
+    // The last attempt's directions would go unused.
+    const bool last = attempt + 1 == control.attempts();
+    SpanState next = span_state(pieces, steps, /*identity=*/false, /*directions=*/!last);
     const V next_norm = read_as<V>(next.norm);
     const Flag ok = and_(and_(control.active(), accepts(next_norm, norm_after, limit, o)),
                          read_as<Flag>(invertible));
@@ -576,7 +602,7 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
     } else {
       for (size_t k = 0; k < m; ++k) {
         h[k] = at::where(ok, at::addmm(h[k], steps[k].D, h[k]), h[k]);
-        dirs[k] = at::where(ok, next.directions[k], dirs[k]);
+        if (!last) dirs[k] = at::where(ok, next.directions[k], dirs[k]);
       }
       for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
     }
@@ -654,10 +680,14 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
                    const std::vector<int>& right, const TeleportOptions& o) {
   Ascent a(syms);
   // norm_sq() by dot products: no squared copy of every gradient (1–5 ms at width 512).
-  a.norm_before = at::zeros({}, grads.front().options());
-  for (const auto& g : grads) a.norm_before = a.norm_before + at::dot(g.reshape(-1), g.reshape(-1));
+  std::vector<at::Tensor> squares;
+  for (const auto& g : grads) squares.push_back(at::dot(g.reshape(-1), g.reshape(-1)));
+  const at::Tensor stacked = at::stack(squares);
+  a.norm_before = stacked.sum();
   a.norm_after = a.norm_before;
-  if (!std::isfinite(a.norm_before.item<double>())) {
+  const at::Tensor host = at::cat({stacked, a.norm_before.view(1)}).to(at::kCPU, at::kDouble);
+  const std::vector<double> mass(host.data_ptr<double>(), host.data_ptr<double>() + grads.size());
+  if (!std::isfinite(host.data_ptr<double>()[grads.size()])) {
     // Nothing to ascend from; the teleport rolls back (no step taken).
     a.steps = at::zeros({}, a.norm_before.options().dtype(at::kLong));
     a.shortened = a.steps.clone();
@@ -666,7 +696,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   std::vector<at::Tensor> E;
   std::vector<SpanPiece> pieces;
   std::vector<at::Tensor> projections(grads.size());  // Eᵀ of each gradient's left side
-  if (!span_pieces(syms, grads, left, right, E, pieces, projections)) {
+  if (!span_pieces(syms, grads, squares, mass, left, right, E, pieces, projections)) {
     return closed_form_ascent(syms, params, grads, o);
   }
   const size_t m = syms.size();
@@ -690,11 +720,11 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     auto [h_inv, info] = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
-    const at::Tensor id = at::eye(E[k].size(0), E[k].options());
     const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
     const at::Tensor M = h[k] - Ir, M_inv = h_inv - Ir, Et = E[k].t();
-    a.total[k] = GroupElement{at::addmm(id, E[k], at::mm(M, Et)),
-                              at::addmm(id, E[k], at::mm(M_inv, Et)), false, {}};
+    auto plus_identity = [](at::Tensor x) { return x.diagonal().add_(1), x; };
+    a.total[k] = GroupElement{plus_identity(at::mm(E[k], at::mm(M, Et))),
+                              plus_identity(at::mm(E[k], at::mm(M_inv, Et))), false, {}};
     by_g[k] = {a.total[k].g, E[k], M};
     by_g_inv_t[k] = {a.total[k].g_inv.t(), E[k], M_inv.t()};
   }
