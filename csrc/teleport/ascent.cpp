@@ -1280,7 +1280,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   if ((method == Method::kClosedForm || balance) && batch != nullptr && !lowered) {
     grads = batch_gradients(*batch, params, loss_before);
   }
-  Ascent a(symmetries);
+  Ascent a;  // the ascent's own, below
   try {
     a = look_ahead_obj ? descent(symmetries, params, *batch,
                                  look_ahead(symmetries, params, *batch, *next), options)

@@ -678,7 +678,9 @@ bool span_applies(const SymmetryList& syms, const TeleportOptions& o) {
 Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                    const std::vector<at::Tensor>& grads, const std::vector<int>& left,
                    const std::vector<int>& right, const TeleportOptions& o) {
-  Ascent a(syms);
+  // Its elements are formed at the end: the identities Ascent(syms) would
+  // make are n × n matrices written for nothing (milliseconds at width 512).
+  Ascent a;
   // norm_sq() by dot products: no squared copy of every gradient (1–5 ms at width 512).
   std::vector<at::Tensor> squares;
   for (const auto& g : grads) squares.push_back(at::dot(g.reshape(-1), g.reshape(-1)));
@@ -689,6 +691,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   const std::vector<double> mass(host.data_ptr<double>(), host.data_ptr<double>() + grads.size());
   if (!std::isfinite(host.data_ptr<double>()[grads.size()])) {
     // Nothing to ascend from; the teleport rolls back (no step taken).
+    a.total = Ascent(syms).total;
     a.steps = at::zeros({}, a.norm_before.options().dtype(at::kLong));
     a.shortened = a.steps.clone();
     return a;
@@ -700,11 +703,12 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     return closed_form_ascent(syms, params, grads, o);
   }
   const size_t m = syms.size();
+  a.total.resize(m);
   std::vector<at::Tensor> h;  // the product of the steps kept, in the basis
-  std::vector<SpanStep> identity;
+  std::vector<SpanStep> identity;  // (its D only gives the shape)
   for (size_t k = 0; k < m; ++k) {
     h.push_back(at::eye(E[k].size(1), E[k].options()));
-    identity.push_back({at::zeros_like(h.back()), at::zeros_like(h.back()), {}});
+    identity.push_back({h.back(), h.back(), {}});
   }
   const std::vector<at::Tensor> dirs = span_state(pieces, identity, /*identity=*/true).directions;
   if (host_bookkeeping(grads)) {
@@ -720,9 +724,16 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     auto [h_inv, info] = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
-    const at::Tensor Ir = at::eye(E[k].size(1), E[k].options());
-    const at::Tensor M = h[k] - Ir, M_inv = h_inv - Ir, Et = E[k].t();
-    auto plus_identity = [](at::Tensor x) { return x.diagonal().add_(1), x; };
+    auto plus_identity = [](at::Tensor x) {
+      x.diagonal().add_(1);
+      return x;
+    };
+    auto minus_identity = [](const at::Tensor& x) {
+      at::Tensor y = x.clone();
+      y.diagonal().sub_(1);
+      return y;
+    };
+    const at::Tensor M = minus_identity(h[k]), M_inv = minus_identity(h_inv), Et = E[k].t();
     a.total[k] = GroupElement{plus_identity(at::mm(E[k], at::mm(M, Et))),
                               plus_identity(at::mm(E[k], at::mm(M_inv, Et))), false, {}};
     by_g[k] = {a.total[k].g, E[k], M};

@@ -284,6 +284,7 @@ struct Ascent {
   at::Tensor invertible;
   std::vector<GroupElement> total;  // one per symmetry, starting at the identity
 
+  Ascent() = default;  // no symmetries, nothing measured (filled in by its path)
   explicit Ascent(const SymmetryList& syms) {
     for (const auto& s : syms) {
       const at::Tensor zero = s->zero_algebra();
