@@ -483,7 +483,9 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
     const at::Tensor L = p.left >= 0 ? f[p.left].Di.t() : at::Tensor();
     const at::Tensor R = p.right >= 0 ? f[p.right].D : at::Tensor();
     if (p.A.defined()) {
-      const at::Tensor A = moved.A = by(L, times(p.A, R.t()));
+      // One kernel position (Linear layers): fused 2-D products.
+      const at::Tensor A = moved.A = p.A.size(0) == 1 ? by(L, times(p.A[0], R.t())).unsqueeze(0)
+                                                      : by(L, times(p.A, R.t()));
       const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
       const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
       parts.push_back(squared(A));
