@@ -97,6 +97,10 @@ at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
   return direction * (factor * lr).to(direction.scalar_type());
 }
 
+double capped_factor(double norm, const TeleportOptions& o) {
+  return o.lr() * step_factor(norm * o.lr(), static_cast<const double*>(nullptr), o);
+}
+
 // The group element of one ascent step: the symmetry's own, or in reference
 // mode, for the layer actions, the published code's I + T with I - T as its
 // "inverse" (its SO(2) rotations are exact and stay so).

@@ -119,12 +119,26 @@ struct SpanPiece {
   at::Tensor rest;  // ||G||² outside the bases
 };
 
-// One step in a basis as its differences from the identity: g = I + D and
-// g⁻¹ = I + Di, so that moving a piece is a fused multiply-add per side.
+// One step in a basis as its differences from the identity, each a matrix
+// times a host scalar: g = I + d·D and g⁻¹ = I + di·Di, so that moving a
+// piece is one fused multiply-add per side, a scaled step needs no scaled
+// copy, and the inverse of a small step can be D itself with di = −d.
 struct SpanStep {
   at::Tensor D, Di;
+  double d = 1, di = 1;
   at::Tensor invertible;  // a 0-dim bool, undefined when invertible by construction
 };
+
+// x + I and x − I (new tensors where x is one: no n × n identity written).
+at::Tensor plus_identity(at::Tensor x) {
+  x.diagonal().add_(1);
+  return x;
+}
+at::Tensor minus_identity(const at::Tensor& x) {
+  at::Tensor y = x.clone();
+  y.diagonal().sub_(1);
+  return y;
+}
 
 
 
@@ -465,64 +479,70 @@ struct SpanState {
 // the steps but not the product of their inverses.
 SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<SpanStep>& f,
                      bool identity = false, bool directions = true) {
-  std::vector<at::Tensor> rows(f.size()), cols(f.size()), parts;
+  std::vector<at::Tensor> dir(f.size()), parts;
   SpanState st;
-  // x (I + D) and (I + D) x, as one fused product and sum; nothing at the identity.
-  auto times = [identity](const at::Tensor& x, const at::Tensor& D) {
-    return identity ? x : x.dim() == 2 ? at::addmm(x, x, D) : x + at::matmul(x, D);
+  // x (I + αM) and (I + αM) x, as one fused product and sum; nothing at the identity.
+  auto times = [identity](const at::Tensor& x, const at::Tensor& M, double alpha) {
+    return identity ? x : x.dim() == 2 ? at::addmm(x, x, M, 1, alpha) : at::add(x, at::matmul(x, M), alpha);
   };
-  auto by = [identity](const at::Tensor& D, const at::Tensor& x) {
-    return identity ? x : x.dim() == 2 ? at::addmm(x, D, x) : x + at::matmul(D, x);
+  auto by = [identity](const at::Tensor& M, double alpha, const at::Tensor& x) {
+    return identity ? x : x.dim() == 2 ? at::addmm(x, M, x, 1, alpha) : at::add(x, at::matmul(M, x), alpha);
   };
   auto squared = [](const at::Tensor& x) { return at::dot(x.reshape(-1), x.reshape(-1)); };
+  // The direction 2(Σ right Grams − Σ left Grams), summed in place: X Xᵀ
+  // (`gram`) or X itself added with sign ±1.
+  auto add = [&dir](int k, const at::Tensor& X, double sign, bool gram) {
+    if (!dir[k].defined()) {
+      dir[k] = gram ? at::mm(X, X.t()).mul_(2 * sign) : X * (2 * sign);
+    } else if (gram) {
+      dir[k].addmm_(X, X.t(), 1, 2 * sign);
+    } else {
+      dir[k].add_(X, 2 * sign);
+    }
+  };
   for (const auto& p : pieces) {
     parts.push_back(p.rest);
     SpanPiece moved;
     moved.left = p.left, moved.right = p.right, moved.rest = p.rest;
-    // The left side moves by g^{-T} = I + Diᵀ, the right by g = I + D.
-    const at::Tensor L = p.left >= 0 ? f[p.left].Di.t() : at::Tensor();
-    const at::Tensor R = p.right >= 0 ? f[p.right].D : at::Tensor();
+    // The left side moves by g^{-T} = I + di·Diᵀ, the right by g = I + d·D.
+    const SpanStep* l = p.left >= 0 ? &f[p.left] : nullptr;
+    const SpanStep* r = p.right >= 0 ? &f[p.right] : nullptr;
     if (p.A.defined()) {
       // One kernel position (Linear layers): fused 2-D products.
-      const at::Tensor A = moved.A = p.A.size(0) == 1 ? by(L, times(p.A[0], R.t())).unsqueeze(0)
-                                                      : by(L, times(p.A, R.t()));
-      const at::Tensor AL = A.permute({1, 0, 2}).reshape({A.size(1), -1});
-      const at::Tensor AR = A.permute({2, 0, 1}).reshape({A.size(2), -1});
+      const at::Tensor A = moved.A =
+          p.A.size(0) == 1 ? by(l->Di.t(), l->di, times(p.A[0], r->D.t(), r->d)).unsqueeze(0)
+                           : by(l->Di.t(), l->di, times(p.A, r->D.t(), r->d));
       parts.push_back(squared(A));
       if (directions) {
-        accumulate(rows[p.left], at::mm(AL, AL.t()));
-        accumulate(cols[p.right], at::mm(AR, AR.t()));
+        add(p.left, A.permute({1, 0, 2}).reshape({A.size(1), -1}), -1, true);
+        add(p.right, A.permute({2, 0, 1}).reshape({A.size(2), -1}), 1, true);
       }
     }
     if (p.BB.defined()) {
-      const at::Tensor X = moved.BB = by(L, times(p.BB, L.t()));
+      const at::Tensor X = moved.BB = by(l->Di.t(), l->di, times(p.BB, l->Di, l->di));
       parts.push_back(X.trace());
-      accumulate(rows[p.left], X);
+      if (directions) add(p.left, X, -1, false);
     }
     if (p.CC.defined()) {
-      const at::Tensor X = moved.CC = by(R, times(p.CC, R.t()));
+      const at::Tensor X = moved.CC = by(r->D, r->d, times(p.CC, r->D.t(), r->d));
       parts.push_back(X.trace());
-      accumulate(cols[p.right], X);
+      if (directions) add(p.right, X, 1, false);
     }
     if (p.BF.defined()) {
-      const at::Tensor LF = moved.BF = by(L, p.BF);
+      const at::Tensor LF = moved.BF = by(l->Di.t(), l->di, p.BF);
       parts.push_back(squared(LF));
-      if (directions) accumulate(rows[p.left], at::mm(LF, LF.t()));
+      if (directions) add(p.left, LF, -1, true);
     }
     if (p.CF.defined()) {
-      const at::Tensor RF = moved.CF = by(R, p.CF);
+      const at::Tensor RF = moved.CF = by(r->D, r->d, p.CF);
       parts.push_back(squared(RF));
-      if (directions) accumulate(cols[p.right], at::mm(RF, RF.t()));
+      if (directions) add(p.right, RF, 1, true);
     }
     st.pieces.push_back(std::move(moved));
   }
   st.norm = at::stack(parts).sum();
   for (size_t k = 0; k < f.size() && directions; ++k) {
-    const at::Tensor d = cols[k].defined() && rows[k].defined() ? at::sub(cols[k], rows[k])
-                         : cols[k].defined()                   ? cols[k].clone()
-                         : rows[k].defined()                   ? -rows[k]
-                                                               : at::zeros_like(f[k].D);
-    st.directions.push_back(d.mul_(2));
+    st.directions.push_back(dir[k].defined() ? dir[k] : at::zeros_like(f[k].D));
   }
   return st;
 }
@@ -547,21 +567,23 @@ SpanPiece chosen(const at::Tensor& ok, const SpanPiece& moved, const SpanPiece& 
 // its remainder, at most ‖T‖^(m+1) / (1 − ‖T‖), is below a quarter of the
 // dtype's ε: at most two products instead of an LU inverse, and exact to
 // rounding as that is (docs/design.md §11).
-SpanStep basis_step(const at::Tensor& t, const TeleportOptions& o, double norm) {
+// The step is T = c·D (c a host scalar).
+SpanStep basis_step(const at::Tensor& D, double c, const TeleportOptions& o, double norm) {
   if (o.parametrization() == Parametrization::kLinear && norm < 0.5) {
-    const double eps = epsilon_of(t) / 4;
+    const double eps = epsilon_of(D) / 4;
     int64_t terms = 1;  // the series up to (−T)^terms
     double remainder = norm * norm / (1 - norm);
     for (; remainder > eps && terms < 3; ++terms) remainder *= norm;
+    if (remainder <= eps && terms == 1) return {D, D, c, -c, {}};
     if (remainder <= eps) {
+      const at::Tensor t = c == 1 ? D : D * c;
       at::Tensor Di = -t;  // the series less I, by Horner: Di <- −T (I + Di)
       for (int64_t j = 1; j < terms; ++j) Di = at::addmm(t, t, Di).neg_();
-      return {t, Di, {}};
+      return {t, Di, 1, 1, {}};
     }
   }
-  const GroupElement e = GroupElement::from_algebra(t, false, o.parametrization());
-  const at::Tensor id = at::eye(t.size(0), t.options());
-  return {e.g - id, e.g_inv - id, e.invertible};
+  const GroupElement e = GroupElement::from_algebra(c == 1 ? D : D * c, false, o.parametrization());
+  return {minus_identity(e.g), minus_identity(e.g_inv), 1, 1, e.invertible};
 }
 
 // The span ascent's attempts, from the pieces and directions at the identity:
@@ -579,15 +601,31 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
   const V limit = growth_limit(norm_after, o);
   BasicControl<V> control(norm_after, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
-    const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);  // GL: no positivity cap
     // E is orthonormal: <d, t> in the bases is <D, T> in the layers.
-    const V& scale = control.scale(norm_after, read_as<V>(rise(dirs, unit)));
     std::vector<SpanStep> steps;
+    if constexpr (on_host) {
+      // Each direction's norm read once: its capped step f·d (GL: no
+      // positivity cap), that step's rise f‖d‖², the attempt's T = scale·f·d.
+      std::vector<double> norm(m), factor(m);
+      double rise = 0;
+      for (size_t k = 0; k < m; ++k) {
+        norm[k] = dirs[k].norm().template item<double>();
+        factor[k] = capped_factor(norm[k], o);
+        rise += factor[k] * norm[k] * norm[k];
+      }
+      const double scale = control.scale(norm_after, rise);
+      for (size_t k = 0; k < m; ++k) {
+        const double c = scale * factor[k];
+        steps.push_back(basis_step(dirs[k], c, o, std::abs(c) * norm[k]));
+      }
+    } else {
+      const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);
+      const V& scale = control.scale(norm_after, read_as<V>(rise(dirs, unit)));
+      for (size_t k = 0; k < m; ++k) steps.push_back(basis_step(unit[k] * scale, 1, o, NAN));
+    }
     at::Tensor invertible = at::ones({}, a.norm_before.options().dtype(at::kBool));
-    for (size_t k = 0; k < m; ++k) {
-      const at::Tensor t = unit[k] * scale;
-      steps.push_back(basis_step(t, o, on_host ? t.norm().item<double>() : NAN));
-      if (steps[k].invertible.defined()) invertible = invertible.logical_and(steps[k].invertible);
+    for (const auto& step : steps) {
+      if (step.invertible.defined()) invertible = invertible.logical_and(step.invertible);
     }
     // The last attempt's directions would go unused.
     const bool last = attempt + 1 == control.attempts();
@@ -597,13 +635,13 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
                          read_as<Flag>(invertible));
     if constexpr (on_host) {
       if (ok) {
-        for (size_t k = 0; k < m; ++k) h[k] = at::addmm(h[k], steps[k].D, h[k]);
+        for (size_t k = 0; k < m; ++k) h[k] = at::addmm(h[k], steps[k].D, h[k], 1, steps[k].d);
         dirs = std::move(next.directions);
         pieces = std::move(next.pieces);
       }
     } else {
       for (size_t k = 0; k < m; ++k) {
-        h[k] = at::where(ok, at::addmm(h[k], steps[k].D, h[k]), h[k]);
+        h[k] = at::where(ok, at::addmm(h[k], steps[k].D, h[k], 1, steps[k].d), h[k]);
         if (!last) dirs[k] = at::where(ok, next.directions[k], dirs[k]);
       }
       for (size_t i = 0; i < pieces.size(); ++i) pieces[i] = chosen(ok, next.pieces[i], pieces[i]);
@@ -726,15 +764,6 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     auto [h_inv, info] = at::linalg_inv_ex(h[k]);
     const at::Tensor invertible = info.eq(0);
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
-    auto plus_identity = [](at::Tensor x) {
-      x.diagonal().add_(1);
-      return x;
-    };
-    auto minus_identity = [](const at::Tensor& x) {
-      at::Tensor y = x.clone();
-      y.diagonal().sub_(1);
-      return y;
-    };
     const at::Tensor M = minus_identity(h[k]), M_inv = minus_identity(h_inv), Et = E[k].t();
     a.total[k] = GroupElement{plus_identity(at::mm(E[k], at::mm(M, Et))),
                               plus_identity(at::mm(E[k], at::mm(M_inv, Et))), false, {}};

@@ -36,6 +36,10 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o);
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive);
 
+// The factor capped_step() multiplies a direction of Frobenius norm `norm` by
+// in exact mode without a positivity cap, on the host.
+double capped_factor(double norm, const TeleportOptions& o);
+
 // Each symmetry's capped step along its direction: an attempt's steps at factor 1.
 std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
                                    const TeleportOptions& o);
