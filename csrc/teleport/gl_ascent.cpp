@@ -669,11 +669,19 @@ struct RowMap {
 // that product. x is contiguous.
 void move_rows_(const RowMap& map, const at::Tensor& x, bool left, const at::Tensor& known = {}) {
   const int64_t n = map.E.size(0), r = map.E.size(1);
+  if (!left && x.numel() == x.size(0) * n) {
+    // A Linear's columns: X mapᵀ, computed in X's own layout (no strided copy).
+    const at::Tensor X = x.view({x.size(0), n});
+    if (2 * n * r + r * r < n * n) {
+      X.add_(at::mm(at::mm(at::mm(X, map.E), map.M.t()), map.E.t()));
+    } else {
+      X.copy_(at::mm(X, map.full.t()));
+    }
+    return;
+  }
   at::Tensor rows;
   if (left) {
     rows = x.view({n, -1});
-  } else if (x.numel() == x.size(0) * n) {
-    rows = x.view({x.size(0), n}).t();
   } else {
     rows = x.view({x.size(0), n, -1});
   }
