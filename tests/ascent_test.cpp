@@ -363,6 +363,45 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
   }
 }
 
+// The span path keeps its ascent's books in host doubles on the CPU and in
+// 0-dim tensors elsewhere (no host read per attempt); under TensorOpsOnCpu the
+// latter runs here, and both must reach the same point.
+TEST_P(AscentTest, SpanGLTensorOpsMatchHostBookkeeping) {
+  if (GetParam() != torch::kCPU) GTEST_SKIP() << "host bookkeeping runs on CPU only";
+  for (auto p : {Parametrization::kLinear, Parametrization::kExp}) {
+    for (double growth : {1e6, 1.5}) {
+      SCOPED_TRACE(std::to_string(growth) + (p == Parametrization::kLinear ? " linear" : " exp"));
+      std::vector<TeleportReport> reports;
+      std::vector<std::vector<at::Tensor>> weights, grads;
+      for (bool tensor_ops : {false, true}) {
+        auto model = make_mlp({100, 150, 140, 5}, Act::kIdentity, true, f64(), 4);
+        const auto batch = random_batch(6, 100, 5, f64(), 2);
+        const BatchLoss objective(model, batch.input, batch.target, mse());
+        backward(objective, model);
+        detail::ForceGLAscentPath path(detail::GLAscentPath::kSpan);
+        std::optional<detail::TensorOpsOnCpu> switched;
+        if (tensor_ops) switched.emplace();
+        reports.push_back(teleport(discover(model).symmetries,
+                                   TeleportOptions().steps(8).lr(2.0).max_growth(growth).parametrization(p)));
+        ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
+        weights.push_back(clone_all(model->parameters()));
+        std::vector<at::Tensor> g;
+        for (const auto& t : model->parameters()) g.push_back(t.grad().clone());
+        grads.push_back(g);
+      }
+      EXPECT_GE(reports[0].steps, growth < 2 ? 1 : 2);
+      EXPECT_EQ(reports[0].steps, reports[1].steps);
+      EXPECT_EQ(reports[0].shortened, reports[1].shortened);
+      EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
+                  1e-10 * reports[1].grad_norm_sq_after);
+      for (size_t i = 0; i < weights[0].size(); ++i) {
+        EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-10) << "parameter " << i;
+        EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-10) << "gradient " << i;
+      }
+    }
+  }
+}
+
 // Small steps in the span path take their inverses as Neumann series (one to
 // three terms, by the steps' norms); they must move weights and gradients as
 // the dense path's LU inverses do. The step cap fixes ||T|| at 1e-5 (three
