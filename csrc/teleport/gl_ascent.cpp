@@ -215,7 +215,9 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
 // columns whose mass outside the others exceeds the cut, orthonormalised by
 // a Cholesky QR twice (Householder's where ill-conditioned). Returns how many
 // were kept; `left` is the largest mass left in a column. Two host reads.
-int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
+// E is a view of `rows`, E's transpose grown row by row (n × n rows at most,
+// so that a new block writes only its own memory).
+int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double cut, double& left) {
   const int64_t b = Y.size(1);
   // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
   Y = project_out(E, Y, 1);
@@ -231,7 +233,8 @@ int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
       cut, 16.0 * static_cast<double>(b) * std::numeric_limits<double>::epsilon() * largest);
   std::vector<int64_t> piv;
   std::vector<double> R;
-  const int64_t k = pivoted_cholesky(c, b, resolved, piv, R, left);
+  // (At most the room left: the rest would be rounding of the directions kept.)
+  const int64_t k = std::min(pivoted_cholesky(c, b, resolved, piv, R, left), rows.size(0) - E.size(1));
   if (k == 0) return 0;
   at::Tensor R11 = at::zeros({k, k}, C.options());
   double* r11 = R11.data_ptr<double>();
@@ -256,7 +259,9 @@ int64_t extend_basis(at::Tensor& E, at::Tensor Y, double cut, double& left) {
     }
   }
   if (!orthonormal) Q = std::get<0>(at::linalg_qr(Q, "reduced"));
-  E = at::cat({E, Q}, 1);
+  const int64_t had = E.size(1);
+  rows.narrow(0, had, k).copy_(Q.t());
+  E = rows.narrow(0, 0, had + k).t();
   return k;
 }
 
@@ -282,19 +287,20 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, double cut, int64_t
   const int64_t n = first.size(0), block = 64;
   ends.assign(acted.size(), n);
   if (n <= block) return n <= max_columns ? at::eye(n, first.options()) : at::Tensor();
-  at::Tensor E = at::empty({n, 0}, first.options());
+  const at::Tensor rows = at::empty({n, n}, first.options());
+  at::Tensor E = rows.narrow(0, 0, 0).t();
   uint64_t stream = 0;
   for (size_t i = 0; i < acted.size(); ++i) {
     const int64_t m = acted[i].size(1);
     double left = 0;
     if (m <= block) {
       // Its columns as they are, until nothing above the cut is left in them.
-      while (E.size(1) < n && extend_basis(E, acted[i], cut, left) > 0 && left > cut) {
+      while (E.size(1) < n && extend_basis(E, rows, acted[i], cut, left) > 0 && left > cut) {
       }
     } else {
       while (E.size(1) < n && E.size(1) <= max_columns) {
         const int64_t b = std::min(block, n - E.size(1));
-        const int64_t k = extend_basis(E, at::mm(acted[i], random_signs(m, b, stream++, first.options())),
+        const int64_t k = extend_basis(E, rows, at::mm(acted[i], random_signs(m, b, stream++, first.options())),
                                        cut, left);
         // A block of b random combinations captures every direction of a
         // range of dimension d ≤ b/2 (its sketch there is well conditioned):
