@@ -414,8 +414,16 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
     if (acted.size(1) < r) {
       F = P;
     } else if (end < r) {
-      const at::Tensor R = std::get<1>(at::linalg_qr(P.narrow(0, 0, end).t(), "r"));
-      F = at::cat({R.t(), at::zeros({r - end, R.size(0)}, R.options())});
+      // On the CPU the Cholesky factor of those rows' Gram, where rounding
+      // leaves it positive definite (one read); else the triangle of a QR.
+      const at::Tensor top = P.narrow(0, 0, end);
+      at::Tensor L;
+      if (host_bookkeeping(top)) {
+        auto [factor, info] = at::linalg_cholesky_ex(at::mm(top, top.t()));
+        if (info.item<int64_t>() == 0) L = factor;
+      }
+      if (!L.defined()) L = std::get<1>(at::linalg_qr(top.t(), "r")).t();
+      F = at::cat({L, at::zeros({r - end, L.size(1)}, L.options())});
     } else {
       const at::Tensor PP = at::mm(P, P.t());
       accumulate(gram, PP);
@@ -499,7 +507,9 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
   // (`gram`) or X itself added with sign ±1.
   auto add = [&dir](int k, const at::Tensor& X, double sign, bool gram) {
     if (!dir[k].defined()) {
-      dir[k] = gram ? at::mm(X, X.t()).mul_(2 * sign) : X * (2 * sign);
+      // (β = 0: the zero it is given is not read.)
+      dir[k] = gram ? at::addmm(at::zeros({}, X.options()).expand({X.size(0), X.size(0)}), X, X.t(), 0, 2 * sign)
+                    : X * (2 * sign);
     } else if (gram) {
       dir[k].addmm_(X, X.t(), 1, 2 * sign);
     } else {
