@@ -682,28 +682,40 @@ struct RowMap {
 // Linear's columns when inner is 1). By the low-rank update x + E(M(Eᵀx))
 // where it costs fewer multiply-adds per column (2nr + r²) than the product
 // with the formed matrix (n²), or (nr + r²) where Eᵀx is `known`, else by
-// that product. x is contiguous.
-void move_rows_(const RowMap& map, const at::Tensor& x, bool left, const at::Tensor& known = {}) {
+// that product, written to `scratch` (grown as needed, reused from call to
+// call) and copied back. x is contiguous.
+void move_rows_(const RowMap& map, const at::Tensor& x, bool left, at::Tensor& scratch,
+                const at::Tensor& known = {}) {
   const int64_t n = map.E.size(0), r = map.E.size(1);
+  auto product = [&scratch](const at::Tensor& a, const at::Tensor& b) {
+    const int64_t size = a.size(0) * b.size(1);
+    if (!scratch.defined() || scratch.numel() < size) scratch = at::empty({size}, a.options());
+    at::Tensor out = scratch.narrow(0, 0, size).view({a.size(0), b.size(1)});
+    return at::mm_out(out, a, b);
+  };
   if (!left && x.numel() == x.size(0) * n) {
     // A Linear's columns: X mapᵀ, computed in X's own layout (no strided copy).
     const at::Tensor X = x.view({x.size(0), n});
     if (2 * n * r + r * r < n * n) {
-      X.add_(at::mm(at::mm(at::mm(X, map.E), map.M.t()), map.E.t()));
+      X.addmm_(at::mm(at::mm(X, map.E), map.M.t()), map.E.t());
     } else {
-      X.copy_(at::mm(X, map.full.t()));
+      X.copy_(product(X, map.full.t()));
     }
     return;
   }
-  at::Tensor rows;
   if (left) {
-    rows = x.view({n, -1});
-  } else {
-    rows = x.view({x.size(0), n, -1});
+    const at::Tensor rows = x.view({n, -1});
+    if (known.defined() && n * r + r * r < n * n) {
+      rows.addmm_(map.E, at::mm(map.M, known));
+    } else if (2 * n * r + r * r < n * n) {
+      rows.addmm_(map.E, at::mm(map.M, at::mm(map.E.t(), rows)));
+    } else {
+      rows.copy_(product(map.full, rows));
+    }
+    return;
   }
-  if (known.defined() && n * r + r * r < n * n) {
-    rows.add_(at::mm(map.E, at::mm(map.M, known)));
-  } else if (2 * n * r + r * r < n * n) {
+  const at::Tensor rows = x.view({x.size(0), n, -1});
+  if (2 * n * r + r * r < n * n) {
     rows.add_(at::matmul(map.E, at::matmul(map.M, at::matmul(map.E.t(), rows))));
   } else {
     rows.copy_(at::matmul(map.full, rows));
@@ -814,15 +826,16 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   // on its rows (a right action X m is the row action of mᵀ), in low rank
   // where that is cheaper (see move_rows_).
   at::NoGradGuard no_grad;
+  at::Tensor scratch;  // the dense products, one buffer
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor w = params[i].detach();
     if (left[i] >= 0) {
-      move_rows_(by_g[left[i]], w, true);
-      move_rows_(by_g_inv_t[left[i]], grads[i], true, projections[i]);
+      move_rows_(by_g[left[i]], w, true, scratch);
+      move_rows_(by_g_inv_t[left[i]], grads[i], true, scratch, projections[i]);
     }
     if (right[i] >= 0) {
-      move_rows_(by_g_inv_t[right[i]], w, false);
-      move_rows_(by_g[right[i]], grads[i], false);
+      move_rows_(by_g_inv_t[right[i]], w, false, scratch);
+      move_rows_(by_g[right[i]], grads[i], false, scratch);
     }
   }
   return a;
