@@ -114,7 +114,7 @@ struct SpanPiece {
   at::Tensor A;     // [inner, r_left, r_right]: E_leftᵀ G E_right, both sides only
   at::Tensor BB;    // [r_left, r_left]: the left side's Gram outside A
   at::Tensor CC;    // [r_right, r_right]: the right side's Gram outside A
-  at::Tensor BF;    // [r_left, q]: BB as BF BFᵀ, for gradients thinner than the basis
+  at::Tensor BF;    // [r_left, q]: a left Gram as BF BFᵀ (thin gradients, factors of wide ones)
   at::Tensor CF;    // [r_right, q]: CC as CF CFᵀ, likewise
   at::Tensor rest;  // ||G||² outside the bases
 };
@@ -279,7 +279,7 @@ int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double
 // by the square root of that direction's share of the mass, which must stay
 // near ε for the ascent to match the dense one (a cut at 1e-5 would tilt it
 // by 3e-3). So the basis holds the gradients' whole numerical range
-// (docs/design.md §11); the caller computes the cut (rounding_cut).
+// (docs/design.md §11); the caller computes the cut (span_pieces).
 // Undefined when the basis would exceed max_columns.
 at::Tensor range_basis(const std::vector<at::Tensor>& acted, double cut, int64_t max_columns,
                        std::vector<int64_t>& ends) {
