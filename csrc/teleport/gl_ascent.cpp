@@ -784,7 +784,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   std::vector<SpanStep> identity;  // (its D only gives the shape)
   for (size_t k = 0; k < m; ++k) {
     h.push_back(at::eye(E[k].size(1), E[k].options()));
-    identity.push_back({h.back(), h.back(), {}});
+    identity.push_back({h.back(), h.back(), 1, 1, {}});
   }
   const std::vector<at::Tensor> dirs = span_state(pieces, identity, /*identity=*/true).directions;
   if (host_bookkeeping(grads)) {
