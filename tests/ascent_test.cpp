@@ -98,6 +98,16 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
   }
 }
 
+// Two runs' weights and gradients (index 0 and 1 of each) agree within a
+// relative `tolerance`, tensor by tensor.
+void expect_same_point(const std::vector<std::vector<at::Tensor>>& weights,
+                       const std::vector<std::vector<at::Tensor>>& grads, double tolerance) {
+  for (size_t i = 0; i < weights[0].size(); ++i) {
+    EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), tolerance) << "parameter " << i;
+    EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), tolerance) << "gradient " << i;
+  }
+}
+
 // Closed-form GL(n) runs in the span of the gradients (docs/design.md §11);
 // carrying the full gradients through every step must reach the same point.
 // Both paths are forced (by default small or full-rank layers take the dense
@@ -166,10 +176,7 @@ TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
           EXPECT_EQ(reports[0].steps, reports[1].steps);
           EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
                       1e-9 * reports[1].grad_norm_sq_after);
-          for (size_t i = 0; i < weights[0].size(); ++i) {
-            EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-9) << "parameter " << i;
-            EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-9) << "gradient " << i;
-          }
+          expect_same_point(weights, grads, 1e-9);
         }
       }
     }
@@ -205,10 +212,7 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
       }
       EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
                   1e-12 * reports[1].grad_norm_sq_after);
-      for (size_t i = 0; i < weights[0].size(); ++i) {
-        EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-12);
-        EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-12);
-      }
+      expect_same_point(weights, grads, 1e-12);
     }
   }
 }
@@ -356,10 +360,7 @@ TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
     for (const auto& t : params) g.push_back(t.grad().clone());
     grads.push_back(g);
   }
-  for (size_t i = 0; i < weights[0].size(); ++i) {
-    EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-9) << "parameter " << i;
-    EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-9) << "gradient " << i;
-  }
+  expect_same_point(weights, grads, 1e-9);
   }
 }
 
@@ -394,10 +395,7 @@ TEST_P(AscentTest, SpanGLTensorOpsMatchHostBookkeeping) {
       EXPECT_EQ(reports[0].shortened, reports[1].shortened);
       EXPECT_NEAR(reports[0].grad_norm_sq_after, reports[1].grad_norm_sq_after,
                   1e-10 * reports[1].grad_norm_sq_after);
-      for (size_t i = 0; i < weights[0].size(); ++i) {
-        EXPECT_LE(rel_diff(weights[0][i], weights[1][i]), 1e-10) << "parameter " << i;
-        EXPECT_LE(rel_diff(grads[0][i], grads[1][i]), 1e-10) << "gradient " << i;
-      }
+      expect_same_point(weights, grads, 1e-10);
     }
   }
 }
@@ -436,10 +434,7 @@ TEST_P(AscentTest, SpanGLSmallStepsMatchTheDenseAscent) {
       transported.push_back(dg);
     }
     EXPECT_NEAR(norms[0], norms[1], 1e-12 * norms[1]);
-    for (size_t i = 0; i < moved[0].size(); ++i) {
-      EXPECT_LE(rel_diff(moved[0][i], moved[1][i]), 1e-7) << "parameter " << i;
-      EXPECT_LE(rel_diff(transported[0][i], transported[1][i]), 1e-7) << "gradient " << i;
-    }
+    expect_same_point(moved, transported, 1e-7);
   }
 }
 
