@@ -215,8 +215,8 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
 // columns whose mass outside the others exceeds the cut, orthonormalised by
 // a Cholesky QR twice (Householder's where ill-conditioned). Returns how many
 // were kept; `left` is the largest mass left in a column. Two host reads.
-// E is a view of `rows`, E's transpose grown row by row (n × n rows at most,
-// so that a new block writes only its own memory).
+// E is a view of `rows`, E's transpose grown row by row (so that a new block
+// writes only its own memory); no more columns are kept than `rows` has room for.
 int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double cut, double& left) {
   const int64_t b = Y.size(1);
   // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
@@ -287,7 +287,8 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, double cut, int64_t
   const int64_t n = first.size(0), block = 64;
   ends.assign(acted.size(), n);
   if (n <= block) return n <= max_columns ? at::eye(n, first.options()) : at::Tensor();
-  const at::Tensor rows = at::empty({n, n}, first.options());
+  // Room for the basis and one more block: beyond max_columns it is refused.
+  const at::Tensor rows = at::empty({std::min(n, max_columns + block), n}, first.options());
   at::Tensor E = rows.narrow(0, 0, 0).t();
   uint64_t stream = 0;
   for (size_t i = 0; i < acted.size(); ++i) {
