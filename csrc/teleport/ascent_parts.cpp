@@ -76,6 +76,10 @@ V step_factor(const V& norm, const V* most_negative, const TeleportOptions& o) {
 }
 }  // namespace
 
+double capped_factor(double norm, const TeleportOptions& o) {
+  return o.lr() * step_factor(norm * o.lr(), static_cast<const double*>(nullptr), o);
+}
+
 // T = η D, scaled down to Frobenius norm max_step when larger, and for
 // diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
 // reference mode). The factors are computed in double so that a cap of 1e300
@@ -86,19 +90,16 @@ at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
   const double lr = o.lr();
   if (o.mode() == Mode::kReference) return direction * lr;
   if (host_bookkeeping(direction)) {
-    const double negative = keep_positive ? -direction.min().item<double>() * lr : 0.0;
+    if (!keep_positive) return direction * capped_factor(direction.norm().item<double>(), o);
+    const double negative = -direction.min().item<double>() * lr;
     const double norm = direction.norm().item<double>() * lr;
-    return direction * (lr * step_factor(norm, keep_positive ? &negative : nullptr, o));
+    return direction * (lr * step_factor(norm, &negative, o));
   }
   const at::Tensor negative =
       keep_positive ? -direction.min().to(at::kDouble) * lr : at::Tensor();
   const at::Tensor factor =
       step_factor(direction.norm().to(at::kDouble) * lr, keep_positive ? &negative : nullptr, o);
   return direction * (factor * lr).to(direction.scalar_type());
-}
-
-double capped_factor(double norm, const TeleportOptions& o) {
-  return o.lr() * step_factor(norm * o.lr(), static_cast<const double*>(nullptr), o);
 }
 
 // The group element of one ascent step: the symmetry's own, or in reference

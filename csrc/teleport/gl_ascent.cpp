@@ -402,9 +402,9 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   // A gradient acted on from one side only, as `acted` (n × q, the side acted
   // on as rows), its range in the basis's first `end` columns: its projection
   // P on the basis added to that side's factor where q is below the basis's
-  // width r; else, where end < r, a factor of its Gram of width end (the
-  // triangle R of P's first end rows, PPᵀ = RᵀR there, the rows below are
-  // rounding), which costs 2r²·end per ascent step instead of the Gram's 2r³;
+  // width r; else, where end < r, a factor L of its Gram of width end (of the
+  // Gram of P's first end rows, LLᵀ; the rows below are rounding), which
+  // costs 2r²·end per ascent step instead of the Gram's 2r³;
   // else its Gram PPᵀ added to the side's Gram. The rest of its squared norm
   // goes to `rest`.
   auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
