@@ -160,6 +160,18 @@ at::Tensor ProcessGroup::all_gather_rows(const at::Tensor& rows, int64_t& first_
   return at::cat(parts);
 }
 
+namespace {
+// LibTorch 2.x's TCPStoreOptions asks for the libuv backend by default, which
+// builds without libuv (Debian's) refuse at the rendezvous; the classic
+// backend is in every build. 1.x has no such field.
+template <typename Options>
+auto without_libuv(Options& o, int) -> decltype(o.useLibUV = false, void()) {
+  o.useLibUV = false;
+}
+template <typename Options>
+void without_libuv(Options&, long) {}
+}  // namespace
+
 std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::DeviceType device,
                                                  std::chrono::milliseconds timeout) {
   TORCH_CHECK(where.world_size >= 1 && where.rank >= 0 && where.rank < where.world_size,
@@ -171,6 +183,7 @@ std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::D
   if (options.isServer) options.numWorkers = static_cast<std::size_t>(where.world_size);
   options.waitWorkers = false;
   options.timeout = timeout;
+  without_libuv(options, 0);
   c10::intrusive_ptr<c10d::Store> store;
   try {
     store = c10::make_intrusive<c10d::TCPStore>(where.master_addr, options);
@@ -260,6 +273,7 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
   store_options.port = 0;  // any free port
   store_options.isServer = true;
   store_options.waitWorkers = false;
+  without_libuv(store_options, 0);
   const auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", store_options);
   const std::string port = std::to_string(store->getPort());
 
