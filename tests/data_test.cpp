@@ -57,6 +57,10 @@ TEST(IdxTest, RejectsBadMagicTypeAndTruncation) {
             std::string::npos);
   write_idx(path, {3}, {1, 2, 3, 4});
   EXPECT_NE(error_of_read(path).find("is too long"), std::string::npos);
+  // 2^16 · 2^16 · 2^16 · 2^16 wraps to 0 in 64 bits: an empty file matched it.
+  write_idx(path, {65536, 65536, 65536, 65536}, {});
+  EXPECT_NE(error_of_read(path).find("more than any file holds"), std::string::npos)
+      << error_of_read(path);
   std::vector<uint8_t> wrong_type = {0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0};
   std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(wrong_type.data()), 12);
   EXPECT_NE(error_of_read(path).find("another element type"), std::string::npos);

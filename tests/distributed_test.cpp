@@ -67,7 +67,9 @@ Trajectory train(const Scenario& s, const std::shared_ptr<dist::ProcessGroup>& g
           .flatness_radius(0.3),
       DiscoverOptions().data_dependent(leaky));
   int64_t tstep = 0;
-  if (s.path != "grad") {
+  if (s.path == "unaveraged") {
+    if (group) opt.set_process_group(group);
+  } else if (s.path != "grad") {
     const auto [first, count] = slice(0, kTeleportBatch);
     if (group) opt.set_process_group(group, static_cast<double>(count) / kTeleportBatch);
     opt.set_teleport_batch(
@@ -86,7 +88,7 @@ Trajectory train(const Scenario& s, const std::shared_ptr<dist::ProcessGroup>& g
       opt.zero_grad();
       at::Tensor loss = mse()(model->forward(x.narrow(0, first, count)), y.narrow(0, first, count));
       loss.backward();
-      if (group) dist::average_gradients(model->parameters(), *group, share);
+      if (group && s.path != "unaveraged") dist::average_gradients(model->parameters(), *group, share);
       return loss;
     };
     at::Tensor loss = opt.step(closure);
@@ -221,6 +223,23 @@ TEST(Distributed, ReplicasStayBitwiseIdenticalWithLookAheadAndFlatnessTeleports)
 }
 
 // Two processes follow one at the same global batch, teleports included.
+// Ranks whose .grad differs (the user averaged nothing) are refused at the
+// first teleport, on every rank, with a clear error: no hang, no silent
+// divergence of the replicas.
+TEST(Distributed, GradientsThatDifferBetweenRanksAreRefusedOnEveryRank) {
+  const Launched l = launch("unaveraged:float32:-1:30", 2, std::chrono::seconds(20));
+  EXPECT_NE(l.code, 0);
+  EXPECT_LT(l.seconds, 30) << "the ranks hung";
+  const std::string errors = slurp(l.dir + "/error.txt");
+  size_t count = 0;
+  for (size_t at = errors.find("expected the same .grad on every rank"); at != std::string::npos;
+       at = errors.find("expected the same .grad on every rank", at + 1)) {
+    ++count;
+  }
+  EXPECT_EQ(count, 2u) << errors;
+  remove_dir(l.dir);
+}
+
 TEST(Distributed, TwoProcessesFollowOneInFloat64) {
   for (const std::string path : {"batch", "data_dependent", "look_ahead", "flatness"}) {
     Scenario s = parse(path + ":float64:-1:100");

@@ -1,6 +1,7 @@
 // TeleportOptimizer: a drop-in for the optimizer it wraps.
 #include "test_util.h"
 
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/pooling.h>
@@ -457,8 +458,8 @@ TEST_P(OptimizerTest, WeightDecayWithTransportIsRefusedAndKeepWorks) {
 // Every buffer of every torch::optim optimizer, by kind, under a scaling
 // teleport (inner learning rate 0, so only the teleport moves the weights):
 // p ⊙ m is invariant for gradient-like buffers, p² ⊙ v for squared ones.
-// Under full GL(n) gradient-like buffers map by g^{-T} and squared ones are
-// kept, and the report says so.
+// Under full GL(n) SGD's momentum maps by g^{-T}; an adaptive optimizer's
+// moments (first and second) are kept as a unit, and the report says so.
 TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
   namespace o = torch::optim;
   using Make = std::function<std::unique_ptr<o::Optimizer>(std::vector<at::Tensor>)>;
@@ -511,12 +512,13 @@ TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
                   const at::Tensor p2 = squared ? params[i].detach().square() : params[i].detach();
                   EXPECT_TRUE(torch::allclose(p2 * buffer, old, 1e-10, 1e-14))  // elementwise
                       << name << " parameter " << i << " buffer " << j;
-                } else if (squared) {
+                } else if (squared || squared_buffers) {
+                  // Under GL an adaptive optimizer's moments are kept as a unit.
                   EXPECT_TRUE(torch::equal(buffer, old)) << name << " parameter " << i << " buffer " << j;
                 }
               }
             }
-            if (gl && !before[0][0].first) {
+            if (gl && !squared_buffers) {
               // Gradient-like: W0 rows by g0^{-T}; W1 rows by g1^{-T} and columns by g0ᵀ.
               const auto &e0 = r.elements[0], &e1 = r.elements[1];
               const auto m0 = get(detail::find_state(opt.inner(), params[0]))[0].second;
@@ -968,6 +970,300 @@ TEST_P(OptimizerTest, ReplacedParametersAreReported) {
   mse()(m->forward(b.input), b.target).backward();
   EXPECT_NE(error_of([&] { opt.step(); }).find("a parameter the model no longer holds"),
             std::string::npos);
+}
+
+// Fine-tuning: a frozen layer is never moved, discover() leaves its pair out
+// with a note, and every other pair teleports, whichever parameters the inner
+// optimizer was built from.
+TEST_P(OptimizerTest, FrozenLayersAreNeverMovedAndTheRestTeleports) {
+  for (bool trainable_only : {false, true}) {
+    SCOPED_TRACE(trainable_only ? "inner built from trainable parameters" : "from all");
+    auto m = make_mlp({6, 8, 7, 5, 3}, Act::kReLU, true, f64());
+    auto* first = m->ptr(0)->as<torch::nn::Linear>();
+    first->weight.requires_grad_(false);
+    first->bias.requires_grad_(false);
+    const auto frozen = clone_all({first->weight, first->bias});
+    std::vector<at::Tensor> params;
+    for (const auto& p : m->parameters()) {
+      if (!trainable_only || p.requires_grad()) params.push_back(p);
+    }
+    std::vector<TeleportReport> reports;
+    TeleportOptimizer opt(m, std::make_unique<SGD>(params, SGDOptions(0.05).momentum(0.9)),
+                          teleports().every(2).on_report(
+                              [&](const TeleportReport& r) { reports.push_back(r); }));
+    ASSERT_EQ(opt.symmetries().size(), 2u);
+    bool noted = false;
+    for (const auto& n : opt.notes()) noted = noted || n.find("frozen") != std::string::npos;
+    EXPECT_TRUE(noted);
+    for (int64_t t = 0; t < 6; ++t) train_step(opt, m, t);
+    for (int64_t t = 6; t < 10; ++t) opt.step(closure(opt, m, t));
+    ASSERT_EQ(reports.size(), 5u);
+    for (const auto& r : reports) {
+      EXPECT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_EQ(r.elements.size(), 2u);
+      EXPECT_TRUE(r.skipped.empty());
+    }
+    EXPECT_TRUE(bitwise_equal(frozen, {first->weight, first->bias}));
+  }
+  // Declared on a frozen layer: refused, saying so.
+  auto m = make_mlp({6, 8, 3}, Act::kReLU, true, f64());
+  m->ptr(0)->as<torch::nn::Linear>()->weight.requires_grad_(false);
+  const auto p = m->parameters();
+  SymmetryList syms = {std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[0], p[1], p[2])};
+  EXPECT_NE(error_of([&] { TeleportOptimizer(syms, sgd(m), teleports()); }).find("frozen"),
+            std::string::npos);
+}
+
+// A layer this forward pass did not use has no gradient: its symmetry sits
+// this teleport out (named in the report), the others teleport.
+TEST_P(OptimizerTest, UnusedLayersSitOutAndTheRestTeleport) {
+  auto m = model();
+  auto unused = make_mlp({6, 5, 3}, Act::kReLU, true, f64(), /*seed=*/3);
+  SymmetryList syms = discover(m).symmetries;
+  syms.push_back(discover(unused).symmetries.at(0));
+  auto params = m->parameters();
+  for (const auto& p : unused->parameters()) params.push_back(p);
+  const auto untouched = clone_all(unused->parameters());
+  TeleportOptimizer opt(syms, std::make_unique<SGD>(params, SGDOptions(0.05)), teleports());
+  for (int64_t t = 0; t < 4; ++t) train_step(opt, m, t);
+  ASSERT_NE(opt.last_report(), nullptr);
+  const TeleportReport& r = *opt.last_report();
+  EXPECT_FALSE(r.rolled_back) << r.reason;
+  ASSERT_EQ(r.skipped.size(), 1u);
+  EXPECT_NE(r.skipped[0].find("no gradient"), std::string::npos) << r.skipped[0];
+  ASSERT_EQ(r.elements.size(), 3u);
+  EXPECT_TRUE(r.elements[0].g.defined() && r.elements[1].g.defined());
+  EXPECT_FALSE(r.elements[2].g.defined());
+  EXPECT_TRUE(bitwise_equal(untouched, unused->parameters()));
+}
+
+// BatchNorm's running statistics: after step(closure) they are as one call of
+// the closure leaves them, teleport kept or rolled back; the teleport batch's
+// evaluations never touch them.
+TEST_P(OptimizerTest, ModuleBuffersSeeOneClosureCallPerStep) {
+  namespace nn = torch::nn;
+  auto make = [&] {
+    torch::manual_seed(5);
+    nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), nn::Linear(8, 7), nn::BatchNorm1d(7),
+                     nn::ReLU(), nn::Linear(7, 3));
+    m->to(device(), torch::kDouble);
+    return m;
+  };
+  auto run_closure = [&](nn::Sequential& net, int64_t t) {
+    const Batch b = batch(t);
+    for (auto& p : net->parameters()) p.mutable_grad() = at::Tensor();
+    auto loss = mse()(net->forward(b.input), b.target);
+    loss.backward();
+    return loss;
+  };
+  for (bool wrong : {false, true}) {
+    SCOPED_TRACE(wrong ? "a declaration that is no symmetry (rolled back)" : "discovered");
+    auto m = make();
+    const auto p = m->parameters();
+    SymmetryList syms =
+        wrong ? SymmetryList{std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])}
+              : discover(m).symmetries;
+    ASSERT_EQ(syms.size(), 1u);
+    TeleportOptimizer opt(m, syms, sgd(m), teleports().every(1).lr(wrong ? 1.0 : 0.05));
+    for (int64_t t = 0; t < 3; ++t) {
+      auto twin = std::dynamic_pointer_cast<nn::SequentialImpl>(m->clone());
+      nn::Sequential twin_holder(twin);
+      run_closure(twin_holder, t);  // one call, as a plain step would make
+      opt.step([&] {
+        opt.zero_grad();
+        return run_closure(m, t);
+      });
+      ASSERT_NE(opt.last_report(), nullptr);
+      EXPECT_EQ(opt.last_report()->rolled_back, wrong) << opt.last_report()->reason;
+      EXPECT_TRUE(bitwise_equal(twin->buffers(), m->buffers()));
+    }
+  }
+  // The teleport batch: evaluations for the teleport leave the buffers alone.
+  auto m = make();
+  TeleportOptimizer opt(m, sgd(m), teleports().every(1).method(Method::kAutograd));
+  opt.set_teleport_batch([&] { const Batch b = batch(50); return std::make_pair(b.input, b.target); },
+                         mse());
+  run_closure(m, 0);
+  const auto buffers = clone_all(m->buffers());
+  opt.step();
+  ASSERT_NE(opt.last_report(), nullptr);
+  EXPECT_FALSE(opt.last_report()->rolled_back) << opt.last_report()->reason;
+  EXPECT_TRUE(bitwise_equal(buffers, m->buffers()));
+}
+
+// Under a non-diagonal element the adaptive optimizers' moments are kept as a
+// unit: centered RMSprop's square_avg − grad_avg² stays ≥ 0, Adam's
+// exp_avg² ≤ exp_avg_sq / (1 − β₁)² ... stays as the optimizer left it.
+TEST_P(OptimizerTest, AdaptiveMomentsStayAUnitUnderGL) {
+  namespace o = torch::optim;
+  torch::manual_seed(2);
+  torch::nn::Sequential m(torch::nn::Linear(10, 16), torch::nn::Linear(16, 16), torch::nn::ReLU(),
+                          torch::nn::Linear(16, 3));
+  m->to(device(), torch::kDouble);
+  TeleportOptimizer opt(m, std::make_unique<o::RMSprop>(m->parameters(), o::RMSpropOptions(1e-3).centered(true)),
+                        teleports().every(5).lr(1.0).max_growth(100));
+  ASSERT_FALSE(opt.symmetries().at(0)->diagonal());
+  int64_t kept = 0;
+  for (int64_t t = 0; t < 30; ++t) {
+    const Batch b = random_batch(16, 10, 3, f64(), 500 + t);
+    opt.zero_grad();
+    mse()(m->forward(b.input), b.target).backward();
+    opt.step();
+    if (t % 5 == 0 && t > 0 && !opt.last_report()->rolled_back) {  // state exists from step 1
+      ++kept;
+      EXPECT_TRUE(opt.last_report()->state_kept);
+    }
+    for (const auto& p : m->parameters()) {
+      auto* s = dynamic_cast<o::RMSpropParamState*>(detail::find_state(opt.inner(), p));
+      ASSERT_NE(s, nullptr);
+      EXPECT_GE((s->square_avg() - s->grad_avg().square()).min().item<double>(), -1e-18) << t;
+      EXPECT_TRUE(p.isfinite().all().item<bool>());
+    }
+  }
+  EXPECT_GT(kept, 0);
+}
+
+// Decided by the element applied: kBalance applies diagonal elements to a GL
+// symmetry, and then Adagrad's sums (above their initial value) move exactly:
+// w² · (sum − initial) is unchanged entry by entry. kReset starts them at the
+// group's own initial value.
+TEST_P(OptimizerTest, DiagonalElementsOnGLCarrySquaredStateExactly) {
+  namespace o = torch::optim;
+  for (double initial : {0.0, 0.3}) {
+    SCOPED_TRACE(initial);
+    auto m = make_mlp({6, 8, 3}, Act::kIdentity, false, f64());
+    const auto w = m->parameters();
+    auto sum_of = [](o::Optimizer& opt, const at::Tensor& p) {
+      return state_of<o::AdagradParamState>(opt, p, [](auto& s) { return s.sum(); });
+    };
+    at::Tensor before, after;
+    TeleportOptimizer* self = nullptr;
+    auto inner = std::make_unique<o::Adagrad>(
+        w, o::AdagradOptions(0.05).initial_accumulator_value(initial));
+    TeleportOptimizer opt(m, std::move(inner),
+                          teleports().every(0).at({2}).objective(Objective::kBalance).on_report(
+                              [&](const TeleportReport&) {
+                                after = (w[0].detach().square() * (sum_of(self->inner(), w[0]) - initial));
+                              }));
+    self = &opt;
+    ASSERT_FALSE(opt.symmetries().at(0)->diagonal());
+    train_step(opt, m, 0);
+    train_step(opt, m, 1);
+    before = w[0].detach().square() * (sum_of(opt.inner(), w[0]) - initial);
+    train_step(opt, m, 2);
+    ASSERT_FALSE(opt.last_report()->rolled_back) << opt.last_report()->reason;
+    ASSERT_TRUE(opt.last_report()->elements.at(0).diagonal);
+    EXPECT_FALSE(opt.last_report()->state_kept);
+    EXPECT_LE(rel_diff(after, before), 1e-12);
+  }
+  // kReset: the group's initial accumulator value, not the defaults'.
+  auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
+  std::vector<o::OptimizerParamGroup> groups;
+  groups.emplace_back(m->parameters(),
+                      std::make_unique<o::AdagradOptions>(o::AdagradOptions(0.05).initial_accumulator_value(0.3)));
+  at::Tensor reset;
+  TeleportOptimizer* self = nullptr;
+  TeleportOptimizer opt(m, std::make_unique<o::Adagrad>(std::move(groups), o::AdagradOptions(0.05)),
+                        teleports().every(0).at({1}).state_policy(StatePolicy::kReset).on_report(
+                            [&](const TeleportReport&) {
+                              reset = state_of<o::AdagradParamState>(
+                                  self->inner(), m->parameters()[0], [](auto& s) { return s.sum(); }).clone();
+                            }));
+  self = &opt;
+  train_step(opt, m, 0);
+  train_step(opt, m, 1);
+  ASSERT_TRUE(reset.defined());
+  EXPECT_EQ((reset - 0.3).abs().max().item<double>(), 0.0);
+}
+
+// A layer used twice (tied weights) gets no symmetry from discover(); a
+// symmetry declared twice is refused at construction.
+TEST_P(OptimizerTest, TiedLayersAndDuplicateDeclarationsAreRefused) {
+  namespace nn = torch::nn;
+  torch::manual_seed(0);
+  nn::Linear tied(8, 8);
+  nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), tied, nn::ReLU(), tied, nn::ReLU(), nn::Linear(8, 3));
+  m->to(device(), torch::kDouble);
+  const Discovery found = discover(m);
+  EXPECT_TRUE(found.symmetries.empty());
+  bool noted = false;
+  for (const auto& n : found.notes) noted = noted || n.find("tied weights") != std::string::npos;
+  EXPECT_TRUE(noted);
+
+  auto mlp = make_mlp({6, 8, 8, 3}, Act::kReLU, true, f64());
+  const auto s = discover(mlp).symmetries.at(0);
+  EXPECT_NE(error_of([&] { TeleportOptimizer({s, s}, sgd(mlp), teleports()); })
+                .find("at most once per side"),
+            std::string::npos);
+  const auto p = mlp->parameters();
+  SymmetryList self_pair = {std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[2])};
+  EXPECT_NE(error_of([&] { TeleportOptimizer(self_pair, sgd(mlp), teleports()); })
+                .find("acts twice on one tensor"),
+            std::string::npos);
+}
+
+// half and bfloat16 parameters are refused where the optimizer is built.
+TEST_P(OptimizerTest, HalfPrecisionIsRefusedAtConstruction) {
+  for (auto dtype : {torch::kHalf, torch::kBFloat16}) {
+    auto m = make_mlp({6, 8, 3}, Act::kReLU, true, torch::TensorOptions(device()).dtype(dtype));
+    const std::string error = error_of([&] { TeleportOptimizer(m, sgd(m), teleports()); });
+    EXPECT_NE(error.find("expected float32 or float64 parameters"), std::string::npos) << error;
+  }
+}
+
+// A closure that throws on its second call (the loss after the teleport)
+// leaves weights and gradients as the first call left them.
+TEST_P(OptimizerTest, ThrowingClosureLeavesThePointAsItWas) {
+  auto m = model();
+  TeleportOptimizer opt(m, sgd(m), teleports().every(1));
+  int calls = 0;
+  std::vector<at::Tensor> weights, grads;
+  const std::string error = error_of([&] {
+    opt.step([&] {
+      if (++calls == 2) {
+        weights = clone_all(m->parameters());
+        throw c10::Error("closure failed on purpose", "");
+      }
+      const Batch b = batch(0);
+      opt.zero_grad();
+      auto loss = mse()(m->forward(b.input), b.target);
+      loss.backward();
+      grads.clear();
+      return loss;
+    });
+  });
+  EXPECT_NE(error.find("closure failed on purpose"), std::string::npos) << error;
+  ASSERT_EQ(calls, 2);
+  auto fresh = model();
+  const Batch b = batch(0);
+  mse()(fresh->forward(b.input), b.target).backward();
+  EXPECT_TRUE(bitwise_equal(fresh->parameters(), m->parameters()));
+  EXPECT_FALSE(bitwise_equal(weights, m->parameters()));  // the teleport had moved them
+  std::vector<at::Tensor> expected, got;
+  for (const auto& p : fresh->parameters()) expected.push_back(p.grad());
+  for (const auto& p : m->parameters()) got.push_back(p.grad());
+  EXPECT_TRUE(bitwise_equal(expected, got));
+}
+
+// A checkpoint of another architecture, or of a plain optimizer, is refused
+// at load with what was expected and what came.
+TEST_P(OptimizerTest, CheckpointOfAnotherModelIsRefusedAtLoad) {
+  auto m = model();
+  TeleportOptimizer opt(m, sgd(m), teleports());
+  for (int64_t t = 0; t < 4; ++t) train_step(opt, m, t);
+  std::stringstream stream;
+  torch::save(opt, stream);
+  auto other = make_mlp({6, 9, 7, 3}, Act::kReLU, true, f64());
+  TeleportOptimizer wrong(other, sgd(other), teleports());
+  const std::string shape_error = error_of([&] { torch::load(wrong, stream); });
+  EXPECT_NE(shape_error.find("expected parameter 0 of shape [9, 6], got [8, 6]"), std::string::npos)
+      << shape_error;
+  auto bare = sgd(m);
+  train_step(*bare, m, 0);
+  std::stringstream plain;
+  torch::save(*bare, plain);
+  const std::string plain_error = error_of([&] { torch::load(opt, plain); });
+  EXPECT_NE(plain_error.find("without teleport/version"), std::string::npos) << plain_error;
 }
 
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {

@@ -73,6 +73,38 @@ std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries) {
   return out;
 }
 
+void check_roles(const SymmetryList& symmetries, const char* who) {
+  struct Role {
+    const void* tensor;
+    bool columns;
+    size_t symmetry;
+  };
+  std::vector<Role> seen;
+  for (size_t k = 0; k < symmetries.size(); ++k) {
+    const auto params = symmetries[k]->parameters();
+    const bool layer = dynamic_cast<const LayerSymmetry*>(symmetries[k].get()) != nullptr;
+    for (size_t i = 0; i < params.size(); ++i) {
+      for (size_t j = 0; j < i; ++j) {
+        TORCH_CHECK(!params[j].is_same(params[i]), who, ": ", symmetries[k]->name(),
+                    " acts twice on one tensor of shape ", params[i].sizes(),
+                    " (a layer paired with itself, or tied weights): that is no symmetry");
+      }
+      if (!layer) continue;
+      // A layer symmetry's last tensor is acted on by columns, the others by rows.
+      const Role role{params[i].unsafeGetTensorImpl(), i + 1 == params.size(), k};
+      for (const auto& r : seen) {
+        TORCH_CHECK(r.tensor != role.tensor || r.columns != role.columns, who, ": ",
+                    symmetries[r.symmetry]->name(), " and ", symmetries[k]->name(),
+                    " both act on the ", role.columns ? "columns (inputs)" : "rows (outputs)",
+                    " of one tensor of shape ", params[i].sizes(),
+                    ": expected each tensor acted on at most once per side (a symmetry "
+                    "declared twice, or a layer used twice?)");
+      }
+      seen.push_back(role);
+    }
+  }
+}
+
 }  // namespace detail
 
 namespace {
@@ -1201,6 +1233,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     return report;
   }
   for (const auto& s : symmetries) s->check_unchanged();
+  detail::check_roles(symmetries, "teleport");
   const auto params = detail::distinct_parameters(symmetries);
   for (const auto& p : params) {
     TORCH_CHECK(p.device() == params.front().device() &&
@@ -1235,6 +1268,9 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   std::vector<at::Tensor> grads;
   if (batch == nullptr) {
     for (const auto& p : params) {
+      TORCH_CHECK(p.requires_grad(), "teleport: expected trainable parameters, got a frozen one "
+                  "(requires_grad false) of shape ", p.sizes(),
+                  ": a frozen tensor is never moved; leave its symmetries out");
       TORCH_CHECK(p.grad().defined(),
                   "teleport: expected gradients in .grad (call loss.backward() before "
                   "step()), got an undefined gradient for a parameter of shape ",

@@ -51,8 +51,14 @@ struct TeleportReport {
   /// empty otherwise.
   std::string reason;
   double seconds = 0;
-  /// The group element applied, one per symmetry (empty when rolled back).
+  /// The group element applied, one per symmetry (empty when rolled back);
+  /// from TeleportOptimizer, an undefined one (`g` undefined) for a symmetry
+  /// listed in `skipped`.
   std::vector<GroupElement> elements;
+  /// Symmetries TeleportOptimizer left out of this teleport, each with why
+  /// (a frozen parameter, or no gradient in `.grad` because this forward pass
+  /// did not use it); the others teleported.
+  std::vector<std::string> skipped;
 };
 
 /// Teleports the symmetries' parameters: `options.steps()` steps of gradient
@@ -147,6 +153,12 @@ class Snapshot {
  private:
   std::vector<at::Tensor> params_, values_, grads_;
 };
+
+/// Throws unless every tensor is acted on at most once per side (rows,
+/// columns) by the layer symmetries, and no symmetry acts twice on one tensor:
+/// a symmetry declared twice, or a layer used twice (tied weights), is no
+/// symmetry. `who` starts the message.
+void check_roles(const SymmetryList& symmetries, const char* who);
 
 /// The distinct parameters of `symmetries`, in first-seen order.
 std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries);

@@ -1,5 +1,7 @@
 #include <teleport/batch_loss.h>
 
+#include <teleport/internal/buffers.h>
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -94,6 +96,7 @@ BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input,
   devices_ = devices_of(tensors);
   random_ = std::make_shared<const RandomState>(devices_);
   seen_ = std::make_shared<Seen>();
+  buffers_ = model_->buffers();
 }
 
 BatchLoss::BatchLoss(ParametricLossFn loss) : parametric_(std::move(loss)) {
@@ -224,9 +227,12 @@ at::Tensor run(const torch::nn::Sequential& model, at::Tensor x,
 namespace {
 
 // Runs `f` with the generators as `random` captured them, then puts back
-// the state they had before.
+// the state they had before, and the module buffers (BatchNorm's running
+// statistics) as they were: an evaluation for a teleport never updates them.
 template <typename F>
-at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& devices, F&& f) {
+at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& devices,
+                    const std::vector<at::Tensor>& buffers, F&& f) {
+  const detail::BufferGuard keep(buffers);
   const RandomState now(devices);
   random.restore();
   at::Tensor out;
@@ -247,7 +253,7 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
   Seen& seen = *seen_;
   std::lock_guard<std::mutex> lock(seen.mutex);
   if (seen.watched.empty()) {
-    return replayed(*random_, devices_,
+    return replayed(*random_, devices_, buffers_,
                     [&] { return run(model_, input_, overrides, fixed_, stop, through); });
   }
   const std::vector<at::Tensor> values = evaluation_values(model_, input_, overrides, fixed_);
@@ -271,7 +277,7 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
     layers.push_back(std::move(l));
   };
   const at::Tensor x = replayed(
-      *random_, devices_, [&] { return run(model_, input_, overrides, fixed_, stop, through, record); });
+      *random_, devices_, buffers_, [&] { return run(model_, input_, overrides, fixed_, stop, through, record); });
   for (auto& l : layers) {
     Seen::Layer* known = seen.find(l.weight);
     if (known == nullptr) {
@@ -368,7 +374,7 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
     const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&, size_t) {
       if (w.is_same(weight)) input = in;
     };
-    output = replayed(*random_, devices_, [&] {
+    output = replayed(*random_, devices_, buffers_, [&] {
       return run(model_, input_, overrides, fixed_, weight, /*through=*/true, record);
     });
   }
@@ -405,7 +411,7 @@ at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverride
     seen_->watch(weight);  // for layer_of() later
   }
   return rows_of(
-      replayed(*random_, devices_, [&] { return run(model_, input_, overrides, fixed_, weight); }));
+      replayed(*random_, devices_, buffers_, [&] { return run(model_, input_, overrides, fixed_, weight); }));
 }
 
 BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double share) const {
@@ -432,7 +438,7 @@ BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {
 }
 
 at::Tensor BatchLoss::loss(const ParameterOverrides& overrides) const {
-  at::Tensor l = parametric_ ? replayed(*random_, devices_, [&] { return parametric_(overrides); })
+  at::Tensor l = parametric_ ? replayed(*random_, devices_, buffers_, [&] { return parametric_(overrides); })
                              : loss_fn_(forward(overrides), target_);
   TORCH_CHECK(l.numel() == 1, "BatchLoss: expected the loss function to return a scalar, got ",
               l.sizes());

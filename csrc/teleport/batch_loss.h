@@ -31,7 +31,9 @@ using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
 /// Every evaluation sees the same randomness (dropout masks): the random
 /// generators are set to their state at construction for each evaluation and
 /// put back after it, so the loss differs between evaluations only by what
-/// the parameters do, and evaluating it draws nothing from the stream.
+/// the parameters do, and evaluating it draws nothing from the stream. The
+/// model runs in its current mode (train or eval), and its buffers (BatchNorm's
+/// running statistics) are put back bitwise after every evaluation.
 class BatchLoss {
  public:
   BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
@@ -104,6 +106,7 @@ class BatchLoss {
   ParameterOverrides fixed_;
   std::shared_ptr<const RandomState> random_;
   std::vector<c10::Device> devices_;
+  std::vector<at::Tensor> buffers_;  // the model's, put back after every evaluation
   std::shared_ptr<Collectives> group_;
   double share_ = 1;
   // The layers layer_of() was asked about, and their inputs and outputs as the

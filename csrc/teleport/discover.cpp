@@ -73,6 +73,12 @@ bool layer_of(const Module& m, Layer& out) {
   return false;
 }
 
+// Whether the symmetry would move a tensor that does not train: the weight,
+// and the bias where the action touches it (the first layer's).
+bool frozen(const Layer& l, bool with_bias) {
+  return !l.weight.requires_grad() || (with_bias && l.bias.defined() && !l.bias.requires_grad());
+}
+
 // The modules of a Sequential in order, nested Sequentials expanded, each with
 // its path ("3" or "2.1").
 void leaves(const torch::nn::SequentialImpl& seq, const std::string& prefix,
@@ -95,8 +101,24 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> modules;
   leaves(*model, "", modules);
 
+  // A module that stands twice in the chain (tied weights) is acted on by
+  // more than one use at once: no pair that touches it is a symmetry.
+  std::vector<const Module*> tied;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (modules[i].second.get() == modules[j].second.get()) tied.push_back(modules[i].second.get());
+    }
+  }
+  auto is_tied = [&tied](const Module* m) {
+    for (const auto* t : tied) {
+      if (t == m) return true;
+    }
+    return false;
+  };
+
   Discovery found;
   Layer previous;
+  const Module* previous_module = nullptr;
   bool have_previous = false;
   std::string previous_path;
   Allows between = Allows::kGL;
@@ -128,6 +150,13 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
       std::string why;
       if (between == Allows::kNothing) {
         why = breaker;
+      } else if (is_tied(previous_module) || is_tied(module.get())) {
+        why = "layer " + (is_tied(previous_module) ? previous_path : path) +
+              " is used more than once in the model (tied weights): an action on one use "
+              "changes the others";
+      } else if (frozen(previous, /*with_bias=*/true) || frozen(layer, /*with_bias=*/false)) {
+        why = "layer " + (frozen(previous, true) ? previous_path : path) +
+              " is frozen (requires_grad is false): a frozen tensor is never moved";
       } else if (previous.groups != 1 || layer.groups != 1) {
         why = "a grouped convolution (groups > 1) is not supported";
       } else if (!previous.conv && layer.conv) {
@@ -158,6 +187,7 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
       }
     }
     previous = layer;
+    previous_module = module.get();
     have_previous = true;
     previous_path = path;
     between = Allows::kGL;

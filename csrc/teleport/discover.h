@@ -35,7 +35,10 @@ struct Discovery {
 ///  - a Conv followed by a Linear needs a Flatten between them: each channel
 ///    then owns a block of the Linear's columns;
 ///  - any other module (BatchNorm among them), a grouped convolution, a Linear
-///    before a Conv, or shapes that do not fit: none, and a note says why.
+///    before a Conv, or shapes that do not fit: none, and a note says why;
+///  - a layer whose tensors the action would move are frozen (requires_grad
+///    false), or a layer that stands twice in the chain (tied weights): none
+///    for the pairs it belongs to, and a note says why.
 /// Modules before the first and after the last layer do not matter.
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options = {});
 

@@ -1,5 +1,6 @@
 #include <teleport/optimizer.h>
 
+#include <teleport/internal/buffers.h>
 #include <teleport/random_state.h>
 #include <teleport/schedule.h>
 
@@ -31,7 +32,9 @@ using torch::optim::OptimizerParamGroup;
 
 // 2: the options as one unit (TeleportOptions::serialize), every field; the
 // state of every torch::optim optimizer by parameter position.
-constexpr int64_t kCheckpointVersion = 2;
+// 3: the on-demand schedule's and the objective's fields; the parameters'
+// count and shapes, checked at load.
+constexpr int64_t kCheckpointVersion = 3;
 
 using detail::state_key;
 
@@ -184,6 +187,23 @@ Buffers buffers_of(torch::optim::OptimizerParamState* s) {
   return b;
 }
 
+
+// The options of the param group holding `p`, or nullptr.
+const torch::optim::OptimizerOptions* options_of(const Optimizer& opt, const at::Tensor& p) {
+  for (const auto& group : opt.param_groups()) {
+    for (const auto& q : group.params()) {
+      if (q.is_same(p)) return &group.options();
+    }
+  }
+  return nullptr;
+}
+
+// Where Adagrad's sum of squared gradients starts (its group's
+// initial_accumulator_value); 0 for other optimizers.
+double adagrad_offset(const Optimizer& opt, const at::Tensor& p) {
+  const auto* o = dynamic_cast<const torch::optim::AdagradOptions*>(options_of(opt, p));
+  return o != nullptr ? o->initial_accumulator_value() : 0.0;
+}
 
 // What the inner state of one parameter is, for checkpoints.
 enum class StateKind : int64_t {
@@ -376,12 +396,8 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
   notes_ = std::move(found.notes);
   if (symmetries_.empty()) {
     notes_.push_back("no teleportable pair of layers: teleports do nothing");
-    TORCH_WARN("TeleportOptimizer: ", notes_.front(), " (", notes_.size() - 1,
-               " note(s) from discovery in notes())");
   }
-  require_among(symmetries_, all_params(*inner_),
-                 "the inner optimizer does not hold; build the inner optimizer from "
-                 "model->parameters()");
+  check_symmetries();
   const auto params = detail::distinct_parameters(symmetries_);
   for (const auto& p : params) {
     TORCH_CHECK(p.device() == params.front().device() &&
@@ -402,13 +418,28 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList s
       options_(std::move(options)),
       symmetries_(std::move(symmetries)) {
   options_.validate();
+  check_symmetries();
+  check_state_policy();
+  if (!model_.is_empty()) buffers_ = model_->buffers();
+}
+
+void TeleportOptimizer::check_symmetries() const {
   for (const auto& s : symmetries_) {
     TORCH_CHECK(s != nullptr, "TeleportOptimizer: expected symmetries, got a null one");
+    for (const auto& p : s->parameters()) {
+      TORCH_CHECK(p.requires_grad(), "TeleportOptimizer: ", s->name(),
+                  " acts on a frozen parameter (requires_grad false) of shape ", p.sizes(),
+                  ": a frozen tensor is never moved; declare symmetries between trainable "
+                  "layers only");
+      TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
+                  "TeleportOptimizer: expected float32 or float64 parameters, got ",
+                  p.scalar_type(), " in ", s->name());
+    }
   }
+  detail::check_roles(symmetries_, "TeleportOptimizer");
   require_among(symmetries_, all_params(*inner_),
                 "the inner optimizer does not hold; build the inner optimizer from the "
                 "model's parameters");
-  check_state_policy();
 }
 
 TeleportOptimizer::TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<Optimizer> inner,
@@ -481,11 +512,66 @@ void TeleportOptimizer::sync_inner() {
 double TeleportOptimizer::symmetric_grad_norm_sq() const {
   std::vector<at::Tensor> sums;
   for (const auto& p : detail::distinct_parameters(symmetries_)) {
-    if (!p.grad().defined()) return std::numeric_limits<double>::quiet_NaN();
-    sums.push_back(p.grad().square().sum());
+    if (p.grad().defined()) sums.push_back(p.grad().square().sum());
   }
   return sums.empty() ? std::numeric_limits<double>::quiet_NaN()
                       : at::stack(sums).sum().item<double>();
+}
+
+SymmetryList TeleportOptimizer::taking_part(bool from_grad,
+                                            std::vector<std::string>& skipped) const {
+  SymmetryList out;
+  for (const auto& s : symmetries_) {
+    std::string why;
+    for (const auto& p : s->parameters()) {
+      if (!p.requires_grad()) {
+        why = "a parameter of shape " + c10::str(p.sizes()) + " is frozen (requires_grad false)";
+      } else if (from_grad && !p.grad().defined() && why.empty()) {
+        why = "a parameter of shape " + c10::str(p.sizes()) +
+              " has no gradient in .grad (this forward pass did not use it)";
+      }
+    }
+    if (why.empty()) {
+      out.push_back(s);
+    } else {
+      skipped.push_back(s->name() + ": " + why);
+    }
+  }
+  return out;
+}
+
+void TeleportOptimizer::check_gradients_agree() const {
+  std::vector<at::Tensor> parts;
+  for (const auto& p : detail::distinct_parameters(active_)) {
+    if (!p.grad().defined()) continue;
+    const at::Tensor g = p.grad().detach().to(at::kDouble);
+    parts.push_back(at::stack({g.sum(), g.square().sum()}));
+  }
+  const at::Tensor mine = parts.empty() ? at::zeros({1, 2}, at::kDouble)
+                                        : at::stack(parts).sum(0).reshape({1, 2});
+  int64_t first_row = 0;
+  const at::Tensor all = group_->all_gather_rows(mine, first_row).cpu();
+  const auto sums = all.accessor<double, 2>();
+  for (int64_t r = 1; r < all.size(0); ++r) {
+    for (int64_t j = 0; j < 2; ++j) {
+      const double a = sums[0][j], b = sums[r][j];
+      TORCH_CHECK(std::abs(a - b) <= 1e-6 * (std::abs(a) + std::abs(b)),
+                  "TeleportOptimizer: expected the same .grad on every rank (averaged over the "
+                  "ranks before step(), e.g. teleport::distributed::average_gradients), got "
+                  "gradients that differ: checksum ", j == 0 ? "Σg" : "Σg²", " is ", a,
+                  " on rank 0 and ", b, " on rank ", r,
+                  ". Each rank would teleport differently and the replicas would diverge");
+    }
+  }
+}
+
+void TeleportOptimizer::align_elements(TeleportReport& report) const {
+  if (report.elements.empty() || active_.size() == symmetries_.size()) return;
+  std::vector<GroupElement> all(symmetries_.size());
+  for (size_t k = 0, a = 0; k < symmetries_.size() && a < active_.size(); ++k) {
+    if (symmetries_[k] == active_[a]) all[k] = std::move(report.elements[a++]);
+  }
+  report.elements = std::move(all);
 }
 
 at::Tensor TeleportOptimizer::step(LossClosure closure) {
@@ -527,8 +613,21 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     TORCH_CHECK(!fresh_gradients || closure != nullptr, stale);
     check_model_unchanged();
     check_state_policy();
+    // The buffers as the one call of the closure left them: the calls the
+    // teleport adds, and a rollback, leave no trace in them.
+    const detail::BufferGuard buffers(buffers_);
+    std::vector<std::string> skipped;
+    active_ = taking_part(/*from_grad=*/!next_batch_, skipped);
+    bool none_has_gradients = !symmetries_.empty() && active_.empty() && !next_batch_;
+    for (const auto& s : symmetries_) {
+      for (const auto& p : s->parameters()) none_has_gradients = none_has_gradients && !p.grad().defined();
+    }
+    TORCH_CHECK(!none_has_gradients, "teleport: expected gradients in .grad (call loss.backward() "
+                "before step()), got none for any parameter the symmetries act on");
+    if (group_) check_gradients_agree();
     last_report_ = run_teleport(replay, loss, current);
     last_report_.step = step_;
+    last_report_.skipped = std::move(skipped);
     has_report_ = true;
     ++teleports_;
     if (!last_report_.rolled_back) {
@@ -538,6 +637,7 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
         last_report_.gradients_stale = false;
       }
     }
+    align_elements(last_report_);
     if (options_.on_report()) options_.on_report()(last_report_);
   }
   // The inner optimizer's first call of the closure would compute what is
@@ -564,15 +664,15 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
                 "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
     if (options_.objective() == Objective::kLookAhead) {
-      return teleport(symmetries_, options_, objective, next_step());
+      return teleport(active_, options_, objective, next_step());
     }
-    return teleport(symmetries_, options_, &objective);
+    return teleport(active_, options_, &objective);
   }
   TORCH_CHECK(options_.objective() != Objective::kLookAhead &&
                   options_.objective() != Objective::kFlatness,
               "TeleportOptimizer: kLookAhead and kFlatness evaluate losses on a teleport batch; "
               "call set_teleport_batch first");
-  if (replay == nullptr || symmetries_.empty()) {
+  if (replay == nullptr || active_.empty()) {
     return teleport_from_grad();
   }
   // Closed form from .grad, then the closure measures the loss at the new
@@ -581,13 +681,19 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   const detail::Snapshot snapshot(all_params(*this));
   TeleportReport report = teleport_from_grad();
   if (report.rolled_back) return report;
-  const at::Tensor after = replay();
-  std::vector<at::Tensor> losses = {loss.detach().reshape({}), after.detach().reshape({})};
-  if (group_) {  // the global batch's losses, so that every rank decides alike
-    for (auto& l : losses) l = l * share_;
-    group_->all_reduce_sum(losses);
+  at::Tensor after, host;
+  try {  // a closure or a collective that throws leaves the point as it was
+    after = replay();
+    std::vector<at::Tensor> losses = {loss.detach().reshape({}), after.detach().reshape({})};
+    if (group_) {  // the global batch's losses, so that every rank decides alike
+      for (auto& l : losses) l = l * share_;
+      group_->all_reduce_sum(losses);
+    }
+    host = at::stack(losses).to(at::kDouble).cpu();
+  } catch (...) {
+    snapshot.restore();
+    throw;
   }
-  const at::Tensor host = at::stack(losses).to(at::kDouble).cpu();
   report.loss_before = host[0].item<double>();
   report.loss_after = host[1].item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
@@ -613,7 +719,7 @@ NextStep TeleportOptimizer::next_step() const {
   NextStep next;
   next.transported = options_.state_policy() == StatePolicy::kTransport;
   const bool reset = options_.state_policy() == StatePolicy::kReset;
-  const auto acted = detail::distinct_parameters(symmetries_);
+  const auto acted = detail::distinct_parameters(active_);
   for (const auto& grp : inner_->param_groups()) {
     const auto& opts = grp.options();
     for (const auto& p : grp.params()) {
@@ -677,12 +783,12 @@ NextStep TeleportOptimizer::next_step() const {
 // (docs/design.md §8); an optimizer without a second moment (SGD) has none, and
 // its objective is ||∇L||².
 TeleportReport TeleportOptimizer::teleport_from_grad() {
-  if (options_.objective() != Objective::kPreconditioned) return teleport(symmetries_, options_);
+  if (options_.objective() != Objective::kPreconditioned) return teleport(active_, options_);
   namespace o = torch::optim;
   Preconditioner pre;
   bool any = false;
   double eps = -1;
-  for (const auto& p : detail::distinct_parameters(symmetries_)) {
+  for (const auto& p : detail::distinct_parameters(active_)) {
     TORCH_CHECK(p.grad().defined(), "TeleportOptimizer: expected gradients in .grad, got none");
     const at::Tensor g = p.grad().detach();
     const torch::optim::OptimizerOptions* group = nullptr;
@@ -725,23 +831,23 @@ TeleportReport TeleportOptimizer::teleport_from_grad() {
     any = true;
     pre.scale.emplace_back(p, v.clamp_min(0).sqrt());
   }
-  if (!any) return teleport(symmetries_, TeleportOptions(options_).objective(Objective::kGradNorm));
-  TORCH_CHECK(pre.scale.size() == detail::distinct_parameters(symmetries_).size(),
+  if (!any) return teleport(active_, TeleportOptions(options_).objective(Objective::kGradNorm));
+  TORCH_CHECK(pre.scale.size() == detail::distinct_parameters(active_).size(),
               "TeleportOptimizer: kPreconditioned expects every teleported parameter in an "
               "optimizer with a second moment (Adagrad, Adam, AdamW, RMSprop)");
   pre.eps = eps;
-  return teleport(symmetries_, options_, pre);
+  return teleport(active_, options_, pre);
 }
 
 void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
   if (options_.state_policy() == StatePolicy::kKeep || report.elements.empty()) return;
   if (options_.state_policy() == StatePolicy::kReset) {
-    for (const auto& p : detail::distinct_parameters(symmetries_)) {
+    for (const auto& p : detail::distinct_parameters(active_)) {
       auto* s = find_state(*inner_, p);
       if (auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s)) {
-        // Adagrad creates its state up front and expects it there.
-        const auto& o = static_cast<const torch::optim::AdagradOptions&>(inner_->defaults());
-        adagrad->sum().fill_(o.initial_accumulator_value());
+        // Adagrad creates its state up front and expects it there, its sums
+        // starting at its group's initial accumulator value.
+        adagrad->sum().fill_(adagrad_offset(*inner_, p));
         adagrad->step(0);
       } else {
         erase_state(*inner_, p);  // other optimizers create state lazily
@@ -749,22 +855,31 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
     }
     return;
   }
-  // Transport, by buffer kind: gradient-like buffers map as gradients do;
-  // squared ones only where exact (diagonal scaling), else they are kept and
-  // the report says so.
-  for (size_t k = 0; k < symmetries_.size(); ++k) {
-    const auto& sym = *symmetries_[k];
+  // Transport, by buffer kind and by the element applied (docs/design.md §7):
+  // gradient-like buffers map as gradients do; squared ones exactly under a
+  // diagonal element (squared factors). Under a non-diagonal element no
+  // elementwise map of the squared buffers exists, and an adaptive optimizer's
+  // first and second moments are one unit (centered RMSprop takes
+  // √(v − m²), Adam divides m by √v): both are kept, a state the optimizer
+  // itself produced, and the report says so.
+  for (size_t k = 0; k < active_.size(); ++k) {
+    const auto& sym = *active_[k];
+    const GroupElement& e = report.elements[k];
+    const auto params = sym.parameters();
     std::vector<at::Tensor> gradient_like;
     std::vector<std::vector<at::Tensor>> squared;  // [slot][parameter]
-    bool unknown = false;
-    for (const auto& p : sym.parameters()) {
-      const Buffers b = buffers_of(find_state(*inner_, p));
+    std::vector<double> offsets;                   // Adagrad's initial accumulator
+    bool unknown = false, has_squared = false;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Buffers b = buffers_of(find_state(*inner_, params[i]));
       unknown = unknown || !b.known;
       gradient_like.push_back(b.gradient_like);
+      offsets.push_back(b.squared.empty() ? 0 : adagrad_offset(*inner_, params[i]));
       if (squared.size() < b.squared.size()) squared.resize(b.squared.size());
       for (size_t j = 0; j < b.squared.size(); ++j) {
-        squared[j].resize(sym.parameters().size());
-        squared[j][gradient_like.size() - 1] = b.squared[j];
+        squared[j].resize(params.size());
+        squared[j][i] = b.squared[j];
+        has_squared = has_squared || b.squared[j].defined();
       }
     }
     if (unknown && !noted_unknown_state_) {
@@ -772,27 +887,39 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
       notes_.push_back("the inner optimizer's state is of a type teleport does not know: it is "
                        "kept as it is at every teleport");
     }
-    bool has_squared = false;
-    for (auto& slot : squared) {
-      slot.resize(sym.parameters().size());
-      for (const auto& t : slot) has_squared = has_squared || t.defined();
-    }
     if (!sym.transports_gradients()) {  // nothing maps exactly
       report.state_kept = true;
       continue;
     }
-    sym.transport_gradients_(report.elements[k], gradient_like);
-    if (!has_squared) continue;
-    if (sym.can_transport_squared_gradients()) {
-      for (const auto& slot : squared) sym.transport_squared_gradients_(report.elements[k], slot);
-    } else {
+    const bool squares_map = e.diagonal && sym.can_transport_squared_gradients();
+    if (has_squared && !squares_map) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        bool adaptive = false;
+        for (const auto& slot : squared) adaptive = adaptive || (i < slot.size() && slot[i].defined());
+        if (adaptive) gradient_like[i] = at::Tensor();  // kept with its second moment
+      }
       report.state_kept = true;
+    }
+    sym.transport_gradients_(e, gradient_like);
+    if (!has_squared || !squares_map) continue;
+    at::NoGradGuard no_grad;
+    for (auto& slot : squared) {
+      slot.resize(params.size());
+      // sum = initial + Σg²: only the sum of squares scales.
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (slot[i].defined() && offsets[i] != 0) slot[i].sub_(offsets[i]);
+      }
+      sym.transport_squared_gradients_(e, slot);
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (slot[i].defined() && offsets[i] != 0) slot[i].add_(offsets[i]);
+      }
     }
   }
   transport_lbfgs(report);
   if (report.state_kept) {
-    report.state_note = "squared-gradient buffers (or all state, after a data-dependent action) "
-                        "kept: no elementwise map is exact under this group";
+    report.state_note = "under a non-diagonal element the adaptive optimizer's moments (first "
+                        "and second, one unit) were kept, as was all state after a "
+                        "data-dependent action: no elementwise map is exact there";
   }
 }
 
@@ -809,8 +936,8 @@ void TeleportOptimizer::transport_lbfgs(TeleportReport& report) {
   std::vector<at::Tensor> weight_like(state->old_stps().begin(), state->old_stps().end());
   gradient_like.push_back(state->prev_flat_grad());
   weight_like.push_back(state->d());
-  for (size_t k = 0; k < symmetries_.size(); ++k) {
-    const auto& sym = *symmetries_[k];
+  for (size_t k = 0; k < active_.size(); ++k) {
+    const auto& sym = *active_[k];
     if (!sym.transports_gradients()) {
       report.state_kept = true;
       continue;
@@ -858,6 +985,11 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
   // without amsgrad, that the archive cannot hold); others through their own.
   auto& inner = const_cast<Optimizer&>(*inner_);
   const auto params = all_params(inner);
+  write_int(archive, "params/count", static_cast<int64_t>(params.size()));
+  for (size_t j = 0; j < params.size(); ++j) {
+    archive.write("params/" + std::to_string(j) + "/shape",
+                  at::tensor(params[j].sizes().vec(), at::kLong));
+  }
   bool native = false;
   for (size_t j = 0; j < params.size(); ++j) {
     const std::string key = "state/" + std::to_string(j) + "/";
@@ -877,9 +1009,27 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
-  const int64_t version = read_int(archive, "teleport/version");
+  c10::IValue probe_version;
+  TORCH_CHECK(archive.try_read("teleport/version", probe_version),
+              "TeleportOptimizer::load: expected a TeleportOptimizer checkpoint, got one without "
+              "teleport/version (a plain optimizer's checkpoint loads into inner(): "
+              "torch::load(opt.inner(), ...))");
+  const int64_t version = probe_version.toInt();
   TORCH_CHECK(version == kCheckpointVersion, "TeleportOptimizer::load: expected a checkpoint of version ",
               kCheckpointVersion, ", got ", version);
+  const auto shapes_now = all_params(*inner_);
+  const int64_t count = read_int(archive, "params/count");
+  TORCH_CHECK(count == static_cast<int64_t>(shapes_now.size()),
+              "TeleportOptimizer::load: expected a checkpoint of ", shapes_now.size(),
+              " parameters, got ", count, " (another model?)");
+  for (size_t j = 0; j < shapes_now.size(); ++j) {
+    at::Tensor shape;
+    archive.read("params/" + std::to_string(j) + "/shape", shape);
+    const std::vector<int64_t> got(shape.data_ptr<int64_t>(), shape.data_ptr<int64_t>() + shape.numel());
+    TORCH_CHECK(got == shapes_now[j].sizes().vec(), "TeleportOptimizer::load: expected parameter ",
+                j, " of shape ", shapes_now[j].sizes(), ", got ", c10::IntArrayRef(got),
+                " (a checkpoint of another architecture?)");
+  }
   step_ = read_int(archive, "teleport/step");
   teleports_ = read_int(archive, "teleport/teleports");
   {

@@ -11,6 +11,7 @@
 #include <torch/optim/optimizer.h>
 
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <sstream>
 #include <type_traits>
@@ -59,6 +60,12 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// before and after, so a declaration that is no symmetry is rolled back.
   TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<torch::optim::Optimizer> inner,
                     TeleportOptions options = {});
+  /// The same for a braced list, `TeleportOptimizer({teleport::scaling(a, b), ...}, ...)`
+  /// (without it the call is ambiguous where torch::nn::Sequential also takes
+  /// a braced list, as in LibTorch 2.x).
+  TeleportOptimizer(std::initializer_list<std::shared_ptr<Symmetry>> symmetries,
+                    std::unique_ptr<torch::optim::Optimizer> inner, TeleportOptions options = {})
+      : TeleportOptimizer(SymmetryList(symmetries), std::move(inner), std::move(options)) {}
 
   /// Teleports the given symmetries; `model` serves the teleport batch and may
   /// be an empty holder (`torch::nn::Sequential(nullptr)`) when none is used.
@@ -83,6 +90,12 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// rank passes its slice) and the losses step(closure) compares. Call it on
   /// every rank, before the first step; nullptr goes back to one process.
   void set_process_group(std::shared_ptr<Collectives> group, double share = -1);
+
+  /// The module buffers (BatchNorm's running statistics and batch counts)
+  /// that step(closure) leaves as one call of the closure would: the calls a
+  /// teleport adds, and a rollback, never update them. A Sequential passed to
+  /// the constructor gives its own; a custom Module passes `net->buffers()`.
+  void set_buffers(std::vector<at::Tensor> buffers) { buffers_ = std::move(buffers); }
   Collectives* process_group() const { return group_.get(); }
 
   /// Writes options, counters, param groups' options and the inner state by
@@ -126,13 +139,29 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   void check_state_policy() const;
   void sync_inner();
   void check_model_unchanged() const;
-  // ||∇L||² over the symmetries' parameters, NaN where a gradient is missing.
+  // Throws unless every symmetry acts on trainable float32/float64 parameters
+  // the inner optimizer holds, each tensor at most once per side.
+  void check_symmetries() const;
+  // ||∇L||² over the symmetries' parameters that have a gradient, NaN where
+  // none has.
   double symmetric_grad_norm_sq() const;
+  // The symmetries that can take part in a teleport now: every parameter
+  // trains (requires_grad) and, from .grad, has a gradient. The others go to
+  // `skipped` with the reason.
+  SymmetryList taking_part(bool from_grad, std::vector<std::string>& skipped) const;
+  // Throws on every rank alike unless every rank holds the same .grad (one
+  // gathered checksum per rank).
+  void check_gradients_agree() const;
+  // report.elements, one per symmetry taking part, as one per symmetry
+  // (undefined elements for the others).
+  void align_elements(TeleportReport& report) const;
 
   torch::nn::Sequential model_;
   std::unique_ptr<torch::optim::Optimizer> inner_;
   TeleportOptions options_;
   SymmetryList symmetries_;
+  SymmetryList active_;  // those taking part in the current teleport
+  std::vector<at::Tensor> buffers_;
   std::vector<std::string> notes_;
   std::shared_ptr<Collectives> group_;
   double share_ = 1;

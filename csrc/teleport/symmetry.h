@@ -85,10 +85,12 @@ class Symmetry {
   /// X -> A_g^{-T} X, in place.
   virtual void transport_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& grads) const = 0;
-  /// Whether transport_squared_gradients_() is exact for this group.
+  /// Whether transport_squared_gradients_() is exact for this group's diagonal
+  /// elements (no elementwise map of squares is exact under a non-diagonal one).
   virtual bool can_transport_squared_gradients() const = 0;
   /// Sums of squared gradient entries (AdaGrad), each entry scaled by the
-  /// square of its gradient entry's factor. Throws where that is not exact.
+  /// square of its gradient entry's factor, under a diagonal element. Throws
+  /// where that is not exact.
   virtual void transport_squared_gradients_(const GroupElement& e,
                                             const std::vector<at::Tensor>& sums) const = 0;
 
@@ -154,7 +156,8 @@ class LayerSymmetry : public Symmetry {
   bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
-  bool can_transport_squared_gradients() const override { return diagonal(); }
+  /// Under any diagonal element, GL(n)'s too (kBalance, kPreconditioned).
+  bool can_transport_squared_gradients() const override { return true; }
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -76,10 +77,17 @@ at::Tensor read_idx(const std::string& path) {
   TORCH_CHECK(bytes.size() >= header, "read_idx: ", path, " is truncated: its header needs ",
               header, " bytes, the file has ", bytes.size());
   std::vector<int64_t> shape;
+  for (int d = 0; d < dims; ++d) shape.push_back(big_endian(&bytes[4 + 4 * d]));
+  // The element count, refused where a crafted header's product would wrap
+  // around (and so could match the file's size).
   size_t count = 1;
-  for (int d = 0; d < dims; ++d) {
-    shape.push_back(big_endian(&bytes[4 + 4 * d]));
-    count *= static_cast<size_t>(shape.back());
+  for (const int64_t n : shape) count = n == 0 ? 0 : count;
+  for (const int64_t n : shape) {
+    if (count == 0) break;
+    TORCH_CHECK(count <= std::numeric_limits<size_t>::max() / static_cast<size_t>(n), "read_idx: ",
+                path, " is truncated: its header promises ", c10::IntArrayRef(shape),
+                " bytes of data, more than any file holds");
+    count *= static_cast<size_t>(n);
   }
   TORCH_CHECK(bytes.size() - header == count, "read_idx: ", path, " is ",
               bytes.size() - header < count ? "truncated" : "too long", ": its header promises ",
