@@ -293,6 +293,7 @@ std::string run_regression_case(int reps) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Cost of a teleport against a training step; prints JSON", "teleport-bench"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   std::string device_name = "cpu", widths = "512,1024";
   int64_t batch = 128, cnn_batch = 64;
   int reps = 20, teleport_steps = 10;

@@ -148,6 +148,7 @@ std::string slurp(const std::string& path) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Data-parallel training with teleports on 1 and N processes", "teleport-bench-distributed"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   std::string worker_out;
   app.add_option("--widths", c.widths, "MLP widths, input first");

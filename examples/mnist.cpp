@@ -505,27 +505,72 @@ JsonFields config_fields(const Config& c, const std::string& device, int64_t wor
       {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
 }
 
-int run(const Config& c, const Cluster& cl, torch::Device device) {
-  const auto optimizers = [&] {
-    std::vector<std::string> out;
-    std::stringstream in(c.optimizers);
-    std::string item;
-    while (std::getline(in, item, ',')) {
-      if (default_lrs().count(item) == 0) {
-        throw UsageError(fmt::format(
-            "--optimizer: expected a comma-separated list of sgd, momentum, nesterov, adagrad, "
-            "rmsprop, adam, adamw; got '{}'",
-            item));
-      }
-      out.push_back(item);
+// --optimizer's names, each one known.
+std::vector<std::string> optimizer_names(const Config& c) {
+  std::vector<std::string> out;
+  std::stringstream in(c.optimizers);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (default_lrs().count(item) == 0) {
+      throw UsageError(fmt::format(
+          "--optimizer: expected a comma-separated list of sgd, momentum, nesterov, adagrad, "
+          "rmsprop, adam, adamw; got '{}'",
+          item));
     }
-    return out;
-  }();
+    out.push_back(item);
+  }
+  if (out.empty()) throw UsageError("--optimizer: expected at least one optimizer, got none");
+  return out;
+}
+
+// --seeds: LibTorch's generators take 32 bits of a seed, so larger ones
+// would repeat smaller ones' runs.
+std::vector<int64_t> seed_list(const Config& c) {
   const auto seeds = parse_list<int64_t>(c.seeds, "--seeds");
-  parse_list<int64_t>(c.hidden, "--hidden");
+  for (const int64_t s : seeds) {
+    if (s < 0 || s > int64_t{0xFFFFFFFF}) {
+      throw UsageError(fmt::format("--seeds: expected seeds in 0..4294967295 (LibTorch's "
+                                   "generators take 32 bits), got {}", c.seeds));
+    }
+  }
+  return seeds;
+}
+
+// Every flag checked against the others before any data is read: a usage
+// error is one line and exit code 2, never a failure after a baseline.
+void check_usage(const Config& c) {
+  optimizer_names(c);
+  seed_list(c);
+  for (const int64_t h : parse_list<int64_t>(c.hidden, "--hidden")) {
+    if (h < 1) throw UsageError(fmt::format("--hidden: expected widths >= 1, got {}", c.hidden));
+  }
+  for (const int64_t t : c.teleport_at) {
+    if (t < 0) throw UsageError(fmt::format("--teleport-at: expected steps >= 0, got {}", t));
+  }
+  // Both data sets hold 60,000 training images; the teleport batch is drawn from them.
+  constexpr int64_t kTrainImages = 60000;
+  if (c.teleport_batch > kTrainImages) {
+    throw UsageError(fmt::format("--teleport-batch: expected at most the {} training images, got {}",
+                                 kTrainImages, c.teleport_batch));
+  }
+  if (c.nproc > 1 && c.batch_size < c.nproc) {
+    throw UsageError(fmt::format("--batch-size {} gives some of the --nproc {} ranks no rows: "
+                                 "expected a batch size >= the number of processes",
+                                 c.batch_size, c.nproc));
+  }
+  if (c.nproc > 1 && c.teleport_batch > 0 && c.teleport_batch < c.nproc) {
+    throw UsageError(fmt::format("--teleport-batch {} gives some of the --nproc {} ranks no rows: "
+                                 "expected a teleport batch >= the number of processes",
+                                 c.teleport_batch, c.nproc));
+  }
+}
+
+int run(const Config& c, const Cluster& cl, torch::Device device) {
+  const auto optimizers = optimizer_names(c);
+  const auto seeds = seed_list(c);
   // Check outputs before hours of training; only rank 0 writes them.
   for (const auto* path : {&c.json, &c.csv, &c.plot}) {
-    if (!path->empty() && cl.lead()) open_output(*path);
+    if (!path->empty() && cl.lead()) check_writable(*path);
   }
   const Data data = load(c);
   Config quiet_unless_lead = c;
@@ -728,6 +773,7 @@ int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, torch::D
 
 int main(int argc, char** argv) {
   CLI::App app{"MLP on MNIST with and without symmetry teleportation", "teleport-mnist"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   std::string at;
   app.add_option("--dataset", c.dataset, "mnist or fashion")->check(CLI::IsMember({"mnist", "fashion"}));
@@ -822,6 +868,7 @@ int main(int argc, char** argv) {
   bool distributed = false;
   const int code = run_cli(app, argc, argv, [&] {
     if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
+    check_usage(c);
     if (c.objective.empty()) {
       c.objective = c.symmetry == "gl" || c.teleport_batch > 0 ? "grad_norm" : "balance";
     }

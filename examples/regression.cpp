@@ -144,7 +144,7 @@ int run(Config c) {
   const auto seeds = parse_list<int64_t>(c.seeds, "--seeds");
   parse_list<int64_t>(c.teleport_at, "--teleport-at");
   for (const auto* path : {&c.json, &c.csv, &c.plot}) {
-    if (!path->empty()) open_output(*path);
+    if (!path->empty()) check_writable(*path);
   }
   std::vector<Run> runs;
   for (int64_t seed : seeds) {
@@ -212,6 +212,7 @@ int run(Config c) {
 
 int main(int argc, char** argv) {
   CLI::App app{"The paper's multi-layer regression with and without teleport", "teleport-regression"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   app.add_option("--dims", c.dims, "batch size, then widths: 4,5,6,7,8 = X 5x4, W0 6x5, W1 7x6, W2 8x7");
   app.add_option("--activation", c.activation, "leaky_relu (slope 0.1) or identity")

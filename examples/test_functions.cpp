@@ -21,7 +21,9 @@ struct Config {
 
 Run descend(const Config& c, bool teleporting) {
   const auto start = parse_list<double>(c.start, "--start");
-  if (start.size() != 2) throw UsageError("--start: expected two numbers, x,y");
+  if (start.size() != 2 || !std::isfinite(start[0]) || !std::isfinite(start[1])) {
+    throw UsageError("--start: expected two finite numbers, x,y; got " + c.start);
+  }
   const auto at = parse_list<int64_t>(c.teleport_at, "--teleport-at");
   at::Tensor xy = torch::tensor({start[0], start[1]}, torch::kFloat).requires_grad_(true);
   const bool booth = c.function == "booth";
@@ -69,7 +71,7 @@ Run descend(const Config& c, bool teleporting) {
 
 int run(const Config& c) {
   for (const auto* path : {&c.json, &c.csv, &c.plot}) {
-    if (!path->empty()) open_output(*path);
+    if (!path->empty()) check_writable(*path);
   }
   const std::vector<Run> runs = {descend(c, false), descend(c, true)};
   fmt::print("{:>5} {:>14} {:>14} {:>14} {:>14}\n", "step", "loss gd", "loss teleport",
@@ -114,6 +116,7 @@ int run(const Config& c) {
 int main(int argc, char** argv) {
   CLI::App app{"Gradient descent on a 2-D test function with and without SO(2) teleports",
                "teleport-test-functions"};
+  app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   app.add_option("--function", c.function, "booth or rosenbrock")
       ->check(CLI::IsMember({"booth", "rosenbrock"}));
@@ -125,7 +128,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate on the angle")
       ->check(finite_above(0));
-  app.add_option("--theta0", c.theta0, "angle the ascent starts from (radians)");
+  app.add_option("--theta0", c.theta0, "angle the ascent starts from (radians)")
+      ->check(finite());
   app.add_option("--max-step", c.max_step, "cap on each ascent step (radians)")
       ->check(finite_above(0));
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before")

@@ -246,6 +246,42 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
   }
 }
 
+// --help shows every default, the examples' own where they differ from the
+// library's (ascent lr 10, growth cap 1.5).
+TEST(CliTest, HelpShowsEveryDefault) {
+  const auto r = run(std::string(TELEPORT_MNIST) + " --help");
+  EXPECT_EQ(r.code, 0) << r.output;
+  // CLI11 writes a default as "=10" (2.1) or "[10]" (2.4) after the flag's type.
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--teleport-lr", "10"}, {"--max-growth", "1.5"}, {"--max-step", "0.5"},
+           {"--optimizer", "sgd,adagrad"}, {"--hidden", "128,128"}, {"--state-policy", "transport"}}) {
+    const size_t at = r.output.find(flag + " ");
+    ASSERT_NE(at, std::string::npos) << flag;
+    const std::string line = r.output.substr(at, r.output.find('\n', at) - at);
+    EXPECT_TRUE(line.find("=" + value) != std::string::npos ||
+                line.find("[" + value + "]") != std::string::npos)
+        << flag << ": " << line;
+  }
+}
+
+// Every flag is checked before the data is read (a missing --data would
+// otherwise be the error: exit 1) and before any training.
+TEST(CliTest, UsageErrorsComeBeforeTheData) {
+  const std::string mnist = std::string(TELEPORT_MNIST) + " --data /no/such/dir --quiet ";
+  for (const std::string args :
+       {mnist + "--teleport-at 5,-1", mnist + "--hidden 0", mnist + "--hidden 16,0",
+        mnist + "--optimizer ''", mnist + "--seeds 0,4294967296",
+        mnist + "--seeds 99999999999999999999", mnist + "--seeds=-1",
+        mnist + "--teleport-batch 60001", mnist + "--nproc 3 --batch-size 2",
+        mnist + "--nproc 2 --teleport-batch 1",
+        std::string(TELEPORT_TEST_FUNCTIONS) + " --theta0 nan",
+        std::string(TELEPORT_TEST_FUNCTIONS) + " --start 1,inf"}) {
+    const auto r = run(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;
+  }
+}
+
 // A run whose loss stops being finite ends there and is reported, and a huge
 // but finite cap is a valid input, never an overflow error.
 TEST(CliTest, DivergingRegressionIsReportedNotAborted) {
@@ -276,6 +312,14 @@ TEST(CliTest, RuntimeErrorsExitWithOneAndOneLine) {
     EXPECT_EQ(r.code, 1) << args << "\n" << r.output;
     EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;
   }
+  // A failed run leaves no empty or partial output behind.
+  const std::string json = kTmp + "failed.json", csv = kTmp + "failed.csv";
+  const auto failed = run(std::string(TELEPORT_MNIST) + " --data " + missing + " --quiet --json " +
+                          json + " --csv " + csv);
+  EXPECT_EQ(failed.code, 1) << failed.output;
+  EXPECT_FALSE(std::filesystem::exists(json));
+  EXPECT_FALSE(std::filesystem::exists(csv));
+  EXPECT_FALSE(std::filesystem::exists(json + ".partial"));
   // A truncated data file.
   const std::string dir = tiny_mnist();
   std::system(("truncate -s 1000 " + dir + "/t10k-images-idx3-ubyte").c_str());
@@ -334,6 +378,23 @@ TEST(CliTest, MnistOnTwoProcessesFollowsOneProcess) {
 
 // Failures of a data-parallel run end every process within its timeout, with
 // one line and exit code 1 (2 for usage errors).
+// Killing the --nproc launcher ends every rank: SIGTERM is passed on, and a
+// SIGKILL (which nothing can pass on) reaches the ranks as their parent-death
+// signal.
+TEST(CliTest, KillingTheLauncherLeavesNoRank) {
+  for (const char* sig : {"TERM", "KILL"}) {
+    // Quoted in pieces, so that the shells' own command lines do not match.
+    const std::string marker = scratch() + "launcher-\"" + sig + "\".log";
+    const std::string cmd = tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
+    // "[l]auncher" matches the ranks' command lines, not the shell's own.
+    const std::string pattern = scratch() + "[l]auncher-" + sig + ".log";
+    const auto r = run("sh -c '" + cmd + " & l=$!; sleep 5; kill -" + sig +
+                       " $l; wait $l; sleep 2; echo left $(pgrep -f -c \"" + pattern + "\")'");
+    EXPECT_NE(r.output.find("left 0"), std::string::npos) << sig << "\n" << r.output;
+    std::system(("pkill -9 -f '" + pattern + "' 2>/dev/null").c_str());
+  }
+}
+
 TEST(CliTest, DistributedFailuresEndWithinTheTimeout) {
   const std::string port = std::to_string(free_port());
   const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port + " WORLD_SIZE=2 ";

@@ -11,10 +11,13 @@
 
 #include <signal.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -170,6 +173,41 @@ auto without_libuv(Options& o, int) -> decltype(o.useLibUV = false, void()) {
 }
 template <typename Options>
 void without_libuv(Options&, long) {}
+
+// A rank that launch_local started dies with its launcher, even one killed by
+// SIGKILL that can forward nothing: a parent-death signal, and a check that
+// the launcher was not gone before it was set.
+void die_with_launcher() {
+  const char* launcher = std::getenv("TELEPORT_LAUNCHER_PID");
+  if (launcher == nullptr) return;
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != static_cast<pid_t>(std::atol(launcher))) std::_Exit(1);
+}
+
+// The polite signals a launcher forwards to its ranks.
+volatile std::sig_atomic_t launcher_signal = 0;
+extern "C" void note_launcher_signal(int sig) { launcher_signal = sig; }
+
+// Handlers for SIGTERM, SIGINT and SIGHUP for one launch, the old ones put back after.
+class ForwardedSignals {
+ public:
+  ForwardedSignals() {
+    launcher_signal = 0;
+    struct sigaction action {};
+    action.sa_handler = note_launcher_signal;
+    sigemptyset(&action.sa_mask);
+    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &action, &old_[i]);
+  }
+  ~ForwardedSignals() {
+    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &old_[i], nullptr);
+  }
+  ForwardedSignals(const ForwardedSignals&) = delete;
+  ForwardedSignals& operator=(const ForwardedSignals&) = delete;
+
+ private:
+  static constexpr std::array<int, 3> kSignals = {SIGTERM, SIGINT, SIGHUP};
+  std::array<struct sigaction, 3> old_{};
+};
 }  // namespace
 
 std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::DeviceType device,
@@ -177,6 +215,7 @@ std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::D
   TORCH_CHECK(where.world_size >= 1 && where.rank >= 0 && where.rank < where.world_size,
               "init_process_group: expected 0 <= rank < world_size, got rank ", where.rank,
               " of ", where.world_size);
+  die_with_launcher();
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(where.master_port);
   options.isServer = where.rank == 0 && !where.store_by_launcher;
@@ -288,6 +327,8 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
   if (std::getenv("OMP_NUM_THREADS") == nullptr && nproc > 1) {
     extra.insert(extra.begin(), "OMP_NUM_THREADS=1");
   }
+  extra.push_back("TELEPORT_LAUNCHER_PID=" + std::to_string(::getpid()));
+  const ForwardedSignals forwarding;
   for (int64_t rank = 0; rank < nproc; ++rank) {
     std::vector<std::string> env = environment_for(
         {{"RANK", std::to_string(rank)},
@@ -315,6 +356,7 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
   int64_t running = nproc;
   const auto start = Clock::now();
   std::optional<Clock::time_point> kill_at;  // set once a process failed
+  bool forwarded = false;                    // a polite signal passed on to every rank
   while (running > 0) {
     bool reaped = false;
     for (auto& p : pids) {
@@ -331,6 +373,12 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
     }
     if (reaped) continue;
     const auto now = Clock::now();
+    if (const int sig = launcher_signal; sig != 0 && !forwarded) {
+      forwarded = true;
+      signal_all(sig);
+      if (result == 0) result = 128 + sig;
+      if (!kill_at) kill_at = now + options.grace();
+    }
     if (options.deadline().count() > 0 && now - start > options.deadline() && result != 124) {
       result = 124;
       signal_all(SIGKILL);

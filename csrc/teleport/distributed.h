@@ -131,8 +131,12 @@ struct LaunchOptions {
 /// itself, so Rendezvous::from_env() + init_process_group() join them; like
 /// torchrun it sets OMP_NUM_THREADS=1 for N > 1 where the variable is unset. When one
 /// fails (a non-zero exit or a signal) the others get the grace period to end
-/// by themselves, then SIGKILL. Returns 0 when every process succeeded, otherwise
-/// the first failure's exit code (128 + the signal's number for a signal).
+/// by themselves, then SIGKILL. SIGTERM, SIGINT and SIGHUP sent to the launcher
+/// are passed on to every process (the same grace, then SIGKILL), and each
+/// process dies with the launcher (a parent-death signal, set by
+/// init_process_group), so killing the launcher, even by SIGKILL, leaves no
+/// rank behind. Returns 0 when every process succeeded, otherwise the first
+/// failure's exit code (128 + the signal's number for a signal).
 int launch_local(int64_t nproc, const std::vector<std::string>& argv,
                  const LaunchOptions& options = {});
 

@@ -66,6 +66,19 @@ inline CLI::Validator finite_above(double low, bool inclusive = false) {
       fmt::format("FINITE{}{}", inclusive ? ">=" : ">", low));
 }
 
+/// A finite number: inf and nan are usage errors.
+inline CLI::Validator finite() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(text, v) || !std::isfinite(v)) {
+          return fmt::format("expected a finite number, got {}", text);
+        }
+        return "";
+      },
+      "FINITE");
+}
+
 /// "4,5,6" -> {4, 5, 6}; a malformed list is a UsageError naming the flag.
 template <typename T>
 std::vector<T> parse_list(const std::string& text, const std::string& flag) {

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -94,27 +95,54 @@ inline std::ofstream open_output(const std::string& path) {
   return out;
 }
 
+/// Throws a runtime error that names `path` unless it can be written; leaves
+/// nothing behind (checked before hours of work, written at the end).
+inline void check_writable(const std::string& path) {
+  const std::string probe = path + ".partial";
+  open_output(probe);
+  std::remove(probe.c_str());
+}
+
+/// Writes `path` through `path.partial`, renamed once complete: a run that
+/// fails leaves no empty or partial file.
+inline void write_whole(const std::string& path, const std::function<void(std::ostream&)>& write) {
+  const std::string partial = path + ".partial";
+  {
+    auto out = open_output(partial);
+    write(out);
+    out.flush();
+    if (!out) {
+      std::remove(partial.c_str());
+      throw std::runtime_error(fmt::format("cannot write {}", path));
+    }
+  }
+  if (std::rename(partial.c_str(), path.c_str()) != 0) {
+    std::remove(partial.c_str());
+    throw std::runtime_error(fmt::format("cannot write {}", path));
+  }
+}
+
 inline void write_json(const std::string& path, const JsonFields& config,
                        const std::vector<Run>& runs) {
   std::vector<std::string> rs;
   for (const auto& r : runs) rs.push_back(json_run(r));
-  auto out = open_output(path);
-  out << fmt::format("{{\"config\": {},\n \"runs\": [\n  {}\n]}}\n", json_object(config),
-                     fmt::join(rs, ",\n  "));
-  if (!out) throw std::runtime_error(fmt::format("cannot write {}", path));
+  write_whole(path, [&](std::ostream& out) {
+    out << fmt::format("{{\"config\": {},\n \"runs\": [\n  {}\n]}}\n", json_object(config),
+                       fmt::join(rs, ",\n  "));
+  });
 }
 
 inline void write_csv(const std::string& path, const std::vector<Run>& runs) {
-  auto out = open_output(path);
-  out << "label,seed,step,loss,grad_norm_sq,seconds\n";
-  for (const auto& r : runs) {
-    for (size_t t = 0; t < r.loss.size(); ++t) {
-      out << fmt::format("{},{},{},{},{},{}\n", r.label, r.seed, t, json_number(r.loss[t]),
-                         t < r.grad_norm_sq.size() ? json_number(r.grad_norm_sq[t]) : "",
-                         t < r.seconds.size() ? json_number(r.seconds[t]) : "");
+  write_whole(path, [&](std::ostream& out) {
+    out << "label,seed,step,loss,grad_norm_sq,seconds\n";
+    for (const auto& r : runs) {
+      for (size_t t = 0; t < r.loss.size(); ++t) {
+        out << fmt::format("{},{},{},{},{},{}\n", r.label, r.seed, t, json_number(r.loss[t]),
+                           t < r.grad_norm_sq.size() ? json_number(r.grad_norm_sq[t]) : "",
+                           t < r.seconds.size() ? json_number(r.seconds[t]) : "");
+      }
     }
-  }
-  if (!out) throw std::runtime_error(fmt::format("cannot write {}", path));
+  });
 }
 
 /// A curve to plot against steps and against seconds.
@@ -128,12 +156,11 @@ struct Curve {
 /// is, or why there is none. Throws when the path cannot be written.
 inline std::string plot(const std::string& path, const std::string& title,
                         const std::string& ylabel, const std::vector<Curve>& curves) {
-  open_output(path);  // fails early, with the path, when it cannot be written
-  std::remove(path.c_str());
+  check_writable(path);  // fails early, with the path, when it cannot be written
   if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
     return fmt::format("no plot: gnuplot is not installed (apt-get install gnuplot-nox)");
   }
-  const std::string data = path + ".dat", script = path + ".gp";
+  const std::string data = path + ".dat", script = path + ".gp", partial = path + ".partial";
   {
     auto out = open_output(data);
     for (const auto& c : curves) {
@@ -159,12 +186,15 @@ inline std::string plot(const std::string& path, const std::string& title,
         "set datafile missing 'null'\nset multiplot layout 1,2 title {}\n"
         "set logscale y\nset grid\nset key top right\nset ylabel {}\n"
         "set xlabel 'step'\nplot {}\nset xlabel 'seconds'\nplot {}\nunset multiplot\n",
-        json_string(path), json_string(title), json_string(ylabel), plots_steps, plots_seconds);
+        json_string(partial), json_string(title), json_string(ylabel), plots_steps, plots_seconds);
   }
   const int rc = std::system(fmt::format("gnuplot '{}' 2>&1", script).c_str());
   std::remove(data.c_str());
   std::remove(script.c_str());
-  if (rc != 0) return fmt::format("no plot: gnuplot failed on {}", path);
+  if (rc != 0 || std::rename(partial.c_str(), path.c_str()) != 0) {
+    std::remove(partial.c_str());
+    return fmt::format("no plot: gnuplot failed on {}", path);
+  }
   return fmt::format("plot written to {}", path);
 }
 
