@@ -164,7 +164,8 @@ TEST_P(OptimizerTest, RolledBackTeleportLeavesThePlainStep) {
   // GL(n) across a ReLU is no symmetry: the closure sees the loss change.
   const auto p = wrapped_model->parameters();
   SymmetryList wrong = {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
-  TeleportOptimizer wrapped(wrapped_model, wrong, sgd(wrapped_model), teleports().lr(1.0));
+  // The rollback itself: verification (which would refuse it first) off.
+  TeleportOptimizer wrapped(wrapped_model, wrong, sgd(wrapped_model), teleports().lr(1.0).verify(false));
   bare->step(closure(*bare, bare_model, 0));
   wrapped.step(closure(wrapped, wrapped_model, 0));
   ASSERT_NE(wrapped.last_report(), nullptr);
@@ -676,7 +677,7 @@ TEST_P(OptimizerTest, CustomModuleTeleportsItsDeclaredSymmetries) {
   SGD bare(fresh_a->parameters(), SGDOptions(0.05));
   TeleportOptimizer wrong({teleport::gl(fresh_b->conv1, fresh_b->conv2)},
                           std::make_unique<SGD>(fresh_b->parameters(), SGDOptions(0.05)),
-                          teleports().every(1).lr(1.0));
+                          teleports().every(1).lr(1.0).verify(false));  // the rollback itself
   fresh_a->eval();
   fresh_b->eval();
   const auto step = [&](torch::optim::Optimizer& o, SmallCnn& m) {
@@ -1064,7 +1065,7 @@ TEST_P(OptimizerTest, ModuleBuffersSeeOneClosureCallPerStep) {
         wrong ? SymmetryList{std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])}
               : discover(m).symmetries;
     ASSERT_EQ(syms.size(), 1u);
-    TeleportOptimizer opt(m, syms, sgd(m), teleports().every(1).lr(wrong ? 1.0 : 0.05));
+    TeleportOptimizer opt(m, syms, sgd(m), teleports().every(1).lr(wrong ? 1.0 : 0.05).verify(!wrong));
     for (int64_t t = 0; t < 3; ++t) {
       auto twin = std::dynamic_pointer_cast<nn::SequentialImpl>(m->clone());
       nn::Sequential twin_holder(twin);
@@ -1214,13 +1215,18 @@ TEST_P(OptimizerTest, HalfPrecisionIsRefusedAtConstruction) {
 // A closure that throws on its second call (the loss after the teleport)
 // leaves weights and gradients as the first call left them.
 TEST_P(OptimizerTest, ThrowingClosureLeavesThePointAsItWas) {
+  // Call 2 is the loss after the teleport; with verification on, call 3 is
+  // the loss under the check's random element.
+  for (bool verify : {false, true}) {
+  SCOPED_TRACE(verify ? "throws in the check" : "throws after the teleport");
   auto m = model();
-  TeleportOptimizer opt(m, sgd(m), teleports().every(1));
+  TeleportOptimizer opt(m, sgd(m), teleports().every(1).verify(verify));
   int calls = 0;
+  const int throwing = verify ? 3 : 2;
   std::vector<at::Tensor> weights, grads;
   const std::string error = error_of([&] {
     opt.step([&] {
-      if (++calls == 2) {
+      if (++calls == throwing) {
         weights = clone_all(m->parameters());
         TORCH_CHECK(false, "closure failed on purpose");
       }
@@ -1233,7 +1239,7 @@ TEST_P(OptimizerTest, ThrowingClosureLeavesThePointAsItWas) {
     });
   });
   EXPECT_NE(error.find("closure failed on purpose"), std::string::npos) << error;
-  ASSERT_EQ(calls, 2);
+  ASSERT_EQ(calls, throwing);
   auto fresh = model();
   const Batch b = batch(0);
   mse()(fresh->forward(b.input), b.target).backward();
@@ -1243,6 +1249,7 @@ TEST_P(OptimizerTest, ThrowingClosureLeavesThePointAsItWas) {
   for (const auto& p : fresh->parameters()) expected.push_back(p.grad());
   for (const auto& p : m->parameters()) got.push_back(p.grad());
   EXPECT_TRUE(bitwise_equal(expected, got));
+  }
 }
 
 // A checkpoint of another architecture, or of a plain optimizer, is refused
@@ -1264,6 +1271,67 @@ TEST_P(OptimizerTest, CheckpointOfAnotherModelIsRefusedAtLoad) {
   torch::save(*bare, plain);
   const std::string plain_error = error_of([&] { torch::load(opt, plain); });
   EXPECT_NE(plain_error.find("without teleport/version"), std::string::npos) << plain_error;
+}
+
+// A declaration that is no symmetry is refused before its first teleport,
+// whatever the ascent's step size (it used to pass the loss check at the
+// default lr, each teleport moving too little to show it); the step is then
+// the bare optimizer's, bit for bit. check_symmetry() tells it to users.
+TEST_P(OptimizerTest, DeclaredNonSymmetriesAreRefusedBeforeTheirFirstTeleport) {
+  namespace nn = torch::nn;
+  for (auto options : {f64(), f32()}) {
+    SCOPED_TRACE(options.dtype());
+    auto make = [&] {
+      torch::manual_seed(4);
+      nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), nn::Linear(8, 7), nn::BatchNorm1d(7),
+                       nn::ReLU(), nn::Linear(7, 3));
+      m->to(device(), options.dtype().toScalarType());
+      return m;
+    };
+    const Batch b = random_batch(10, 6, 3, options, 7);
+    auto closure = [&](nn::Sequential& net, torch::optim::Optimizer& o) {
+      return [&] {
+        o.zero_grad();
+        auto loss = mse()(net->forward(b.input), b.target);
+        loss.backward();
+        return loss;
+      };
+    };
+    // GL(n) across a ReLU, a scaling across a train-mode BatchNorm (which
+    // renormalises: invariant, not equivariant), and the true scaling.
+    auto wrong_of = [](const nn::Sequential& net) {
+      const auto p = net->parameters();
+      return SymmetryList{
+          std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2], "gl across relu"),
+          std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[6], "scaling across bn")};
+    };
+    auto probe = make();
+    const auto train_loss = [&] { return mse()(probe->forward(b.input), b.target); };
+    for (const auto& s : wrong_of(probe)) {
+      const SymmetryCheck c = check_symmetry(*s, train_loss);
+      EXPECT_FALSE(c.holds) << s->name() << " drift " << c.drift;
+      EXPECT_GT(c.drift, c.bound) << s->name();
+    }
+    const SymmetryCheck c = check_symmetry(*discover(probe).symmetries.at(0), train_loss);
+    EXPECT_TRUE(c.holds) << "drift " << c.drift;
+
+    auto bare_model = make(), m = make();
+    const SymmetryList wrong = wrong_of(m);
+
+    SGD bare(bare_model->parameters(), SGDOptions(0.05));
+    TeleportOptimizer opt(m, wrong, std::make_unique<SGD>(m->parameters(), SGDOptions(0.05)),
+                          TeleportOptions().every(1));
+    bare.step(closure(bare_model, bare));
+    opt.step(closure(m, opt));
+    ASSERT_NE(opt.last_report(), nullptr);
+    EXPECT_EQ(opt.last_report()->skipped.size(), 2u);
+    EXPECT_TRUE(opt.symmetries().empty());
+    size_t noted = 0;
+    for (const auto& n : opt.notes()) noted += n.find("not a symmetry") != std::string::npos;
+    EXPECT_EQ(noted, 2u);
+    EXPECT_TRUE(bitwise_equal(bare_model->parameters(), m->parameters()));
+    EXPECT_TRUE(bitwise_equal(bare_model->buffers(), m->buffers()));
+  }
 }
 
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {

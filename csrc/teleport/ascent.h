@@ -7,6 +7,7 @@
 #include <ATen/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -74,6 +75,25 @@ struct TeleportReport {
 /// A rolled-back teleport leaves weights and gradients bitwise as they were.
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const BatchLoss* batch = nullptr);
+
+/// The verdict of check_symmetry(): whether the loss kept within `bound`
+/// (relative) under a random group element, and by how much it moved.
+struct SymmetryCheck {
+  bool holds = true;
+  double drift = 0;  // |L(g·w) − L(w)| / |L(w)|
+  double bound = 0;  // 1e-9 in float64, 1e-5 in float32
+};
+
+/// Whether `symmetry` is one of the loss `loss()` evaluates (a closure, a
+/// BatchLoss's loss, the same randomness at every call): applies a random
+/// group element of norm `size` (g = exp(T), T drawn from a generator seeded
+/// with `seed`, so positive scalings stay positive), evaluates the loss,
+/// and puts the symmetry's parameters and their `.grad` back bitwise (other
+/// gradients the loss rewrites are the caller's). For symmetries whose action
+/// is linear (transports_gradients()); TeleportOptimizer runs it on every
+/// symmetry before its first teleport (TeleportOptions::verify).
+SymmetryCheck check_symmetry(const Symmetry& symmetry, const std::function<at::Tensor()>& loss,
+                             double size = 0.5, uint64_t seed = 0);
 
 /// The inner optimizer's preconditioner as its next step will use it, for
 /// Objective::kPreconditioned: for each parameter the symmetries act on,

@@ -16,6 +16,7 @@
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
+#include <algorithm>
 #include <cmath>
 #include <deque>
 #include <memory>
@@ -540,6 +541,44 @@ SymmetryList TeleportOptimizer::taking_part(bool from_grad,
   return out;
 }
 
+void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& loss) {
+  SymmetryList kept;
+  for (const auto& s : symmetries_) {
+    const bool checked =
+        std::find(verified_.begin(), verified_.end(), s.get()) != verified_.end();
+    const bool taking_part = std::find(active_.begin(), active_.end(), s) != active_.end();
+    if (checked || !taking_part || !s->transports_gradients()) {
+      kept.push_back(s);
+      continue;
+    }
+    const detail::Snapshot snapshot(all_params(*this));  // the loss rewrites every gradient
+    SymmetryCheck c;
+    try {
+      c = check_symmetry(*s, loss, options_.max_step(), static_cast<uint64_t>(verified_.size()));
+    } catch (...) {
+      snapshot.restore();
+      throw;
+    }
+    snapshot.restore();
+    if (c.holds) {
+      verified_.push_back(s.get());
+      kept.push_back(s);
+      continue;
+    }
+    refused_.push_back(s->name() + ": not a symmetry of this loss, refused: a random element of "
+                       "norm max_step changed it by " + c10::str(c.drift) +
+                       " (relative), above " + c10::str(c.bound));
+    notes_.push_back(refused_.back());
+  }
+  if (kept.size() == symmetries_.size()) return;
+  symmetries_ = std::move(kept);
+  SymmetryList active;
+  for (const auto& s : active_) {
+    if (std::find(symmetries_.begin(), symmetries_.end(), s) != symmetries_.end()) active.push_back(s);
+  }
+  active_ = std::move(active);
+}
+
 void TeleportOptimizer::check_gradients_agree() const {
   std::vector<at::Tensor> parts;
   for (const auto& p : detail::distinct_parameters(active_)) {
@@ -625,9 +664,18 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     TORCH_CHECK(!none_has_gradients, "teleport: expected gradients in .grad (call loss.backward() "
                 "before step()), got none for any parameter the symmetries act on");
     if (group_) check_gradients_agree();
+    refused_.clear();
+    if (options_.verify() && replay != nullptr && !next_batch_) {
+      verify_symmetries([&] {  // the global batch's loss, so that every rank decides alike
+        std::vector<at::Tensor> l = {replay().detach().reshape({}) * share_};
+        if (group_) group_->all_reduce_sum(l);
+        return l[0];
+      });
+    }
     last_report_ = run_teleport(replay, loss, current);
     last_report_.step = step_;
     last_report_.skipped = std::move(skipped);
+    last_report_.skipped.insert(last_report_.skipped.end(), refused_.begin(), refused_.end());
     has_report_ = true;
     ++teleports_;
     if (!last_report_.rolled_back) {
@@ -661,6 +709,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     auto batch = next_batch_();
     BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
     if (group_) objective = objective.spread_over(group_, share_);
+    if (options_.verify()) verify_symmetries([&] { return objective.global_loss(); });
     TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
                 "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
     if (options_.objective() == Objective::kLookAhead) {

@@ -149,6 +149,10 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // trains (requires_grad) and, from .grad, has a gradient. The others go to
   // `skipped` with the reason.
   SymmetryList taking_part(bool from_grad, std::vector<std::string>& skipped) const;
+  // TeleportOptions::verify: checks each symmetry not checked yet on `loss`
+  // (check_symmetry), refuses those that fail (out of symmetries_ and
+  // active_, a note in notes_ and refused_).
+  void verify_symmetries(const std::function<at::Tensor()>& loss);
   // Throws on every rank alike unless every rank holds the same .grad (one
   // gathered checksum per rank).
   void check_gradients_agree() const;
@@ -161,6 +165,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   TeleportOptions options_;
   SymmetryList symmetries_;
   SymmetryList active_;  // those taking part in the current teleport
+  std::vector<const Symmetry*> verified_;  // checked by verify_symmetries
+  std::vector<std::string> refused_;       // refused by it in the current teleport
   std::vector<at::Tensor> buffers_;
   std::vector<std::string> notes_;
   std::shared_ptr<Collectives> group_;

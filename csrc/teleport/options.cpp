@@ -49,7 +49,7 @@ void TeleportOptions::validate() const {
 namespace {
 
 // 2: flatness_radius, flatness_samples, flatness_seed (version 1 reads with their defaults).
-constexpr int64_t kVersion = 2;
+constexpr int64_t kVersion = 3;
 const std::string kPrefix = "teleport/options/";
 
 void put(torch::serialize::OutputArchive& a, const std::string& key, c10::IValue v) {
@@ -96,11 +96,12 @@ void TeleportOptions::serialize(torch::serialize::OutputArchive& archive) const 
   put(archive, "flatness_radius", flatness_radius());
   put(archive, "flatness_samples", flatness_samples());
   put(archive, "flatness_seed", flatness_seed());
+  put(archive, "verify", verify());
 }
 
 void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   const int64_t version = get(archive, "version").toInt();
-  TORCH_CHECK(version == 1 || version == kVersion, "TeleportOptions: expected options of version 1 to ",
+  TORCH_CHECK(version >= 1 && version <= kVersion, "TeleportOptions: expected options of version 1 to ",
               kVersion, ", got ", version);
   every(get(archive, "every").toInt());
   ::at::Tensor steps_at;
@@ -131,6 +132,7 @@ void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
     flatness_samples(get(archive, "flatness_samples").toInt());
     flatness_seed(get(archive, "flatness_seed").toInt());
   }
+  if (version >= 3) verify(get(archive, "verify").toBool());
   validate();
 }
 

@@ -140,6 +140,13 @@ struct TeleportOptions {
   /// ascent stops. A teleport that raised nothing is rolled back. Reference
   /// mode keeps the published, unguarded arithmetic.
   TORCH_ARG(int64_t, max_halvings) = 5;
+  /// Checks every symmetry once, before its first teleport, wherever a loss
+  /// is at hand (step(closure), a teleport batch): a random group element of
+  /// norm max_step is applied, the loss compared (relative drift at most 1e-9
+  /// in float64, 1e-5 in float32), the point restored bitwise. A symmetry that
+  /// fails is refused for good, with the drift in notes() and the report
+  /// (teleport::check_symmetry; docs/design.md §6).
+  TORCH_ARG(bool, verify) = true;
 
   // --- the optimizer ---
   TORCH_ARG(StatePolicy, state_policy) = StatePolicy::kTransport;
