@@ -128,6 +128,14 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
     gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL,
                                                            p[0], p[1], p[2]));
   }
+  // Every path runs before any is timed: a process's first teleports pay for
+  // allocations and thread start-up that later ones do not, and one warm-up
+  // per path left the first case measured cold.
+  for (int warm = 0; warm < 2; ++warm) {
+    time_teleport(scaling, teleport::Method::kClosedForm, model, 1);
+    time_teleport(gl, teleport::Method::kClosedForm, model, 1);
+    time_teleport(gl, teleport::Method::kAutograd, model, 1);
+  }
   const int timed = std::max(3, reps / 2);
   const Timing scaling_t = time_teleport(scaling, teleport::Method::kClosedForm, model, timed);
   const Timing gl_t = time_teleport(gl, teleport::Method::kClosedForm, model, timed);
