@@ -21,7 +21,9 @@ struct Config {
   std::string symmetry = "auto", teleport_at = "5", seeds = "0,12345,49380,111105,197520";
   std::string state_policy = "keep";
   bool bias = false;
-  double lr = 0, teleport_lr = 1e-7, max_step = 1e12, max_growth = 1e12, tolerance = 1e-4;
+  // Exact mode keeps the library's safeguards (the paper's uncapped ascent,
+  // exact, blows GD up: docs/reproduction.md); reference mode applies no cap.
+  double lr = 0, teleport_lr = 1e-7, max_step = 0.5, max_growth = 10, tolerance = 1e-4;
   int64_t steps = 300, teleport_steps = 8;
   std::string json, csv, plot;
 };
@@ -232,8 +234,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "scaling"}));
   app.add_option("--state-policy", c.state_policy, "keep (the paper), reset or transport")
       ->check(CLI::IsMember({"keep", "reset", "transport"}));
-  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(finite_above(0));
-  app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before")
+  app.add_option("--max-step", c.max_step,
+                 "cap on each ascent step's norm (exact mode; reference mode applies none)")
+      ->check(finite_above(0));
+  app.add_option("--max-growth", c.max_growth,
+                 "cap on |grad|^2 after/before (exact mode; reference mode applies none)")
       ->check(finite_above(1.0, true));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls back (exact mode)")
       ->check(finite_above(0));

@@ -294,6 +294,21 @@ TEST(CliTest, DivergingRegressionIsReportedNotAborted) {
   EXPECT_EQ(read(kTmp + "diverged.json").find("\"diverged_at\": -1"), std::string::npos);
 }
 
+// Exact mode's defaults are the library's caps: the paper's settings, exact,
+// diverge (two of five GD seeds within five steps of the teleport); capped,
+// every run stays finite. Reference mode keeps the paper's settings.
+TEST(CliTest, RegressionExactModeKeepsTheLibrarysCaps) {
+  const std::string cmd = std::string(TELEPORT_REGRESSION) +
+                          " --dims 4,5,6,7,8 --activation leaky_relu --optimizer sgd --lr 1e-4 "
+                          "--teleport-at 5 --teleport-steps 8 --teleport-lr 1e-7 --steps 12 --mode exact";
+  const auto capped = run(cmd);
+  EXPECT_EQ(capped.code, 0) << capped.output;
+  EXPECT_EQ(capped.output.find("diverged"), std::string::npos) << capped.output;
+  const auto uncapped = run(cmd + " --max-step 1e12 --max-growth 1e12");
+  EXPECT_EQ(uncapped.code, 0) << uncapped.output;
+  EXPECT_NE(uncapped.output.find("diverged"), std::string::npos) << uncapped.output;
+}
+
 TEST(CliTest, CudaWithoutCudaIsAUsageError) {
   const auto r = run(std::string(TELEPORT_MNIST) + " --device cuda --data " + tiny_mnist() +
                      " --optimizer sgd --hidden 8 --max-steps 2 --eval-subset 16 --quiet");
