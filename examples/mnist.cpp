@@ -822,7 +822,8 @@ int main(int argc, char** argv) {
       ->check(finite_above(0));
   app.add_option("--objective", c.objective,
                  "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
-                 "(raise sum g^2/(sqrt(v)+eps), the inner optimizer's own decrease; grad_norm for "
+                 "(raise sum g^2/(sqrt(v)+eps), the decrease of a step preconditioned as the inner "
+                 "optimizer's; grad_norm for "
                  "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
                  "equal), look_ahead (lower the teleport batch's loss after the next step) or "
                  "flatness (lower its rise under random perturbations); the last two need "

@@ -777,6 +777,47 @@ TEST_P(AscentTest, BalanceEqualisesEveryUnitAndKeepsTheLoss) {
   }
 }
 
+// kBalance honours max_growth: where balancing would raise ||∇L||² beyond
+// the cap, the factors are shortened towards 1; the sum of squared weights
+// still falls and the loss stays.
+TEST_P(AscentTest, BalanceKeepsWithinTheGrowthCap) {
+  auto m = make_mlp({6, 9, 3}, Act::kReLU, true, f64(), 5);
+  const Batch data = random_batch(10, 6, 3, f64(), 6);
+  const BatchLoss batch(m, data.input, data.target, mse());
+  const auto syms = discover(m).symmetries;
+  ASSERT_EQ(syms.size(), 1u);
+  // Start where ||∇L||² is least on the orbit: each unit's factor c with
+  // c⁴ = ‖g_in‖² / ‖g_out‖² (rows ÷ c, columns × c). Balancing moves away
+  // from there, so it raises ||∇L||².
+  backward(batch, m);
+  {
+    const auto p = syms[0]->parameters();
+    const at::Tensor in = p[0].grad().square().sum(1) + p[1].grad().square();
+    const at::Tensor out = p[2].grad().square().sum(0);
+    const at::Tensor c = (in / out).pow(0.25);
+    syms[0]->apply_(GroupElement{c, c.reciprocal(), true, {}});
+  }
+  const double loss = backward(batch, m);
+  const auto start = clone_all(m->parameters());
+  const auto opts = TeleportOptions().objective(Objective::kBalance).steps(50);
+  const auto free = teleport(syms, TeleportOptions(opts).max_growth(1e12));
+  ASSERT_FALSE(free.rolled_back) << free.reason;
+  const double growth = free.grad_norm_sq_after / free.grad_norm_sq_before;
+  ASSERT_GT(growth, 1.01);
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < start.size(); ++i) m->parameters()[i].copy_(start[i]);
+  }
+  backward(batch, m);
+  const double cap = 1 + (growth - 1) / 3;
+  const auto r = teleport(syms, TeleportOptions(opts).max_growth(cap));
+  ASSERT_FALSE(r.rolled_back) << r.reason;
+  EXPECT_GT(r.shortened, 0);
+  EXPECT_LE(r.grad_norm_sq_after, cap * r.grad_norm_sq_before);
+  EXPECT_LT(r.objective_after, r.objective_before);
+  EXPECT_NEAR(batch.loss().item<double>(), loss, 1e-10 * loss);
+}
+
 // kFlatness: each kept teleport lowers the sharpness (the measure computed
 // afresh by sharpness(), not by the ascent), on scalings and on GL(n), and
 // the loss stays where it was.

@@ -1039,15 +1039,48 @@ Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
       c[k] = c[k] * t;
     }
   }
+  // The growth cap: where the balanced point's ||∇L||² passes max_growth ×
+  // before, the factors are shortened towards 1 in log space, c^s with s
+  // halved up to max_halvings times. Σ‖W‖² is convex in s and lower at s = 1
+  // than at s = 0, so every shortened point still lowers it.
+  const double cap = o.max_growth() * a.norm_before.item<double>();
+  std::vector<at::Tensor> log_c;
+  for (const auto& ck : c) log_c.push_back(ck.log());
+  auto factors = [&](double s) {
+    std::vector<GroupElement> e;
+    for (const auto& l : log_c) {
+      const at::Tensor f = (l * s).exp();
+      e.push_back(GroupElement{f, f.reciprocal(), true, {}});
+    }
+    return e;
+  };
+  auto grads_at = [&](const std::vector<GroupElement>& e) {
+    std::vector<at::Tensor> g;
+    for (const auto& x : grads) g.push_back(x.detach().clone());
+    for (size_t k = 0; k < syms.size(); ++k) syms[k]->transport_gradients_(e[k], pick(g, where[k]));
+    return g;
+  };
+  double s = 1;
+  int64_t shortened = 0;
+  std::vector<GroupElement> e = factors(s);
+  while (std::isfinite(cap) && !(norm_sq(grads_at(e)).item<double>() <= cap) &&
+         shortened < o.max_halvings()) {
+    s /= 2;
+    ++shortened;
+    e = factors(s);
+  }
+  if (!(norm_sq(grads_at(e)).item<double>() <= cap)) e = factors(0);  // the identity: rolled back
   for (size_t k = 0; k < syms.size(); ++k) {
-    a.total[k] = GroupElement{c[k], c[k].reciprocal(), true, {}};
+    a.total[k] = e[k];
     syms[k]->apply_(a.total[k]);
     syms[k]->transport_gradients_(a.total[k], pick(grads, where[k]));
   }
-  a.objective_after = norm_sq(w);
+  std::vector<at::Tensor> now;
+  for (const auto& p : params) now.push_back(p.detach());
+  a.objective_after = norm_sq(now);
   a.norm_after = norm_sq(grads);
   a.steps = at::full({}, o.steps(), params.front().options().dtype(at::kLong));
-  a.shortened = at::zeros({}, params.front().options().dtype(at::kLong));
+  a.shortened = at::full({}, shortened, params.front().options().dtype(at::kLong));
   return a;
 }
 
@@ -1394,7 +1427,8 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
   } else if (!all_finite || !std::isfinite(report.grad_norm_sq_after)) {
     rollback = "non-finite weights or gradients";
   } else if (balance && !(report.objective_after < report.objective_before)) {
-    rollback = "no sweep lowered the sum of squared weights (the units are balanced already)";
+    rollback = "no sweep lowered the sum of squared weights within the growth cap (the units "
+               "are balanced already, or balancing them raises ||grad L||^2 beyond max_growth)";
   } else if (lowered && !(report.objective_after < report.objective_before)) {
     rollback = std::string("no step lowered the ") +
                (look_ahead_obj ? "loss after the next step" : "sharpness") + " (" +

@@ -49,8 +49,11 @@ enum class Mode {
 enum class Objective {
   /// Maximise ||∇L||² (the paper).
   kGradNorm,
-  /// Maximise Σ g²/(√v + ε), the inner optimizer's own first-order decrease
-  /// (v its second-moment estimate as its next step will use it), over
+  /// Maximise Σ g²/(√v̂ + ε): the first-order decrease of a step along g
+  /// preconditioned by the inner optimizer's second moment (Adagrad's and
+  /// RMSprop's own step; for Adam and AdamW, their step without momentum:
+  /// theirs uses m̂, docs/design.md §8), with v̂ the second-moment estimate
+  /// as its next step will use it, over
   /// positive scalings; for SGD, kGradNorm. TeleportOptimizer reads v from
   /// the inner state; teleport() takes it as a Preconditioner.
   kPreconditioned,
