@@ -731,6 +731,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
   V norm_after = read_as<V>(here.F);
   const V limit = growth_limit(norm_after, o);
   BasicControl<V> control(norm_after, limit, o);
+  control.read_every_attempt();  // an attempt is a forward, backward and double backward
   std::vector<at::Tensor> directions = here.directions();
   const bool on_cpu = params.front().device().is_cpu();
 
@@ -827,6 +828,7 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
   a.norm_before = a.norm_after = here.at.norm;
   a.loss_before = here.at.loss;
   Control control(here.at.objective, o);
+  control.read_every_attempt();  // an attempt is a forward and backward pass
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<at::Tensor> before;
     for (const auto& p : params) before.push_back(p.detach().clone());

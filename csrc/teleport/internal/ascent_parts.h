@@ -241,6 +241,10 @@ class BasicControl {
     if (!free_to_read_ && i + 1 < steps_) return false;
     return !Values<V>::read(active_);
   }
+  /// For engines whose attempt costs more than a host synchronisation (a
+  /// forward and backward pass): the flag is read after every attempt, so no
+  /// attempt runs after the ascent stopped.
+  void read_every_attempt() { free_to_read_ = true; }
   const Count& taken() const { return taken_; }
   const Count& refused() const { return refused_; }
 
