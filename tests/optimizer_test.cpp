@@ -1334,6 +1334,52 @@ TEST_P(OptimizerTest, DeclaredNonSymmetriesAreRefusedBeforeTheirFirstTeleport) {
   }
 }
 
+// Near a perfect fit (a float32 loss of ~1e-10) an exact teleport changes
+// the loss by float32's rounding of its order-one terms, far more than 1e-4 of
+// it: the tolerance has a floor there (64 ε), and reasons print such losses.
+TEST_P(OptimizerTest, TinyLossesAreNotRolledBackByRounding) {
+  auto m = make_mlp({6, 8, 7, 3}, Act::kReLU, true, f32(), 3);
+  const Batch b = random_batch(16, 6, 3, f32(), 4);
+  at::Tensor target;
+  {
+    torch::NoGradGuard no_grad;
+    target = m->forward(b.input) + 1e-5 * torch::randn({16, 3}, f32());
+  }
+  auto closure = [&](torch::optim::Optimizer& o) {
+    return [&] {
+      o.zero_grad();
+      auto loss = mse()(m->forward(b.input), target);
+      loss.backward();
+      return loss;
+    };
+  };
+  TeleportOptimizer opt(m, std::make_unique<SGD>(m->parameters(), SGDOptions(0)),
+                        TeleportOptions().every(1).lr(1e9).max_growth(1e6));
+  const at::Tensor loss = opt.step(closure(opt));
+  ASSERT_LT(loss.item<double>(), 1e-8);
+  ASSERT_NE(opt.last_report(), nullptr);
+  const TeleportReport& r = *opt.last_report();
+  EXPECT_FALSE(r.rolled_back) << r.reason;
+  EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
+  // A rolled-back teleport at that scale names its losses readably.
+  auto wrong = make_mlp({6, 8, 7, 3}, Act::kReLU, true, f32(), 3);
+  const auto p = wrong->parameters();
+  SymmetryList gl = {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
+  TeleportOptimizer rolled(wrong, gl, std::make_unique<SGD>(p, SGDOptions(0)),
+                           TeleportOptions().every(1).lr(1e9).max_growth(1e6).verify(false));
+  rolled.step([&] {
+    rolled.zero_grad();
+    auto l = 1e-9 * mse()(wrong->forward(b.input), torch::zeros_like(target));
+    l.backward();
+    return l;
+  });
+  ASSERT_NE(rolled.last_report(), nullptr);
+  if (rolled.last_report()->rolled_back) {
+    EXPECT_EQ(rolled.last_report()->reason.find("0.000000"), std::string::npos)
+        << rolled.last_report()->reason;
+  }
+}
+
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {
   torch::nn::Sequential m(torch::nn::Linear(6, 5), torch::nn::Tanh(), torch::nn::Linear(5, 3));
   m->to(device(), torch::kDouble);

@@ -1,6 +1,7 @@
 #include <teleport/ascent.h>
 
 #include <teleport/internal/ascent_parts.h>
+#include <teleport/internal/tolerance.h>
 #include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
@@ -1406,6 +1407,7 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     checks.push_back(a.loss_before.to(dtype));
     checks.push_back((a.loss_after.defined() ? a.loss_after : batch->global_loss()).to(dtype));
   }
+  const c10::ScalarType dtype_of_loss = a.norm_before.scalar_type();
   const at::Tensor host = at::stack(checks).to(at::kDouble).cpu();
   const double* v = host.data_ptr<double>();
   report.grad_norm_sq_before = v[0];
@@ -1446,10 +1448,12 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
     const double change = std::abs(report.loss_after - report.loss_before);
     if (!std::isfinite(report.loss_after)) {
       rollback = "non-finite loss";
-    } else if (guarded && change > options.tolerance() * std::abs(report.loss_before)) {
-      rollback = "the loss changed by " + std::to_string(change) + " (relative " +
-                 std::to_string(change / std::abs(report.loss_before)) +
-                 "), above the tolerance " + std::to_string(options.tolerance());
+    } else if (guarded && change > detail::allowed_loss_change(report.loss_before,
+                                                               options.tolerance(), dtype_of_loss)) {
+      rollback = "the loss went from " + c10::str(report.loss_before) + " to " +
+                 c10::str(report.loss_after) + ": a change of " + c10::str(change) +
+                 " (relative " + c10::str(change / std::abs(report.loss_before)) +
+                 "), above the tolerance " + c10::str(options.tolerance());
     }
   }
   if (!rollback.empty()) {

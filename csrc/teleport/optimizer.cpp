@@ -1,6 +1,7 @@
 #include <teleport/optimizer.h>
 
 #include <teleport/internal/buffers.h>
+#include <teleport/internal/tolerance.h>
 #include <teleport/random_state.h>
 #include <teleport/schedule.h>
 
@@ -746,15 +747,17 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   report.loss_before = host[0].item<double>();
   report.loss_after = host[1].item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
-  const bool too_far = options_.mode() == Mode::kExact &&
-                       change > options_.tolerance() * std::abs(report.loss_before);
+  const bool too_far =
+      options_.mode() == Mode::kExact &&
+      change > detail::allowed_loss_change(report.loss_before, options_.tolerance(),
+                                           loss.scalar_type());
   if (!std::isfinite(report.loss_after) || too_far) {
     snapshot.restore();
     report.rolled_back = true;
     report.elements.clear();
-    report.reason = "the loss went from " + std::to_string(report.loss_before) + " to " +
-                    std::to_string(report.loss_after) + ", beyond the tolerance " +
-                    std::to_string(options_.tolerance());
+    report.reason = "the loss went from " + c10::str(report.loss_before) + " to " +
+                    c10::str(report.loss_after) + ", beyond the tolerance " +
+                    c10::str(options_.tolerance());
   } else {
     current = after;
   }
