@@ -1380,6 +1380,29 @@ TEST_P(OptimizerTest, TinyLossesAreNotRolledBackByRounding) {
   }
 }
 
+// kReset empties LBFGS's history even when the optimizer's first parameter
+// (whose key holds LBFGS's one state) is not acted on.
+TEST_P(OptimizerTest, ResetClearsLbfgsHistoryWhateverItsFirstParameter) {
+  namespace o = torch::optim;
+  auto m = make_mlp({6, 8, 7, 3}, Act::kReLU, true, f64());
+  auto params = m->parameters();
+  // The last layer's bias first: no symmetry acts on it.
+  std::rotate(params.begin(), params.end() - 1, params.end());
+  bool reset_seen = false;
+  TeleportOptimizer* self = nullptr;
+  TeleportOptimizer opt(m, std::make_unique<o::LBFGS>(params, o::LBFGSOptions(0.5).max_iter(3)),
+                        teleports().every(0).at({2}).state_policy(StatePolicy::kReset).on_report(
+                            [&](const TeleportReport& r) {
+                              if (r.rolled_back) return;
+                              reset_seen = detail::find_state(self->inner(), params.front()) == nullptr;
+                            }));
+  self = &opt;
+  for (int64_t t = 0; t < 3; ++t) opt.step(closure(opt, m, t));
+  ASSERT_NE(opt.last_report(), nullptr);
+  ASSERT_FALSE(opt.last_report()->rolled_back) << opt.last_report()->reason;
+  EXPECT_TRUE(reset_seen);
+}
+
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {
   torch::nn::Sequential m(torch::nn::Linear(6, 5), torch::nn::Tanh(), torch::nn::Linear(5, 3));
   m->to(device(), torch::kDouble);

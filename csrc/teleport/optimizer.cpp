@@ -894,6 +894,13 @@ TeleportReport TeleportOptimizer::teleport_from_grad() {
 void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
   if (options_.state_policy() == StatePolicy::kKeep || report.elements.empty()) return;
   if (options_.state_policy() == StatePolicy::kReset) {
+    // LBFGS keeps one state for all its parameters, under the first one's key,
+    // acted on or not: its history mixes every parameter, so it goes whole.
+    const auto params = all_params(*inner_);
+    if (!params.empty() &&
+        dynamic_cast<torch::optim::LBFGSParamState*>(find_state(*inner_, params.front()))) {
+      erase_state(*inner_, params.front());
+    }
     for (const auto& p : detail::distinct_parameters(active_)) {
       auto* s = find_state(*inner_, p);
       if (auto* adagrad = dynamic_cast<torch::optim::AdagradParamState*>(s)) {
