@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -438,7 +439,11 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
         if (teleport_norm >= 0) norm = teleport_norm;
       }
       if (o.run.teleports.size() > teleports_before) {
-        o.teleport_seconds += o.run.teleports.back().seconds;
+        const auto& r = o.run.teleports.back();
+        o.teleport_seconds += r.seconds;
+        // loss[t] is after the teleport at t: where the teleport measured it
+        // (the global batch's, through the closure), that value.
+        if (!r.rolled_back && std::isfinite(r.loss_after)) loss_value = r.loss_after;
       }
       o.train_seconds += std::chrono::duration<double>(Clock::now() - start).count();
       o.run.loss.push_back(loss_value);
@@ -562,6 +567,36 @@ void check_usage(const Config& c) {
     throw UsageError(fmt::format("--teleport-batch {} gives some of the --nproc {} ranks no rows: "
                                  "expected a teleport batch >= the number of processes",
                                  c.teleport_batch, c.nproc));
+  }
+}
+
+// A flag given on the command line that the chosen model, optimizers,
+// objective or runs would ignore is a usage error, not a silent no-op.
+void check_applies(const CLI::App& app, const Config& c) {
+  const auto given = [&](const char* flag) { return app.count(flag) > 0; };
+  auto refuse = [](const char* flag, const std::string& why) {
+    throw UsageError(fmt::format("{} does not apply {}", flag, why));
+  };
+  const auto names = optimizer_names(c);
+  if (given("--momentum") && std::find(names.begin(), names.end(), "sgd") == names.end()) {
+    refuse("--momentum", "(it sets plain sgd's momentum; --optimizer has no sgd)");
+  }
+  for (const char* flag : {"--hidden", "--activation"}) {
+    if (given(flag) && c.model == "cnn") refuse(flag, "to --model cnn (the LibTorch MNIST network)");
+  }
+  for (const char* flag : {"--flatness-radius", "--flatness-samples"}) {
+    if (given(flag) && c.objective != "flatness") refuse(flag, "without --objective flatness");
+  }
+  for (const char* flag : {"--stall-decay", "--stall-cooldown"}) {
+    if (given(flag) && c.stall_fraction == 0) refuse(flag, "without --stall-fraction");
+  }
+  if (c.no_teleport) {
+    for (const char* flag : {"--teleport-every", "--teleport-at", "--teleport-first", "--max-teleports",
+                             "--teleport-steps", "--teleport-lr", "--teleport-batch", "--max-growth",
+                             "--max-step", "--tolerance", "--objective", "--symmetry",
+                             "--state-policy", "--stall-fraction"}) {
+      if (given(flag)) refuse(flag, "with --no-teleport");
+    }
   }
 }
 
@@ -870,6 +905,7 @@ int main(int argc, char** argv) {
   const int code = run_cli(app, argc, argv, [&] {
     if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
     check_usage(c);
+    check_applies(app, c);
     if (c.objective.empty()) {
       c.objective = c.symmetry == "gl" || c.teleport_batch > 0 ? "grad_norm" : "balance";
     }

@@ -201,7 +201,8 @@ TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
     const auto r2 = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
                         " --optimizer sgd,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
                         " --eval-subset 32 --teleport-every 2 --teleport-batch 8 --objective " + objective +
-                        " --flatness-samples 2 --quiet --json " + kTmp + "obj.json");
+                        (objective == "flatness" ? " --flatness-samples 2" : "") +
+                        " --quiet --json " + kTmp + "obj.json");
     ASSERT_EQ(r2.code, 0) << r2.output;
     const auto json = read(kTmp + "obj.json");
     expect_run_shape(json, {"sgd", "sgd+teleport", "adam", "adam+teleport"});
@@ -275,6 +276,9 @@ TEST(CliTest, UsageErrorsComeBeforeTheData) {
         mnist + "--teleport-batch 60001", mnist + "--nproc 3 --batch-size 2",
         mnist + "--nproc 2 --teleport-batch 1",
         std::string(TELEPORT_TEST_FUNCTIONS) + " --theta0 nan",
+        mnist + "--optimizer adam --momentum 0.9", mnist + "--model cnn --hidden 32",
+        mnist + "--flatness-radius 0.2", mnist + "--stall-decay 0.5",
+        mnist + "--no-teleport --teleport-lr 1",
         std::string(TELEPORT_TEST_FUNCTIONS) + " --start 1,inf"}) {
     const auto r = run(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
