@@ -1403,6 +1403,51 @@ TEST_P(OptimizerTest, ResetClearsLbfgsHistoryWhateverItsFirstParameter) {
   EXPECT_TRUE(reset_seen);
 }
 
+// A user-defined symmetry (here a LayerSymmetry whose apply_ fails on its
+// k-th call): a teleport that throws half-way leaves weights and gradients
+// bitwise as they were, on every path that applies it.
+class FailingScaling : public LayerSymmetry {
+ public:
+  FailingScaling(at::Tensor w_in, at::Tensor b_in, at::Tensor w_out, int fail_at)
+      : LayerSymmetry(SymmetryKind::kScaling, std::move(w_in), std::move(b_in), std::move(w_out),
+                      "failing scaling"),
+        fail_at_(fail_at) {}
+  void apply_(const GroupElement& e, const BatchLoss* batch, Mode mode) const override {
+    TORCH_CHECK(++calls_ != fail_at_, "apply_ failed on purpose");
+    LayerSymmetry::apply_(e, batch, mode);
+  }
+
+ private:
+  int fail_at_;
+  mutable int calls_ = 0;
+};
+
+TEST_P(OptimizerTest, SymmetryThatThrowsHalfWayLeavesThePointAsItWas) {
+  for (Method method : {Method::kClosedForm, Method::kAutograd}) {
+    SCOPED_TRACE(method == Method::kClosedForm ? "closed form" : "autograd");
+    auto m = model();
+    const auto p = m->parameters();
+    // The first symmetry applies fine; the second fails on its first apply.
+    SymmetryList syms = {std::make_shared<FailingScaling>(p[0], p[1], p[2], 1000),
+                         std::make_shared<FailingScaling>(p[2], p[3], p[4], 1)};
+    const Batch b = batch(0);
+    const BatchLoss objective(m, b.input, b.target, mse());
+    backward(objective, m);
+    const auto weights = clone_all(p);
+    std::vector<at::Tensor> grads;
+    for (const auto& t : p) grads.push_back(t.grad().clone());
+    const std::string error = error_of([&] {
+      teleport(syms, TeleportOptions().method(method).steps(3),
+               method == Method::kAutograd ? &objective : nullptr);
+    });
+    EXPECT_NE(error.find("apply_ failed on purpose"), std::string::npos) << error;
+    EXPECT_TRUE(bitwise_equal(weights, m->parameters()));
+    std::vector<at::Tensor> now;
+    for (const auto& t : p) now.push_back(t.grad());
+    EXPECT_TRUE(bitwise_equal(grads, now));
+  }
+}
+
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {
   torch::nn::Sequential m(torch::nn::Linear(6, 5), torch::nn::Tanh(), torch::nn::Linear(5, 3));
   m->to(device(), torch::kDouble);

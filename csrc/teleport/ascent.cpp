@@ -17,6 +17,7 @@
 #include <memory>
 #include <cmath>
 #include <optional>
+#include <typeinfo>
 #include <type_traits>
 #include <utility>
 
@@ -1345,7 +1346,11 @@ TeleportReport run_teleport(const SymmetryList& symmetries, const TeleportOption
                                right);
   // The scaling path from .grad decides finiteness before it touches anything;
   // every other path keeps a copy to roll back to.
-  const bool self_checking = fast_scaling && batch == nullptr;
+  // Only the library's own actions, which cannot throw half-way through, go
+  // without one: a subclass's apply_() may (and is then undone by the copy).
+  bool library_actions = true;
+  for (const auto& s : symmetries) library_actions = library_actions && typeid(*s) == typeid(LayerSymmetry);
+  const bool self_checking = fast_scaling && batch == nullptr && library_actions;
   std::optional<detail::Snapshot> snapshot;
   if (!self_checking) snapshot.emplace(params);
   at::Tensor loss_before;
