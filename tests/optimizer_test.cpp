@@ -1416,10 +1416,17 @@ class FailingScaling : public LayerSymmetry {
     TORCH_CHECK(++calls_ != fail_at_, "apply_ failed on purpose");
     LayerSymmetry::apply_(e, batch, mode);
   }
+  // The gradient map fails on its `n`-th call (0: never).
+  void fail_transport_at(int n) { fail_transport_at_ = n; }
+  void transport_gradients_(const GroupElement& e, const std::vector<at::Tensor>& g) const override {
+    TORCH_CHECK(++transports_ != fail_transport_at_, "transport failed on purpose");
+    LayerSymmetry::transport_gradients_(e, g);
+  }
 
  private:
   int fail_at_;
-  mutable int calls_ = 0;
+  int fail_transport_at_ = 0;
+  mutable int calls_ = 0, transports_ = 0;
 };
 
 TEST_P(OptimizerTest, SymmetryThatThrowsHalfWayLeavesThePointAsItWas) {
@@ -1446,6 +1453,42 @@ TEST_P(OptimizerTest, SymmetryThatThrowsHalfWayLeavesThePointAsItWas) {
     for (const auto& t : p) now.push_back(t.grad());
     EXPECT_TRUE(bitwise_equal(grads, now));
   }
+}
+
+// The state transport fails half-way (the second symmetry's map of the
+// momentum, after the first's went through): step() throws and leaves
+// weights, .grad and the momentum buffers as they were before it.
+TEST_P(OptimizerTest, StateTransportThatThrowsLeavesEverythingAsItWas) {
+  auto m = model();
+  const auto p = m->parameters();
+  auto second = std::make_shared<FailingScaling>(p[2], p[3], p[4], 1000);
+  SymmetryList syms = {std::make_shared<FailingScaling>(p[0], p[1], p[2], 1000), second};
+  TeleportOptimizer opt(m, syms, sgd(m), teleports().every(0).at({2}));
+  train_step(opt, m, 0);
+  train_step(opt, m, 1);
+  second->fail_transport_at(2);  // 1: .grad in the ascent; 2: the momentum
+  const Batch b = batch(2);
+  opt.zero_grad();
+  mse()(m->forward(b.input), b.target).backward();
+  auto momentum = [&] {
+    std::vector<at::Tensor> out;
+    for (const auto& t : p) {
+      out.push_back(state_of<torch::optim::SGDParamState>(opt.inner(), t, [](auto& s) {
+        return s.momentum_buffer();
+      }).clone());
+    }
+    return out;
+  };
+  const auto weights = clone_all(p), buffers = momentum();
+  std::vector<at::Tensor> grads;
+  for (const auto& t : p) grads.push_back(t.grad().clone());
+  const std::string error = error_of([&] { opt.step(); });
+  EXPECT_NE(error.find("transport failed on purpose"), std::string::npos) << error;
+  EXPECT_TRUE(bitwise_equal(weights, m->parameters()));
+  std::vector<at::Tensor> now;
+  for (const auto& t : p) now.push_back(t.grad());
+  EXPECT_TRUE(bitwise_equal(grads, now));
+  EXPECT_TRUE(bitwise_equal(buffers, momentum()));
 }
 
 TEST_P(OptimizerTest, ModelWithoutSymmetriesTeleportsNothing) {

@@ -580,6 +580,28 @@ void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& los
   active_ = std::move(active);
 }
 
+std::vector<at::Tensor> TeleportOptimizer::inner_state_tensors() const {
+  std::vector<at::Tensor> out;
+  auto add = [&out](const at::Tensor& t) {
+    if (t.defined()) out.push_back(t);
+  };
+  for (const auto& p : detail::distinct_parameters(active_)) {
+    const Buffers b = buffers_of(detail::find_state(*inner_, p));
+    add(b.gradient_like);
+    for (const auto& t : b.squared) add(t);
+  }
+  const auto params = all_params(*inner_);
+  if (!params.empty()) {
+    if (auto* l = dynamic_cast<torch::optim::LBFGSParamState*>(detail::find_state(*inner_, params.front()))) {
+      for (const auto& t : l->old_dirs()) add(t);
+      for (const auto& t : l->old_stps()) add(t);
+      add(l->prev_flat_grad());
+      add(l->d());
+    }
+  }
+  return out;
+}
+
 void TeleportOptimizer::check_gradients_agree() const {
   std::vector<at::Tensor> parts;
   for (const auto& p : detail::distinct_parameters(active_)) {
@@ -612,6 +634,57 @@ void TeleportOptimizer::align_elements(TeleportReport& report) const {
     if (symmetries_[k] == active_[a]) all[k] = std::move(report.elements[a++]);
   }
   report.elements = std::move(all);
+}
+
+// One teleport inside step(): the checks, the verification of symmetries not
+// checked yet, the teleport and the state policy. The buffers end as the
+// closure's first call left them; whatever throws leaves weights, .grad and
+// the inner state as they were.
+void TeleportOptimizer::teleport_step(const LossClosure& replay, const at::Tensor& loss,
+                                      at::Tensor& current) {
+  check_model_unchanged();
+  check_state_policy();
+  const detail::BufferGuard buffers(buffers_);
+  std::vector<std::string> skipped;
+  active_ = taking_part(/*from_grad=*/!next_batch_, skipped);
+  bool none_has_gradients = !symmetries_.empty() && active_.empty() && !next_batch_;
+  for (const auto& s : symmetries_) {
+    for (const auto& p : s->parameters()) none_has_gradients = none_has_gradients && !p.grad().defined();
+  }
+  TORCH_CHECK(!none_has_gradients, "teleport: expected gradients in .grad (call loss.backward() "
+              "before step()), got none for any parameter the symmetries act on");
+  if (group_) check_gradients_agree();
+  refused_.clear();
+  if (options_.verify() && replay != nullptr && !next_batch_) {
+    verify_symmetries([&] {  // the global batch's loss, so that every rank decides alike
+      std::vector<at::Tensor> l = {replay().detach().reshape({}) * share_};
+      if (group_) group_->all_reduce_sum(l);
+      return l[0];
+    });
+  }
+  const detail::Snapshot point(all_params(*this));
+  detail::BufferGuard state(inner_state_tensors());  // put back unless released
+  try {
+    last_report_ = run_teleport(replay, loss, current);
+    last_report_.step = step_;
+    last_report_.skipped = std::move(skipped);
+    last_report_.skipped.insert(last_report_.skipped.end(), refused_.begin(), refused_.end());
+    has_report_ = true;
+    ++teleports_;
+    if (!last_report_.rolled_back) {
+      apply_state_policy(last_report_);
+      if (last_report_.gradients_stale) {
+        current = replay();
+        last_report_.gradients_stale = false;
+      }
+    }
+  } catch (...) {
+    point.restore();
+    throw;
+  }
+  state.release();
+  align_elements(last_report_);
+  if (options_.on_report()) options_.on_report()(last_report_);
 }
 
 at::Tensor TeleportOptimizer::step(LossClosure closure) {
@@ -651,43 +724,7 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
   at::Tensor current = loss;
   if (due) {
     TORCH_CHECK(!fresh_gradients || closure != nullptr, stale);
-    check_model_unchanged();
-    check_state_policy();
-    // The buffers as the one call of the closure left them: the calls the
-    // teleport adds, and a rollback, leave no trace in them.
-    const detail::BufferGuard buffers(buffers_);
-    std::vector<std::string> skipped;
-    active_ = taking_part(/*from_grad=*/!next_batch_, skipped);
-    bool none_has_gradients = !symmetries_.empty() && active_.empty() && !next_batch_;
-    for (const auto& s : symmetries_) {
-      for (const auto& p : s->parameters()) none_has_gradients = none_has_gradients && !p.grad().defined();
-    }
-    TORCH_CHECK(!none_has_gradients, "teleport: expected gradients in .grad (call loss.backward() "
-                "before step()), got none for any parameter the symmetries act on");
-    if (group_) check_gradients_agree();
-    refused_.clear();
-    if (options_.verify() && replay != nullptr && !next_batch_) {
-      verify_symmetries([&] {  // the global batch's loss, so that every rank decides alike
-        std::vector<at::Tensor> l = {replay().detach().reshape({}) * share_};
-        if (group_) group_->all_reduce_sum(l);
-        return l[0];
-      });
-    }
-    last_report_ = run_teleport(replay, loss, current);
-    last_report_.step = step_;
-    last_report_.skipped = std::move(skipped);
-    last_report_.skipped.insert(last_report_.skipped.end(), refused_.begin(), refused_.end());
-    has_report_ = true;
-    ++teleports_;
-    if (!last_report_.rolled_back) {
-      apply_state_policy(last_report_);
-      if (last_report_.gradients_stale) {
-        current = replay();
-        last_report_.gradients_stale = false;
-      }
-    }
-    align_elements(last_report_);
-    if (options_.on_report()) options_.on_report()(last_report_);
+    teleport_step(replay, loss, current);
   }
   // The inner optimizer's first call of the closure would compute what is
   // already there; later calls (LBFGS's line search) evaluate new points.

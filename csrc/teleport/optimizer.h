@@ -121,6 +121,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   }
 
  private:
+  // One teleport inside step(), with its checks and the state policy.
+  void teleport_step(const LossClosure& replay, const at::Tensor& loss, at::Tensor& current);
   // One teleport; `replay` calls the closure with the randomness of its first
   // call, `loss` is that call's loss; `current` becomes the loss at the new
   // point where the closure measured it.
@@ -149,6 +151,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // trains (requires_grad) and, from .grad, has a gradient. The others go to
   // `skipped` with the reason.
   SymmetryList taking_part(bool from_grad, std::vector<std::string>& skipped) const;
+  // The inner state's tensors that kTransport may move in place.
+  std::vector<at::Tensor> inner_state_tensors() const;
   // TeleportOptions::verify: checks each symmetry not checked yet on `loss`
   // (check_symmetry), refuses those that fail (out of symmetries_ and
   // active_, a note in notes_ and refused_).

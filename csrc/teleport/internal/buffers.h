@@ -8,9 +8,11 @@
 
 namespace teleport::detail {
 
-/// Module buffers (BatchNorm's running statistics and batch counts) as they
-/// are at construction, put back bitwise at the end of the scope: evaluations
-/// made for a teleport never update them (docs/design.md §7).
+/// Tensors (module buffers: BatchNorm's running statistics and batch counts;
+/// the inner optimizer's state) as they are at construction, put back bitwise
+/// at the end of the scope unless released: evaluations made for a teleport
+/// never update buffers, and a state transport that throws half-way leaves
+/// the state as it was (docs/design.md §6, §7).
 class BufferGuard {
  public:
   explicit BufferGuard(std::vector<at::Tensor> buffers) : buffers_(std::move(buffers)) {
@@ -19,7 +21,11 @@ class BufferGuard {
   }
   BufferGuard(const BufferGuard&) = delete;
   BufferGuard& operator=(const BufferGuard&) = delete;
-  ~BufferGuard() { restore(); }
+  ~BufferGuard() {
+    if (!released_) restore();
+  }
+  /// Keeps what the tensors hold now: nothing is put back at the end.
+  void release() { released_ = true; }
 
   /// Written as BatchNorm's kernels update them, below autograd and without
   /// a version bump: a train-mode forward saves the running statistics for
@@ -32,6 +38,7 @@ class BufferGuard {
 
  private:
   std::vector<at::Tensor> buffers_, values_;
+  bool released_ = false;
 };
 
 }  // namespace teleport::detail
