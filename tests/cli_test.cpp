@@ -407,8 +407,10 @@ TEST(CliTest, KillingTheLauncherLeavesNoRank) {
     const std::string cmd = tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
     // "[l]auncher" matches the ranks' command lines, not the shell's own.
     const std::string pattern = scratch() + "[l]auncher-" + sig + ".log";
+    // Up to 15 s for the ranks to go (a loaded machine starts and ends them slowly).
     const auto r = run("sh -c '" + cmd + " & l=$!; sleep 5; kill -" + sig +
-                       " $l; wait $l; sleep 2; echo left $(pgrep -f -c \"" + pattern + "\")'");
+                       " $l; wait $l; for i in $(seq 15); do n=$(pgrep -f -c \"" + pattern +
+                       "\"); [ \"$n\" = 0 ] && break; sleep 1; done; echo left $n'");
     EXPECT_NE(r.output.find("left 0"), std::string::npos) << sig << "\n" << r.output;
     std::system(("pkill -9 -f '" + pattern + "' 2>/dev/null").c_str());
   }
