@@ -1064,16 +1064,20 @@ Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     for (size_t k = 0; k < syms.size(); ++k) syms[k]->transport_gradients_(e[k], pick(g, where[k]));
     return g;
   };
+  auto within_cap = [&](const std::vector<GroupElement>& e) {
+    return norm_sq(grads_at(e)).item<double>() <= cap;
+  };
   double s = 1;
   int64_t shortened = 0;
   std::vector<GroupElement> e = factors(s);
-  while (std::isfinite(cap) && !(norm_sq(grads_at(e)).item<double>() <= cap) &&
-         shortened < o.max_halvings()) {
+  bool ok = within_cap(e);
+  while (!ok && std::isfinite(cap) && shortened < o.max_halvings()) {
     s /= 2;
     ++shortened;
     e = factors(s);
+    ok = within_cap(e);
   }
-  if (!(norm_sq(grads_at(e)).item<double>() <= cap)) e = factors(0);  // the identity: rolled back
+  if (!ok) e = factors(0);  // the identity: rolled back
   for (size_t k = 0; k < syms.size(); ++k) {
     a.total[k] = e[k];
     syms[k]->apply_(a.total[k]);

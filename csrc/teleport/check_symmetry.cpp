@@ -1,10 +1,10 @@
 #include <teleport/ascent.h>
+#include <teleport/internal/tolerance.h>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -39,13 +39,11 @@ SymmetryCheck check_symmetry(const Symmetry& symmetry, const std::function<at::T
   SymmetryCheck c;
   c.bound = params.front().scalar_type() == at::kDouble ? 1e-9 : 1e-5;
   c.drift = std::abs(after - before) / std::max(std::abs(before), std::numeric_limits<double>::min());
-  const double eps = params.front().scalar_type() == at::kDouble
-                         ? std::numeric_limits<double>::epsilon()
-                         : std::numeric_limits<float>::epsilon();
-  // Relative, but never below the rounding of a loss of order-one terms
-  // (a loss near zero is a small difference of such terms).
+  // Relative, but never below the rounding of a loss of order-one terms, as
+  // the teleports' own loss check.
   c.holds = std::isfinite(after) &&
-            std::abs(after - before) <= std::max(c.bound * std::abs(before), 64 * eps);
+            std::abs(after - before) <=
+                detail::allowed_loss_change(before, c.bound, params.front().scalar_type());
   if (!std::isfinite(after)) c.drift = std::numeric_limits<double>::infinity();
   return c;
 }
