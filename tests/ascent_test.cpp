@@ -861,6 +861,35 @@ TEST_P(AscentTest, FlatnessTeleportLowersSharpnessKeepingTheLoss) {
             std::string::npos);
 }
 
+// Near a perfect fit (float32, batch loss ~1e-9) the gradients are tiny, and
+// a step of η D in gradient units is below float32's resolution of the
+// weights: with the default options every teleport was rolled back with "no
+// ascent step raised". Steps are lengthened to the dtype's resolution
+// (docs/design.md §6), so the teleport acts at any gradient scale, from a
+// batch and from .grad alike, and keeps the loss.
+TEST_P(AscentTest, TeleportActsAtTinyGradients) {
+  for (Act act : {Act::kIdentity, Act::kReLU}) {
+    for (bool from_batch : {true, false}) {
+      auto s = make(act, f32(), 3);
+      torch::Tensor target;
+      {
+        torch::NoGradGuard no_grad;
+        target = s.model->forward(s.batch.input) + 3e-5 * torch::randn_like(s.batch.target);
+      }
+      const BatchLoss objective(s.model, s.batch.input, target, mse());
+      const double loss = backward(objective, s.model);
+      ASSERT_LT(loss, 1e-8);
+      const TeleportReport r =
+          from_batch ? teleport(s.syms, TeleportOptions(), &objective) : teleport(s.syms, TeleportOptions());
+      ASSERT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_GT(r.steps, 0);
+      const double after = fresh_grad_norm_sq(objective, s.model, s.syms);
+      EXPECT_GT(after, 1.001 * r.grad_norm_sq_before);
+      EXPECT_LE(std::abs(objective.loss().item<double>() - loss), 1e-4 * loss + 1e-12);
+    }
+  }
+}
+
 TEST_P(AscentTest, NoSymmetriesIsANoOp) {
   const auto r = teleport({}, ascent());
   EXPECT_FALSE(r.rolled_back);

@@ -594,6 +594,7 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
   norm_before = norm_after = state(c, dirs);
   const double limit = growth_limit(norm_before, o);
   const bool linear = o.parametrization() == Parametrization::kLinear;
+  const double floor = step_floor(c10::CppTypeToScalarType<scalar_t>::value, o);
   HostControl control(norm_before, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<Vec> unit = dirs;  // T = η D capped as capped_step does
@@ -604,8 +605,8 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
         length += d * o.lr() * d * o.lr();
         lowest = std::min(lowest, d * o.lr());
       }
-      double factor = std::min(1.0, o.max_step() / std::max(std::sqrt(length), 1e-300));
-      if (linear) factor = std::min(factor, 0.5 / std::max(-lowest, 1e-300));
+      const double negative = -lowest;
+      const double factor = step_factor(std::sqrt(length), linear ? &negative : nullptr, floor, o);
       for (size_t j = 0; j < unit[k].size(); ++j) {
         unit[k][j] = dirs[k][j] * o.lr() * factor;
         slope += dirs[k][j] * unit[k][j];

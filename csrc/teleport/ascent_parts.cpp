@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace teleport::detail {
 
@@ -62,13 +63,26 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
          o.mode() == Mode::kExact;
 }
 
+double step_floor(c10::ScalarType dtype, const TeleportOptions& o) {
+  const double eps = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                          : std::numeric_limits<float>::epsilon();
+  return std::min(std::sqrt(eps), o.max_step());
+}
+
 namespace {
-// The factor that scales a step of Frobenius norm `norm` down to max_step,
-// and, given `most_negative` (−min t), keeps every 1 + t >= 1/2; on host
-// doubles or 0-dim double tensors alike (NaN propagated either way).
+// Below this norm a direction counts as zero and is not lengthened.
+constexpr double kZeroDirection = 1e-30;
+
+// The factor that scales a step of Frobenius norm `norm` down to max_step or
+// up to `floor`, and, given `most_negative` (−min t), keeps every
+// 1 + t >= 1/2; on host doubles or 0-dim double tensors alike (NaN
+// propagated either way).
 template <class V>
-V step_factor(const V& norm, const V* most_negative, const TeleportOptions& o) {
-  V factor = clamp_(o.max_step() / clamp_(norm, 1e-300, INFINITY), -INFINITY, 1.0);
+V step_factor(const V& norm, const V* most_negative, double floor, const TeleportOptions& o) {
+  const V safe = clamp_(norm, 1e-300, INFINITY);
+  V factor = clamp_(o.max_step() / safe, -INFINITY, 1.0);
+  const V longer = clamp_(floor / safe, 1.0, INFINITY);  // 1 unless norm < floor <= max_step
+  factor = where_(norm >= o.lr() * kZeroDirection, factor * longer, factor);
   if (most_negative != nullptr) {
     factor = minimum_(factor, 0.5 / clamp_(*most_negative, 1e-300, INFINITY));
   }
@@ -76,29 +90,36 @@ V step_factor(const V& norm, const V* most_negative, const TeleportOptions& o) {
 }
 }  // namespace
 
-double capped_factor(double norm, const TeleportOptions& o) {
-  return o.lr() * step_factor(norm * o.lr(), static_cast<const double*>(nullptr), o);
+double step_factor(double norm, const double* most_negative, double floor,
+                   const TeleportOptions& o) {
+  return step_factor<double>(norm, most_negative, floor, o);
 }
 
-// T = η D, scaled down to Frobenius norm max_step when larger, and for
-// diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
-// reference mode). The factors are computed in double so that a cap of 1e300
-// over a tiny norm cannot overflow a float; on the host where reading is free.
-// (The norm and minimum of η D are η times D's, so the step takes one product.)
+double capped_factor(double norm, double floor, const TeleportOptions& o) {
+  return o.lr() * step_factor(norm * o.lr(), static_cast<const double*>(nullptr), floor, o);
+}
+
+// T = η D, scaled down to Frobenius norm max_step when larger, up to
+// step_floor() when shorter, and for diagonal linear steps so that every
+// factor 1 + t stays >= 1/2 (neither cap nor floor in reference mode). The
+// factors are computed in double so that a cap of 1e300 over a tiny norm
+// cannot overflow a float; on the host where reading is free. (The norm and
+// minimum of η D are η times D's, so the step takes one product.)
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive) {
   const double lr = o.lr();
   if (o.mode() == Mode::kReference) return direction * lr;
+  const double floor = step_floor(direction.scalar_type(), o);
   if (host_bookkeeping(direction)) {
-    if (!keep_positive) return direction * capped_factor(direction.norm().item<double>(), o);
+    if (!keep_positive) return direction * capped_factor(direction.norm().item<double>(), floor, o);
     const double negative = -direction.min().item<double>() * lr;
     const double norm = direction.norm().item<double>() * lr;
-    return direction * (lr * step_factor(norm, &negative, o));
+    return direction * (lr * step_factor(norm, &negative, floor, o));
   }
   const at::Tensor negative =
       keep_positive ? -direction.min().to(at::kDouble) * lr : at::Tensor();
-  const at::Tensor factor =
-      step_factor(direction.norm().to(at::kDouble) * lr, keep_positive ? &negative : nullptr, o);
+  const at::Tensor factor = step_factor(direction.norm().to(at::kDouble) * lr,
+                                        keep_positive ? &negative : nullptr, floor, o);
   return direction * (factor * lr).to(direction.scalar_type());
 }
 

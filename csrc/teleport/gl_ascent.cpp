@@ -625,9 +625,10 @@ void span_loop(const SymmetryList& syms, const TeleportOptions& o, std::vector<S
       // positivity cap), that step's rise f‖d‖², the attempt's T = scale·f·d.
       std::vector<double> norm(m), factor(m);
       double rise = 0;
+      const double floor = step_floor(a.norm_before.scalar_type(), o);
       for (size_t k = 0; k < m; ++k) {
         norm[k] = dirs[k].norm().template item<double>();
-        factor[k] = capped_factor(norm[k], o);
+        factor[k] = capped_factor(norm[k], floor, o);
         rise += factor[k] * norm[k] * norm[k];
       }
       const double scale = control.scale(norm_after, rise);

@@ -130,6 +130,8 @@ struct TeleportOptions {
   /// linear parametrization a diagonal step is also shortened so that every
   /// factor 1 + t stays >= 1/2 (a scaling must stay positive across a ReLU),
   /// and a step whose I + T is singular is refused (shortened and tried again).
+  /// In exact mode a step shorter than min(√ε, max_step) of the parameters'
+  /// dtype is lengthened to it, so tiny gradients still move the weights.
   TORCH_ARG(double, max_step) = 0.5;
   /// Cap on ||∇L||² after / before over one teleport; an ascent step that would
   /// pass it is not taken. In exact mode steps are sized against it (an attempt

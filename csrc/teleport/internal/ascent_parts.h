@@ -29,16 +29,29 @@ void accumulate(at::Tensor& sum, const at::Tensor& x);
 // factor 1 + t positive (a scaling across a ReLU is a symmetry only then).
 bool keeps_positive(const Symmetry& sym, const TeleportOptions& o);
 
-// T = η D, scaled down to Frobenius norm max_step when larger, and for
-// diagonal linear steps so that every factor 1 + t stays >= 1/2 (no cap in
-// reference mode). The factors are computed in double so that a cap of 1e300
-// over a tiny norm cannot overflow a float.
+// The shortest step of the exact ascent: √ε of `dtype` (3.5e-4 in float32,
+// 1.5e-8 in float64), or max_step when smaller. Near a perfect fit η D is
+// far shorter than the dtype resolves on the weights, and no such step could
+// raise ||∇L||² measurably; a step lengthened to the floor can, and the
+// never-worse rule still shortens it where it does not (docs/design.md §6).
+double step_floor(c10::ScalarType dtype, const TeleportOptions& o);
+
+// T = η D, scaled down to Frobenius norm max_step when larger, up to
+// step_floor() when shorter (a direction below 1e-30 counts as zero), and for
+// diagonal linear steps so that every factor 1 + t stays >= 1/2 (neither cap
+// nor floor in reference mode). The factors are computed in double so that a
+// cap of 1e300 over a tiny norm cannot overflow a float.
 at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
                        bool keep_positive);
 
+// The factor capped_step() multiplies η D by, on the host: `norm` is η D's
+// norm and `most_negative` −min η D (nullptr: no positivity cap).
+double step_factor(double norm, const double* most_negative, double floor,
+                   const TeleportOptions& o);
+
 // The factor capped_step() multiplies a direction of Frobenius norm `norm` by
 // in exact mode without a positivity cap, on the host.
-double capped_factor(double norm, const TeleportOptions& o);
+double capped_factor(double norm, double floor, const TeleportOptions& o);
 
 // Each symmetry's capped step along its direction: an attempt's steps at factor 1.
 std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
