@@ -31,6 +31,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <thread>
 
 namespace {
 
@@ -729,6 +730,16 @@ std::string self_path(const char* fallback) {
 }
 #endif
 
+// A rank's runtime error may be the echo of a peer killed by a signal (its
+// collective failed). Under the --nproc launcher, which names such a peer and
+// stops the others at once, a rank waits a moment before speaking, so that
+// the launcher's line is the only one.
+void pause_under_launcher() {
+  if (std::getenv("TELEPORT_LAUNCHER_PID") != nullptr) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
 // Joins the data-parallel run the environment (torchrun) describes, or starts
 // --nproc processes of this command and waits for them (launched = true), or
 // does neither. Returns the launched processes' exit code when it launched.
@@ -749,7 +760,10 @@ int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, torch::D
     launched = true;
     std::vector<std::string> args(argv, argv + argc);
     args[0] = self_path(argv[0]);
-    const int code = dist::launch_local(c.nproc, args);
+    const int code = dist::launch_local(
+        c.nproc, args, dist::LaunchOptions().log([](const std::string& line) {
+          fmt::print(stderr, "teleport-mnist: {}\n", line);
+        }));
     return code == 0 || code == 2 ? code : 1;
   }
   if (c.nproc > 0 && c.nproc != where->world_size) {
@@ -946,9 +960,11 @@ int main(int argc, char** argv) {
     } catch (const UsageError& e) {
       throw UsageError(fmt::format("rank {}: {}", cl.rank, e.what()));
     } catch (const c10::Error& e) {
+      pause_under_launcher();
       const std::string what = e.what_without_backtrace();
       throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, what.substr(0, what.find('\n'))));
     } catch (const std::exception& e) {
+      pause_under_launcher();
       throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, e.what()));
     }
   });

@@ -416,6 +416,23 @@ TEST(CliTest, KillingTheLauncherLeavesNoRank) {
   }
 }
 
+// A rank killed under the --nproc launcher (it can say nothing itself) ends
+// the job with one line that names it, exit code 1, the other rank stopped.
+TEST(CliTest, ARankKilledUnderTheLauncherIsNamed) {
+  const std::string marker = scratch() + "dead-\"rank\".log";
+  const std::string cmd = tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
+  const std::string pattern = scratch() + "[d]ead-rank.log";
+  // Rank 1 is the process whose environment holds RANK=1.
+  const auto r = run("sh -c '" + cmd + " & l=$!; sleep 5; for p in $(pgrep -f \"" + pattern +
+                     "\"); do tr \"\\0\" \"\\n\" < /proc/$p/environ | grep -qx RANK=1 && kill -9 $p; done; "
+                     "wait $l; echo code $?'");
+  std::system(("pkill -9 -f '" + pattern + "' 2>/dev/null").c_str());
+  EXPECT_NE(r.output.find("code 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("teleport-mnist: rank 1 (pid "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("killed by signal 9"), std::string::npos) << r.output;
+  EXPECT_EQ(lines(r.output), 2u) << r.output;  // the launcher's line and "code 1"
+}
+
 TEST(CliTest, DistributedFailuresEndWithinTheTimeout) {
   const std::string port = std::to_string(free_port());
   const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port + " WORLD_SIZE=2 ";

@@ -352,6 +352,7 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
     pids.push_back(pid);
   }
 
+  const std::vector<pid_t> pid_of = pids;  // by rank (pids marks the reaped)
   int result = 0;
   int64_t running = nproc;
   const auto start = Clock::now();
@@ -369,6 +370,14 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
       if (code != 0 && result == 0) {
         result = code;
         kill_at = Clock::now() + options.grace();
+        if (WIFSIGNALED(status) && !forwarded) {  // a death no one here caused
+          const int sig = WTERMSIG(status);
+          if (options.log()) {
+            options.log()(c10::str("rank ", &p - pids.data(), " (pid ", pid_of[&p - pids.data()],
+                                   ") was killed by signal ", sig, " (", ::strsignal(sig), ")"));
+          }
+          signal_all(SIGTERM);
+        }
       }
     }
     if (reaped) continue;

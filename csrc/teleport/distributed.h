@@ -123,6 +123,10 @@ struct LaunchOptions {
   TORCH_ARG(std::chrono::milliseconds, deadline) = std::chrono::milliseconds(0);
   /// More environment for every process, as NAME=value.
   TORCH_ARG(std::vector<std::string>, env) = {};
+  /// Where the launcher's one line goes when a process dies by a signal it
+  /// did not send (it could say nothing itself), e.g. "rank 1 (pid 4242) was
+  /// killed by signal 9 (Killed)"; unset, the launcher prints nothing.
+  TORCH_ARG(std::function<void(const std::string&)>, log) = nullptr;
 };
 
 /// torchrun on one machine: runs `argv` (argv[0] the program's path) as
@@ -130,8 +134,10 @@ struct LaunchOptions {
 /// MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE=True set, hosting their store
 /// itself, so Rendezvous::from_env() + init_process_group() join them; like
 /// torchrun it sets OMP_NUM_THREADS=1 for N > 1 where the variable is unset. When one
-/// fails (a non-zero exit or a signal) the others get the grace period to end
-/// by themselves, then SIGKILL. SIGTERM, SIGINT and SIGHUP sent to the launcher
+/// fails with a non-zero exit the others get the grace period to end by
+/// themselves, then SIGKILL; when one is killed by a signal (it said nothing,
+/// and its peers' next collective cannot complete) the launcher names it
+/// through `log` and sends the others SIGTERM at once (the grace, then SIGKILL). SIGTERM, SIGINT and SIGHUP sent to the launcher
 /// are passed on to every process (the same grace, then SIGKILL), and each
 /// process dies with the launcher (a parent-death signal, set by
 /// init_process_group), so killing the launcher, even by SIGKILL, leaves no
