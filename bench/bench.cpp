@@ -2,6 +2,7 @@
 // overhead of TeleportOptimizer when teleport is off. Prints JSON.
 #include <common/cli.h>
 #include <teleport/teleport.h>
+#include <teleport/internal/parameters.h>
 
 #include <ATen/Parallel.h>
 #include <fmt/format.h>

@@ -1,6 +1,7 @@
 // teleport-mnist: an MLP on MNIST (or Fashion-MNIST), trained with and without
 // teleport from the same initial weights and the same batch order.
 #include <common/cli.h>
+#include <common/idx.h>
 #include <common/report.h>
 #include <teleport/teleport.h>
 #if defined(TELEPORT_HAVE_DISTRIBUTED)

@@ -2,6 +2,7 @@
 // without SO(2) teleports, as in the NeurIPS 2022 paper.
 #include <common/cli.h>
 #include <common/report.h>
+#include <teleport/test_functions.h>
 #include <teleport/teleport.h>
 
 #include <torch/csrc/autograd/autograd.h>

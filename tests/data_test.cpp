@@ -1,5 +1,5 @@
 // The IDX reader, on small files the test writes itself.
-#include <teleport/data/idx.h>
+#include <common/idx.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

@@ -2,6 +2,7 @@
 // reference mode against exact mode.
 #include "test_util.h"
 
+#include <teleport/test_functions.h>
 #include <teleport/internal/tensor_ops.h>
 
 #include <torch/optim/sgd.h>

@@ -2,6 +2,7 @@
 // Shared fixtures: every test runs on CPU and, when present, on CUDA.
 
 #include <teleport/teleport.h>
+#include <teleport/internal/parameters.h>
 
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>

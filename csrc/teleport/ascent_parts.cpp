@@ -1,10 +1,10 @@
 #include <teleport/internal/ascent_parts.h>
+#include <teleport/internal/tolerance.h>
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
 namespace teleport::detail {
 
@@ -64,9 +64,7 @@ bool keeps_positive(const Symmetry& sym, const TeleportOptions& o) {
 }
 
 double step_floor(c10::ScalarType dtype, const TeleportOptions& o) {
-  const double eps = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                          : std::numeric_limits<float>::epsilon();
-  return std::min(std::sqrt(eps), o.max_step());
+  return std::min(std::sqrt(epsilon_of(dtype)), o.max_step());
 }
 
 namespace {

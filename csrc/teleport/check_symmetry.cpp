@@ -1,4 +1,5 @@
 #include <teleport/ascent.h>
+#include <teleport/internal/parameters.h>
 #include <teleport/internal/tolerance.h>
 
 #include <ATen/ATen.h>

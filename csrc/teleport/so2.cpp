@@ -1,4 +1,5 @@
 #include <teleport/so2.h>
+#include <teleport/test_functions.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

@@ -53,12 +53,4 @@ class SO2Symmetry : public Symmetry {
   std::string name_;
 };
 
-/// Booth: L = (x + 2y - 7)² + (2x + y - 5)², u = x + 2y - 7, v = 2x + y - 5.
-at::Tensor booth(const at::Tensor& xy);
-std::shared_ptr<SO2Symmetry> booth_symmetry(at::Tensor xy);
-
-/// Rosenbrock: L = 100(x² - y)² + (x - 1)², u = 10(x² - y), v = x - 1.
-at::Tensor rosenbrock(const at::Tensor& xy);
-std::shared_ptr<SO2Symmetry> rosenbrock_symmetry(at::Tensor xy);
-
 }  // namespace teleport

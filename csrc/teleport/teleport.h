@@ -5,7 +5,6 @@
 /// Optimization", NeurIPS 2022.
 
 #include <teleport/ascent.h>
-#include <teleport/data/idx.h>
 #include <teleport/discover.h>
 #include <teleport/layers.h>
 #include <teleport/batch_loss.h>

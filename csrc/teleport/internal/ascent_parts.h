@@ -1,5 +1,5 @@
 #pragma once
-// Not installed: what the ascent engines share (ascent.cpp, gl_ascent.cpp).
+// Not installed: what the ascent engines share (internal/*_engine.cpp).
 
 #include <teleport/internal/tensor_ops.h>
 #include <teleport/options.h>

@@ -1,4 +1,4 @@
-#include <teleport/data/idx.h>
+#include <common/idx.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

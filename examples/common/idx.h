@@ -1,4 +1,5 @@
 #pragma once
+// The examples' data reader (not part of the library).
 
 #include <ATen/Tensor.h>
 
@@ -7,12 +8,12 @@
 namespace teleport::data {
 
 /// Reads an IDX file (the format of MNIST and Fashion-MNIST): plain, or
-/// gzipped when the library was built with zlib. Returns a uint8 tensor of the
+/// gzipped when built with zlib. Returns a uint8 tensor of the
 /// shape the header gives. Throws a c10::Error that names the file and what
 /// is wrong with it: missing, not IDX, not unsigned bytes, or truncated.
 at::Tensor read_idx(const std::string& path);
 
-/// Whether gzipped files can be read (the library was built with zlib).
+/// Whether gzipped files can be read (built with zlib).
 bool idx_gzip_supported();
 
 /// An image-classification set: images as float (N, rows*cols), normalised
