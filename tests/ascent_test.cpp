@@ -24,9 +24,7 @@ class AscentTest : public DeviceTest {
     s.syms = discover(s.model).symmetries;
     return s;
   }
-  static TeleportOptions ascent() {
-    return TeleportOptions().steps(5).lr(0.5).max_growth(1e6);
-  }
+  static TeleportOptions ascent() { return TeleportOptions().steps(5).lr(0.5).max_growth(1e6); }
 };
 TELEPORT_DEVICE_TESTS(AscentTest);
 
@@ -75,7 +73,8 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
   auto mixed = [&](uint64_t seed) {
     torch::manual_seed(seed);
     torch::nn::Sequential m(torch::nn::Linear(6, 8), torch::nn::ReLU(), torch::nn::Linear(8, 7),
-                            torch::nn::Linear(7, 5), torch::nn::LeakyReLU(), torch::nn::Linear(5, 3));
+                            torch::nn::Linear(7, 5), torch::nn::LeakyReLU(),
+                            torch::nn::Linear(5, 3));
     m->to(device(), torch::kDouble);
     return Setup{m, random_batch(10, 6, 3, f64()), discover(m).symmetries};
   };
@@ -86,8 +85,10 @@ TEST_P(AscentTest, AutogradAndClosedFormTeleportsAgree) {
       auto b = scalings_only ? make(Act::kLeakyReLU, f64(), 4) : mixed(4);
       const BatchLoss oa(a.model, a.batch.input, a.batch.target, mse());
       const BatchLoss ob(b.model, b.batch.input, b.batch.target, mse());
-      const auto ra = teleport(a.syms, ascent().lr(lr).parametrization(p).method(Method::kClosedForm), &oa);
-      const auto rb = teleport(b.syms, ascent().lr(lr).parametrization(p).method(Method::kAutograd), &ob);
+      const auto ra =
+          teleport(a.syms, ascent().lr(lr).parametrization(p).method(Method::kClosedForm), &oa);
+      const auto rb =
+          teleport(b.syms, ascent().lr(lr).parametrization(p).method(Method::kAutograd), &ob);
       ASSERT_FALSE(ra.rolled_back || rb.rolled_back) << ra.reason << rb.reason;
       EXPECT_EQ(ra.steps, rb.steps);
       EXPECT_GT(ra.grad_norm_sq_after, 1.05 * ra.grad_norm_sq_before);
@@ -127,20 +128,42 @@ TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
   };
   const std::vector<Case> cases = {
       {"784-like MLP 30-150-140-5, batch 6 (bases narrower than the layers)",
-       [this] { return make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3); }, {6, 30}, {6, 5}, 2.0, 1.5},
+       [this] {
+         return make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
+       },
+       {6, 30},
+       {6, 5},
+       2.0,
+       1.5},
       {"MLP 100-150-140-5, batch 6 (a first-layer gradient of rank 5 and 100 columns)",
-       [this] { return make_mlp({100, 150, 140, 5}, Act::kIdentity, true, f64(), 4); }, {6, 100}, {6, 5}, 2.0, 1.5},
+       [this] {
+         return make_mlp({100, 150, 140, 5}, Act::kIdentity, true, f64(), 4);
+       },
+       {6, 100},
+       {6, 5},
+       2.0,
+       1.5},
       {"MLP 10-12-11-4 without biases, batch 40 (full rank)",
-       [this] { return make_mlp({10, 12, 11, 4}, Act::kIdentity, false, f64(), 5); }, {40, 10}, {40, 4}, 0.5, 1.05},
+       [this] {
+         return make_mlp({10, 12, 11, 4}, Act::kIdentity, false, f64(), 5);
+       },
+       {40, 10},
+       {40, 4},
+       0.5,
+       1.05},
       {"conv 2-4-5-3, 3x3 kernels, nothing between",
        [] {
          torch::manual_seed(7);
-         nn::Sequential m(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::Conv2d(nn::Conv2dOptions(4, 5, 3)),
+         nn::Sequential m(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)),
+                          nn::Conv2d(nn::Conv2dOptions(4, 5, 3)),
                           nn::Conv2d(nn::Conv2dOptions(5, 3, 3).bias(false)));
          m->to(torch::kDouble);
          return m;
        },
-       {3, 2, 9, 9}, {3, 3, 3, 3}, 0.05, 1.05},
+       {3, 2, 9, 9},
+       {3, 3, 3, 3},
+       0.05,
+       1.05},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.description);
@@ -154,13 +177,15 @@ TEST_P(AscentTest, SpanAndDenseGLAscentsAgree) {
             auto model = c.model();
             model->to(device());
             torch::manual_seed(11);
-            const BatchLoss objective(model, torch::randn(c.input, f64()), torch::randn(c.output, f64()),
-                                      mse());
+            const BatchLoss objective(model, torch::randn(c.input, f64()),
+                                      torch::randn(c.output, f64()), mse());
             loss = backward(objective, model);
             const auto syms = discover(model).symmetries;
             for (const auto& s : syms) ASSERT_FALSE(s->diagonal()) << s->name();
-            detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
-            const auto options = TeleportOptions().steps(8).lr(c.lr).max_growth(growth).parametrization(p);
+            detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense
+                                                 : detail::GLAscentPath::kSpan);
+            const auto options =
+                TeleportOptions().steps(8).lr(c.lr).max_growth(growth).parametrization(p);
             reports.push_back(teleport(syms, options, from_grad ? nullptr : &objective));
             ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
             EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
@@ -199,7 +224,8 @@ TEST_P(AscentTest, ScalingLoopsAndTensorOpsAgree) {
         std::optional<detail::TensorOpsOnCpu> switched;
         if (tensor_ops) switched.emplace();
         reports.push_back(teleport(
-            s.syms, ascent().steps(20).lr(growth < 2 ? 5.0 : 0.5).max_growth(growth).parametrization(p)));
+            s.syms,
+            ascent().steps(20).lr(growth < 2 ? 5.0 : 0.5).max_growth(growth).parametrization(p)));
         weights.push_back(clone_all(s.model->parameters()));
         std::vector<at::Tensor> g;
         for (const auto& t : s.model->parameters()) g.push_back(t.grad().clone());
@@ -235,7 +261,8 @@ TEST_P(AscentTest, AutogradBookkeepingOnHostAndDeviceAgree) {
                             f64(), 8);
           const auto b = random_batch(10, 12, 3, f64(), 9);
           const BatchLoss objective(m, b.input, b.target, mse());
-          const auto syms = discover(m, DiscoverOptions().data_dependent(data_dependent)).symmetries;
+          const auto syms =
+              discover(m, DiscoverOptions().data_dependent(data_dependent)).symmetries;
           std::optional<detail::TensorOpsOnCpu> switched;
           if (tensor_ops) switched.emplace();
           reports.push_back(teleport(syms,
@@ -333,34 +360,38 @@ TEST_P(AscentTest, NonFiniteGradientRollsBack) {
 // projection on that basis (the first basis would miss them).
 TEST_P(AscentTest, SpanGLCarriesGradientMassOutsideItsBases) {
   for (bool first_large : {true, false}) {
-  SCOPED_TRACE(first_large ? "first layer 1e16" : "last layer 1e16");
-  std::vector<std::vector<at::Tensor>> weights, grads;
-  for (bool dense : {false, true}) {
-    auto model = make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
-    torch::manual_seed(5);
-    const auto params = model->parameters();
-    for (size_t i = 0; i < params.size(); ++i) {
-      const auto& p = params[i];
-      at::Tensor g = p.dim() == 2 ? torch::mm(torch::randn({p.size(0), 4}, f64()), torch::randn({4, p.size(1)}, f64()))
-                                  : torch::randn(p.sizes(), f64());
-      p.mutable_grad() = (first_large ? i < 2 : i >= 4) ? g * 1e16 : g;
+    SCOPED_TRACE(first_large ? "first layer 1e16" : "last layer 1e16");
+    std::vector<std::vector<at::Tensor>> weights, grads;
+    for (bool dense : {false, true}) {
+      auto model = make_mlp({30, 150, 140, 5}, Act::kIdentity, true, f64(), 3);
+      torch::manual_seed(5);
+      const auto params = model->parameters();
+      for (size_t i = 0; i < params.size(); ++i) {
+        const auto& p = params[i];
+        at::Tensor g = p.dim() == 2 ? torch::mm(torch::randn({p.size(0), 4}, f64()),
+                                                torch::randn({4, p.size(1)}, f64()))
+                                    : torch::randn(p.sizes(), f64());
+        p.mutable_grad() = (first_large ? i < 2 : i >= 4) ? g * 1e16 : g;
+      }
+      if (!first_large) {
+        // The last layer's gradient's rows orthogonal to the second's columns,
+        // so that the second symmetry's basis holds none of the latter.
+        const at::Tensor Q =
+            std::get<0>(at::linalg_qr(params[2].grad().mm(torch::randn({150, 4}, f64()))));
+        params[4].mutable_grad() = params[4].grad() - params[4].grad().mm(Q).mm(Q.t());
+      }
+      detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense
+                                           : detail::GLAscentPath::kSpan);
+      const auto r =
+          teleport(discover(model).symmetries, TeleportOptions().steps(6).lr(0.5).max_growth(1e6));
+      ASSERT_FALSE(r.rolled_back) << r.reason;
+      EXPECT_EQ(r.steps, 6);
+      weights.push_back(clone_all(params));
+      std::vector<at::Tensor> g;
+      for (const auto& t : params) g.push_back(t.grad().clone());
+      grads.push_back(g);
     }
-    if (!first_large) {
-      // The last layer's gradient's rows orthogonal to the second's columns,
-      // so that the second symmetry's basis holds none of the latter.
-      const at::Tensor Q = std::get<0>(at::linalg_qr(params[2].grad().mm(torch::randn({150, 4}, f64()))));
-      params[4].mutable_grad() = params[4].grad() - params[4].grad().mm(Q).mm(Q.t());
-    }
-    detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
-    const auto r = teleport(discover(model).symmetries, TeleportOptions().steps(6).lr(0.5).max_growth(1e6));
-    ASSERT_FALSE(r.rolled_back) << r.reason;
-    EXPECT_EQ(r.steps, 6);
-    weights.push_back(clone_all(params));
-    std::vector<at::Tensor> g;
-    for (const auto& t : params) g.push_back(t.grad().clone());
-    grads.push_back(g);
-  }
-  expect_same_point(weights, grads, 1e-9);
+    expect_same_point(weights, grads, 1e-9);
   }
 }
 
@@ -382,8 +413,9 @@ TEST_P(AscentTest, SpanGLTensorOpsMatchHostBookkeeping) {
         detail::ForceGLAscentPath path(detail::GLAscentPath::kSpan);
         std::optional<detail::TensorOpsOnCpu> switched;
         if (tensor_ops) switched.emplace();
-        reports.push_back(teleport(discover(model).symmetries,
-                                   TeleportOptions().steps(8).lr(2.0).max_growth(growth).parametrization(p)));
+        reports.push_back(
+            teleport(discover(model).symmetries,
+                     TeleportOptions().steps(8).lr(2.0).max_growth(growth).parametrization(p)));
         ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
         weights.push_back(clone_all(model->parameters()));
         std::vector<at::Tensor> g;
@@ -419,7 +451,8 @@ TEST_P(AscentTest, SpanGLSmallStepsMatchTheDenseAscent) {
       const auto w0 = clone_all(params);
       std::vector<at::Tensor> g0;
       for (const auto& p : params) g0.push_back(p.grad().clone());
-      detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense : detail::GLAscentPath::kSpan);
+      detail::ForceGLAscentPath path(dense ? detail::GLAscentPath::kDense
+                                           : detail::GLAscentPath::kSpan);
       const auto r = teleport(discover(model).symmetries,
                               TeleportOptions().steps(6).lr(10.0).max_step(step).max_growth(1e6));
       ASSERT_FALSE(r.rolled_back) << r.reason;
@@ -455,7 +488,8 @@ TEST_P(AscentTest, SpanGLRollsBackOnZeroAndNonFiniteGradients) {
     detail::ForceGLAscentPath path(detail::GLAscentPath::kSpan);
     const auto r = teleport(discover(model).symmetries, ascent());
     EXPECT_TRUE(r.rolled_back);
-    EXPECT_NE(r.reason.find(nan ? "non-finite" : "no ascent step raised"), std::string::npos) << r.reason;
+    EXPECT_NE(r.reason.find(nan ? "non-finite" : "no ascent step raised"), std::string::npos)
+        << r.reason;
     EXPECT_TRUE(bitwise_equal(model->parameters(), weights));
     std::vector<at::Tensor> after;
     for (const auto& p : model->parameters()) after.push_back(p.grad());
@@ -478,10 +512,12 @@ TEST_P(AscentTest, GrowthCapStopsTheAscent) {
     EXPECT_GT(r.grad_norm_sq_after, r.grad_norm_sq_before);
     EXPECT_NE(r.reason.find("stopped after"), std::string::npos);
     // It stopped because 7/8 of the cap's budget was used, or after too many refusals.
-    const double used = (r.grad_norm_sq_after - r.grad_norm_sq_before) / (0.5 * r.grad_norm_sq_before);
+    const double used =
+        (r.grad_norm_sq_after - r.grad_norm_sq_before) / (0.5 * r.grad_norm_sq_before);
     if (r.shortened <= TeleportOptions().max_halvings()) {
       EXPECT_GE(used, 0.875 - 1e-12);
-      EXPECT_NE(r.reason.find("7/8 of the growth cap's budget used"), std::string::npos) << r.reason;
+      EXPECT_NE(r.reason.find("7/8 of the growth cap's budget used"), std::string::npos)
+          << r.reason;
     }
     backward(objective, s.model);
     double norm = 0;
@@ -513,8 +549,9 @@ TEST(StepModel, InterpolationLandsOnItsAim) {
       EXPECT_LE(reached, c.aim);
     }
     auto t = [](double x) { return torch::full({}, x, torch::kDouble); };
-    const double ft = detail::interpolated_shrink(t(c.s), t(c.current), t(c.rise), t(next), t(c.aim))
-                          .item<double>();
+    const double ft =
+        detail::interpolated_shrink(t(c.s), t(c.current), t(c.rise), t(next), t(c.aim))
+            .item<double>();
     EXPECT_DOUBLE_EQ(ft, f);
     EXPECT_DOUBLE_EQ(detail::linear_bound(c.current, c.rise, c.aim) * c.rise, c.aim - c.current);
   }
@@ -554,8 +591,8 @@ TEST_P(AscentTest, CappedStepsLandWhereTheLinearModelAims) {
     ASSERT_FALSE(r.rolled_back) << r.reason;
     EXPECT_EQ(r.steps, 2);
     EXPECT_EQ(r.shortened, 0);
-    const double used = (r.grad_norm_sq_after - r.grad_norm_sq_before) /
-                        ((growth - 1) * r.grad_norm_sq_before);
+    const double used =
+        (r.grad_norm_sq_after - r.grad_norm_sq_before) / ((growth - 1) * r.grad_norm_sq_before);
     EXPECT_NEAR(used, 1 - 0.25 * 0.25, 0.01);
     EXPECT_NE(r.reason.find("7/8 of the growth cap's budget used"), std::string::npos) << r.reason;
   };
@@ -608,7 +645,8 @@ double fresh_grad_norm_sq(const BatchLoss& objective, torch::nn::Sequential& mod
                           const SymmetryList& syms) {
   backward(objective, model);
   double norm = 0;
-  for (const auto& p : detail::distinct_parameters(syms)) norm += p.grad().square().sum().item<double>();
+  for (const auto& p : detail::distinct_parameters(syms))
+    norm += p.grad().square().sum().item<double>();
   return norm;
 }
 
@@ -667,7 +705,8 @@ TEST_P(AscentTest, TeleportThatRaisesNothingIsRolledBack) {
     EXPECT_TRUE(r.rolled_back);
     EXPECT_EQ(r.steps, 0);
     EXPECT_NE(r.reason.find("no ascent step raised"), std::string::npos) << r.reason;
-    EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos) << r.reason;  // said once, by the flag
+    EXPECT_EQ(r.reason.rfind("rolled back", 0), std::string::npos)
+        << r.reason;  // said once, by the flag
     EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
   }
 }
@@ -739,7 +778,8 @@ TEST_P(AscentTest, BalanceEqualisesEveryUnitAndKeepsTheLoss) {
       auto params = m->parameters();
       for (size_t i = 0; i < params.size(); i += 4) params[i].mul_(30);
     }
-    const at::Tensor x = model_kind == 2 ? torch::randn({4, 2, 8, 8}, f64()) : torch::randn({10, 6}, f64());
+    const at::Tensor x =
+        model_kind == 2 ? torch::randn({4, 2, 8, 8}, f64()) : torch::randn({10, 6}, f64());
     at::Tensor y;
     {
       torch::NoGradGuard no_grad;
@@ -764,7 +804,8 @@ TEST_P(AscentTest, BalanceEqualisesEveryUnitAndKeepsTheLoss) {
       const int64_t n = p.front().size(0);
       at::Tensor in = p.front().detach().square().reshape({n, -1}).sum(1);
       if (p.size() == 3) in = in + p[1].detach().square();
-      const at::Tensor out = p.back().detach().square().reshape({p.back().size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      const at::Tensor out =
+          p.back().detach().square().reshape({p.back().size(0), n, -1}).sum(at::IntArrayRef{0, 2});
       EXPECT_LE((in / out - 1).abs().max().item<double>(), 1e-3) << s->name();
     }
     // Balanced already: nothing left to lower, so the next one is rolled back.
@@ -828,8 +869,12 @@ TEST_P(AscentTest, FlatnessTeleportLowersSharpnessKeepingTheLoss) {
     const BatchLoss batch(m, data.input, data.target, mse());
     const auto syms = discover(m).symmetries;
     ASSERT_EQ(syms.size(), 2u);
-    const auto opts = TeleportOptions().objective(Objective::kFlatness).steps(5).lr(1.0)
-                          .flatness_radius(0.5).flatness_samples(3);
+    const auto opts = TeleportOptions()
+                          .objective(Objective::kFlatness)
+                          .steps(5)
+                          .lr(1.0)
+                          .flatness_radius(0.5)
+                          .flatness_samples(3);
     int64_t kept = 0;
     for (int rep = 0; rep < 3; ++rep) {
       const double before = sharpness(syms, batch, opts);
@@ -848,17 +893,21 @@ TEST_P(AscentTest, FlatnessTeleportLowersSharpnessKeepingTheLoss) {
     }
     EXPECT_GE(kept, 1) << "no teleport was kept: the test would prove nothing";
     // Another seed draws other perturbations: another measure.
-    EXPECT_NE(sharpness(syms, batch, opts), sharpness(syms, batch, TeleportOptions(opts).flatness_seed(1)));
+    EXPECT_NE(sharpness(syms, batch, opts),
+              sharpness(syms, batch, TeleportOptions(opts).flatness_seed(1)));
   }
   auto s = make(Act::kReLU, f64());
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().objective(Objective::kFlatness)); })
-                .find("need a teleport batch"),
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent().objective(Objective::kFlatness));
+            }).find("need a teleport batch"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().objective(Objective::kLookAhead)); })
-                .find("need a teleport batch"),
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent().objective(Objective::kLookAhead));
+            }).find("need a teleport batch"),
             std::string::npos);
-  EXPECT_NE(error_of([] { TeleportOptions().flatness_radius(0).validate(); }).find("flatness_radius"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] { TeleportOptions().flatness_radius(0).validate(); }).find("flatness_radius"),
+      std::string::npos);
 }
 
 // Near a perfect fit (float32, batch loss ~1e-9) the gradients are tiny, and
@@ -879,8 +928,8 @@ TEST_P(AscentTest, TeleportActsAtTinyGradients) {
       const BatchLoss objective(s.model, s.batch.input, target, mse());
       const double loss = backward(objective, s.model);
       ASSERT_LT(loss, 1e-8);
-      const TeleportReport r =
-          from_batch ? teleport(s.syms, TeleportOptions(), &objective) : teleport(s.syms, TeleportOptions());
+      const TeleportReport r = from_batch ? teleport(s.syms, TeleportOptions(), &objective)
+                                          : teleport(s.syms, TeleportOptions());
       ASSERT_FALSE(r.rolled_back) << r.reason;
       EXPECT_GT(r.steps, 0);
       const double after = fresh_grad_norm_sq(objective, s.model, s.syms);
@@ -899,23 +948,30 @@ TEST_P(AscentTest, NoSymmetriesIsANoOp) {
 
 TEST_P(AscentTest, BadInputGetsClearErrors) {
   auto s = make(Act::kReLU, f64());
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent()); })
-                .find("expected gradients in .grad (call loss.backward() before step())"),
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent());
+            }).find("expected gradients in .grad (call loss.backward() before step())"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().method(Method::kAutograd)); })
-                .find("needs a batch and a loss"),
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent().method(Method::kAutograd));
+            }).find("needs a batch and a loss"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().lr(0)); }).find("expected a finite lr > 0, got 0"),
+  EXPECT_NE(
+      error_of([&] { teleport(s.syms, ascent().lr(0)); }).find("expected a finite lr > 0, got 0"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { teleport(s.syms, ascent().steps(-1)); }).find("expected steps >= 0, got -1"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { teleport(s.syms, ascent().tolerance(0)); }).find("expected tolerance > 0"),
+      std::string::npos);
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent().max_step(INFINITY));
+            }).find("expected a finite max_step > 0, got inf"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().steps(-1)); }).find("expected steps >= 0, got -1"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().tolerance(0)); }).find("expected tolerance > 0"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().max_step(INFINITY)); })
-                .find("expected a finite max_step > 0, got inf"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { teleport(s.syms, ascent().max_halvings(-1)); })
-                .find("expected max_halvings >= 0, got -1"),
+  EXPECT_NE(error_of([&] {
+              teleport(s.syms, ascent().max_halvings(-1));
+            }).find("expected max_halvings >= 0, got -1"),
             std::string::npos);
   auto other = make(Act::kReLU, f32());
   SymmetryList mixed = {s.syms[0], other.syms[0]};

@@ -91,8 +91,8 @@ const std::string kTmp = scratch();
 
 TEST(CliTest, RegressionWritesTheDocumentedJson) {
   // A step cap: the paper's uncapped exact ascent can outrun float32 (docs/reproduction.md).
-  const auto r = run(std::string(TELEPORT_REGRESSION) + " --steps 12 --seeds 0 --max-step 0.5 --json " +
-                     kTmp + "r.json");
+  const auto r = run(std::string(TELEPORT_REGRESSION) +
+                     " --steps 12 --seeds 0 --max-step 0.5 --json " + kTmp + "r.json");
   ASSERT_EQ(r.code, 0) << r.output;
   const auto json = read(kTmp + "r.json");
   expect_run_shape(json, {"sgd", "sgd+teleport"});
@@ -100,8 +100,10 @@ TEST(CliTest, RegressionWritesTheDocumentedJson) {
 }
 
 TEST(CliTest, TestFunctionsWriteTheDocumentedJson) {
-  const auto r = run(std::string(TELEPORT_TEST_FUNCTIONS) + " --function rosenbrock --start=-1,-1 "
-                     "--lr 1e-3 --steps 20 --teleport-at 10 --teleport-lr 0.1 --json " + kTmp + "t.json");
+  const auto r = run(std::string(TELEPORT_TEST_FUNCTIONS) +
+                     " --function rosenbrock --start=-1,-1 "
+                     "--lr 1e-3 --steps 20 --teleport-at 10 --teleport-lr 0.1 --json " +
+                     kTmp + "t.json");
   ASSERT_EQ(r.code, 0) << r.output;
   expect_run_shape(read(kTmp + "t.json"), {"gd", "gd+teleport"});
 }
@@ -118,7 +120,8 @@ std::string tiny_mnist() {
       count *= s;
       for (int k = 3; k >= 0; --k) bytes.push_back(static_cast<uint8_t>(s >> (8 * k)));
     }
-    for (size_t i = 0; i < count; ++i) bytes.push_back(static_cast<uint8_t>(labels ? rng() % 10 : rng() % 256));
+    for (size_t i = 0; i < count; ++i)
+      bytes.push_back(static_cast<uint8_t>(labels ? rng() % 10 : rng() % 256));
     std::ofstream(dir + "/" + name, std::ios::binary)
         .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   };
@@ -132,7 +135,8 @@ std::string tiny_mnist() {
 std::string mnist_command(const std::string& json) {
   return std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
          " --optimizer sgd,adagrad --hidden 16,12 --batch-size 16 --epochs 2 --eval-every 3 "
-         "--eval-subset 32 --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " + json;
+         "--eval-subset 32 --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " +
+         json;
 }
 
 TEST(CliTest, MnistJsonHasTheSharedShapeAndTestFields) {
@@ -148,10 +152,11 @@ TEST(CliTest, MnistJsonHasTheSharedShapeAndTestFields) {
 // teleports are kept (their state carried, not refused).
 TEST(CliTest, MnistRunsEveryOptimizer) {
   const std::string all = "sgd,momentum,nesterov,adagrad,rmsprop,adam,adamw";
-  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --optimizer " + all +
-                     " --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
-                     " --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " +
-                     kTmp + "all.json");
+  const auto r =
+      run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --optimizer " + all +
+          " --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
+          " --teleport-every 4 --teleport-lr 1 --max-growth 100 --quiet --json " +
+          kTmp + "all.json");
   ASSERT_EQ(r.code, 0) << r.output;
   const auto json = read(kTmp + "all.json");
   std::vector<std::string> labels;
@@ -184,25 +189,28 @@ TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
   const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
                      " --optimizer sgd --hidden 16,12 --batch-size 16 --epochs 2 --eval-every 3"
                      " --eval-subset 32 --teleport-every 4 --objective balance --stall-fraction 0.5"
-                     " --stall-cooldown 2 --quiet --json " + kTmp + "balance.json");
+                     " --stall-cooldown 2 --quiet --json " +
+                     kTmp + "balance.json");
   ASSERT_EQ(r.code, 0) << r.output;
   const auto json = read(kTmp + "balance.json");
   expect_run_shape(json, {"sgd", "sgd+teleport"});
   EXPECT_NE(json.find("\"objective\": \"balance\""), std::string::npos);
   EXPECT_NE(json.find("\"stall_fraction\": 0.5"), std::string::npos);
-  const auto pre = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
-                       " --optimizer adagrad,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
-                       " --eval-subset 32 --teleport-every 2 --objective preconditioned --quiet --json " +
-                       kTmp + "pre.json");
+  const auto pre =
+      run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+          " --optimizer adagrad,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
+          " --eval-subset 32 --teleport-every 2 --objective preconditioned --quiet --json " +
+          kTmp + "pre.json");
   ASSERT_EQ(pre.code, 0) << pre.output;
   EXPECT_NE(read(kTmp + "pre.json").find("\"objective\": \"preconditioned\""), std::string::npos);
   // look_ahead and flatness evaluate losses on a teleport batch of their own.
   for (const std::string objective : {"look_ahead", "flatness"}) {
-    const auto r2 = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
-                        " --optimizer sgd,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
-                        " --eval-subset 32 --teleport-every 2 --teleport-batch 8 --objective " + objective +
-                        (objective == "flatness" ? " --flatness-samples 2" : "") +
-                        " --quiet --json " + kTmp + "obj.json");
+    const auto r2 =
+        run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+            " --optimizer sgd,adam --hidden 16,12 --batch-size 16 --epochs 1 --eval-every 3"
+            " --eval-subset 32 --teleport-every 2 --teleport-batch 8 --objective " +
+            objective + (objective == "flatness" ? " --flatness-samples 2" : "") +
+            " --quiet --json " + kTmp + "obj.json");
     ASSERT_EQ(r2.code, 0) << r2.output;
     const auto json = read(kTmp + "obj.json");
     expect_run_shape(json, {"sgd", "sgd+teleport", "adam", "adam+teleport"});
@@ -253,9 +261,13 @@ TEST(CliTest, HelpShowsEveryDefault) {
   const auto r = run(std::string(TELEPORT_MNIST) + " --help");
   EXPECT_EQ(r.code, 0) << r.output;
   // CLI11 writes a default as "=10" (2.1) or "[10]" (2.4) after the flag's type.
-  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
-           {"--teleport-lr", "10"}, {"--max-growth", "1.5"}, {"--max-step", "0.5"},
-           {"--optimizer", "sgd,adagrad"}, {"--hidden", "128,128"}, {"--state-policy", "transport"}}) {
+  for (const auto& [flag, value] :
+       std::vector<std::pair<std::string, std::string>>{{"--teleport-lr", "10"},
+                                                        {"--max-growth", "1.5"},
+                                                        {"--max-step", "0.5"},
+                                                        {"--optimizer", "sgd,adagrad"},
+                                                        {"--hidden", "128,128"},
+                                                        {"--state-policy", "transport"}}) {
     const size_t at = r.output.find(flag + " ");
     ASSERT_NE(at, std::string::npos) << flag;
     const std::string line = r.output.substr(at, r.output.find('\n', at) - at);
@@ -289,11 +301,13 @@ TEST(CliTest, UsageErrorsComeBeforeTheData) {
 // A run whose loss stops being finite ends there and is reported, and a huge
 // but finite cap is a valid input, never an overflow error.
 TEST(CliTest, DivergingRegressionIsReportedNotAborted) {
-  const auto r = run(std::string(TELEPORT_REGRESSION) +
-                     " --dims 5,9,11,8,13,3 --lr 1e-4 --steps 20 --seeds 0 --max-step 1e300 --json " +
-                     kTmp + "diverged.json");
+  const auto r =
+      run(std::string(TELEPORT_REGRESSION) +
+          " --dims 5,9,11,8,13,3 --lr 1e-4 --steps 20 --seeds 0 --max-step 1e300 --json " + kTmp +
+          "diverged.json");
   EXPECT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("diverged: its loss was not finite at step"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("diverged: its loss was not finite at step"), std::string::npos)
+      << r.output;
   EXPECT_NE(read(kTmp + "diverged.json").find("\"diverged_at\": "), std::string::npos);
   EXPECT_EQ(read(kTmp + "diverged.json").find("\"diverged_at\": -1"), std::string::npos);
 }
@@ -302,9 +316,10 @@ TEST(CliTest, DivergingRegressionIsReportedNotAborted) {
 // diverge (two of five GD seeds within five steps of the teleport); capped,
 // every run stays finite. Reference mode keeps the paper's settings.
 TEST(CliTest, RegressionExactModeKeepsTheLibrarysCaps) {
-  const std::string cmd = std::string(TELEPORT_REGRESSION) +
-                          " --dims 4,5,6,7,8 --activation leaky_relu --optimizer sgd --lr 1e-4 "
-                          "--teleport-at 5 --teleport-steps 8 --teleport-lr 1e-7 --steps 12 --mode exact";
+  const std::string cmd =
+      std::string(TELEPORT_REGRESSION) +
+      " --dims 4,5,6,7,8 --activation leaky_relu --optimizer sgd --lr 1e-4 "
+      "--teleport-at 5 --teleport-steps 8 --teleport-lr 1e-7 --steps 12 --mode exact";
   const auto capped = run(cmd);
   EXPECT_EQ(capped.code, 0) << capped.output;
   EXPECT_EQ(capped.output.find("diverged"), std::string::npos) << capped.output;
@@ -318,7 +333,8 @@ TEST(CliTest, CudaWithoutCudaIsAUsageError) {
                      " --optimizer sgd --hidden 8 --max-steps 2 --eval-subset 16 --quiet");
   if (r.code == 0) GTEST_SKIP() << "CUDA is available here";
   EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--device cuda: CUDA is not available here"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--device cuda: CUDA is not available here"), std::string::npos)
+      << r.output;
   EXPECT_EQ(lines(r.output), 1u) << r.output;
 }
 
@@ -352,7 +368,9 @@ TEST(CliTest, RuntimeErrorsExitWithOneAndOneLine) {
 int free_port() {
   const std::string out = scratch() + "port";
   std::system(("python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); "
-               "print(s.getsockname()[1])' >" + out + " 2>/dev/null || echo 29517 >" + out).c_str());
+               "print(s.getsockname()[1])' >" +
+               out + " 2>/dev/null || echo 29517 >" + out)
+                  .c_str());
   return std::stoi(read(out));
 }
 
@@ -375,10 +393,11 @@ TEST(CliTest, MnistOnTwoProcessesFollowsOneProcess) {
                     "--teleport-every 3 --teleport-lr 1e-3"),
         std::string("--optimizer sgd --epochs 1 --teleport-every 2 --teleport-batch 12 "
                     "--teleport-lr 1")}) {
-    const auto one = run(tiny_mnist_command("--dtype float64 " + args + " --json " + kTmp + "n1.json"));
+    const auto one =
+        run(tiny_mnist_command("--dtype float64 " + args + " --json " + kTmp + "n1.json"));
     ASSERT_EQ(one.code, 0) << one.output;
-    const auto two = run(tiny_mnist_command("--dtype float64 --nproc 2 " + args + " --json " + kTmp +
-                                            "n2.json"));
+    const auto two = run(
+        tiny_mnist_command("--dtype float64 --nproc 2 " + args + " --json " + kTmp + "n2.json"));
     ASSERT_EQ(two.code, 0) << two.output;
     const auto a = read(kTmp + "n1.json"), b = read(kTmp + "n2.json");
     EXPECT_NE(b.find("\"world_size\": 2"), std::string::npos);
@@ -404,7 +423,8 @@ TEST(CliTest, KillingTheLauncherLeavesNoRank) {
   for (const char* sig : {"TERM", "KILL"}) {
     // Quoted in pieces, so that the shells' own command lines do not match.
     const std::string marker = scratch() + "launcher-\"" + sig + "\".log";
-    const std::string cmd = tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
+    const std::string cmd =
+        tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
     // "[l]auncher" matches the ranks' command lines, not the shell's own.
     const std::string pattern = scratch() + "[l]auncher-" + sig + ".log";
     // Up to 15 s for the ranks to go (a loaded machine starts and ends them slowly).
@@ -420,12 +440,14 @@ TEST(CliTest, KillingTheLauncherLeavesNoRank) {
 // the job with one line that names it, exit code 1, the other rank stopped.
 TEST(CliTest, ARankKilledUnderTheLauncherIsNamed) {
   const std::string marker = scratch() + "dead-\"rank\".log";
-  const std::string cmd = tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
+  const std::string cmd =
+      tiny_mnist_command("--optimizer sgd --epochs 100000 --nproc 2 --log " + marker);
   const std::string pattern = scratch() + "[d]ead-rank.log";
   // Rank 1 is the process whose environment holds RANK=1.
-  const auto r = run("sh -c '" + cmd + " & l=$!; sleep 5; for p in $(pgrep -f \"" + pattern +
-                     "\"); do tr \"\\0\" \"\\n\" < /proc/$p/environ | grep -qx RANK=1 && kill -9 $p; done; "
-                     "wait $l; echo code $?'");
+  const auto r =
+      run("sh -c '" + cmd + " & l=$!; sleep 5; for p in $(pgrep -f \"" + pattern +
+          "\"); do tr \"\\0\" \"\\n\" < /proc/$p/environ | grep -qx RANK=1 && kill -9 $p; done; "
+          "wait $l; echo code $?'");
   std::system(("pkill -9 -f '" + pattern + "' 2>/dev/null").c_str());
   EXPECT_NE(r.output.find("code 1"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("teleport-mnist: rank 1 (pid "), std::string::npos) << r.output;
@@ -462,10 +484,11 @@ TEST(CliTest, DistributedFailuresEndWithinTheTimeout) {
   {
     const std::string port2 = std::to_string(free_port());
     const std::string env2 = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port2 + " WORLD_SIZE=2 ";
-    const std::string longer = tiny_mnist_command("--optimizer sgd --epochs 100000 --dist-timeout 3");
+    const std::string longer =
+        tiny_mnist_command("--optimizer sgd --epochs 100000 --dist-timeout 3");
     const auto start = std::chrono::steady_clock::now();
-    const auto r = run("sh -c '" + env2 + "RANK=0 " + longer + " & a=$!; " + env2 + "RANK=1 " + longer +
-                       " & b=$!; sleep 3; kill -9 $b; wait $a; echo code $?'");
+    const auto r = run("sh -c '" + env2 + "RANK=0 " + longer + " & a=$!; " + env2 + "RANK=1 " +
+                       longer + " & b=$!; sleep 3; kill -9 $b; wait $a; echo code $?'");
     EXPECT_NE(r.output.find("code 1"), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("rank 0: "), std::string::npos) << r.output;
     EXPECT_LT(seconds_since(start), 20);

@@ -26,7 +26,8 @@ void write_idx(const std::string& path, const std::vector<uint32_t>& shape,
   }
   bytes.insert(bytes.end(), data.begin(), data.end());
   bytes.resize(bytes.size() - cut);
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
 
 std::string error_of_read(const std::string& path) {
@@ -53,8 +54,9 @@ TEST(IdxTest, RejectsBadMagicTypeAndTruncation) {
   std::ofstream(path, std::ios::binary) << "PK\x03\x04 not an idx file";
   EXPECT_NE(error_of_read(path).find("is not an IDX file"), std::string::npos);
   write_idx(path, {4}, {1, 2, 3, 4}, /*cut=*/1);
-  EXPECT_NE(error_of_read(path).find("is truncated: its header promises 4 bytes of data, the file has 3"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of_read(path).find("is truncated: its header promises 4 bytes of data, the file has 3"),
+      std::string::npos);
   write_idx(path, {3}, {1, 2, 3, 4});
   EXPECT_NE(error_of_read(path).find("is too long"), std::string::npos);
   // 2^16 · 2^16 · 2^16 · 2^16 wraps to 0 in 64 bits: an empty file matched it.
@@ -80,7 +82,8 @@ TEST(IdxTest, ImageSetChecksThatImagesAndLabelsAgree) {
     data::read_image_set(dir, "x", 0.1, 0.5);
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find("has 3 images but 2 labels"), std::string::npos);
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("has 3 images but 2 labels"),
+              std::string::npos);
   }
 }
 

@@ -65,8 +65,9 @@ TEST_P(DiscoverTest, ShapeChangeBetweenLayersGivesNoSymmetry) {
 TEST_P(DiscoverTest, FindsConvolutionalSymmetriesAndReportsWhatBreaksThem) {
   namespace nn = torch::nn;
   Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::MaxPool2d(2), ReLU(),
-                 Nested(nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::Dropout2d(0.5)), nn::AvgPool2d(2),
-                 nn::Flatten(), Linear(6, 8), nn::Dropout(0.5), ReLU(), Linear(8, 3));
+                 Nested(nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::Dropout2d(0.5)),
+                 nn::AvgPool2d(2), nn::Flatten(), Linear(6, 8), nn::Dropout(0.5), ReLU(),
+                 Linear(8, 3));
   auto found = discover(cnn);
   ASSERT_EQ(found.symmetries.size(), 3u);
   EXPECT_EQ(found.symmetries[0]->name(), "scaling(layers 0 and 3.0)");
@@ -74,7 +75,8 @@ TEST_P(DiscoverTest, FindsConvolutionalSymmetriesAndReportsWhatBreaksThem) {
   EXPECT_EQ(found.symmetries[2]->name(), "scaling(layers 6 and 9)");
   EXPECT_TRUE(found.notes.empty());
   // Nothing nonlinear between: GL, through average pooling and a flatten too.
-  Sequential linear(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::AvgPool2d(2), nn::Flatten(), Linear(4 * 9, 3));
+  Sequential linear(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::AvgPool2d(2), nn::Flatten(),
+                    Linear(4 * 9, 3));
   found = discover(linear);
   ASSERT_EQ(found.symmetries.size(), 1u);
   EXPECT_EQ(found.symmetries[0]->name(), "gl(layers 0 and 3)");
@@ -86,7 +88,8 @@ TEST_P(DiscoverTest, FindsConvolutionalSymmetriesAndReportsWhatBreaksThem) {
   EXPECT_TRUE(found.symmetries.empty());
   ASSERT_EQ(found.notes.size(), 3u);
   EXPECT_NE(found.notes[0].find("BatchNorm2dImpl) makes the layer before it scale-invariant"),
-            std::string::npos) << found.notes[0];
+            std::string::npos)
+      << found.notes[0];
   EXPECT_NE(found.notes[1].find("grouped convolution"), std::string::npos) << found.notes[1];
   EXPECT_NE(found.notes[2].find("no Flatten between"), std::string::npos) << found.notes[2];
 }

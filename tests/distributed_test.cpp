@@ -41,7 +41,7 @@ constexpr int64_t kTeleportBatch = 8;  // within the data-dependent rank conditi
 struct Trajectory {
   std::vector<double> losses;  // the global batch's loss before each step
   std::vector<at::Tensor> parameters;
-  int64_t kept = 0;            // teleports kept
+  int64_t kept = 0;  // teleports kept
 };
 
 // Trains on rows [first, first + count) of every global batch of a fixed
@@ -59,8 +59,12 @@ Trajectory train(const Scenario& s, const std::shared_ptr<dist::ProcessGroup>& g
     return std::make_pair(start + lo, hi - lo);
   };
   TeleportOptimizer opt(
-      model, std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05)),
-      TeleportOptions().every(20).steps(4).lr(leaky ? 1e-3 : 0.05)
+      model,
+      std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05)),
+      TeleportOptions()
+          .every(20)
+          .steps(4)
+          .lr(leaky ? 1e-3 : 0.05)
           .objective(s.path == "look_ahead" ? Objective::kLookAhead
                      : s.path == "flatness" ? Objective::kFlatness
                                             : Objective::kGradNorm)
@@ -88,7 +92,8 @@ Trajectory train(const Scenario& s, const std::shared_ptr<dist::ProcessGroup>& g
       opt.zero_grad();
       at::Tensor loss = mse()(model->forward(x.narrow(0, first, count)), y.narrow(0, first, count));
       loss.backward();
-      if (group && s.path != "unaveraged") dist::average_gradients(model->parameters(), *group, share);
+      if (group && s.path != "unaveraged")
+        dist::average_gradients(model->parameters(), *group, share);
       return loss;
     };
     at::Tensor loss = opt.step(closure);
@@ -281,9 +286,9 @@ TEST(Distributed, RendezvousFromEnvRefusesInconsistentValues) {
             std::string::npos);
   EXPECT_NE(with_env({{"RANK", "0"}}).find("WORLD_SIZE"), std::string::npos);
   EXPECT_NE(with_env({{"RANK", "0"}, {"WORLD_SIZE", "two"}}).find("got 'two'"), std::string::npos);
-  EXPECT_NE(with_env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_PORT", "70000"}})
-                .find("MASTER_PORT"),
-            std::string::npos);
+  EXPECT_NE(
+      with_env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_PORT", "70000"}}).find("MASTER_PORT"),
+      std::string::npos);
   EXPECT_EQ(with_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}}), "");
   EXPECT_FALSE(dist::Rendezvous::from_env().has_value());
 }

@@ -50,8 +50,7 @@ class OptimizerTest : public DeviceTest {
     };
   }
   std::unique_ptr<SGD> sgd(torch::nn::Sequential& m) {
-    return std::make_unique<SGD>(m->parameters(),
-                                 SGDOptions(0.05).momentum(0.9));
+    return std::make_unique<SGD>(m->parameters(), SGDOptions(0.05).momentum(0.9));
   }
   std::unique_ptr<Adagrad> adagrad(torch::nn::Sequential& m) {
     return std::make_unique<Adagrad>(m->parameters(), AdagradOptions(0.05));
@@ -66,20 +65,34 @@ class OptimizerTest : public DeviceTest {
     auto params = [](torch::nn::Sequential& m) { return m->parameters(); };
     return {
         {"sgd", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05)); }},
-        {"momentum", [=](auto& m) { return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9)); }},
-        {"nesterov", [=](auto& m) {
-           return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9).nesterov(true));
+        {"momentum",
+         [=](auto& m) {
+           return std::make_unique<o::SGD>(params(m), o::SGDOptions(0.05).momentum(0.9));
          }},
-        {"adagrad", [=](auto& m) { return std::make_unique<o::Adagrad>(params(m), o::AdagradOptions(0.05)); }},
-        {"adam", [=](auto& m) { return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01)); }},
-        {"adam amsgrad", [=](auto& m) {
+        {"nesterov",
+         [=](auto& m) {
+           return std::make_unique<o::SGD>(params(m),
+                                           o::SGDOptions(0.05).momentum(0.9).nesterov(true));
+         }},
+        {"adagrad",
+         [=](auto& m) { return std::make_unique<o::Adagrad>(params(m), o::AdagradOptions(0.05)); }},
+        {"adam",
+         [=](auto& m) { return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01)); }},
+        {"adam amsgrad",
+         [=](auto& m) {
            return std::make_unique<o::Adam>(params(m), o::AdamOptions(0.01).amsgrad(true));
          }},
-        {"adamw", [=](auto& m) { return std::make_unique<o::AdamW>(params(m), o::AdamWOptions(0.01)); }},
-        {"rmsprop", [=](auto& m) {
-           return std::make_unique<o::RMSprop>(params(m), o::RMSpropOptions(0.01).centered(true).momentum(0.5));
+        {"adamw",
+         [=](auto& m) { return std::make_unique<o::AdamW>(params(m), o::AdamWOptions(0.01)); }},
+        {"rmsprop",
+         [=](auto& m) {
+           return std::make_unique<o::RMSprop>(
+               params(m), o::RMSpropOptions(0.01).centered(true).momentum(0.5));
          }},
-        {"lbfgs", [=](auto& m) { return std::make_unique<o::LBFGS>(params(m), o::LBFGSOptions(0.5).max_iter(3)); }},
+        {"lbfgs",
+         [=](auto& m) {
+           return std::make_unique<o::LBFGS>(params(m), o::LBFGSOptions(0.5).max_iter(3));
+         }},
     };
   }
 };
@@ -91,7 +104,6 @@ at::Tensor state_of(torch::optim::Optimizer& opt, const at::Tensor& p, Get get) 
   auto* s = dynamic_cast<State*>(detail::find_state(opt, p));
   return s == nullptr ? at::Tensor() : get(*s);
 }
-
 
 TEST_P(OptimizerTest, WithTeleportOffIsBitIdenticalToTheBareOptimizer) {
   for (const auto& [name, make] : every_optimizer()) {
@@ -133,8 +145,8 @@ TEST_P(OptimizerTest, LRSchedulerReachesTheInnerOptimizer) {
 TEST_P(OptimizerTest, TeleportsOnScheduleKeepingTheLoss) {
   auto m = model();
   std::vector<TeleportReport> reports;
-  TeleportOptimizer opt(m, sgd(m),
-                        teleports().on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  TeleportOptimizer opt(
+      m, sgd(m), teleports().on_report([&](const TeleportReport& r) { reports.push_back(r); }));
   for (int64_t t = 0; t < 8; ++t) opt.step(closure(opt, m, t));
   ASSERT_EQ(reports.size(), 3u);  // steps 0, 3, 6
   EXPECT_EQ(opt.teleport_count(), 3);
@@ -165,7 +177,8 @@ TEST_P(OptimizerTest, RolledBackTeleportLeavesThePlainStep) {
   const auto p = wrapped_model->parameters();
   SymmetryList wrong = {std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])};
   // The rollback itself: verification (which would refuse it first) off.
-  TeleportOptimizer wrapped(wrapped_model, wrong, sgd(wrapped_model), teleports().lr(1.0).verify(false));
+  TeleportOptimizer wrapped(wrapped_model, wrong, sgd(wrapped_model),
+                            teleports().lr(1.0).verify(false));
   bare->step(closure(*bare, bare_model, 0));
   wrapped.step(closure(wrapped, wrapped_model, 0));
   ASSERT_NE(wrapped.last_report(), nullptr);
@@ -237,7 +250,8 @@ TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
   torch::save(opt, stream);
   auto m2 = model(5);
   bool called = false;
-  TeleportOptimizer loaded(m2, sgd(m2), TeleportOptions().on_report([&](const TeleportReport&) { called = true; }));
+  TeleportOptimizer loaded(
+      m2, sgd(m2), TeleportOptions().on_report([&](const TeleportReport&) { called = true; }));
   torch::load(loaded, stream);
   const auto& o = loaded.options();
   EXPECT_EQ(o.every(), 7);
@@ -274,9 +288,10 @@ TEST_P(OptimizerTest, CheckpointKeepsEveryOption) {
 TEST_P(OptimizerTest, OnDemandTeleportsWhenTheGradientCollapses) {
   auto m = model();
   std::vector<int64_t> fired;
-  TeleportOptimizer opt(m, sgd(m),
-                        TeleportOptions().steps(3).lr(0.05).stall_fraction(0.1).stall_cooldown(15).on_report(
-                            [&](const TeleportReport& r) { fired.push_back(r.step); }));
+  TeleportOptimizer opt(
+      m, sgd(m),
+      TeleportOptions().steps(3).lr(0.05).stall_fraction(0.1).stall_cooldown(15).on_report(
+          [&](const TeleportReport& r) { fired.push_back(r.step); }));
   for (int64_t t = 0; t < 60; ++t) {
     const double scale = t < 30 ? 1.0 : 0.01;
     opt.step([&] {
@@ -299,9 +314,10 @@ TEST_P(OptimizerTest, RandomStateReplaysEveryDraw) {
   torch::manual_seed(11);
   const auto opts = torch::TensorOptions(device()).dtype(torch::kDouble);
   auto draws = [&] {
-    std::vector<at::Tensor> out = {torch::randn({1}, torch::kDouble), torch::randn({1}, torch::kFloat),
-                                   torch::rand({5}, torch::kDouble), torch::randint(0, 1000, {7}),
-                                   torch::randn({33}, opts), torch::rand({3}, opts)};
+    std::vector<at::Tensor> out = {
+        torch::randn({1}, torch::kDouble), torch::randn({1}, torch::kFloat),
+        torch::rand({5}, torch::kDouble),  torch::randint(0, 1000, {7}),
+        torch::randn({33}, opts),          torch::rand({3}, opts)};
     return out;
   };
   torch::randn({1}, torch::kDouble);  // a normal sample left cached
@@ -323,8 +339,9 @@ TEST_P(OptimizerTest, DropoutModelsTeleportWithTheSameMasksBeforeAndAfter) {
   m->to(device(), torch::kDouble);
   m->train();
   std::vector<TeleportReport> reports;
-  TeleportOptimizer opt(m, sgd(m),
-                        teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  TeleportOptimizer opt(m, sgd(m), teleports().every(2).on_report([&](const TeleportReport& r) {
+    reports.push_back(r);
+  }));
   for (int64_t t = 0; t < 16; ++t) opt.step(closure(opt, m, t));
   ASSERT_EQ(reports.size(), 8u);
   for (const auto& r : reports) {
@@ -384,19 +401,21 @@ TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosureAndHistoryCarried) {
   std::vector<at::Tensor> before;
   int64_t checked = 0;
   TeleportOptimizer* self = nullptr;
-  TeleportOptimizer tele(tele_model, lbfgs(tele_model), teleports().on_report([&](const TeleportReport& r) {
-    if (before.empty()) return;  // no history yet
-    ASSERT_FALSE(r.rolled_back) << r.reason;
-    auto& st = static_cast<o::LBFGSParamState&>(*detail::find_state(self->inner(), params.front()));
-    const auto now = invariants(st);
-    ASSERT_EQ(now.size(), before.size());
-    for (size_t i = 0; i < now.size(); ++i) EXPECT_LE(rel_diff(now[i], before[i]), 1e-10) << i;
-    for (size_t i = 0; i < st.old_dirs().size(); ++i) {
-      const double ys = st.old_dirs()[i].dot(st.old_stps()[i]).item<double>();
-      EXPECT_NEAR(ys * st.ro()[i].item<double>(), 1.0, 1e-10);
-    }
-    ++checked;
-  }));
+  TeleportOptimizer tele(
+      tele_model, lbfgs(tele_model), teleports().on_report([&](const TeleportReport& r) {
+        if (before.empty()) return;  // no history yet
+        ASSERT_FALSE(r.rolled_back) << r.reason;
+        auto& st =
+            static_cast<o::LBFGSParamState&>(*detail::find_state(self->inner(), params.front()));
+        const auto now = invariants(st);
+        ASSERT_EQ(now.size(), before.size());
+        for (size_t i = 0; i < now.size(); ++i) EXPECT_LE(rel_diff(now[i], before[i]), 1e-10) << i;
+        for (size_t i = 0; i < st.old_dirs().size(); ++i) {
+          const double ys = st.old_dirs()[i].dot(st.old_stps()[i]).item<double>();
+          EXPECT_NEAR(ys * st.ro()[i].item<double>(), 1.0, 1e-10);
+        }
+        ++checked;
+      }));
   self = &tele;
   double first = 0, last = 0;
   for (int64_t t = 0; t < 10; ++t) {
@@ -420,16 +439,18 @@ TEST_P(OptimizerTest, LbfgsRunsInsideWithItsClosureAndHistoryCarried) {
 TEST_P(OptimizerTest, WeightDecayWithTransportIsRefusedAndKeepWorks) {
   auto m = model();
   const auto decayed = [](torch::nn::Sequential& mm) {
-    return std::make_unique<SGD>(mm->parameters(), SGDOptions(0.05).momentum(0.9).weight_decay(1e-3));
+    return std::make_unique<SGD>(mm->parameters(),
+                                 SGDOptions(0.05).momentum(0.9).weight_decay(1e-3));
   };
   const std::string error = error_of([&] { TeleportOptimizer opt(m, decayed(m), teleports()); });
   EXPECT_NE(error.find("kTransport cannot carry SGD's momentum buffer with weight_decay"),
             std::string::npos)
       << error;
   EXPECT_NE(error_of([&] {
-              TeleportOptimizer opt(m, std::make_unique<Adagrad>(m->parameters(),
-                                                                 AdagradOptions(0.1).weight_decay(0.1)),
-                                    teleports());
+              TeleportOptimizer opt(
+                  m,
+                  std::make_unique<Adagrad>(m->parameters(), AdagradOptions(0.1).weight_decay(0.1)),
+                  teleports());
             }).find("Adagrad's sums"),
             std::string::npos);
   // Without momentum SGD holds no state: nothing to carry, so it is accepted.
@@ -440,9 +461,11 @@ TEST_P(OptimizerTest, WeightDecayWithTransportIsRefusedAndKeepWorks) {
             }),
             "");
   std::vector<TeleportReport> reports;
-  TeleportOptimizer keep(m, decayed(m),
-                         teleports().state_policy(StatePolicy::kKeep).on_report(
-                             [&](const TeleportReport& r) { reports.push_back(r); }));
+  TeleportOptimizer keep(
+      m, decayed(m),
+      teleports().state_policy(StatePolicy::kKeep).on_report([&](const TeleportReport& r) {
+        reports.push_back(r);
+      }));
   for (int64_t t = 0; t < 7; ++t) keep.step(closure(keep, m, t));
   ASSERT_EQ(reports.size(), 3u);
   for (const auto& r : reports) {
@@ -467,24 +490,38 @@ TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
   using Get = std::function<std::vector<std::pair<bool, at::Tensor>>(o::OptimizerParamState*)>;
   // {name, make, buffers as (squared?, tensor)}
   const std::vector<std::tuple<std::string, Make, Get>> cases = {
-      {"sgd momentum", [](auto p) { return std::make_unique<o::SGD>(p, o::SGDOptions(0).momentum(0.9)); },
-       [](auto* s) { return std::vector<std::pair<bool, at::Tensor>>{{false, static_cast<o::SGDParamState*>(s)->momentum_buffer()}}; }},
+      {"sgd momentum",
+       [](auto p) { return std::make_unique<o::SGD>(p, o::SGDOptions(0).momentum(0.9)); },
+       [](auto* s) {
+         return std::vector<std::pair<bool, at::Tensor>>{
+             {false, static_cast<o::SGDParamState*>(s)->momentum_buffer()}};
+       }},
       {"adagrad", [](auto p) { return std::make_unique<o::Adagrad>(p, o::AdagradOptions(0)); },
-       [](auto* s) { return std::vector<std::pair<bool, at::Tensor>>{{true, static_cast<o::AdagradParamState*>(s)->sum()}}; }},
-      {"adam amsgrad", [](auto p) { return std::make_unique<o::Adam>(p, o::AdamOptions(0).amsgrad(true)); },
+       [](auto* s) {
+         return std::vector<std::pair<bool, at::Tensor>>{
+             {true, static_cast<o::AdagradParamState*>(s)->sum()}};
+       }},
+      {"adam amsgrad",
+       [](auto p) { return std::make_unique<o::Adam>(p, o::AdamOptions(0).amsgrad(true)); },
        [](auto* s) {
          auto* a = static_cast<o::AdamParamState*>(s);
-         return std::vector<std::pair<bool, at::Tensor>>{{false, a->exp_avg()}, {true, a->exp_avg_sq()}, {true, a->max_exp_avg_sq()}};
+         return std::vector<std::pair<bool, at::Tensor>>{
+             {false, a->exp_avg()}, {true, a->exp_avg_sq()}, {true, a->max_exp_avg_sq()}};
        }},
       {"adamw", [](auto p) { return std::make_unique<o::AdamW>(p, o::AdamWOptions(0)); },
        [](auto* s) {
          auto* a = static_cast<o::AdamWParamState*>(s);
-         return std::vector<std::pair<bool, at::Tensor>>{{false, a->exp_avg()}, {true, a->exp_avg_sq()}};
+         return std::vector<std::pair<bool, at::Tensor>>{{false, a->exp_avg()},
+                                                         {true, a->exp_avg_sq()}};
        }},
-      {"rmsprop centered", [](auto p) { return std::make_unique<o::RMSprop>(p, o::RMSpropOptions(0).centered(true).momentum(0.5)); },
+      {"rmsprop centered",
+       [](auto p) {
+         return std::make_unique<o::RMSprop>(p, o::RMSpropOptions(0).centered(true).momentum(0.5));
+       },
        [](auto* s) {
          auto* r = static_cast<o::RMSpropParamState*>(s);
-         return std::vector<std::pair<bool, at::Tensor>>{{false, r->grad_avg()}, {true, r->square_avg()}};
+         return std::vector<std::pair<bool, at::Tensor>>{{false, r->grad_avg()},
+                                                         {true, r->square_avg()}};
        }},
   };
   for (Act act : {Act::kReLU, Act::kIdentity}) {
@@ -515,7 +552,8 @@ TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
                       << name << " parameter " << i << " buffer " << j;
                 } else if (squared || squared_buffers) {
                   // Under GL an adaptive optimizer's moments are kept as a unit.
-                  EXPECT_TRUE(torch::equal(buffer, old)) << name << " parameter " << i << " buffer " << j;
+                  EXPECT_TRUE(torch::equal(buffer, old))
+                      << name << " parameter " << i << " buffer " << j;
                 }
               }
             }
@@ -525,7 +563,9 @@ TEST_P(OptimizerTest, TransportCarriesEveryOptimizersBuffersByKind) {
               const auto m0 = get(detail::find_state(opt.inner(), params[0]))[0].second;
               EXPECT_LE(rel_diff(m0, torch::mm(e0.g_inv.t(), before[0][0].second)), 1e-10) << name;
               const auto m1 = get(detail::find_state(opt.inner(), params[2]))[0].second;
-              EXPECT_LE(rel_diff(m1, torch::mm(torch::mm(e1.g_inv.t(), before[2][0].second), e0.g.t())), 1e-10)
+              EXPECT_LE(
+                  rel_diff(m1, torch::mm(torch::mm(e1.g_inv.t(), before[2][0].second), e0.g.t())),
+                  1e-10)
                   << name;
             }
           }));
@@ -593,15 +633,17 @@ TEST_P(OptimizerTest, UserDefinedOptimizerKeepsItsStateAndIsNoted) {
   std::vector<at::Tensor> before;
   int64_t checked = 0;
   TeleportOptimizer* self = nullptr;
-  TeleportOptimizer opt(m, std::make_unique<Nudge>(params, 0.05), teleports().on_report([&](const TeleportReport& r) {
-    if (before.empty()) return;
-    ASSERT_FALSE(r.rolled_back) << r.reason;
-    for (size_t i = 0; i < params.size(); ++i) {
-      EXPECT_TRUE(torch::equal(static_cast<NudgeState*>(detail::find_state(self->inner(), params[i]))->last(),
-                               before[i]));
-    }
-    ++checked;
-  }));
+  TeleportOptimizer opt(
+      m, std::make_unique<Nudge>(params, 0.05), teleports().on_report([&](const TeleportReport& r) {
+        if (before.empty()) return;
+        ASSERT_FALSE(r.rolled_back) << r.reason;
+        for (size_t i = 0; i < params.size(); ++i) {
+          EXPECT_TRUE(torch::equal(
+              static_cast<NudgeState*>(detail::find_state(self->inner(), params[i]))->last(),
+              before[i]));
+        }
+        ++checked;
+      }));
   self = &opt;
   for (int64_t t = 0; t < 7; ++t) {
     before.clear();
@@ -637,7 +679,8 @@ struct SmallCnnImpl : torch::nn::Module {
     return fc2->forward(torch::dropout(x, 0.3, is_training()));
   }
   SymmetryList symmetries() {
-    return {teleport::scaling(conv1, conv2), teleport::scaling(conv2, fc1), teleport::scaling(fc1, fc2)};
+    return {teleport::scaling(conv1, conv2), teleport::scaling(conv2, fc1),
+            teleport::scaling(fc1, fc2)};
   }
 };
 TORCH_MODULE(SmallCnn);
@@ -648,11 +691,12 @@ TEST_P(OptimizerTest, CustomModuleTeleportsItsDeclaredSymmetries) {
   net->to(device(), torch::kDouble);
   torch::manual_seed(8);
   const at::Tensor x = torch::randn({16, 1, 14, 14}, f64());
-  const at::Tensor y = torch::randint(0, 3, {16}, torch::TensorOptions(device()).dtype(torch::kLong));
+  const at::Tensor y =
+      torch::randint(0, 3, {16}, torch::TensorOptions(device()).dtype(torch::kLong));
   std::vector<TeleportReport> reports;
-  TeleportOptimizer opt(net->symmetries(),
-                        std::make_unique<SGD>(net->parameters(), SGDOptions(0.05).momentum(0.9)),
-                        teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
+  TeleportOptimizer opt(
+      net->symmetries(), std::make_unique<SGD>(net->parameters(), SGDOptions(0.05).momentum(0.9)),
+      teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
   auto closure = [&] {
     opt.zero_grad();
     auto loss = torch::nll_loss(torch::log_softmax(net->forward(x), 1), y);
@@ -703,7 +747,8 @@ TEST_P(OptimizerTest, SequentialCnnTeleportsFromGrad) {
   namespace nn = torch::nn;
   torch::manual_seed(9);
   nn::Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::MaxPool2d(2), nn::ReLU(),
-                     nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::ReLU(), nn::Flatten(), nn::Linear(6 * 3 * 3, 3));
+                     nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::ReLU(), nn::Flatten(),
+                     nn::Linear(6 * 3 * 3, 3));
   cnn->to(device(), torch::kDouble);
   const at::Tensor x = torch::randn({8, 1, 12, 12}, f64()), y = torch::randn({8, 3}, f64());
   TeleportOptimizer opt(cnn, std::make_unique<SGD>(cnn->parameters(), SGDOptions(0.01)),
@@ -759,8 +804,10 @@ TEST_P(OptimizerTest, PreconditionedObjectiveRisesWithTheInnerStateAndIsGradNorm
     };
     double before = 0;
     TeleportOptimizer opt(m, std::move(inner),
-                          teleports().objective(Objective::kPreconditioned).lr(0.5).on_report(
-                              [&](const TeleportReport& r) {
+                          teleports()
+                              .objective(Objective::kPreconditioned)
+                              .lr(0.5)
+                              .on_report([&](const TeleportReport& r) {
                                 ASSERT_FALSE(r.rolled_back) << r.reason;
                                 const double after = objective_now();
                                 EXPECT_NEAR(r.objective_before, before, 1e-9 * before);
@@ -804,7 +851,8 @@ TEST_P(OptimizerTest, LookAheadTeleportNeverRaisesTheLossAfterTheNextStep) {
   // or centering are refused, so plain RMSprop stands in for the last.
   std::vector<std::pair<std::string, MakeInner>> inners;
   for (auto& [name, make] : every_optimizer()) {
-    if (name != "adam amsgrad" && name != "lbfgs" && name != "rmsprop") inners.emplace_back(name, make);
+    if (name != "adam amsgrad" && name != "lbfgs" && name != "rmsprop")
+      inners.emplace_back(name, make);
   }
   inners.emplace_back("rmsprop", [](auto& m) {
     return std::make_unique<o::RMSprop>(m->parameters(), o::RMSpropOptions(0.01));
@@ -815,7 +863,11 @@ TEST_P(OptimizerTest, LookAheadTeleportNeverRaisesTheLossAfterTheNextStep) {
       auto a = model(), b = model();
       std::vector<TeleportReport> reports;
       TeleportOptimizer opt(a, make(a),
-                            TeleportOptions().at({4}).steps(6).lr(0.5).state_policy(policy)
+                            TeleportOptions()
+                                .at({4})
+                                .steps(6)
+                                .lr(0.5)
+                                .state_policy(policy)
                                 .objective(Objective::kLookAhead)
                                 .on_report([&](const TeleportReport& r) { reports.push_back(r); }));
       opt.set_teleport_batch([&] { return std::make_pair(tb.input, tb.target); }, mse());
@@ -841,7 +893,8 @@ TEST_P(OptimizerTest, LookAheadTeleportNeverRaisesTheLossAfterTheNextStep) {
       EXPECT_LT(r.objective_after, r.objective_before) << name;
       EXPECT_NEAR(r.objective_after, with, 1e-9 * with) << name << " policy " << int(policy);
       if (policy != StatePolicy::kReset) {  // (a reset changes the step even without a teleport)
-        EXPECT_NEAR(r.objective_before, without, 1e-9 * without) << name << " policy " << int(policy);
+        EXPECT_NEAR(r.objective_before, without, 1e-9 * without)
+            << name << " policy " << int(policy);
         EXPECT_LE(with, without) << name;
       }
       EXPECT_NEAR(r.loss_after, r.loss_before, 1e-10 * r.loss_before) << name;
@@ -862,8 +915,7 @@ TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
         use_adagrad ? std::unique_ptr<torch::optim::Optimizer>(adagrad(m)) : sgd(m);
     auto get = [&](torch::optim::Optimizer& o, const at::Tensor& p) {
       return use_adagrad
-                 ? state_of<torch::optim::AdagradParamState>(
-                       o, p, [](auto& s) { return s.sum(); })
+                 ? state_of<torch::optim::AdagradParamState>(o, p, [](auto& s) { return s.sum(); })
                  : state_of<torch::optim::SGDParamState>(
                        o, p, [](auto& s) { return s.momentum_buffer(); });
     };
@@ -896,11 +948,15 @@ TEST_P(OptimizerTest, ResetStartsTheStateAfresh) {
   at::Tensor sum_after;
   TeleportOptimizer* self = nullptr;
   TeleportOptimizer opt(m, adagrad(m),
-                        teleports().every(0).at({1}).state_policy(StatePolicy::kReset).on_report(
-                            [&](const TeleportReport&) {
+                        teleports()
+                            .every(0)
+                            .at({1})
+                            .state_policy(StatePolicy::kReset)
+                            .on_report([&](const TeleportReport&) {
                               sum_after = state_of<torch::optim::AdagradParamState>(
-                                  self->inner(), m->parameters()[0],
-                                  [](auto& s) { return s.sum(); }).clone();
+                                              self->inner(), m->parameters()[0],
+                                              [](auto& s) { return s.sum(); })
+                                              .clone();
                             }));
   self = &opt;
   train_step(opt, m, 0);
@@ -918,17 +974,16 @@ TEST_P(OptimizerTest, TeleportBatchDrivesTheTeleportAndMapsTheGradient) {
     const BatchLoss minibatch(m, b.input, b.target, mse());
     TeleportReport report;
     std::vector<double> errors;
-    TeleportOptimizer opt(m, sgd(m),
-                          teleports().every(0).at({0}).method(method).on_report(
-                              [&](const TeleportReport& r) {
-                                report = r;
-                                // .grad must be the minibatch gradient at the new weights.
-                                const auto exact =
-                                    torch::autograd::grad({minibatch.loss()}, params);
-                                for (size_t i = 0; i < params.size(); ++i) {
-                                  errors.push_back(rel_diff(params[i].grad(), exact[i]));
-                                }
-                              }));
+    TeleportOptimizer opt(
+        m, sgd(m),
+        teleports().every(0).at({0}).method(method).on_report([&](const TeleportReport& r) {
+          report = r;
+          // .grad must be the minibatch gradient at the new weights.
+          const auto exact = torch::autograd::grad({minibatch.loss()}, params);
+          for (size_t i = 0; i < params.size(); ++i) {
+            errors.push_back(rel_diff(params[i].grad(), exact[i]));
+          }
+        }));
     opt.set_teleport_batch(
         [&] { return std::make_pair(teleport_batch.input, teleport_batch.target); }, mse());
     backward(minibatch, m);
@@ -950,15 +1005,18 @@ TEST_P(OptimizerTest, BadInputGetsClearErrors) {
             std::string::npos);
   EXPECT_NE(error_of([&] { TeleportOptimizer(m, nullptr); }).find("expected an inner optimizer"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { TeleportOptimizer(m, sgd(m), TeleportOptions().every(-2)); })
-                .find("expected every >= 0, got -2"),
+  EXPECT_NE(error_of([&] {
+              TeleportOptimizer(m, sgd(m), TeleportOptions().every(-2));
+            }).find("expected every >= 0, got -2"),
             std::string::npos);
   auto other = model(5);
-  EXPECT_NE(error_of([&] { TeleportOptimizer(m, sgd(other)); })
-                .find("acts on a parameter the inner optimizer does not hold"),
+  EXPECT_NE(error_of([&] {
+              TeleportOptimizer(m, sgd(other));
+            }).find("acts on a parameter the inner optimizer does not hold"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { opt.set_teleport_batch(nullptr, mse()); })
-                .find("expected a batch source and a loss function"),
+  EXPECT_NE(error_of([&] {
+              opt.set_teleport_batch(nullptr, mse());
+            }).find("expected a batch source and a loss function"),
             std::string::npos);
 }
 
@@ -966,7 +1024,8 @@ TEST_P(OptimizerTest, ReplacedParametersAreReported) {
   auto m = model();
   TeleportOptimizer opt(m, sgd(m), teleports());
   auto* first = m->ptr(0)->as<torch::nn::Linear>();
-  first->weight = first->weight.detach().clone().requires_grad_(true);  // forward now reads this one
+  first->weight =
+      first->weight.detach().clone().requires_grad_(true);  // forward now reads this one
   const Batch b = batch(0);
   mse()(m->forward(b.input), b.target).backward();
   EXPECT_NE(error_of([&] { opt.step(); }).find("a parameter the model no longer holds"),
@@ -989,9 +1048,9 @@ TEST_P(OptimizerTest, FrozenLayersAreNeverMovedAndTheRestTeleports) {
       if (!trainable_only || p.requires_grad()) params.push_back(p);
     }
     std::vector<TeleportReport> reports;
-    TeleportOptimizer opt(m, std::make_unique<SGD>(params, SGDOptions(0.05).momentum(0.9)),
-                          teleports().every(2).on_report(
-                              [&](const TeleportReport& r) { reports.push_back(r); }));
+    TeleportOptimizer opt(
+        m, std::make_unique<SGD>(params, SGDOptions(0.05).momentum(0.9)),
+        teleports().every(2).on_report([&](const TeleportReport& r) { reports.push_back(r); }));
     ASSERT_EQ(opt.symmetries().size(), 2u);
     bool noted = false;
     for (const auto& n : opt.notes()) noted = noted || n.find("frozen") != std::string::npos;
@@ -1045,8 +1104,8 @@ TEST_P(OptimizerTest, ModuleBuffersSeeOneClosureCallPerStep) {
   namespace nn = torch::nn;
   auto make = [&] {
     torch::manual_seed(5);
-    nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), nn::Linear(8, 7), nn::BatchNorm1d(7),
-                     nn::ReLU(), nn::Linear(7, 3));
+    nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), nn::Linear(8, 7), nn::BatchNorm1d(7), nn::ReLU(),
+                     nn::Linear(7, 3));
     m->to(device(), torch::kDouble);
     return m;
   };
@@ -1061,11 +1120,12 @@ TEST_P(OptimizerTest, ModuleBuffersSeeOneClosureCallPerStep) {
     SCOPED_TRACE(wrong ? "a declaration that is no symmetry (rolled back)" : "discovered");
     auto m = make();
     const auto p = m->parameters();
-    SymmetryList syms =
-        wrong ? SymmetryList{std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2])}
-              : discover(m).symmetries;
+    SymmetryList syms = wrong ? SymmetryList{std::make_shared<LayerSymmetry>(
+                                    SymmetryKind::kLinearGL, p[0], p[1], p[2])}
+                              : discover(m).symmetries;
     ASSERT_EQ(syms.size(), 1u);
-    TeleportOptimizer opt(m, syms, sgd(m), teleports().every(1).lr(wrong ? 1.0 : 0.05).verify(!wrong));
+    TeleportOptimizer opt(m, syms, sgd(m),
+                          teleports().every(1).lr(wrong ? 1.0 : 0.05).verify(!wrong));
     for (int64_t t = 0; t < 3; ++t) {
       auto twin = std::dynamic_pointer_cast<nn::SequentialImpl>(m->clone());
       nn::Sequential twin_holder(twin);
@@ -1082,8 +1142,12 @@ TEST_P(OptimizerTest, ModuleBuffersSeeOneClosureCallPerStep) {
   // The teleport batch: evaluations for the teleport leave the buffers alone.
   auto m = make();
   TeleportOptimizer opt(m, sgd(m), teleports().every(1).method(Method::kAutograd));
-  opt.set_teleport_batch([&] { const Batch b = batch(50); return std::make_pair(b.input, b.target); },
-                         mse());
+  opt.set_teleport_batch(
+      [&] {
+        const Batch b = batch(50);
+        return std::make_pair(b.input, b.target);
+      },
+      mse());
   run_closure(m, 0);
   const auto buffers = clone_all(m->buffers());
   opt.step();
@@ -1101,8 +1165,9 @@ TEST_P(OptimizerTest, AdaptiveMomentsStayAUnitUnderGL) {
   torch::nn::Sequential m(torch::nn::Linear(10, 16), torch::nn::Linear(16, 16), torch::nn::ReLU(),
                           torch::nn::Linear(16, 3));
   m->to(device(), torch::kDouble);
-  TeleportOptimizer opt(m, std::make_unique<o::RMSprop>(m->parameters(), o::RMSpropOptions(1e-3).centered(true)),
-                        teleports().every(5).lr(1.0).max_growth(100));
+  TeleportOptimizer opt(
+      m, std::make_unique<o::RMSprop>(m->parameters(), o::RMSpropOptions(1e-3).centered(true)),
+      teleports().every(5).lr(1.0).max_growth(100));
   ASSERT_FALSE(opt.symmetries().at(0)->diagonal());
   int64_t kept = 0;
   for (int64_t t = 0; t < 30; ++t) {
@@ -1139,13 +1204,17 @@ TEST_P(OptimizerTest, DiagonalElementsOnGLCarrySquaredStateExactly) {
     };
     at::Tensor before, after;
     TeleportOptimizer* self = nullptr;
-    auto inner = std::make_unique<o::Adagrad>(
-        w, o::AdagradOptions(0.05).initial_accumulator_value(initial));
-    TeleportOptimizer opt(m, std::move(inner),
-                          teleports().every(0).at({2}).objective(Objective::kBalance).on_report(
-                              [&](const TeleportReport&) {
-                                after = (w[0].detach().square() * (sum_of(self->inner(), w[0]) - initial));
-                              }));
+    auto inner =
+        std::make_unique<o::Adagrad>(w, o::AdagradOptions(0.05).initial_accumulator_value(initial));
+    TeleportOptimizer opt(
+        m, std::move(inner),
+        teleports()
+            .every(0)
+            .at({2})
+            .objective(Objective::kBalance)
+            .on_report([&](const TeleportReport&) {
+              after = (w[0].detach().square() * (sum_of(self->inner(), w[0]) - initial));
+            }));
     self = &opt;
     ASSERT_FALSE(opt.symmetries().at(0)->diagonal());
     train_step(opt, m, 0);
@@ -1160,16 +1229,21 @@ TEST_P(OptimizerTest, DiagonalElementsOnGLCarrySquaredStateExactly) {
   // kReset: the group's initial accumulator value, not the defaults'.
   auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
   std::vector<o::OptimizerParamGroup> groups;
-  groups.emplace_back(m->parameters(),
-                      std::make_unique<o::AdagradOptions>(o::AdagradOptions(0.05).initial_accumulator_value(0.3)));
+  groups.emplace_back(m->parameters(), std::make_unique<o::AdagradOptions>(
+                                           o::AdagradOptions(0.05).initial_accumulator_value(0.3)));
   at::Tensor reset;
   TeleportOptimizer* self = nullptr;
-  TeleportOptimizer opt(m, std::make_unique<o::Adagrad>(std::move(groups), o::AdagradOptions(0.05)),
-                        teleports().every(0).at({1}).state_policy(StatePolicy::kReset).on_report(
-                            [&](const TeleportReport&) {
-                              reset = state_of<o::AdagradParamState>(
-                                  self->inner(), m->parameters()[0], [](auto& s) { return s.sum(); }).clone();
-                            }));
+  TeleportOptimizer opt(
+      m, std::make_unique<o::Adagrad>(std::move(groups), o::AdagradOptions(0.05)),
+      teleports()
+          .every(0)
+          .at({1})
+          .state_policy(StatePolicy::kReset)
+          .on_report([&](const TeleportReport&) {
+            reset = state_of<o::AdagradParamState>(self->inner(), m->parameters()[0], [](auto& s) {
+                      return s.sum();
+                    }).clone();
+          }));
   self = &opt;
   train_step(opt, m, 0);
   train_step(opt, m, 1);
@@ -1183,7 +1257,8 @@ TEST_P(OptimizerTest, TiedLayersAndDuplicateDeclarationsAreRefused) {
   namespace nn = torch::nn;
   torch::manual_seed(0);
   nn::Linear tied(8, 8);
-  nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), tied, nn::ReLU(), tied, nn::ReLU(), nn::Linear(8, 3));
+  nn::Sequential m(nn::Linear(6, 8), nn::ReLU(), tied, nn::ReLU(), tied, nn::ReLU(),
+                   nn::Linear(8, 3));
   m->to(device(), torch::kDouble);
   const Discovery found = discover(m);
   EXPECT_TRUE(found.symmetries.empty());
@@ -1193,13 +1268,16 @@ TEST_P(OptimizerTest, TiedLayersAndDuplicateDeclarationsAreRefused) {
 
   auto mlp = make_mlp({6, 8, 8, 3}, Act::kReLU, true, f64());
   const auto s = discover(mlp).symmetries.at(0);
-  EXPECT_NE(error_of([&] { TeleportOptimizer({s, s}, sgd(mlp), teleports()); })
-                .find("at most once per side"),
+  EXPECT_NE(error_of([&] {
+              TeleportOptimizer({s, s}, sgd(mlp), teleports());
+            }).find("at most once per side"),
             std::string::npos);
   const auto p = mlp->parameters();
-  SymmetryList self_pair = {std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[2])};
-  EXPECT_NE(error_of([&] { TeleportOptimizer(self_pair, sgd(mlp), teleports()); })
-                .find("acts twice on one tensor"),
+  SymmetryList self_pair = {
+      std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[2])};
+  EXPECT_NE(error_of([&] {
+              TeleportOptimizer(self_pair, sgd(mlp), teleports());
+            }).find("acts twice on one tensor"),
             std::string::npos);
 }
 
@@ -1218,37 +1296,37 @@ TEST_P(OptimizerTest, ThrowingClosureLeavesThePointAsItWas) {
   // Call 2 is the loss after the teleport; with verification on, call 3 is
   // the loss under the check's random element.
   for (bool verify : {false, true}) {
-  SCOPED_TRACE(verify ? "throws in the check" : "throws after the teleport");
-  auto m = model();
-  TeleportOptimizer opt(m, sgd(m), teleports().every(1).verify(verify));
-  int calls = 0;
-  const int throwing = verify ? 3 : 2;
-  std::vector<at::Tensor> weights, grads;
-  const std::string error = error_of([&] {
-    opt.step([&] {
-      if (++calls == throwing) {
-        weights = clone_all(m->parameters());
-        TORCH_CHECK(false, "closure failed on purpose");
-      }
-      const Batch b = batch(0);
-      opt.zero_grad();
-      auto loss = mse()(m->forward(b.input), b.target);
-      loss.backward();
-      grads.clear();
-      return loss;
+    SCOPED_TRACE(verify ? "throws in the check" : "throws after the teleport");
+    auto m = model();
+    TeleportOptimizer opt(m, sgd(m), teleports().every(1).verify(verify));
+    int calls = 0;
+    const int throwing = verify ? 3 : 2;
+    std::vector<at::Tensor> weights, grads;
+    const std::string error = error_of([&] {
+      opt.step([&] {
+        if (++calls == throwing) {
+          weights = clone_all(m->parameters());
+          TORCH_CHECK(false, "closure failed on purpose");
+        }
+        const Batch b = batch(0);
+        opt.zero_grad();
+        auto loss = mse()(m->forward(b.input), b.target);
+        loss.backward();
+        grads.clear();
+        return loss;
+      });
     });
-  });
-  EXPECT_NE(error.find("closure failed on purpose"), std::string::npos) << error;
-  ASSERT_EQ(calls, throwing);
-  auto fresh = model();
-  const Batch b = batch(0);
-  mse()(fresh->forward(b.input), b.target).backward();
-  EXPECT_TRUE(bitwise_equal(fresh->parameters(), m->parameters()));
-  EXPECT_FALSE(bitwise_equal(weights, m->parameters()));  // the teleport had moved them
-  std::vector<at::Tensor> expected, got;
-  for (const auto& p : fresh->parameters()) expected.push_back(p.grad());
-  for (const auto& p : m->parameters()) got.push_back(p.grad());
-  EXPECT_TRUE(bitwise_equal(expected, got));
+    EXPECT_NE(error.find("closure failed on purpose"), std::string::npos) << error;
+    ASSERT_EQ(calls, throwing);
+    auto fresh = model();
+    const Batch b = batch(0);
+    mse()(fresh->forward(b.input), b.target).backward();
+    EXPECT_TRUE(bitwise_equal(fresh->parameters(), m->parameters()));
+    EXPECT_FALSE(bitwise_equal(weights, m->parameters()));  // the teleport had moved them
+    std::vector<at::Tensor> expected, got;
+    for (const auto& p : fresh->parameters()) expected.push_back(p.grad());
+    for (const auto& p : m->parameters()) got.push_back(p.grad());
+    EXPECT_TRUE(bitwise_equal(expected, got));
   }
 }
 
@@ -1301,9 +1379,10 @@ TEST_P(OptimizerTest, DeclaredNonSymmetriesAreRefusedBeforeTheirFirstTeleport) {
     // renormalises: invariant, not equivariant), and the true scaling.
     auto wrong_of = [](const nn::Sequential& net) {
       const auto p = net->parameters();
-      return SymmetryList{
-          std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2], "gl across relu"),
-          std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[6], "scaling across bn")};
+      return SymmetryList{std::make_shared<LayerSymmetry>(SymmetryKind::kLinearGL, p[0], p[1], p[2],
+                                                          "gl across relu"),
+                          std::make_shared<LayerSymmetry>(SymmetryKind::kScaling, p[2], p[3], p[6],
+                                                          "scaling across bn")};
     };
     auto probe = make();
     const auto train_loss = [&] { return mse()(probe->forward(b.input), b.target); };
@@ -1391,10 +1470,14 @@ TEST_P(OptimizerTest, ResetClearsLbfgsHistoryWhateverItsFirstParameter) {
   bool reset_seen = false;
   TeleportOptimizer* self = nullptr;
   TeleportOptimizer opt(m, std::make_unique<o::LBFGS>(params, o::LBFGSOptions(0.5).max_iter(3)),
-                        teleports().every(0).at({2}).state_policy(StatePolicy::kReset).on_report(
-                            [&](const TeleportReport& r) {
+                        teleports()
+                            .every(0)
+                            .at({2})
+                            .state_policy(StatePolicy::kReset)
+                            .on_report([&](const TeleportReport& r) {
                               if (r.rolled_back) return;
-                              reset_seen = detail::find_state(self->inner(), params.front()) == nullptr;
+                              reset_seen =
+                                  detail::find_state(self->inner(), params.front()) == nullptr;
                             }));
   self = &opt;
   for (int64_t t = 0; t < 3; ++t) opt.step(closure(opt, m, t));
@@ -1418,7 +1501,8 @@ class FailingScaling : public LayerSymmetry {
   }
   // The gradient map fails on its `n`-th call (0: never).
   void fail_transport_at(int n) { fail_transport_at_ = n; }
-  void transport_gradients_(const GroupElement& e, const std::vector<at::Tensor>& g) const override {
+  void transport_gradients_(const GroupElement& e,
+                            const std::vector<at::Tensor>& g) const override {
     TORCH_CHECK(++transports_ != fail_transport_at_, "transport failed on purpose");
     LayerSymmetry::transport_gradients_(e, g);
   }
@@ -1474,8 +1558,8 @@ TEST_P(OptimizerTest, StateTransportThatThrowsLeavesEverythingAsItWas) {
     std::vector<at::Tensor> out;
     for (const auto& t : p) {
       out.push_back(state_of<torch::optim::SGDParamState>(opt.inner(), t, [](auto& s) {
-        return s.momentum_buffer();
-      }).clone());
+                      return s.momentum_buffer();
+                    }).clone());
     }
     return out;
   };

@@ -2,8 +2,8 @@
 // reference mode against exact mode.
 #include "test_util.h"
 
-#include <teleport/test_functions.h>
 #include <teleport/internal/tensor_ops.h>
+#include <teleport/test_functions.h>
 
 #include <torch/optim/sgd.h>
 
@@ -23,11 +23,13 @@ class PaperTest : public DeviceTest {
                         uint64_t seed) {
     torch::manual_seed(seed);
     std::vector<at::Tensor> w;
-    for (size_t i = 0; i + 2 < dims.size(); ++i) w.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
+    for (size_t i = 0; i + 2 < dims.size(); ++i)
+      w.push_back(torch::rand({dims[i + 2], dims[i + 1]}));
     Regression r{torch::nn::Sequential(), torch::rand({dims[1], dims[0]}).t().contiguous(),
                  torch::rand({dims.back(), dims[0]}).t().contiguous()};
     for (size_t i = 0; i < w.size(); ++i) {
-      auto linear = torch::nn::Linear(torch::nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(bias));
+      auto linear =
+          torch::nn::Linear(torch::nn::LinearOptions(dims[i + 1], dims[i + 2]).bias(bias));
       torch::NoGradGuard no_grad;
       linear->weight.copy_(w[i]);
       r.model->push_back(linear);
@@ -41,7 +43,8 @@ class PaperTest : public DeviceTest {
     return r;
   }
   static LossFn half_sse() {
-    return [](const at::Tensor& out, const at::Tensor& t) { return 0.5 * (t - out).square().sum(); };
+    return
+        [](const at::Tensor& out, const at::Tensor& t) { return 0.5 * (t - out).square().sum(); };
   }
   static SymmetryList data_dependent(const torch::nn::Sequential& m) {
     return discover(m, DiscoverOptions().data_dependent(true)).symmetries;
@@ -118,7 +121,7 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
     EXPECT_TRUE(at::equal(z, fz)) << where;
     return z.clone();
   };
-  fresh({});                       // asked about once: watched from now on
+  fresh({});                        // asked about once: watched from now on
   objective.loss().item<double>();  // records layer 2's input and output
   const at::Tensor before = check({}, "after an evaluation");
   {
@@ -142,7 +145,8 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
       at::NoGradGuard no_grad;
       p[static_cast<size_t>(i)].add_(0.25);
     }
-    EXPECT_FALSE(at::equal(check({}, "after its own parameter " + std::to_string(i) + " changed"), z));
+    EXPECT_FALSE(
+        at::equal(check({}, "after its own parameter " + std::to_string(i) + " changed"), z));
   }
   objective.loss().item<double>();
   {
@@ -190,11 +194,13 @@ TEST_P(PaperTest, DataDependentPiecesCheckTheirInputs) {
   const auto w_out = syms[0]->parameters().back();
   const at::Tensor h = torch::rand({4, 5}, f64()), z = torch::rand({4, 6}, f64());
   EXPECT_TRUE(d->input_gram(h).defined());
-  EXPECT_NE(error_of([&] { d->input_gram(torch::rand({4, 7}, f64())); })
-                .find("expected the layer's inputs as rows, [batch, 5]"),
+  EXPECT_NE(error_of([&] {
+              d->input_gram(torch::rand({4, 7}, f64()));
+            }).find("expected the layer's inputs as rows, [batch, 5]"),
             std::string::npos);
-  EXPECT_EQ(error_of([&] { d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros_like(w_out)); }),
-            "");
+  EXPECT_EQ(
+      error_of([&] { d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros_like(w_out)); }),
+      "");
   EXPECT_NE(error_of([&] {
               d->pullback_from_output(torch::rand({4, 5}, f64()), h, z, w_out.detach(),
                                       torch::zeros_like(w_out));
@@ -261,7 +267,8 @@ TEST_P(PaperTest, TracedLayerIsTheLastEvaluationsOwn) {
   const BatchLoss tied(shared, b.input, b.target, mse());
   tied.watch(twice->weight);
   ParameterOverrides tied_vars;
-  for (const auto& t : shared->parameters()) tied_vars.emplace_back(t, t.detach().requires_grad_(true));
+  for (const auto& t : shared->parameters())
+    tied_vars.emplace_back(t, t.detach().requires_grad_(true));
   tied.loss(tied_vars);
   EXPECT_FALSE(tied.traced_layer(twice->weight, tied_vars).second.defined()) << "a shared weight";
 }
@@ -415,7 +422,8 @@ TEST_P(PaperTest, DataDependentDirectionMatchesDoubleBackward) {
           std::vector<at::Tensor> leaves;
           for (auto& c : current) leaves.push_back(c.view_as(c));
           current = leaves;
-          const auto grads = torch::autograd::grad({objective.loss(in_force())}, current, {}, true, true);
+          const auto grads =
+              torch::autograd::grad({objective.loss(in_force())}, current, {}, true, true);
           at::Tensor F = at::zeros({}, options);
           for (const auto& g : grads) F = F + g.square().sum();
           const auto expected = torch::autograd::grad({F}, Ts);
@@ -493,13 +501,18 @@ TEST_P(PaperTest, ReferenceModeReproducesThePublishedDrift) {
     const BatchLoss objective(r.model, r.x, r.y, half_sse());
     // The tolerance (1 = 100%) does not decide here: the loss is measured
     // afresh against a bound of its own.
-    const auto report = teleport(
-        data_dependent(r.model),
-        TeleportOptions().steps(8).lr(1e-7).mode(mode).tolerance(1)
-            // The published run has no caps; float32 keeps the exact action to 1e-5
-            // with steps of the default size (huge ones are ill-conditioned).
-            .max_growth(1e12).max_step(mode == Mode::kReference ? 1e12 : 0.5),
-        &objective);
+    const auto report =
+        teleport(data_dependent(r.model),
+                 TeleportOptions()
+                     .steps(8)
+                     .lr(1e-7)
+                     .mode(mode)
+                     .tolerance(1)
+                     // The published run has no caps; float32 keeps the exact action to 1e-5
+                     // with steps of the default size (huge ones are ill-conditioned).
+                     .max_growth(1e12)
+                     .max_step(mode == Mode::kReference ? 1e12 : 0.5),
+                 &objective);
     ASSERT_FALSE(report.rolled_back) << report.reason;
     EXPECT_NEAR(report.loss_before, 595.658, 0.01);
     const double after = half_sse()(r.model->forward(r.x), r.y).item<double>();
@@ -550,11 +563,12 @@ TEST_P(PaperTest, RosenbrockKeepsTheLossAtTheTeleport) {
     torch::NoGradGuard no_grad;
     xy.sub_(1e-3 * grad);
   }
-  const BatchLoss objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+  const BatchLoss objective(
+      [&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
   const double before = rosenbrock(xy).item<double>();
-  const auto r = teleport({rosenbrock_symmetry(xy)},
-                          TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9).tolerance(1),
-                          &objective);
+  const auto r = teleport(
+      {rosenbrock_symmetry(xy)},
+      TeleportOptions().steps(10).lr(0.1).max_step(1e9).max_growth(1e9).tolerance(1), &objective);
   ASSERT_FALSE(r.rolled_back) << r.reason;
   // Measured afresh, against a bound of its own (the tolerance is 100%).
   EXPECT_NEAR(rosenbrock(xy).item<double>(), before, 1e-5 * before);
@@ -581,10 +595,12 @@ TEST_P(PaperTest, KeptTeleportsRaiseTheObjectiveOnTheAutogradPaths) {
   for (int64_t i = 0; i < starts.size(0); ++i) {
     for (double lr : {1e-3, 1e-2, 1e-1, 1.0}) {
       at::Tensor xy = starts[i].clone().requires_grad_(true);
-      const BatchLoss objective([&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
+      const BatchLoss objective(
+          [&](const ParameterOverrides& ov) { return rosenbrock(value_of(ov, xy)); });
       const double loss = rosenbrock(xy).item<double>(), before = grad_norm_sq(objective, {xy});
-      const auto r = teleport({rosenbrock_symmetry(xy)},
-                              TeleportOptions().steps(10).lr(lr).max_step(1e9).max_growth(1e9), &objective);
+      const auto r =
+          teleport({rosenbrock_symmetry(xy)},
+                   TeleportOptions().steps(10).lr(lr).max_step(1e9).max_growth(1e9), &objective);
       refused += r.shortened;
       if (r.rolled_back) continue;
       ++kept;
@@ -600,10 +616,11 @@ TEST_P(PaperTest, KeptTeleportsRaiseTheObjectiveOnTheAutogradPaths) {
         auto r = regression(dims, false, f64(), seed);
         const BatchLoss objective(r.model, r.x, r.y, half_sse());
         const auto params = r.model->parameters();
-        const double loss = objective.loss().item<double>(), before = grad_norm_sq(objective, params);
-        const auto rep = teleport(data_dependent(r.model),
-                                  TeleportOptions().steps(6).lr(lr).max_step(1e6).max_growth(1e6),
-                                  &objective);
+        const double loss = objective.loss().item<double>(),
+                     before = grad_norm_sq(objective, params);
+        const auto rep =
+            teleport(data_dependent(r.model),
+                     TeleportOptions().steps(6).lr(lr).max_step(1e6).max_growth(1e6), &objective);
         refused += rep.shortened;
         if (rep.rolled_back) continue;
         ++kept;
@@ -634,14 +651,16 @@ TEST_P(PaperTest, DataDependentDirectionIsTheGradientOfTheAppliedAction) {
     std::vector<at::Tensor> E;
     for (const auto& s : syms) E.push_back(torch::randn_like(s->zero_algebra()));
     double predicted = 0;
-    for (size_t k = 0; k < syms.size(); ++k) predicted += (directions_[k] * E[k]).sum().item<double>();
+    for (size_t k = 0; k < syms.size(); ++k)
+      predicted += (directions_[k] * E[k]).sum().item<double>();
     const auto weights = clone_all(params);
     auto F = [&](double eps) {
       for (size_t k = 0; k < syms.size(); ++k) {
         syms[k]->apply_(syms[k]->element(E[k] * eps, Parametrization::kLinear), &batch);
       }
       double f = 0;
-      for (const auto& g : torch::autograd::grad({batch.loss()}, params)) f += g.square().sum().item<double>();
+      for (const auto& g : torch::autograd::grad({batch.loss()}, params))
+        f += g.square().sum().item<double>();
       torch::NoGradGuard no_grad;
       for (size_t i = 0; i < params.size(); ++i) params[i].copy_(weights[i]);
       return f;
@@ -686,11 +705,10 @@ TEST_P(PaperTest, NonFiniteInputsAreSkippedNotThrown) {
 
 TEST_P(PaperTest, DataDependentTeleportInTheOptimizerNeedsAClosure) {
   auto r = regression({4, 5, 6, 7, 8}, false, f64(), 0);
-  TeleportOptimizer opt(r.model,
-                        std::make_unique<torch::optim::SGD>(r.model->parameters(),
-                                                            torch::optim::SGDOptions(1e-4)),
-                        TeleportOptions().at({0}).steps(2).lr(1e-7),
-                        DiscoverOptions().data_dependent(true));
+  TeleportOptimizer opt(
+      r.model,
+      std::make_unique<torch::optim::SGD>(r.model->parameters(), torch::optim::SGDOptions(1e-4)),
+      TeleportOptions().at({0}).steps(2).lr(1e-7), DiscoverOptions().data_dependent(true));
   opt.set_teleport_batch([&] { return std::make_pair(r.x, r.y); }, half_sse());
   half_sse()(r.model->forward(r.x), r.y).backward();
   EXPECT_NE(error_of([&] { opt.step(); }).find("call step(closure)"), std::string::npos);
@@ -704,8 +722,8 @@ TEST_P(PaperTest, DataDependentTeleportInTheOptimizerNeedsAClosure) {
   std::vector<at::Tensor> fresh;
   opt.options().on_report([&](const TeleportReport& rep) {
     ASSERT_FALSE(rep.rolled_back) << rep.reason;
-    const auto exact = torch::autograd::grad({half_sse()(r.model->forward(r.x), r.y)},
-                                             r.model->parameters());
+    const auto exact =
+        torch::autograd::grad({half_sse()(r.model->forward(r.x), r.y)}, r.model->parameters());
     for (size_t i = 0; i < exact.size(); ++i) {
       EXPECT_LE(rel_diff(r.model->parameters()[i].grad(), exact[i]), 1e-12);
     }

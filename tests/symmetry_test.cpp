@@ -24,9 +24,12 @@ struct Case {
 };
 
 const std::vector<Case> kCases = {
-    {Act::kIdentity, true, Parametrization::kLinear}, {Act::kIdentity, false, Parametrization::kExp},
-    {Act::kReLU, true, Parametrization::kLinear},     {Act::kReLU, false, Parametrization::kExp},
-    {Act::kLeakyReLU, true, Parametrization::kExp},   {Act::kLeakyReLU, false, Parametrization::kLinear},
+    {Act::kIdentity, true, Parametrization::kLinear},
+    {Act::kIdentity, false, Parametrization::kExp},
+    {Act::kReLU, true, Parametrization::kLinear},
+    {Act::kReLU, false, Parametrization::kExp},
+    {Act::kLeakyReLU, true, Parametrization::kExp},
+    {Act::kLeakyReLU, false, Parametrization::kLinear},
 };
 
 // A random group element near the identity for `s`.
@@ -73,9 +76,7 @@ TEST_P(SymmetryTest, ActionKeepsOutputsAndLossFloat64) {
   expect_action_keeps_outputs(f64(), 1e-10);
 }
 
-TEST_P(SymmetryTest, ActionKeepsOutputsAndLossFloat32) {
-  expect_action_keeps_outputs(f32(), 1e-5);
-}
+TEST_P(SymmetryTest, ActionKeepsOutputsAndLossFloat32) { expect_action_keeps_outputs(f32(), 1e-5); }
 
 TEST_P(SymmetryTest, ActionChangesTheWeights) {
   // Guards the tests above against an action that does nothing.
@@ -128,12 +129,15 @@ TEST_P(SymmetryTest, PullbackChecksItsArguments) {
   auto model = make_mlp({5, 7, 6, 4}, Act::kLeakyReLU, true, f64(), 3);
   const auto scaling = discover(model).symmetries.front();
   const auto params = scaling->parameters();
-  EXPECT_NE(error_of([&] { scaling->pullback(params, {params[0]}, nullptr, {}); })
-                .find("expected 3 cotangents, got 1"),
+  EXPECT_NE(error_of([&] {
+              scaling->pullback(params, {params[0]}, nullptr, {});
+            }).find("expected 3 cotangents, got 1"),
             std::string::npos);
-  const auto data_dependent = discover(model, DiscoverOptions().data_dependent(true)).symmetries.front();
-  EXPECT_NE(error_of([&] { data_dependent->pullback(params, params, nullptr, {}); })
-                .find("the data-dependent action needs a batch"),
+  const auto data_dependent =
+      discover(model, DiscoverOptions().data_dependent(true)).symmetries.front();
+  EXPECT_NE(error_of([&] {
+              data_dependent->pullback(params, params, nullptr, {});
+            }).find("the data-dependent action needs a batch"),
             std::string::npos);
 }
 
@@ -183,7 +187,8 @@ TEST_P(SymmetryTest, SmallAndLargeInversesAgreeWithLinalgInv) {
       for (const auto& singular_T : {zero_row, repeated - torch::eye(n, opts)}) {
         if (n == 1 && singular_T.equal(repeated - torch::eye(n, opts))) continue;
         const auto s = GroupElement::from_algebra(singular_T, false, Parametrization::kLinear);
-        const bool lapack = std::get<1>(at::linalg_inv_ex(singular_T + torch::eye(n, opts))).eq(0).item<bool>();
+        const bool lapack =
+            std::get<1>(at::linalg_inv_ex(singular_T + torch::eye(n, opts))).eq(0).item<bool>();
         EXPECT_EQ(s.invertible.item<bool>(), lapack) << "n = " << n;
       }
       at::Tensor poisoned = T.clone();
@@ -203,8 +208,8 @@ TEST_P(SymmetryTest, SmallAndLargeInversesAgreeWithLinalgInv) {
 }
 
 TEST_P(SymmetryTest, MaskedElementIsIdentityWhenFalse) {
-  const auto e = GroupElement::from_algebra(torch::randn({4, 4}, f64()), false,
-                                            Parametrization::kExp);
+  const auto e =
+      GroupElement::from_algebra(torch::randn({4, 4}, f64()), false, Parametrization::kExp);
   const auto off = e.masked(torch::zeros({}, f64().dtype(torch::kBool)));
   EXPECT_TRUE(torch::equal(off.g, torch::eye(4, f64())));
   const auto on = e.masked(torch::ones({}, f64().dtype(torch::kBool)));
@@ -237,8 +242,9 @@ TEST_P(SymmetryTest, FullGLRefusesSquaredTransport) {
   const auto e = random_element(*s, Parametrization::kLinear, 0.1);
   std::vector<at::Tensor> sums;
   for (const auto& p : s->parameters()) sums.push_back(torch::ones_like(p));
-  EXPECT_NE(error_of([&] { s->transport_squared_gradients_(e, sums); })
-                .find("only under diagonal scaling"),
+  EXPECT_NE(error_of([&] {
+              s->transport_squared_gradients_(e, sums);
+            }).find("only under diagonal scaling"),
             std::string::npos);
 }
 
@@ -293,7 +299,8 @@ RandomMlp random_mlp(uint64_t seed, torch::TensorOptions options) {
   torch::nn::Sequential model;
   std::string description = "seed " + std::to_string(seed) + (bias ? ", bias:" : ", no bias:");
   for (int i = 0; i < layers; ++i) {
-    model->push_back(torch::nn::Linear(torch::nn::LinearOptions(widths[i], widths[i + 1]).bias(bias)));
+    model->push_back(
+        torch::nn::Linear(torch::nn::LinearOptions(widths[i], widths[i + 1]).bias(bias)));
     description += " " + std::to_string(widths[i]);
     if (i + 1 == layers) break;
     switch (uniform(0, 2)) {
@@ -317,7 +324,8 @@ RandomMlp random_mlp(uint64_t seed, torch::TensorOptions options) {
 }
 
 // ||a - b|| <= tol (||b|| + floor): relative, with a floor for gradients of dead units.
-::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b, double tol, double floor = 1e-12) {
+::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b, double tol,
+                                 double floor = 1e-12) {
   const double err = (a - b).norm().item<double>(), scale = b.norm().item<double>() + floor;
   if (err <= tol * scale) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "error " << err << " > " << tol << " * " << scale;
@@ -376,21 +384,26 @@ std::vector<ConvNet> conv_nets(torch::TensorOptions options) {
   std::vector<ConvNet> nets = {
       {"conv-relu-maxpool-conv (scaling), conv-flatten-linear (scaling)",
        nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::ReLU(), nn::MaxPool2d(2),
-                      nn::Conv2d(nn::Conv2dOptions(4, 3, 3).padding(1)), nn::Dropout2d(0.0), nn::ReLU(),
-                      nn::Flatten(), nn::Linear(3 * 3 * 3, 5)),
-       {6, 2, 8, 8}, {K::kScaling, K::kScaling}},
+                      nn::Conv2d(nn::Conv2dOptions(4, 3, 3).padding(1)), nn::Dropout2d(0.0),
+                      nn::ReLU(), nn::Flatten(), nn::Linear(3 * 3 * 3, 5)),
+       {6, 2, 8, 8},
+       {K::kScaling, K::kScaling}},
       {"conv-conv (GL, nothing between), 1x1 conv-avgpool-conv (GL)",
-       nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)), nn::Conv2d(nn::Conv2dOptions(4, 5, 1)),
-                      nn::AvgPool2d(2), nn::Conv2d(nn::Conv2dOptions(5, 3, 3).bias(false)), nn::Tanh()),
-       {5, 2, 8, 8}, {K::kLinearGL, K::kLinearGL}},
+       nn::Sequential(nn::Conv2d(nn::Conv2dOptions(2, 4, 3)),
+                      nn::Conv2d(nn::Conv2dOptions(4, 5, 1)), nn::AvgPool2d(2),
+                      nn::Conv2d(nn::Conv2dOptions(5, 3, 3).bias(false)), nn::Tanh()),
+       {5, 2, 8, 8},
+       {K::kLinearGL, K::kLinearGL}},
       {"conv1d-flatten-linear (GL), nested Sequential",
        nn::Sequential(Nested(nn::Conv1d(nn::Conv1dOptions(3, 4, 2))), nn::Flatten(),
                       nn::Linear(4 * 5, 6), nn::LeakyReLU(), nn::Linear(6, 2)),
-       {7, 3, 6}, {K::kLinearGL, K::kScaling}},
+       {7, 3, 6},
+       {K::kLinearGL, K::kScaling}},
       {"conv3d-relu-conv3d (scaling)",
-       nn::Sequential(nn::Conv3d(nn::Conv3dOptions(2, 3, 2)), nn::ReLU(), nn::Conv3d(nn::Conv3dOptions(3, 2, 2)),
-                      nn::Flatten()),
-       {3, 2, 4, 4, 4}, {K::kScaling}},
+       nn::Sequential(nn::Conv3d(nn::Conv3dOptions(2, 3, 2)), nn::ReLU(),
+                      nn::Conv3d(nn::Conv3dOptions(3, 2, 2)), nn::Flatten()),
+       {3, 2, 4, 4, 4},
+       {K::kScaling}},
   };
   for (auto& n : nets) n.model->to(options.device(), options.dtype().toScalarType());
   return nets;
@@ -418,7 +431,8 @@ TEST_P(SymmetryTest, ConvolutionalActionsAreExactAndEquivariant) {
     const auto syms = discover(net.model).symmetries;
     ASSERT_EQ(syms.size(), net.kinds.size());
     for (size_t k = 0; k < syms.size(); ++k) {
-      EXPECT_EQ(static_cast<const LayerSymmetry&>(*syms[k]).kind(), net.kinds[k]) << syms[k]->name();
+      EXPECT_EQ(static_cast<const LayerSymmetry&>(*syms[k]).kind(), net.kinds[k])
+          << syms[k]->name();
     }
     const auto closed = directions(syms, Method::kClosedForm, &objective);
     const auto autograd = directions(syms, Method::kAutograd, &objective);
@@ -460,15 +474,15 @@ TEST_P(SymmetryTest, ConvolutionalTeleportsAgreeAcrossPaths) {
       if (path == 2) switched.emplace();
       const auto method = path == 1 ? Method::kAutograd : Method::kClosedForm;
       const auto syms = discover(net.model).symmetries;
-      reports.push_back(teleport(syms,
-                                 TeleportOptions().steps(6).lr(0.05).max_growth(1e6).method(method),
-                                 &objective));
+      reports.push_back(teleport(
+          syms, TeleportOptions().steps(6).lr(0.05).max_growth(1e6).method(method), &objective));
       switched.reset();
       ASSERT_FALSE(reports.back().rolled_back) << reports.back().reason;
       EXPECT_GT(reports.back().grad_norm_sq_after, reports.back().grad_norm_sq_before);
       EXPECT_NEAR(objective.loss().item<double>(), loss, 1e-10 * loss);
       double fresh = 0;
-      for (const auto& g : torch::autograd::grad({objective.loss()}, detail::distinct_parameters(syms))) {
+      for (const auto& g :
+           torch::autograd::grad({objective.loss()}, detail::distinct_parameters(syms))) {
         fresh += g.square().sum().item<double>();
       }
       EXPECT_NEAR(fresh, reports.back().grad_norm_sq_after, 1e-9 * fresh);
@@ -477,7 +491,8 @@ TEST_P(SymmetryTest, ConvolutionalTeleportsAgreeAcrossPaths) {
     for (int path = 1; path < paths; ++path) {
       EXPECT_EQ(reports[path].steps, reports[0].steps) << "path " << path;
       for (size_t j = 0; j < weights[0].size(); ++j) {
-        EXPECT_TRUE(close(weights[path][j], weights[0][j], 1e-9)) << "path " << path << " parameter " << j;
+        EXPECT_TRUE(close(weights[path][j], weights[0][j], 1e-9))
+            << "path " << path << " parameter " << j;
       }
     }
   }
@@ -487,14 +502,21 @@ TEST_P(SymmetryTest, ConvolutionalShapesAreCheckedClearly) {
   nn::Conv2d conv(nn::Conv2dOptions(2, 4, 3)), other(nn::Conv2d(nn::Conv2dOptions(5, 3, 3)));
   nn::Conv2d grouped(nn::Conv2dOptions(4, 4, 3).groups(2));
   nn::Linear linear(4 * 9 + 1, 3);
-  EXPECT_NE(error_of([&] { scaling(conv, other); }).find("expected W_out with 4 input channels, got [3, 5, 3, 3]"),
+  EXPECT_NE(error_of([&] {
+              scaling(conv, other);
+            }).find("expected W_out with 4 input channels, got [3, 5, 3, 3]"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { scaling(conv, linear); }).find("expected a multiple of 4 columns, got [3, 37]"),
+  EXPECT_NE(error_of([&] {
+              scaling(conv, linear);
+            }).find("expected a multiple of 4 columns, got [3, 37]"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { scaling(conv, grouped); }).find("expected a convolution with groups = 1"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { scaling(conv, grouped); }).find("expected a convolution with groups = 1"),
+      std::string::npos);
   nn::Tanh tanh;
-  EXPECT_NE(error_of([&] { gl(conv, tanh); }).find("expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got"),
+  EXPECT_NE(error_of([&] {
+              gl(conv, tanh);
+            }).find("expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got"),
             std::string::npos);
   EXPECT_EQ(error_of([&] { gl(conv, nn::Conv2d(nn::Conv2dOptions(4, 2, 1))); }), "");
 }

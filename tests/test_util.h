@@ -1,8 +1,8 @@
 #pragma once
 // Shared fixtures: every test runs on CPU and, when present, on CUDA.
 
-#include <teleport/teleport.h>
 #include <teleport/internal/parameters.h>
+#include <teleport/teleport.h>
 
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -33,7 +33,7 @@ inline std::string device_name(const ::testing::TestParamInfo<torch::DeviceType>
   return info.param == torch::kCUDA ? "CUDA" : "CPU";
 }
 
-#define TELEPORT_DEVICE_TESTS(Fixture)                                                  \
+#define TELEPORT_DEVICE_TESTS(Fixture)                                                     \
   INSTANTIATE_TEST_SUITE_P(Devices, Fixture, ::testing::Values(torch::kCPU, torch::kCUDA), \
                            ::teleport::testing::device_name)
 
@@ -54,8 +54,8 @@ inline torch::nn::Sequential make_mlp(const std::vector<int64_t>& widths, Act ac
   torch::manual_seed(seed);
   torch::nn::Sequential model;
   for (size_t i = 0; i + 1 < widths.size(); ++i) {
-    model->push_back(torch::nn::Linear(
-        torch::nn::LinearOptions(widths[i], widths[i + 1]).bias(bias)));
+    model->push_back(
+        torch::nn::Linear(torch::nn::LinearOptions(widths[i], widths[i + 1]).bias(bias)));
     if (i + 2 < widths.size()) {
       if (act == Act::kReLU) model->push_back(torch::nn::ReLU());
       if (act == Act::kLeakyReLU) {

@@ -84,8 +84,8 @@ void validate(Problem& p, TeleportReport& report) {
               "teleport: the autograd direction needs a batch and a loss (a BatchLoss), "
               "got none");
   for (const auto& s : symmetries) {
-    TORCH_CHECK(p.method == Method::kAutograd || s->has_closed_form(), "teleport: ",
-                s->name(), " has no closed-form direction; use Method::kAutograd");
+    TORCH_CHECK(p.method == Method::kAutograd || s->has_closed_form(), "teleport: ", s->name(),
+                " has no closed-form direction; use Method::kAutograd");
     TORCH_CHECK(s->transports_gradients() || batch != nullptr, "teleport: ", s->name(),
                 " is data-dependent and needs a batch and a loss (a BatchLoss), got none");
   }
@@ -96,9 +96,10 @@ void validate(Problem& p, TeleportReport& report) {
   for (const auto& s : symmetries) report.exact = s->exact_for(batch) && report.exact;
   if (batch == nullptr) {
     for (const auto& q : p.params) {
-      TORCH_CHECK(q.requires_grad(), "teleport: expected trainable parameters, got a frozen one "
-                  "(requires_grad false) of shape ", q.sizes(),
-                  ": a frozen tensor is never moved; leave its symmetries out");
+      TORCH_CHECK(q.requires_grad(),
+                  "teleport: expected trainable parameters, got a frozen one "
+                  "(requires_grad false) of shape ",
+                  q.sizes(), ": a frozen tensor is never moved; leave its symmetries out");
       TORCH_CHECK(q.grad().defined(),
                   "teleport: expected gradients in .grad (call loss.backward() before "
                   "step()), got an undefined gradient for a parameter of shape ",
@@ -116,12 +117,16 @@ void validate(Problem& p, TeleportReport& report) {
     const auto* layer = dynamic_cast<const LayerSymmetry*>(s.get());
     TORCH_CHECK(!(balance || preconditioned) || (layer != nullptr && s->transports_gradients()),
                 "teleport: kBalance and kPreconditioned act by positive factors on Linear and Conv "
-                "layer symmetries; ", s->name(), " is not one");
+                "layer symmetries; ",
+                s->name(), " is not one");
     TORCH_CHECK(!look_ahead_obj || (layer != nullptr && s->transports_gradients() && s->diagonal()),
                 "teleport: kLookAhead acts by positive scalings on Linear and Conv layers (where "
-                "the inner state is carried exactly); ", s->name(), " is not one");
-    TORCH_CHECK(!lowered || s->transports_gradients(), "teleport: kFlatness acts on Linear and "
-                "Conv layer symmetries; ", s->name(), " is not one");
+                "the inner state is carried exactly); ",
+                s->name(), " is not one");
+    TORCH_CHECK(!lowered || s->transports_gradients(),
+                "teleport: kFlatness acts on Linear and "
+                "Conv layer symmetries; ",
+                s->name(), " is not one");
   }
 }
 
@@ -129,18 +134,24 @@ void validate(Problem& p, TeleportReport& report) {
 // by what the symmetries are.
 Engine choose(Problem& p) {
   switch (p.o.objective()) {
-    case Objective::kLookAhead: return Engine::kLookAhead;
-    case Objective::kFlatness: return Engine::kFlatness;
-    case Objective::kBalance: return Engine::kBalance;
-    case Objective::kPreconditioned: return Engine::kPreconditioned;
-    case Objective::kGradNorm: break;
+    case Objective::kLookAhead:
+      return Engine::kLookAhead;
+    case Objective::kFlatness:
+      return Engine::kFlatness;
+    case Objective::kBalance:
+      return Engine::kBalance;
+    case Objective::kPreconditioned:
+      return Engine::kPreconditioned;
+    case Objective::kGradNorm:
+      break;
   }
   if (p.method == Method::kAutograd) return Engine::kAutograd;
   if (all_layer_scalings(p.syms) && p.o.mode() == Mode::kExact) {
     // Only the library's own actions, which cannot throw half-way through,
     // go without a copy: a subclass's apply_() may (and is undone by the copy).
     bool library_actions = true;
-    for (const auto& s : p.syms) library_actions = library_actions && typeid(*s) == typeid(LayerSymmetry);
+    for (const auto& s : p.syms)
+      library_actions = library_actions && typeid(*s) == typeid(LayerSymmetry);
     p.decide_before_apply = p.batch == nullptr && library_actions;
     return Engine::kScaling;
   }
@@ -154,17 +165,24 @@ Engine choose(Problem& p) {
 Ascent run_engine(const Problem& p) {
   switch (p.engine) {
     case Engine::kLookAhead:
-      return descent(p.syms, p.params, *p.batch, look_ahead(p.syms, p.params, *p.batch, *p.next), p.o);
+      return descent(p.syms, p.params, *p.batch, look_ahead(p.syms, p.params, *p.batch, *p.next),
+                     p.o);
     case Engine::kFlatness:
       return descent(p.syms, p.params, *p.batch, flatness(p.params, *p.batch, p.o), p.o);
-    case Engine::kBalance: return balance_ascent(p.syms, p.params, p.grads, p.o);
-    case Engine::kPreconditioned: return preconditioned_ascent(p.syms, p.params, p.grads, *p.pre, p.o);
+    case Engine::kBalance:
+      return balance_ascent(p.syms, p.params, p.grads, p.o);
+    case Engine::kPreconditioned:
+      return preconditioned_ascent(p.syms, p.params, p.grads, *p.pre, p.o);
     case Engine::kAutograd:
-      return host_bookkeeping(p.params) ? autograd_ascent<double>(p.syms, p.params, *p.batch, p.o)
-                                        : autograd_ascent<at::Tensor>(p.syms, p.params, *p.batch, p.o);
-    case Engine::kScaling: return scaling_ascent(p.syms, p.params, p.grads, p.o, p.decide_before_apply);
-    case Engine::kSpanGL: return span_ascent(p.syms, p.params, p.grads, p.left, p.right, p.o);
-    case Engine::kClosedForm: return closed_form_ascent(p.syms, p.params, p.grads, p.o);
+      return host_bookkeeping(p.params)
+                 ? autograd_ascent<double>(p.syms, p.params, *p.batch, p.o)
+                 : autograd_ascent<at::Tensor>(p.syms, p.params, *p.batch, p.o);
+    case Engine::kScaling:
+      return scaling_ascent(p.syms, p.params, p.grads, p.o, p.decide_before_apply);
+    case Engine::kSpanGL:
+      return span_ascent(p.syms, p.params, p.grads, p.left, p.right, p.o);
+    case Engine::kClosedForm:
+      return closed_form_ascent(p.syms, p.params, p.grads, p.o);
   }
   TORCH_INTERNAL_ASSERT(false, "teleport: unknown engine");
 }
@@ -221,7 +239,8 @@ Figures read_figures(const Problem& p, const Ascent& a, TeleportReport& report) 
     for (const auto& q : p.params) sums.push_back(q.detach().sum());
     checks.push_back(at::stack(sums).sum().to(dtype));
   }
-  checks.push_back(a.invertible.defined() ? a.invertible.to(dtype) : at::ones({}, a.norm_before.options()));
+  checks.push_back(a.invertible.defined() ? a.invertible.to(dtype)
+                                          : at::ones({}, a.norm_before.options()));
   // The teleport objective: ||∇L||² (raised) unless the engine says otherwise.
   checks.push_back(a.objective_before.defined() ? a.objective_before.to(dtype) : a.norm_before);
   checks.push_back(a.objective_after.defined() ? a.objective_after.to(dtype) : a.norm_after);
@@ -371,7 +390,6 @@ Method resolve_method(const SymmetryList& symmetries, Method method) {
   }
   return Method::kClosedForm;
 }
-
 
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const BatchLoss* batch) {

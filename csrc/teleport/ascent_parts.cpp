@@ -39,7 +39,8 @@ at::Tensor norm_sq(const std::vector<at::Tensor>& tensors) {
 
 void accumulate(at::Tensor& sum, const at::Tensor& x) { sum = sum.defined() ? sum + x : x; }
 
-std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
+std::vector<at::Tensor> unit_steps(const SymmetryList& syms,
+                                   const std::vector<at::Tensor>& directions,
                                    const TeleportOptions& o) {
   std::vector<at::Tensor> steps;
   for (size_t k = 0; k < syms.size(); ++k) {
@@ -103,8 +104,7 @@ double capped_factor(double norm, double floor, const TeleportOptions& o) {
 // factors are computed in double so that a cap of 1e300 over a tiny norm
 // cannot overflow a float; on the host where reading is free. (The norm and
 // minimum of η D are η times D's, so the step takes one product.)
-at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
-                       bool keep_positive) {
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o, bool keep_positive) {
   const double lr = o.lr();
   if (o.mode() == Mode::kReference) return direction * lr;
   const double floor = step_floor(direction.scalar_type(), o);
@@ -114,8 +114,7 @@ at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
     const double norm = direction.norm().item<double>() * lr;
     return direction * (lr * step_factor(norm, &negative, floor, o));
   }
-  const at::Tensor negative =
-      keep_positive ? -direction.min().to(at::kDouble) * lr : at::Tensor();
+  const at::Tensor negative = keep_positive ? -direction.min().to(at::kDouble) * lr : at::Tensor();
   const at::Tensor factor = step_factor(direction.norm().to(at::kDouble) * lr,
                                         keep_positive ? &negative : nullptr, floor, o);
   return direction * (factor * lr).to(direction.scalar_type());

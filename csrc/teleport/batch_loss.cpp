@@ -7,15 +7,15 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <torch/enum.h>
+#include <torch/nn/functional/conv.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
 #include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <mutex>
 #include <string>
-#include <torch/enum.h>
-#include <torch/nn/functional/conv.h>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/linear.h>
 
 namespace teleport {
 const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor& p) {
@@ -54,9 +54,9 @@ struct BatchLoss::Seen {
       for (size_t i = 0; i < values.size(); ++i) {
         const at::Tensor& a = values[i];
         const at::Tensor& b = now[i];
-        if (a.data_ptr() != b.data_ptr() || versions[i] != b._version() ||
-            a.sizes() != b.sizes() || a.strides() != b.strides() ||
-            a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
+        if (a.data_ptr() != b.data_ptr() || versions[i] != b._version() || a.sizes() != b.sizes() ||
+            a.strides() != b.strides() || a.scalar_type() != b.scalar_type() ||
+            a.device() != b.device()) {
           return false;
         }
       }
@@ -82,8 +82,8 @@ struct BatchLoss::Seen {
   }
 };
 
-BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input,
-                     at::Tensor target, LossFn loss_fn)
+BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
+                     LossFn loss_fn)
     : model_(std::move(model)),
       input_(std::move(input)),
       target_(std::move(target)),
@@ -111,8 +111,7 @@ using Lookup = std::function<const at::Tensor&(const at::Tensor&)>;
 // Called with a layer's weight, its input, (undefined where the run stops
 // before the layer) its output, and how many of the model's parameters
 // (in parameters() order) belong to it and the modules before it.
-using Record =
-    std::function<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, size_t)>;
+using Record = std::function<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, size_t)>;
 
 // A convolution with its module's options and the given weight and bias.
 template <typename FuncOptions, typename Impl, typename F>
@@ -121,12 +120,13 @@ at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, 
   // By name: the variant type differs between LibTorch versions.
   const std::string mode = torch::enumtype::get_enum_name(conv.options.padding_mode());
   TORCH_CHECK(mode == "kZeros", "BatchLoss: expected convolutions with zero padding, got ", mode);
-  return functional(x, w, FuncOptions()
-                              .bias(b)
-                              .stride(conv.options.stride())
-                              .padding(conv.options.padding())
-                              .dilation(conv.options.dilation())
-                              .groups(conv.options.groups()));
+  return functional(x, w,
+                    FuncOptions()
+                        .bias(b)
+                        .stride(conv.options.stride())
+                        .padding(conv.options.padding())
+                        .dilation(conv.options.dilation())
+                        .groups(conv.options.groups()));
 }
 
 // The layer `m` (a Linear or a Conv) applied to x with its parameters looked
@@ -199,7 +199,8 @@ const at::Tensor& effective(const ParameterOverrides& overrides, const Parameter
 }
 
 // What an evaluation runs on: the batch, then every parameter's value.
-std::vector<at::Tensor> evaluation_values(const torch::nn::Sequential& model, const at::Tensor& input,
+std::vector<at::Tensor> evaluation_values(const torch::nn::Sequential& model,
+                                          const at::Tensor& input,
                                           const ParameterOverrides& overrides,
                                           const ParameterOverrides& fixed) {
   std::vector<at::Tensor> values = {input};
@@ -270,14 +271,16 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
     l.weight = w, l.input = in.detach(), l.output = out.defined() ? out.detach() : out;
     l.input_version = in._version();
     l.output_version = out.defined() ? out._version() : 0;
-    l.values.assign(values.begin(),
-                    values.begin() + static_cast<std::ptrdiff_t>(std::min(values.size(), 1 + upstream)));
+    l.values.assign(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(
+                                                         std::min(values.size(), 1 + upstream)));
     for (const auto& v : l.values) l.versions.push_back(v._version());
-    if (traced && out.defined()) l.traced_input = in, l.traced_output = out, l.traced_values = values;
+    if (traced && out.defined())
+      l.traced_input = in, l.traced_output = out, l.traced_values = values;
     layers.push_back(std::move(l));
   };
-  const at::Tensor x = replayed(
-      *random_, devices_, buffers_, [&] { return run(model_, input_, overrides, fixed_, stop, through, record); });
+  const at::Tensor x = replayed(*random_, devices_, buffers_, [&] {
+    return run(model_, input_, overrides, fixed_, stop, through, record);
+  });
   for (auto& l : layers) {
     Seen::Layer* known = seen.find(l.weight);
     if (known == nullptr) {
@@ -371,7 +374,8 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
     }
   }
   if (!output.defined()) {
-    const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&, size_t) {
+    const Record record = [&](const at::Tensor& w, const at::Tensor& in, const at::Tensor&,
+                              size_t) {
       if (w.is_same(weight)) input = in;
     };
     output = replayed(*random_, devices_, buffers_, [&] {
@@ -383,13 +387,14 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
 
 void BatchLoss::watch(const at::Tensor& weight) const {
   TORCH_CHECK(has_model(), "BatchLoss::watch: this objective has no model");
-  TORCH_CHECK(weight.defined(), "BatchLoss::watch: expected a layer's weight, got an undefined tensor");
+  TORCH_CHECK(weight.defined(),
+              "BatchLoss::watch: expected a layer's weight, got an undefined tensor");
   std::lock_guard<std::mutex> lock(seen_->mutex);
   seen_->watch(weight);
 }
 
-std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(const at::Tensor& weight,
-                                                          const ParameterOverrides& overrides) const {
+std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(
+    const at::Tensor& weight, const ParameterOverrides& overrides) const {
   if (!has_model()) return {};
   const std::vector<at::Tensor> now = evaluation_values(model_, input_, overrides, fixed_);
   std::lock_guard<std::mutex> lock(seen_->mutex);
@@ -404,21 +409,24 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(const at::Tensor& weig
   return {l->traced_input, l->traced_output};
 }
 
-at::Tensor BatchLoss::input_of(const at::Tensor& weight, const ParameterOverrides& overrides) const {
+at::Tensor BatchLoss::input_of(const at::Tensor& weight,
+                               const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
   {
     std::lock_guard<std::mutex> lock(seen_->mutex);
     seen_->watch(weight);  // for layer_of() later
   }
-  return rows_of(
-      replayed(*random_, devices_, buffers_, [&] { return run(model_, input_, overrides, fixed_, weight); }));
+  return rows_of(replayed(*random_, devices_, buffers_,
+                          [&] { return run(model_, input_, overrides, fixed_, weight); }));
 }
 
 BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double share) const {
   TORCH_CHECK(group != nullptr, "BatchLoss::spread_over: expected a process group, got null");
   if (share < 0) share = 1.0 / static_cast<double>(group->world_size());
-  TORCH_CHECK(share > 0 && share <= 1, "BatchLoss::spread_over: expected this rank's share of "
-                                       "the global batch in (0, 1], got ", share);
+  TORCH_CHECK(share > 0 && share <= 1,
+              "BatchLoss::spread_over: expected this rank's share of "
+              "the global batch in (0, 1], got ",
+              share);
   BatchLoss copy = *this;
   copy.group_ = std::move(group);
   copy.share_ = share;
@@ -438,8 +446,9 @@ BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {
 }
 
 at::Tensor BatchLoss::loss(const ParameterOverrides& overrides) const {
-  at::Tensor l = parametric_ ? replayed(*random_, devices_, buffers_, [&] { return parametric_(overrides); })
-                             : loss_fn_(forward(overrides), target_);
+  at::Tensor l =
+      parametric_ ? replayed(*random_, devices_, buffers_, [&] { return parametric_(overrides); })
+                  : loss_fn_(forward(overrides), target_);
   TORCH_CHECK(l.numel() == 1, "BatchLoss: expected the loss function to return a scalar, got ",
               l.sizes());
   return l.reshape({});

@@ -36,8 +36,7 @@ using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
 /// running statistics) are put back bitwise after every evaluation.
 class BatchLoss {
  public:
-  BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
-            LossFn loss_fn);
+  BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target, LossFn loss_fn);
   explicit BatchLoss(ParametricLossFn loss);
 
   /// The loss with the model's own parameters, or with `overrides` in place of

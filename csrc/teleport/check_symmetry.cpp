@@ -39,7 +39,8 @@ SymmetryCheck check_symmetry(const Symmetry& symmetry, const std::function<at::T
   snapshot.restore();
   SymmetryCheck c;
   c.bound = params.front().scalar_type() == at::kDouble ? 1e-9 : 1e-5;
-  c.drift = std::abs(after - before) / std::max(std::abs(before), std::numeric_limits<double>::min());
+  c.drift =
+      std::abs(after - before) / std::max(std::abs(before), std::numeric_limits<double>::min());
   // Relative, but never below the rounding of a loss of order-one terms, as
   // the teleports' own loss check.
   c.holds = std::isfinite(after) &&

@@ -1,9 +1,9 @@
 // The paper's data-dependent GL(n) across a LeakyReLU (symmetry.h): the
 // least change of the first layer that keeps its activations' images, from a
 // thin QR of the layer's inputs (docs/design.md §3).
-#include <teleport/symmetry.h>
 #include <teleport/internal/symmetry_helpers.h>
 #include <teleport/internal/tensor_ops.h>
+#include <teleport/symmetry.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -37,14 +37,16 @@ DataDependentGL::DataDependentGL(double negative_slope, at::Tensor w_in, at::Ten
 }
 
 at::Tensor DataDependentGL::direction(const std::vector<at::Tensor>&) const {
-  TORCH_CHECK(false, name_, ": the data-dependent action has no closed-form direction; use "
-                            "Method::kAutograd with a batch");
+  TORCH_CHECK(false, name_,
+              ": the data-dependent action has no closed-form direction; use "
+              "Method::kAutograd with a batch");
 }
 
 void DataDependentGL::transport_gradients_(const GroupElement&,
                                            const std::vector<at::Tensor>&) const {
-  TORCH_CHECK(false, name_, ": gradients do not map under the data-dependent action; compute "
-                            "them afresh after the teleport");
+  TORCH_CHECK(false, name_,
+              ": gradients do not map under the data-dependent action; compute "
+              "them afresh after the teleport");
 }
 
 namespace {
@@ -138,18 +140,16 @@ bool cholesky_qr_on_host(const at::Tensor& h, bool bias, bool wide, at::Tensor& 
 }
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
-                                                         const at::Tensor& w,
-                                                         const at::Tensor& b,
-                                                         const at::Tensor& g, Mode mode,
-                                                         bool in_place,
+std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h, const at::Tensor& w,
+                                                         const at::Tensor& b, const at::Tensor& g,
+                                                         Mode mode, bool in_place,
                                                          const at::Tensor& known_z) const {
   // σ⁻¹ is the LeakyReLU of slope 1/a.
   const auto sigma = [&](const at::Tensor& z) { return at::leaky_relu(z, slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::leaky_relu(y, 1 / slope_); };
   const at::Tensor z = known_z.defined() ? known_z
-                       : b.defined()      ? at::addmm(b, h, w.t())
-                                          : at::mm(h, w.t());
+                       : b.defined()     ? at::addmm(b, h, w.t())
+                                         : at::mm(h, w.t());
   const at::Tensor target = sigma_inv(at::mm(sigma(z), g.t()));
   if (mode == Mode::kReference) {
     // The SVD behind pinv throws on non-finite input; such a step gives NaN
@@ -170,9 +170,9 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h,
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
 // cheaper; for float32 weights the Cholesky QR in factors()): within the rank
-// condition (batch ≤ inputs) inputsᵀ = QR and inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ = R⁻¹ Qᵀ, the
-// least-squares solution. A rank-deficient batch gives non-finite values
-// (refused like any non-finite step) or far-off ones (the loss check rolls back).
+// condition (batch ≤ inputs) inputsᵀ = QR and inputs⁺ = Q R⁻ᵀ; beyond it inputs = QR and inputs⁺ =
+// R⁻¹ Qᵀ, the least-squares solution. A rank-deficient batch gives non-finite values (refused like
+// any non-finite step) or far-off ones (the loss check rolls back).
 //
 // The triangular solves, where the inputs' condition number enters, run in
 // double. Within the rank condition the product with Q, the one the size of
@@ -247,8 +247,7 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
     const at::Tensor hd = inputs.to(at::kDouble);
     const at::Tensor g = gram_of(f.wide ? hd : hd.t());
     const at::Tensor finite = at::isfinite(g.sum());
-    auto [l, info] =
-        at::linalg_cholesky_ex(at::where(finite, g, at::eye(g.size(0), g.options())));
+    auto [l, info] = at::linalg_cholesky_ex(at::where(finite, g, at::eye(g.size(0), g.options())));
     l = at::where(info.eq(0).logical_and(finite), l, NAN);  // singular inputs too
     f.r = l.t();
     f.q = at::linalg_solve_triangular(f.r, f.wide ? hd.t() : hd, /*upper=*/true, /*left=*/false);
@@ -258,7 +257,7 @@ DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias
     const at::Tensor finite = at::isfinite(inputs).all();
     const at::Tensor safe = at::where(finite, inputs, 0.0).to(at::kDouble);
     std::tie(f.q, f.r) = at::linalg_qr(f.wide ? safe.t() : safe, "reduced");
-    f.r = at::where(finite, f.r, NAN);  // the solves give NaN steps, refused
+    f.r = at::where(finite, f.r, NAN);          // the solves give NaN steps, refused
     if (f.wide) f.gram = at::mm(f.r.t(), f.r);  // inputs = Rᵀ Qᵀ
   }
   f.q_work = f.q.to(h.scalar_type());
@@ -296,16 +295,16 @@ void DataDependentGL::check_layer_rows(const at::Tensor& h, const char* what) co
 }
 
 at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
-                                                const at::Tensor& z, const at::Tensor& w_out,
-                                                const at::Tensor& c_out) const {
+                                                 const at::Tensor& z, const at::Tensor& w_out,
+                                                 const at::Tensor& c_out) const {
   check_layer_rows(h, "pullback_from_output");
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == h.size(0) && z.size(1) == width() &&
-                  dF_dz.sizes() == z.sizes(),
-              name_, ": pullback_from_output expected Z and dF/dZ of ", h.size(0), " x ", width(),
-              " (the layer's outputs), got ", shape_of(z), " and ", shape_of(dF_dz));
-  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == width() && c_out.sizes() == w_out.sizes(),
-              name_, ": pullback_from_output expected W_out and its cotangent of shape [*, ",
-              width(), "], got ", shape_of(w_out), " and ", shape_of(c_out));
+  TORCH_CHECK(
+      z.dim() == 2 && z.size(0) == h.size(0) && z.size(1) == width() && dF_dz.sizes() == z.sizes(),
+      name_, ": pullback_from_output expected Z and dF/dZ of ", h.size(0), " x ", width(),
+      " (the layer's outputs), got ", shape_of(z), " and ", shape_of(dF_dz));
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == width() && c_out.sizes() == w_out.sizes(), name_,
+              ": pullback_from_output expected W_out and its cotangent of shape [*, ", width(),
+              "], got ", shape_of(w_out), " and ", shape_of(c_out));
   at::NoGradGuard no_grad;
   // (inputs⁺)ᵀ c_θᵀ with c_θ = inputsᵀ ∂F/∂Z: ∂F/∂Z itself where the inputs'
   // rows are independent (inputsᵀ = QR: R⁻¹ Qᵀ Q R ∂F/∂Z), else Q Qᵀ ∂F/∂Z
@@ -355,8 +354,7 @@ void DataDependentGL::apply_(const GroupElement& e, const BatchLoss* batch, Mode
 
 std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& params,
                                              const at::Tensor& T, const BatchLoss* batch,
-                                             const ParameterOverrides& in_force,
-                                             Mode mode) const {
+                                             const ParameterOverrides& in_force, Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   const at::Tensor g = T + at::eye(T.size(0), T.options());
   const at::Tensor h = batch->input_of(w_in_, in_force);

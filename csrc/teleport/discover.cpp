@@ -30,10 +30,10 @@ Allows allows(const Module& m) {
   }
   // Positively homogeneous per channel, or a diagonal mask: positive diagonal g only.
   if (m.as<torch::nn::ReLU>() || m.as<torch::nn::LeakyReLU>() || m.as<torch::nn::Dropout>() ||
-      m.as<torch::nn::Dropout2d>() || m.as<torch::nn::Dropout3d>() || m.as<torch::nn::MaxPool1d>() ||
-      m.as<torch::nn::MaxPool2d>() || m.as<torch::nn::MaxPool3d>() ||
-      m.as<torch::nn::AdaptiveMaxPool1d>() || m.as<torch::nn::AdaptiveMaxPool2d>() ||
-      m.as<torch::nn::AdaptiveMaxPool3d>()) {
+      m.as<torch::nn::Dropout2d>() || m.as<torch::nn::Dropout3d>() ||
+      m.as<torch::nn::MaxPool1d>() || m.as<torch::nn::MaxPool2d>() ||
+      m.as<torch::nn::MaxPool3d>() || m.as<torch::nn::AdaptiveMaxPool1d>() ||
+      m.as<torch::nn::AdaptiveMaxPool2d>() || m.as<torch::nn::AdaptiveMaxPool3d>()) {
     return Allows::kScaling;
   }
   return Allows::kNothing;
@@ -106,7 +106,8 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
   std::vector<const Module*> tied;
   for (size_t i = 0; i < modules.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
-      if (modules[i].second.get() == modules[j].second.get()) tied.push_back(modules[i].second.get());
+      if (modules[i].second.get() == modules[j].second.get())
+        tied.push_back(modules[i].second.get());
     }
   }
   auto is_tied = [&tied](const Module* m) {
@@ -162,8 +163,9 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
       } else if (!previous.conv && layer.conv) {
         why = "a Linear before a Conv (its outputs are not channels)";
       } else if (previous.conv && !layer.conv && !flattened) {
-        why = "a Conv before a Linear with no Flatten between (the Linear acts on the last "
-              "dimension, not the channels)";
+        why =
+            "a Conv before a Linear with no Flatten between (the Linear acts on the last "
+            "dimension, not the channels)";
       } else if (previous.conv && !layer.conv ? layer.weight.size(1) % n != 0
                                               : layer.weight.size(1) != n) {
         why = "the second takes " + std::to_string(layer.weight.size(1)) +

@@ -43,8 +43,8 @@ int64_t env_int(const char* name, int64_t low, int64_t high) {
   errno = 0;
   const long long x = std::strtoll(v, &end, 10);
   TORCH_CHECK(errno == 0 && end != v && *end == '\0' && x >= low && x <= high,
-              "distributed: expected ", name, " to be an integer in [", low, ", ", high,
-              "], got '", v, "'");
+              "distributed: expected ", name, " to be an integer in [", low, ", ", high, "], got '",
+              v, "'");
   return x;
 }
 
@@ -80,8 +80,7 @@ std::optional<Rendezvous> Rendezvous::from_env() {
   r.rank = env_int("RANK", 0, std::numeric_limits<int32_t>::max());
   TORCH_CHECK(r.rank < r.world_size, "distributed: expected RANK in [0, ", r.world_size,
               ") for WORLD_SIZE=", r.world_size, ", got ", r.rank);
-  r.local_rank = env("LOCAL_RANK") != nullptr ? env_int("LOCAL_RANK", 0, r.world_size - 1)
-                                              : r.rank;
+  r.local_rank = env("LOCAL_RANK") != nullptr ? env_int("LOCAL_RANK", 0, r.world_size - 1) : r.rank;
   if (const char* addr = env("MASTER_ADDR")) r.master_addr = addr;
   if (env("MASTER_PORT") != nullptr) r.master_port = env_int("MASTER_PORT", 1, 65535);
   if (const char* agent = env("TORCHELASTIC_USE_AGENT_STORE")) {
@@ -213,8 +212,8 @@ class ForwardedSignals {
 std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::DeviceType device,
                                                  std::chrono::milliseconds timeout) {
   TORCH_CHECK(where.world_size >= 1 && where.rank >= 0 && where.rank < where.world_size,
-              "init_process_group: expected 0 <= rank < world_size, got rank ", where.rank,
-              " of ", where.world_size);
+              "init_process_group: expected 0 <= rank < world_size, got rank ", where.rank, " of ",
+              where.world_size);
   die_with_launcher();
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(where.master_port);
@@ -239,12 +238,13 @@ std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::D
     return std::make_shared<ProcessGroup>(c10::make_intrusive<c10d::ProcessGroupNCCL>(
         store, static_cast<int>(where.rank), static_cast<int>(where.world_size), nccl));
 #else
-    TORCH_CHECK(false, "init_process_group: this build of teleport has no NCCL (LibTorch without "
-                       "CUDA); run on the CPU with Gloo");
+    TORCH_CHECK(false,
+                "init_process_group: this build of teleport has no NCCL (LibTorch without "
+                "CUDA); run on the CPU with Gloo");
 #endif
   }
-  TORCH_CHECK(device == c10::DeviceType::CPU, "init_process_group: expected a CPU or CUDA device, got ",
-              device);
+  TORCH_CHECK(device == c10::DeviceType::CPU,
+              "init_process_group: expected a CPU or CUDA device, got ", device);
   auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
   const bool local = where.master_addr == "127.0.0.1" || where.master_addr == "localhost";
   gloo->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
@@ -256,12 +256,16 @@ std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where, c10::D
 void average_gradients(const std::vector<at::Tensor>& parameters, Collectives& group,
                        double share) {
   if (share < 0) share = 1.0 / static_cast<double>(group.world_size());
-  TORCH_CHECK(share <= 1, "average_gradients: expected this rank's share of the global batch in "
-                          "[0, 1], got ", share);
+  TORCH_CHECK(share <= 1,
+              "average_gradients: expected this rank's share of the global batch in "
+              "[0, 1], got ",
+              share);
   std::vector<at::Tensor> grads;
   for (const auto& p : parameters) {
-    TORCH_CHECK(p.grad().defined(), "average_gradients: expected every parameter to have a "
-                                    "gradient, got none for one of shape ", p.sizes());
+    TORCH_CHECK(p.grad().defined(),
+                "average_gradients: expected every parameter to have a "
+                "gradient, got none for one of shape ",
+                p.sizes());
     grads.push_back(p.grad());
   }
   {
@@ -274,8 +278,9 @@ void average_gradients(const std::vector<at::Tensor>& parameters, Collectives& g
 namespace {
 
 // The environment of one launched process: ours without the variables we set.
-std::vector<std::string> environment_for(const std::vector<std::pair<std::string, std::string>>& set,
-                                         const std::vector<std::string>& extra) {
+std::vector<std::string> environment_for(
+    const std::vector<std::pair<std::string, std::string>>& set,
+    const std::vector<std::string>& extra) {
   std::vector<std::string> out;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string entry(*e);
@@ -303,7 +308,8 @@ int exit_code(int status) {
 
 }  // namespace
 
-int launch_local(int64_t nproc, const std::vector<std::string>& argv, const LaunchOptions& options) {
+int launch_local(int64_t nproc, const std::vector<std::string>& argv,
+                 const LaunchOptions& options) {
   using Clock = std::chrono::steady_clock;
   TORCH_CHECK(nproc >= 1, "launch_local: expected at least one process, got ", nproc);
   TORCH_CHECK(!argv.empty(), "launch_local: expected a program to run, got an empty argv");
@@ -330,20 +336,20 @@ int launch_local(int64_t nproc, const std::vector<std::string>& argv, const Laun
   extra.push_back("TELEPORT_LAUNCHER_PID=" + std::to_string(::getpid()));
   const ForwardedSignals forwarding;
   for (int64_t rank = 0; rank < nproc; ++rank) {
-    std::vector<std::string> env = environment_for(
-        {{"RANK", std::to_string(rank)},
-         {"LOCAL_RANK", std::to_string(rank)},
-         {"WORLD_SIZE", std::to_string(nproc)},
-         {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
-         {"MASTER_ADDR", "127.0.0.1"},
-         {"MASTER_PORT", port},
-         {"TORCHELASTIC_USE_AGENT_STORE", "True"}},
-        extra);
+    std::vector<std::string> env = environment_for({{"RANK", std::to_string(rank)},
+                                                    {"LOCAL_RANK", std::to_string(rank)},
+                                                    {"WORLD_SIZE", std::to_string(nproc)},
+                                                    {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
+                                                    {"MASTER_ADDR", "127.0.0.1"},
+                                                    {"MASTER_PORT", port},
+                                                    {"TORCHELASTIC_USE_AGENT_STORE", "True"}},
+                                                   extra);
     std::vector<std::string> args = argv;
     auto c_args = c_strings(args);
     auto c_env = c_strings(env);
     pid_t pid = 0;
-    const int err = posix_spawn(&pid, args[0].c_str(), nullptr, nullptr, c_args.data(), c_env.data());
+    const int err =
+        posix_spawn(&pid, args[0].c_str(), nullptr, nullptr, c_args.data(), c_env.data());
     if (err != 0) {
       signal_all(SIGKILL);
       for (pid_t p : pids) ::waitpid(p, nullptr, 0);

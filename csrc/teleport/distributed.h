@@ -65,9 +65,7 @@ class ProcessGroup final : public Collectives {
           group->allreduce(tensors, options)->wait();
         }),
         all_gather_([group](std::vector<std::vector<at::Tensor>>& out,
-                            std::vector<at::Tensor>& in) {
-          group->allgather(out, in)->wait();
-        }),
+                            std::vector<at::Tensor>& in) { group->allgather(out, in)->wait(); }),
         holder_(std::make_shared<c10::intrusive_ptr<Group>>(std::move(group))) {}
 
   int64_t rank() const override { return rank_; }
@@ -100,10 +98,9 @@ class ProcessGroup final : public Collectives {
 /// NCCL for CUDA (where LibTorch has it). `timeout` bounds the rendezvous and
 /// every collective after it. Throws c10::Error when the master cannot be
 /// reached or a rank does not join in time.
-std::shared_ptr<ProcessGroup> init_process_group(const Rendezvous& where,
-                                                 c10::DeviceType device = c10::DeviceType::CPU,
-                                                 std::chrono::milliseconds timeout =
-                                                     std::chrono::seconds(30));
+std::shared_ptr<ProcessGroup> init_process_group(
+    const Rendezvous& where, c10::DeviceType device = c10::DeviceType::CPU,
+    std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
 /// What every data-parallel loop does between backward() and step(): each
 /// parameter's `.grad` becomes the global batch's gradient, the sum over the
@@ -137,12 +134,11 @@ struct LaunchOptions {
 /// fails with a non-zero exit the others get the grace period to end by
 /// themselves, then SIGKILL; when one is killed by a signal (it said nothing,
 /// and its peers' next collective cannot complete) the launcher names it
-/// through `log` and sends the others SIGTERM at once (the grace, then SIGKILL). SIGTERM, SIGINT and SIGHUP sent to the launcher
-/// are passed on to every process (the same grace, then SIGKILL), and each
-/// process dies with the launcher (a parent-death signal, set by
-/// init_process_group), so killing the launcher, even by SIGKILL, leaves no
-/// rank behind. Returns 0 when every process succeeded, otherwise the first
-/// failure's exit code (128 + the signal's number for a signal).
+/// through `log` and sends the others SIGTERM at once (the grace, then SIGKILL). SIGTERM, SIGINT
+/// and SIGHUP sent to the launcher are passed on to every process (the same grace, then SIGKILL),
+/// and each process dies with the launcher (a parent-death signal, set by init_process_group), so
+/// killing the launcher, even by SIGKILL, leaves no rank behind. Returns 0 when every process
+/// succeeded, otherwise the first failure's exit code (128 + the signal's number for a signal).
 int launch_local(int64_t nproc, const std::vector<std::string>& argv,
                  const LaunchOptions& options = {});
 

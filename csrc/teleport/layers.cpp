@@ -36,11 +36,13 @@ Layer layer_of(const std::shared_ptr<torch::nn::Module>& m) {
 
 }  // namespace
 
-std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind, const std::shared_ptr<torch::nn::Module>& a,
+std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
+                                         const std::shared_ptr<torch::nn::Module>& a,
                                          const std::shared_ptr<torch::nn::Module>& b) {
   const Layer in = layer_of(a), out = layer_of(b);
   const std::string name = std::string(kind == SymmetryKind::kScaling ? "scaling" : "gl") + "(" +
-                           in.what + " " + std::to_string(in.weight.size(0)) + " -> " + out.what + ")";
+                           in.what + " " + std::to_string(in.weight.size(0)) + " -> " + out.what +
+                           ")";
   return std::make_shared<LayerSymmetry>(kind, in.weight, in.bias, out.weight, name);
 }
 

@@ -12,7 +12,8 @@ namespace detail {
 /// The symmetry of `kind` between two layers, each a torch::nn::Linear or
 /// Conv1d/2d/3d (groups = 1), `b` taking `a`'s outputs. Throws for any other
 /// module and for shapes that do not fit (expected/got).
-std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind, const std::shared_ptr<torch::nn::Module>& a,
+std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
+                                         const std::shared_ptr<torch::nn::Module>& a,
                                          const std::shared_ptr<torch::nn::Module>& b);
 }  // namespace detail
 

@@ -22,9 +22,9 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <limits>
 #include <memory>
 #include <optional>
-#include <limits>
 #include <sstream>
 #include <type_traits>
 
@@ -83,10 +83,8 @@ torch::optim::OptimizerParamState* find_state(Optimizer& opt, const at::Tensor& 
 
 using detail::find_state;
 
-TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
-                                     std::unique_ptr<Optimizer> inner,
-                                     TeleportOptions options,
-                                     DiscoverOptions discover_options)
+TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, std::unique_ptr<Optimizer> inner,
+                                     TeleportOptions options, DiscoverOptions discover_options)
     : TeleportOptimizer(model, SymmetryList{}, std::move(inner), std::move(options)) {
   Discovery found = discover(model, discover_options);
   symmetries_ = std::move(found.symmetries);
@@ -97,18 +95,17 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model,
   check_symmetries();
   const auto params = detail::distinct_parameters(symmetries_);
   for (const auto& p : params) {
-    TORCH_CHECK(p.device() == params.front().device() &&
-                    p.scalar_type() == params.front().scalar_type(),
-                "TeleportOptimizer: expected all teleported parameters on one device with "
-                "one dtype (",
-                params.front().device(), ", ", params.front().scalar_type(), "), got ",
-                p.device(), ", ", p.scalar_type());
+    TORCH_CHECK(
+        p.device() == params.front().device() && p.scalar_type() == params.front().scalar_type(),
+        "TeleportOptimizer: expected all teleported parameters on one device with "
+        "one dtype (",
+        params.front().device(), ", ", params.front().scalar_type(), "), got ", p.device(), ", ",
+        p.scalar_type());
   }
 }
 
 TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,
-                                     std::unique_ptr<Optimizer> inner,
-                                     TeleportOptions options)
+                                     std::unique_ptr<Optimizer> inner, TeleportOptions options)
     : Optimizer(groups_of(inner), defaults_of(inner)),
       model_(std::move(model)),
       inner_(std::move(inner)),
@@ -186,8 +183,10 @@ void TeleportOptimizer::set_process_group(std::shared_ptr<Collectives> group, do
     return;
   }
   if (share < 0) share = 1.0 / static_cast<double>(group->world_size());
-  TORCH_CHECK(share > 0 && share <= 1, "set_process_group: expected this rank's share of the "
-                                       "global batch in (0, 1], got ", share);
+  TORCH_CHECK(share > 0 && share <= 1,
+              "set_process_group: expected this rank's share of the "
+              "global batch in (0, 1], got ",
+              share);
   TORCH_CHECK(options_.mode() == Mode::kExact,
               "set_process_group: reference mode runs on one process; use Mode::kExact");
   group_ = std::move(group);
@@ -240,8 +239,7 @@ SymmetryList TeleportOptimizer::taking_part(bool from_grad,
 void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& loss) {
   SymmetryList kept;
   for (const auto& s : symmetries_) {
-    const bool checked =
-        std::find(verified_.begin(), verified_.end(), s.get()) != verified_.end();
+    const bool checked = std::find(verified_.begin(), verified_.end(), s.get()) != verified_.end();
     const bool taking_part = std::find(active_.begin(), active_.end(), s) != active_.end();
     if (checked || !taking_part || !s->transports_gradients()) {
       kept.push_back(s);
@@ -261,16 +259,18 @@ void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& los
       kept.push_back(s);
       continue;
     }
-    refused_.push_back(s->name() + ": not a symmetry of this loss, refused: a random element of "
-                       "norm max_step changed it by " + c10::str(c.drift) +
-                       " (relative), above " + c10::str(c.bound));
+    refused_.push_back(s->name() +
+                       ": not a symmetry of this loss, refused: a random element of "
+                       "norm max_step changed it by " +
+                       c10::str(c.drift) + " (relative), above " + c10::str(c.bound));
     notes_.push_back(refused_.back());
   }
   if (kept.size() == symmetries_.size()) return;
   symmetries_ = std::move(kept);
   SymmetryList active;
   for (const auto& s : active_) {
-    if (std::find(symmetries_.begin(), symmetries_.end(), s) != symmetries_.end()) active.push_back(s);
+    if (std::find(symmetries_.begin(), symmetries_.end(), s) != symmetries_.end())
+      active.push_back(s);
   }
   active_ = std::move(active);
 }
@@ -282,8 +282,8 @@ void TeleportOptimizer::check_gradients_agree() const {
     const at::Tensor g = p.grad().detach().to(at::kDouble);
     parts.push_back(at::stack({g.sum(), g.square().sum()}));
   }
-  const at::Tensor mine = parts.empty() ? at::zeros({1, 2}, at::kDouble)
-                                        : at::stack(parts).sum(0).reshape({1, 2});
+  const at::Tensor mine =
+      parts.empty() ? at::zeros({1, 2}, at::kDouble) : at::stack(parts).sum(0).reshape({1, 2});
   int64_t first_row = 0;
   const at::Tensor all = group_->all_gather_rows(mine, first_row).cpu();
   const auto sums = all.accessor<double, 2>();
@@ -293,8 +293,8 @@ void TeleportOptimizer::check_gradients_agree() const {
       TORCH_CHECK(std::abs(a - b) <= 1e-6 * (std::abs(a) + std::abs(b)),
                   "TeleportOptimizer: expected the same .grad on every rank (averaged over the "
                   "ranks before step(), e.g. teleport::distributed::average_gradients), got "
-                  "gradients that differ: checksum ", j == 0 ? "Σg" : "Σg²", " is ", a,
-                  " on rank 0 and ", b, " on rank ", r,
+                  "gradients that differ: checksum ",
+                  j == 0 ? "Σg" : "Σg²", " is ", a, " on rank 0 and ", b, " on rank ", r,
                   ". Each rank would teleport differently and the replicas would diverge");
     }
   }
@@ -322,9 +322,11 @@ void TeleportOptimizer::teleport_step(const LossClosure& replay, const at::Tenso
   active_ = taking_part(/*from_grad=*/!next_batch_, skipped);
   bool none_has_gradients = !symmetries_.empty() && active_.empty() && !next_batch_;
   for (const auto& s : symmetries_) {
-    for (const auto& p : s->parameters()) none_has_gradients = none_has_gradients && !p.grad().defined();
+    for (const auto& p : s->parameters())
+      none_has_gradients = none_has_gradients && !p.grad().defined();
   }
-  TORCH_CHECK(!none_has_gradients, "teleport: expected gradients in .grad (call loss.backward() "
+  TORCH_CHECK(!none_has_gradients,
+              "teleport: expected gradients in .grad (call loss.backward() "
               "before step()), got none for any parameter the symmetries act on");
   if (group_) check_gradients_agree();
   refused_.clear();
@@ -372,9 +374,10 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
   // Data-dependent actions and reference arithmetic do not map gradients.
   bool fresh_gradients = options_.mode() == Mode::kReference;
   for (const auto& s : symmetries_) fresh_gradients = fresh_gradients || !s->transports_gradients();
-  const char* stale = "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves "
-                      "the gradient stale; call step(closure) so that it can be computed afresh "
-                      "after it";
+  const char* stale =
+      "TeleportOptimizer: this teleport (data-dependent or reference mode) leaves "
+      "the gradient stale; call step(closure) so that it can be computed afresh "
+      "after it";
   TORCH_CHECK(!scheduled || !fresh_gradients || closure != nullptr, stale);
   // Every call of the closure here replays the randomness of the first (dropout
   // masks), so the losses before and after differ only by the teleport, and
@@ -392,7 +395,8 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
     loss = closure();
   }
   // On demand: the gradient the step is about to use says whether training stalled.
-  const bool due = (watching && stall_.update(options_, symmetric_grad_norm_sq(), step_)) || scheduled;
+  const bool due =
+      (watching && stall_.update(options_, symmetric_grad_norm_sq(), step_)) || scheduled;
   // The loss at the point the inner step starts from, with its gradient in .grad.
   at::Tensor current = loss;
   if (due) {
@@ -421,17 +425,18 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
     BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
     if (group_) objective = objective.spread_over(group_, share_);
     if (options_.verify()) verify_symmetries([&] { return objective.global_loss(); });
-    TORCH_CHECK(options_.objective() != Objective::kPreconditioned,
-                "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
+    TORCH_CHECK(
+        options_.objective() != Objective::kPreconditioned,
+        "TeleportOptimizer: kPreconditioned teleports from .grad; it takes no teleport batch");
     if (options_.objective() == Objective::kLookAhead) {
       return teleport(active_, options_, objective, next_step());
     }
     return teleport(active_, options_, &objective);
   }
-  TORCH_CHECK(options_.objective() != Objective::kLookAhead &&
-                  options_.objective() != Objective::kFlatness,
-              "TeleportOptimizer: kLookAhead and kFlatness evaluate losses on a teleport batch; "
-              "call set_teleport_batch first");
+  TORCH_CHECK(
+      options_.objective() != Objective::kLookAhead && options_.objective() != Objective::kFlatness,
+      "TeleportOptimizer: kLookAhead and kFlatness evaluate losses on a teleport batch; "
+      "call set_teleport_batch first");
   if (replay == nullptr || active_.empty()) {
     return teleport_from_grad();
   }
@@ -457,10 +462,9 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   report.loss_before = host[0].item<double>();
   report.loss_after = host[1].item<double>();
   const double change = std::abs(report.loss_after - report.loss_before);
-  const bool too_far =
-      options_.mode() == Mode::kExact &&
-      change > detail::allowed_loss_change(report.loss_before, options_.tolerance(),
-                                           loss.scalar_type());
+  const bool too_far = options_.mode() == Mode::kExact &&
+                       change > detail::allowed_loss_change(
+                                    report.loss_before, options_.tolerance(), loss.scalar_type());
   if (!std::isfinite(report.loss_after) || too_far) {
     snapshot.restore();
     report.rolled_back = true;
@@ -508,9 +512,9 @@ TeleportReport TeleportOptimizer::teleport_from_grad() {
       const double alpha = r->alpha();
       v = (s != nullptr ? s->square_avg() * alpha : at::zeros_like(g)) + g.square() * (1 - alpha);
       if (r->centered()) {
-        const at::Tensor avg = (s != nullptr && s->grad_avg().defined() ? s->grad_avg() * alpha
-                                                                        : at::zeros_like(g)) +
-                               g * (1 - alpha);
+        const at::Tensor avg =
+            (s != nullptr && s->grad_avg().defined() ? s->grad_avg() * alpha : at::zeros_like(g)) +
+            g * (1 - alpha);
         v = v - avg.square();
       }
       e = r->eps();

@@ -1,8 +1,8 @@
 #pragma once
 
 #include <teleport/ascent.h>
-#include <teleport/discover.h>
 #include <teleport/batch_loss.h>
+#include <teleport/discover.h>
 #include <teleport/options.h>
 #include <teleport/schedule.h>
 #include <teleport/symmetry.h>
@@ -14,8 +14,8 @@
 #include <initializer_list>
 #include <memory>
 #include <sstream>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,8 +45,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   using BatchFn = std::function<std::pair<at::Tensor, at::Tensor>()>;
 
   /// Teleports the symmetries discover() finds in `model`.
-  TeleportOptimizer(torch::nn::Sequential model,
-                    std::unique_ptr<torch::optim::Optimizer> inner,
+  TeleportOptimizer(torch::nn::Sequential model, std::unique_ptr<torch::optim::Optimizer> inner,
                     TeleportOptions options = {}, DiscoverOptions discover_options = {});
 
   /// Teleports the given symmetries of any model, for instance a custom Module
@@ -70,8 +69,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// Teleports the given symmetries; `model` serves the teleport batch and may
   /// be an empty holder (`torch::nn::Sequential(nullptr)`) when none is used.
   TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,
-                    std::unique_ptr<torch::optim::Optimizer> inner,
-                    TeleportOptions options = {});
+                    std::unique_ptr<torch::optim::Optimizer> inner, TeleportOptions options = {});
 
   at::Tensor step(LossClosure closure = nullptr) override;
 
@@ -116,9 +114,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// Teleports attempted so far (rolled-back ones included).
   int64_t teleport_count() const { return teleports_; }
   /// The last teleport's report, or nullptr before the first.
-  const TeleportReport* last_report() const {
-    return has_report_ ? &last_report_ : nullptr;
-  }
+  const TeleportReport* last_report() const { return has_report_ ? &last_report_ : nullptr; }
 
  private:
   // One teleport inside step(), with its checks and the state policy.
@@ -168,7 +164,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   std::unique_ptr<torch::optim::Optimizer> inner_;
   TeleportOptions options_;
   SymmetryList symmetries_;
-  SymmetryList active_;  // those taking part in the current teleport
+  SymmetryList active_;                    // those taking part in the current teleport
   std::vector<const Symmetry*> verified_;  // checked by verify_symmetries
   std::vector<std::string> refused_;       // refused by it in the current teleport
   std::vector<at::Tensor> buffers_;
@@ -206,8 +202,7 @@ std::vector<at::Tensor> flat_views(const at::Tensor& flat, const std::vector<at:
 
 /// The inner optimizer's state for parameter `p`, or nullptr; works with the
 /// state keys of LibTorch 1.x (strings) and 2.x (pointers) alike.
-torch::optim::OptimizerParamState* find_state(torch::optim::Optimizer& opt,
-                                              const at::Tensor& p);
+torch::optim::OptimizerParamState* find_state(torch::optim::Optimizer& opt, const at::Tensor& p);
 }  // namespace detail
 
 }  // namespace teleport

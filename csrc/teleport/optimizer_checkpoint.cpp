@@ -43,7 +43,13 @@ int64_t read_int(torch::serialize::InputArchive& a, const std::string& key) {
 
 // What the inner state of one parameter is, for checkpoints.
 enum class StateKind : int64_t {
-  kNone = 0, kSGD = 1, kAdagrad = 2, kAdam = 4, kAdamW = 5, kRMSprop = 6, kLBFGS = 7,
+  kNone = 0,
+  kSGD = 1,
+  kAdagrad = 2,
+  kAdam = 4,
+  kAdamW = 5,
+  kRMSprop = 6,
+  kLBFGS = 7,
   kOther = 8,  // through the optimizer's own save()
 };
 
@@ -147,8 +153,8 @@ void write_state(torch::serialize::OutputArchive& a, const std::string& key,
 }
 
 std::unique_ptr<torch::optim::OptimizerParamState> read_state(torch::serialize::InputArchive& a,
-                                                             const std::string& key, StateKind kind,
-                                                             c10::Device device) {
+                                                              const std::string& key,
+                                                              StateKind kind, c10::Device device) {
   namespace o = torch::optim;
   auto step_of = [&](auto& state) {
     using StepT = std::decay_t<decltype(state.step())>;
@@ -251,8 +257,9 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
               "teleport/version (a plain optimizer's checkpoint loads into inner(): "
               "torch::load(opt.inner(), ...))");
   const int64_t version = probe_version.toInt();
-  TORCH_CHECK(version == kCheckpointVersion, "TeleportOptimizer::load: expected a checkpoint of version ",
-              kCheckpointVersion, ", got ", version);
+  TORCH_CHECK(version == kCheckpointVersion,
+              "TeleportOptimizer::load: expected a checkpoint of version ", kCheckpointVersion,
+              ", got ", version);
   const auto shapes_now = all_params(*inner_);
   const int64_t count = read_int(archive, "params/count");
   TORCH_CHECK(count == static_cast<int64_t>(shapes_now.size()),
@@ -261,7 +268,8 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
   for (size_t j = 0; j < shapes_now.size(); ++j) {
     at::Tensor shape;
     archive.read("params/" + std::to_string(j) + "/shape", shape);
-    const std::vector<int64_t> got(shape.data_ptr<int64_t>(), shape.data_ptr<int64_t>() + shape.numel());
+    const std::vector<int64_t> got(shape.data_ptr<int64_t>(),
+                                   shape.data_ptr<int64_t>() + shape.numel());
     TORCH_CHECK(got == shapes_now[j].sizes().vec(), "TeleportOptimizer::load: expected parameter ",
                 j, " of shape ", shapes_now[j].sizes(), ", got ", c10::IntArrayRef(got),
                 " (a checkpoint of another architecture?)");
@@ -293,7 +301,8 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
     c10::IValue probe;
     TORCH_CHECK(archive.try_read(key + "kind", probe),
                 "TeleportOptimizer::load: the checkpoint holds fewer parameters than the "
-                "optimizer (", params.size(), ")");
+                "optimizer (",
+                params.size(), ")");
     const int64_t kind = probe.toInt();
     TORCH_CHECK(kind >= 0 && kind <= static_cast<int64_t>(StateKind::kOther),
                 "TeleportOptimizer::load: unknown state kind ", kind, " for parameter ", j);

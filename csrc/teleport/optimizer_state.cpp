@@ -1,8 +1,8 @@
 // TeleportOptimizer and the inner optimizer's state: the state policy
 // applied after a teleport, LBFGS's history, the next step for kLookAhead
 // (docs/design.md §7, §8).
-#include <teleport/optimizer.h>
 #include <teleport/internal/parameters.h>
+#include <teleport/optimizer.h>
 
 #include <teleport/internal/inner_state.h>
 
@@ -35,7 +35,8 @@ std::vector<at::Tensor> TeleportOptimizer::inner_state_tensors() const {
   }
   const auto params = all_params(*inner_);
   if (!params.empty()) {
-    if (auto* l = dynamic_cast<torch::optim::LBFGSParamState*>(detail::find_state(*inner_, params.front()))) {
+    if (auto* l = dynamic_cast<torch::optim::LBFGSParamState*>(
+            detail::find_state(*inner_, params.front()))) {
       for (const auto& t : l->old_dirs()) add(t);
       for (const auto& t : l->old_stps()) add(t);
       add(l->prev_flat_grad());
@@ -95,16 +96,18 @@ NextStep TeleportOptimizer::next_step() const {
         t.adaptive = true, t.a = b1 / bc1, t.b = (1 - b1) / bc1, t.c = b2, t.d = 1 - b2, t.e = bc2;
         t.eps = adam->eps;
       } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(&opts)) {
-        TORCH_CHECK(r->momentum() == 0 && !r->centered(),
-                    "TeleportOptimizer: kLookAhead models RMSprop without momentum and not centered");
+        TORCH_CHECK(
+            r->momentum() == 0 && !r->centered(),
+            "TeleportOptimizer: kLookAhead models RMSprop without momentum and not centered");
         const auto* s = dynamic_cast<o::RMSpropParamState*>(state);
         if (s != nullptr) t.v = s->square_avg();
         t.lr = r->lr(), t.weight_decay = r->weight_decay();
         t.adaptive = true, t.a = 0, t.b = 1, t.c = r->alpha(), t.d = 1 - r->alpha(), t.e = 1;
         t.eps = r->eps();
       } else {
-        TORCH_CHECK(false, "TeleportOptimizer: kLookAhead models SGD, Adagrad, RMSprop, Adam and "
-                           "AdamW; the inner optimizer is none of them");
+        TORCH_CHECK(false,
+                    "TeleportOptimizer: kLookAhead models SGD, Adagrad, RMSprop, Adam and "
+                    "AdamW; the inner optimizer is none of them");
       }
       next.terms.push_back(std::move(t));
     }
@@ -168,8 +171,9 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
     }
     if (unknown && !noted_unknown_state_) {
       noted_unknown_state_ = true;
-      notes_.push_back("the inner optimizer's state is of a type teleport does not know: it is "
-                       "kept as it is at every teleport");
+      notes_.push_back(
+          "the inner optimizer's state is of a type teleport does not know: it is "
+          "kept as it is at every teleport");
     }
     if (!sym.transports_gradients()) {  // nothing maps exactly
       report.state_kept = true;
@@ -179,7 +183,8 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
     if (has_squared && !squares_map) {
       for (size_t i = 0; i < params.size(); ++i) {
         bool adaptive = false;
-        for (const auto& slot : squared) adaptive = adaptive || (i < slot.size() && slot[i].defined());
+        for (const auto& slot : squared)
+          adaptive = adaptive || (i < slot.size() && slot[i].defined());
         if (adaptive) gradient_like[i] = at::Tensor();  // kept with its second moment
       }
       report.state_kept = true;
@@ -201,9 +206,10 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
   }
   transport_lbfgs(report);
   if (report.state_kept) {
-    report.state_note = "under a non-diagonal element the adaptive optimizer's moments (first "
-                        "and second, one unit) were kept, as was all state after a "
-                        "data-dependent action: no elementwise map is exact there";
+    report.state_note =
+        "under a non-diagonal element the adaptive optimizer's moments (first "
+        "and second, one unit) were kept, as was all state after a "
+        "data-dependent action: no elementwise map is exact there";
   }
 }
 

@@ -20,14 +20,15 @@ void TeleportOptions::validate() const {
               "TeleportOptions: expected max_teleports >= 0 or -1 (no limit), got ",
               max_teleports());
   TORCH_CHECK(stall_fraction() >= 0 && stall_fraction() < 1,
-              "TeleportOptions: expected stall_fraction in [0, 1) (0 = off), got ", stall_fraction());
+              "TeleportOptions: expected stall_fraction in [0, 1) (0 = off), got ",
+              stall_fraction());
   TORCH_CHECK(stall_decay() >= 0 && stall_decay() < 1,
               "TeleportOptions: expected stall_decay in [0, 1), got ", stall_decay());
   TORCH_CHECK(stall_cooldown() >= 0, "TeleportOptions: expected stall_cooldown >= 0, got ",
               stall_cooldown());
   TORCH_CHECK(steps() >= 0, "TeleportOptions: expected steps >= 0, got ", steps());
-  TORCH_CHECK(std::isfinite(lr()) && lr() > 0,
-              "TeleportOptions: expected a finite lr > 0, got ", lr());
+  TORCH_CHECK(std::isfinite(lr()) && lr() > 0, "TeleportOptions: expected a finite lr > 0, got ",
+              lr());
   TORCH_CHECK(tolerance() > 0, "TeleportOptions: expected tolerance > 0, got ", tolerance());
   TORCH_CHECK(std::isfinite(max_step()) && max_step() > 0,
               "TeleportOptions: expected a finite max_step > 0, got ", max_step());
@@ -101,8 +102,8 @@ void TeleportOptions::serialize(torch::serialize::OutputArchive& archive) const 
 
 void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   const int64_t version = get(archive, "version").toInt();
-  TORCH_CHECK(version >= 1 && version <= kVersion, "TeleportOptions: expected options of version 1 to ",
-              kVersion, ", got ", version);
+  TORCH_CHECK(version >= 1 && version <= kVersion,
+              "TeleportOptions: expected options of version 1 to ", kVersion, ", got ", version);
   every(get(archive, "every").toInt());
   ::at::Tensor steps_at;
   archive.read(kPrefix + "at", steps_at);

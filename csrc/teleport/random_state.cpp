@@ -22,8 +22,8 @@ RandomState::RandomState(const std::vector<c10::Device>& devices)
   {
     std::lock_guard<std::mutex> lock(cpu_.mutex());
     auto* cpu = cpu_.get<at::CPUGeneratorImpl>();
-    cpu_state_ = std::make_shared<const CpuState>(CpuState{
-        cpu->engine(), cpu->next_float_normal_sample(), cpu->next_double_normal_sample()});
+    cpu_state_ = std::make_shared<const CpuState>(
+        CpuState{cpu->engine(), cpu->next_float_normal_sample(), cpu->next_double_normal_sample()});
   }
   std::vector<c10::Device> others;
   for (const auto& d : devices) {

@@ -20,8 +20,9 @@ bool teleport_due(const TeleportOptions& options, int64_t step, int64_t done) {
 bool StallDetector::update(const TeleportOptions& options, double grad_norm_sq, int64_t step) {
   if (!std::isfinite(grad_norm_sq)) return false;  // nothing to learn from
   const double before = mean_;
-  mean_ = std::isnan(mean_) ? grad_norm_sq
-                            : options.stall_decay() * mean_ + (1 - options.stall_decay()) * grad_norm_sq;
+  mean_ = std::isnan(mean_)
+              ? grad_norm_sq
+              : options.stall_decay() * mean_ + (1 - options.stall_decay()) * grad_norm_sq;
   const bool stalled = options.stall_fraction() > 0 && !std::isnan(before) &&
                        step - last_ >= options.stall_cooldown() &&
                        grad_norm_sq < options.stall_fraction() * before;

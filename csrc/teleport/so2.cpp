@@ -16,7 +16,10 @@ at::Tensor rotation(const at::Tensor& theta) {
 }  // namespace
 
 SO2Symmetry::SO2Symmetry(at::Tensor xy, PlaneMap to_uv, PlaneMap to_xy, std::string name)
-    : xy_(std::move(xy)), to_uv_(std::move(to_uv)), to_xy_(std::move(to_xy)), name_(std::move(name)) {
+    : xy_(std::move(xy)),
+      to_uv_(std::move(to_uv)),
+      to_xy_(std::move(to_xy)),
+      name_(std::move(name)) {
   TORCH_CHECK(xy_.defined() && xy_.numel() == 2,
               "SO2Symmetry: expected a parameter with 2 entries (x, y), got ",
               xy_.defined() ? xy_.numel() : 0);
@@ -49,8 +52,7 @@ void SO2Symmetry::apply_(const GroupElement& e, const BatchLoss*, Mode) const {
   xy_.copy_(rotate(xy_.detach(), e.g));
 }
 
-void SO2Symmetry::transport_gradients_(const GroupElement&,
-                                       const std::vector<at::Tensor>&) const {
+void SO2Symmetry::transport_gradients_(const GroupElement&, const std::vector<at::Tensor>&) const {
   TORCH_CHECK(false, name_, ": gradients do not map; compute them afresh after the teleport");
 }
 
@@ -59,16 +61,17 @@ void SO2Symmetry::transport_squared_gradients_(const GroupElement&,
   TORCH_CHECK(false, name_, ": sums of squared gradients do not map under SO(2)");
 }
 
-std::vector<at::Tensor> SO2Symmetry::act(const std::vector<at::Tensor>& params,
-                                         const at::Tensor& T, const BatchLoss*,
-                                         const ParameterOverrides&, Mode) const {
+std::vector<at::Tensor> SO2Symmetry::act(const std::vector<at::Tensor>& params, const at::Tensor& T,
+                                         const BatchLoss*, const ParameterOverrides&, Mode) const {
   TORCH_CHECK(params.size() == 1, name_, ": expected 1 tensor, got ", params.size());
   return {rotate(params[0], rotation(T))};
 }
 
 void SO2Symmetry::check_unchanged() const {
-  TORCH_CHECK(xy_.numel() == 2, name_, ": its parameter was resized after it was made: expected 2 "
-                                       "entries, got ", xy_.numel());
+  TORCH_CHECK(xy_.numel() == 2, name_,
+              ": its parameter was resized after it was made: expected 2 "
+              "entries, got ",
+              xy_.numel());
 }
 
 at::Tensor booth(const at::Tensor& xy) {

@@ -31,7 +31,7 @@ class SO2Symmetry : public Symmetry {
   /// The rotation by θ = T[0], whatever the parametrization.
   GroupElement element(const at::Tensor& T, Parametrization p) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
-                      Mode mode = Mode::kExact) const override;
+              Mode mode = Mode::kExact) const override;
   bool exact_for(const BatchLoss*) const override { return true; }
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
@@ -40,9 +40,8 @@ class SO2Symmetry : public Symmetry {
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const BatchLoss* batch,
-                              const ParameterOverrides& in_force,
-                                      Mode mode = Mode::kExact) const override;
+                              const BatchLoss* batch, const ParameterOverrides& in_force,
+                              Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;
 
  private:

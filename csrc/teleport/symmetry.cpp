@@ -1,6 +1,6 @@
-#include <teleport/symmetry.h>
 #include <teleport/internal/symmetry_helpers.h>
 #include <teleport/internal/tensor_ops.h>
+#include <teleport/symmetry.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -92,7 +92,8 @@ std::optional<GroupElement> linear_element_on_host(const at::Tensor& T) {
     for (int64_t r = 0; r < n; ++r) {
       const double f = a[r * n + c];
       if (r == c || f == 0) continue;
-      for (int64_t j = 0; j < n; ++j) a[r * n + j] -= f * a[c * n + j], inv[r * n + j] -= f * inv[c * n + j];
+      for (int64_t j = 0; j < n; ++j)
+        a[r * n + j] -= f * a[c * n + j], inv[r * n + j] -= f * inv[c * n + j];
     }
   }
   return GroupElement{g.to(T.scalar_type()), host_matrix(inv, n, n).to(T.scalar_type()), false,
@@ -101,8 +102,7 @@ std::optional<GroupElement> linear_element_on_host(const at::Tensor& T) {
 
 }  // namespace
 
-GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
-                                        Parametrization p) {
+GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal, Parametrization p) {
   GroupElement e;
   e.diagonal = diagonal;
   if (p == Parametrization::kExp) {
@@ -124,15 +124,13 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal,
 GroupElement GroupElement::identity_like(const GroupElement& like) {
   GroupElement e;
   e.diagonal = like.diagonal;
-  e.g = like.diagonal ? at::ones_like(like.g)
-                      : at::eye(like.g.size(0), like.g.options());
+  e.g = like.diagonal ? at::ones_like(like.g) : at::eye(like.g.size(0), like.g.options());
   e.g_inv = e.g.clone();
   return e;
 }
 
 GroupElement GroupElement::compose(const GroupElement& other) const {
-  TORCH_CHECK(diagonal == other.diagonal,
-              "compose: expected group elements of the same kind");
+  TORCH_CHECK(diagonal == other.diagonal, "compose: expected group elements of the same kind");
   GroupElement e;
   e.diagonal = diagonal;
   e.g = diagonal ? g * other.g : at::mm(g, other.g);
@@ -152,8 +150,8 @@ GroupElement GroupElement::masked(const at::Tensor& keep) const {
   return e;
 }
 
-LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in,
-                             at::Tensor w_out, std::string name)
+LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
+                             std::string name)
     : kind_(kind),
       w_in_(std::move(w_in)),
       b_in_(std::move(b_in)),
@@ -167,36 +165,34 @@ LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in
   const int64_t n = w_in_.size(0);
   if (w_out_.dim() > 2 || w_in_.dim() == 2) {
     // A Conv takes W_in's n outputs as its input channels, a Linear as its columns.
-    TORCH_CHECK(w_out_.size(1) == n, "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ",
-                n, w_out_.dim() > 2 ? " input channels" : " columns", ", got ", shape_of(w_out_));
+    TORCH_CHECK(w_out_.size(1) == n,
+                "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ", n,
+                w_out_.dim() > 2 ? " input channels" : " columns", ", got ", shape_of(w_out_));
   } else {
     // Conv -> Flatten -> Linear: channel c owns a block of columns.
-    TORCH_CHECK(w_out_.size(1) % n == 0,
-                "LayerSymmetry: a Linear after a flattened Conv of ", n,
+    TORCH_CHECK(w_out_.size(1) % n == 0, "LayerSymmetry: a Linear after a flattened Conv of ", n,
                 " channels must take a whole block of columns per channel: expected a multiple "
-                "of ", n, " columns, got ", shape_of(w_out_));
+                "of ",
+                n, " columns, got ", shape_of(w_out_));
   }
   TORCH_CHECK(at::isFloatingType(w_in_.scalar_type()),
-              "LayerSymmetry: expected floating-point weights, got ",
-              w_in_.scalar_type());
+              "LayerSymmetry: expected floating-point weights, got ", w_in_.scalar_type());
   if (b_in_.defined()) {
     TORCH_CHECK(b_in_.dim() == 1 && b_in_.size(0) == w_in_.size(0),
-                "LayerSymmetry: expected a bias of ", w_in_.size(0),
-                " entries, got ", shape_of(b_in_));
+                "LayerSymmetry: expected a bias of ", w_in_.size(0), " entries, got ",
+                shape_of(b_in_));
   }
   for (const auto& p : parameters()) {
-    TORCH_CHECK(p.device() == w_in_.device(),
-                "LayerSymmetry: expected all parameters on ", w_in_.device(),
-                ", got one on ", p.device());
+    TORCH_CHECK(p.device() == w_in_.device(), "LayerSymmetry: expected all parameters on ",
+                w_in_.device(), ", got one on ", p.device());
     TORCH_CHECK(p.scalar_type() == w_in_.scalar_type(),
-                "LayerSymmetry: expected all parameters of dtype ",
-                w_in_.scalar_type(), ", got one of ", p.scalar_type());
+                "LayerSymmetry: expected all parameters of dtype ", w_in_.scalar_type(),
+                ", got one of ", p.scalar_type());
   }
   w_in_shape_ = w_in_.sizes().vec();
   w_out_shape_ = w_out_.sizes().vec();
   if (name_.empty()) {
-    name_ = std::string(diagonal() ? "scaling" : "gl") + "(" +
-            std::to_string(width()) + ")";
+    name_ = std::string(diagonal() ? "scaling" : "gl") + "(" + std::to_string(width()) + ")";
   }
 }
 
@@ -207,15 +203,14 @@ std::vector<at::Tensor> LayerSymmetry::parameters() const {
 
 at::Tensor LayerSymmetry::zero_algebra() const {
   const int64_t n = width();
-  return diagonal() ? at::zeros({n}, w_in_.options())
-                    : at::zeros({n, n}, w_in_.options());
+  return diagonal() ? at::zeros({n}, w_in_.options()) : at::zeros({n, n}, w_in_.options());
 }
 
 at::Tensor LayerSymmetry::direction(const std::vector<at::Tensor>& grads) const {
-  TORCH_CHECK(grads.size() == parameters().size(), name_, ": expected ",
-              parameters().size(), " gradients, got ", grads.size());
+  TORCH_CHECK(grads.size() == parameters().size(), name_, ": expected ", parameters().size(),
+              " gradients, got ", grads.size());
   const int64_t n = width();
-  const at::Tensor rows = grads.front().reshape({n, -1});                     // [n, rest]
+  const at::Tensor rows = grads.front().reshape({n, -1});                       // [n, rest]
   const at::Tensor cols = grads.back().reshape({grads.back().size(0), n, -1});  // [outer, n, inner]
   at::Tensor d;
   if (diagonal()) {
@@ -266,8 +261,8 @@ void LayerSymmetry::transport_gradients_(const GroupElement& e,
   right_(grads.back(), e.diagonal, g_t);
 }
 
-void LayerSymmetry::transport_squared_gradients_(
-    const GroupElement& e, const std::vector<at::Tensor>& sums) const {
+void LayerSymmetry::transport_squared_gradients_(const GroupElement& e,
+                                                 const std::vector<at::Tensor>& sums) const {
   TORCH_CHECK(e.diagonal, name_,
               ": sums of squared gradients map exactly only under diagonal "
               "scaling, not under full GL(n)");
@@ -280,8 +275,8 @@ void LayerSymmetry::transport_squared_gradients_(
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
                                            const at::Tensor& T, const BatchLoss*,
                                            const ParameterOverrides&, Mode) const {
-  TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ",
-              parameters().size(), " tensors, got ", params.size());
+  TORCH_CHECK(params.size() == parameters().size(), name_, ": expected ", parameters().size(),
+              " tensors, got ", params.size());
   const GroupElement e = GroupElement::from_algebra(T, diagonal(), Parametrization::kLinear);
   std::vector<at::Tensor> out;
   out.reserve(params.size());
@@ -293,21 +288,20 @@ std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params
 }
 
 void LayerSymmetry::check_unchanged() const {
-  TORCH_CHECK(w_in_.sizes().vec() == w_in_shape_ && w_out_.sizes().vec() == w_out_shape_,
-              name_, ": its parameters were resized after it was made: expected W_in ",
-              at::IntArrayRef(w_in_shape_), " and W_out ", at::IntArrayRef(w_out_shape_),
-              ", got ", shape_of(w_in_), " and ", shape_of(w_out_));
+  TORCH_CHECK(w_in_.sizes().vec() == w_in_shape_ && w_out_.sizes().vec() == w_out_shape_, name_,
+              ": its parameters were resized after it was made: expected W_in ",
+              at::IntArrayRef(w_in_shape_), " and W_out ", at::IntArrayRef(w_out_shape_), ", got ",
+              shape_of(w_in_), " and ", shape_of(w_out_));
   for (const auto& p : parameters()) {
-    TORCH_CHECK(p.device() == w_in_.device() && p.scalar_type() == w_in_.scalar_type(),
-                name_, ": expected all parameters on one device with one dtype (",
-                w_in_.device(), ", ", w_in_.scalar_type(), "), got ", p.device(), ", ",
-                p.scalar_type());
+    TORCH_CHECK(p.device() == w_in_.device() && p.scalar_type() == w_in_.scalar_type(), name_,
+                ": expected all parameters on one device with one dtype (", w_in_.device(), ", ",
+                w_in_.scalar_type(), "), got ", p.device(), ", ", p.scalar_type());
   }
 }
 
 at::Tensor Symmetry::pullback(const std::vector<at::Tensor>& params,
-                             const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
-                             const ParameterOverrides& in_force) const {
+                              const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
+                              const ParameterOverrides& in_force) const {
   TORCH_CHECK(cotangents.size() == params.size(), name(), ": expected ", params.size(),
               " cotangents, got ", cotangents.size());
   at::AutoGradMode enable(true);

@@ -23,8 +23,7 @@ struct GroupElement {
   at::Tensor invertible;
 
   /// g for the algebra element T (a matrix, or a vector when diagonal).
-  static GroupElement from_algebra(const at::Tensor& T, bool diagonal,
-                                   Parametrization p);
+  static GroupElement from_algebra(const at::Tensor& T, bool diagonal, Parametrization p);
   /// The identity of the same shape, dtype and device as `like`.
   static GroupElement identity_like(const GroupElement& like);
   /// this ∘ other: first other, then this.
@@ -99,8 +98,7 @@ class Symmetry {
   /// values the other parameters have at this point of the evaluation, for a
   /// data-dependent action that reads its layer's inputs from `batch`.
   virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                                      const BatchLoss* batch,
-                                      const ParameterOverrides& in_force,
+                                      const BatchLoss* batch, const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const = 0;
 
   /// Throws unless the parameters still have the shapes, dtype and device they
@@ -137,8 +135,8 @@ class LayerSymmetry : public Symmetry {
  public:
   /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n.
   /// The tensors are the parameters themselves; the action changes them in place.
-  LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in,
-                at::Tensor w_out, std::string name = "");
+  LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
+                std::string name = "");
 
   SymmetryKind kind() const { return kind_; }
   /// The width n the group acts on.
@@ -151,7 +149,7 @@ class LayerSymmetry : public Symmetry {
   bool has_closed_form() const override { return true; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
-                      Mode mode = Mode::kExact) const override;
+              Mode mode = Mode::kExact) const override;
   bool exact_for(const BatchLoss*) const override { return true; }
   bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
@@ -161,9 +159,8 @@ class LayerSymmetry : public Symmetry {
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const BatchLoss* batch,
-                              const ParameterOverrides& in_force,
-                                      Mode mode = Mode::kExact) const override;
+                              const BatchLoss* batch, const ParameterOverrides& in_force,
+                              Mode mode = Mode::kExact) const override;
   void check_unchanged() const override;
 
  protected:
@@ -195,16 +192,15 @@ class DataDependentGL : public LayerSymmetry {
   bool has_closed_form() const override { return false; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
-                      Mode mode = Mode::kExact) const override;
+              Mode mode = Mode::kExact) const override;
   bool exact_for(const BatchLoss* batch) const override;
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
   bool can_transport_squared_gradients() const override { return false; }
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
-                              const BatchLoss* batch,
-                              const ParameterOverrides& in_force,
-                                      Mode mode = Mode::kExact) const override;
+                              const BatchLoss* batch, const ParameterOverrides& in_force,
+                              Mode mode = Mode::kExact) const override;
 
   /// In closed form: with H the layer's inputs on `batch` (a column of ones
   /// for the bias), Z = H θ, A = σ(Z): (H⁺ᵀ c_θ ⊘ σ'(Z))ᵀ A − W_outᵀ c_out.
@@ -216,9 +212,8 @@ class DataDependentGL : public LayerSymmetry {
   /// the ones), is a constant of F, so that c_θ = Hᵀ ∂F/∂Z: (P ∂F/∂Z ⊘
   /// σ'(Z))ᵀ A − W_outᵀ c_out, with P the projection onto the span of H's
   /// columns (the identity within the rank condition: no solve).
-  at::Tensor pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
-                                  const at::Tensor& z, const at::Tensor& w_out,
-                                  const at::Tensor& c_out) const;
+  at::Tensor pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h, const at::Tensor& z,
+                                  const at::Tensor& w_out, const at::Tensor& c_out) const;
   /// [H 1][H 1]ᵀ (the ones for the bias), in double, for the layer's inputs
   /// H (rows) within the rank condition (batch ≤ inputs + 1, else undefined):
   /// the gradient of W_in and b_in, δᵀ[H 1] with δ = ∂L/∂Z, has the squared
@@ -232,8 +227,8 @@ class DataDependentGL : public LayerSymmetry {
   // least-norm solution in reference mode; `known_z`, where given, is inputs ·
   // [W b]ᵀ.
   std::pair<at::Tensor, at::Tensor> solve(const at::Tensor& h, const at::Tensor& w,
-                                          const at::Tensor& b, const at::Tensor& g,
-                                          Mode mode, bool in_place = false,
+                                          const at::Tensor& b, const at::Tensor& g, Mode mode,
+                                          bool in_place = false,
                                           const at::Tensor& known_z = {}) const;
   // The thin QR of the layer's inputs (a column of ones for the bias), in
   // double (a Cholesky QR for float32 weights): of inputsᵀ when `wide`

@@ -5,9 +5,9 @@
 /// Optimization", NeurIPS 2022.
 
 #include <teleport/ascent.h>
+#include <teleport/batch_loss.h>
 #include <teleport/discover.h>
 #include <teleport/layers.h>
-#include <teleport/batch_loss.h>
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
 #include <teleport/random_state.h>

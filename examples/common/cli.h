@@ -3,9 +3,9 @@
 // error is one line on stderr and exit code 2, a runtime error one line and
 // exit code 1; never an abort or a stack trace.
 
-#include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
+#include <CLI/CLI.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -88,8 +88,8 @@ std::vector<T> parse_list(const std::string& text, const std::string& flag) {
   while (std::getline(in, item, ',')) {
     T value;
     if (!CLI::detail::lexical_cast(item, value) || item.empty()) {
-      throw UsageError(fmt::format("{}: expected a comma-separated list of numbers, got '{}'",
-                                   flag, text));
+      throw UsageError(
+          fmt::format("{}: expected a comma-separated list of numbers, got '{}'", flag, text));
     }
     out.push_back(value);
   }

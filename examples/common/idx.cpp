@@ -128,8 +128,8 @@ at::Tensor read_idx(const std::string& path) {
   for (const int64_t n : shape) count = n == 0 ? 0 : count;
   for (const int64_t n : shape) {
     if (count == 0) break;
-    TORCH_CHECK(count <= std::numeric_limits<size_t>::max() / static_cast<size_t>(n), "read_idx: ",
-                path, " is truncated: its header promises ", c10::IntArrayRef(shape),
+    TORCH_CHECK(count <= std::numeric_limits<size_t>::max() / static_cast<size_t>(n),
+                "read_idx: ", path, " is truncated: its header promises ", c10::IntArrayRef(shape),
                 " bytes of data, more than any file holds");
     count *= static_cast<size_t>(n);
   }
@@ -142,10 +142,12 @@ at::Tensor read_idx(const std::string& path) {
     if (static_cast<size_t>(out.numel()) == have) {
       const size_t grown = std::min(count, 4 * have);
       at::Tensor bigger = at::empty({static_cast<int64_t>(grown)}, at::kByte);
-      bigger.narrow(0, 0, static_cast<int64_t>(have)).copy_(out.narrow(0, 0, static_cast<int64_t>(have)));
+      bigger.narrow(0, 0, static_cast<int64_t>(have))
+          .copy_(out.narrow(0, 0, static_cast<int64_t>(have)));
       out = bigger;
     }
-    const size_t got = in.read(out.data_ptr<uint8_t>() + have, static_cast<size_t>(out.numel()) - have);
+    const size_t got =
+        in.read(out.data_ptr<uint8_t>() + have, static_cast<size_t>(out.numel()) - have);
     if (got == 0) break;
     have += got;
   }

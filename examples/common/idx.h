@@ -25,7 +25,6 @@ struct ImageSet {
 
 /// Reads `<dir>/<prefix>-images-idx3-ubyte` and `<dir>/<prefix>-labels-idx1-ubyte`
 /// (or their `.gz`), prefix "train" or "t10k", and checks that they agree.
-ImageSet read_image_set(const std::string& dir, const std::string& prefix, double mean,
-                        double std);
+ImageSet read_image_set(const std::string& dir, const std::string& prefix, double mean, double std);
 
 }  // namespace teleport::data

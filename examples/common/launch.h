@@ -32,15 +32,16 @@ namespace teleport::examples {
 // all-reduce of (h, -h) under max, which leaves both unchanged only when every
 // rank has h.
 inline void check_same_config(teleport::distributed::ProcessGroup& group, const Config& c,
-                       torch::Device device) {
+                              torch::Device device) {
   const std::string text = json_object(config_fields(c, "", group.world_size()));
   const int64_t h = static_cast<int64_t>(std::hash<std::string>{}(text) >> 1);
   at::Tensor t = torch::tensor({h, -h}, torch::TensorOptions().dtype(torch::kLong)).to(device);
   group.all_reduce_max(t);
   const at::Tensor host = t.cpu();
   if (host[0].item<int64_t>() != h || host[1].item<int64_t>() != -h) {
-    throw UsageError("the ranks were started with different options; every rank must run the "
-                     "same command");
+    throw UsageError(
+        "the ranks were started with different options; every rank must run the "
+        "same command");
   }
 }
 
@@ -64,8 +65,8 @@ inline void pause_under_launcher() {
 // Joins the data-parallel run the environment (torchrun) describes, or starts
 // --nproc processes of this command and waits for them (launched = true), or
 // does neither. Returns the launched processes' exit code when it launched.
-inline int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, torch::Device& device,
-                   bool& launched) {
+inline int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl,
+                          torch::Device& device, bool& launched) {
   launched = false;
 #if defined(TELEPORT_HAVE_DISTRIBUTED)
   namespace dist = teleport::distributed;
@@ -81,23 +82,25 @@ inline int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, t
     launched = true;
     std::vector<std::string> args(argv, argv + argc);
     args[0] = self_path(argv[0]);
-    const int code = dist::launch_local(
-        c.nproc, args, dist::LaunchOptions().log([](const std::string& line) {
+    const int code =
+        dist::launch_local(c.nproc, args, dist::LaunchOptions().log([](const std::string& line) {
           fmt::print(stderr, "teleport-mnist: {}\n", line);
         }));
     return code == 0 || code == 2 ? code : 1;
   }
   if (c.nproc > 0 && c.nproc != where->world_size) {
-    throw UsageError(fmt::format("--nproc {} disagrees with WORLD_SIZE={} (launched by torchrun, "
-                                 "leave --nproc out)",
-                                 c.nproc, where->world_size));
+    throw UsageError(
+        fmt::format("--nproc {} disagrees with WORLD_SIZE={} (launched by torchrun, "
+                    "leave --nproc out)",
+                    c.nproc, where->world_size));
   }
   if (device.is_cuda()) {
     const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
     if (where->world_size > gpus) {  // NCCL refuses two ranks on one GPU
-      throw UsageError(fmt::format("--device cuda: NCCL needs a GPU per rank; {} ranks, {} GPU(s) "
-                                   "(train on the CPU with Gloo, or start fewer ranks)",
-                                   where->world_size, gpus));
+      throw UsageError(
+          fmt::format("--device cuda: NCCL needs a GPU per rank; {} ranks, {} GPU(s) "
+                      "(train on the CPU with Gloo, or start fewer ranks)",
+                      where->world_size, gpus));
     }
     device = torch::Device(torch::kCUDA, where->local_rank % gpus);
   }
@@ -131,8 +134,9 @@ inline int join_or_launch(const Config& c, int argc, char** argv, Cluster& cl, t
 #else
   (void)argc, (void)argv, (void)device;
   if (c.nproc > 1 || std::getenv("WORLD_SIZE") != nullptr) {
-    throw UsageError("this build of teleport has no c10d (configure with TELEPORT_DISTRIBUTED=ON "
-                     "where LibTorch ships it and Gloo's headers are installed)");
+    throw UsageError(
+        "this build of teleport has no c10d (configure with TELEPORT_DISTRIBUTED=ON "
+        "where LibTorch ships it and Gloo's headers are installed)");
   }
 #endif
   (void)cl;

@@ -8,8 +8,8 @@
 #include <common/report.h>
 #include <teleport/options.h>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -48,31 +48,43 @@ struct Config {
 // left out of the comparison (each rank has its own GPU).
 inline JsonFields config_fields(const Config& c, const std::string& device, int64_t world) {
   return {
-      {"example", json_string("mnist")}, {"dataset", json_string(c.dataset)},
-      {"model", json_string(c.model)}, {"hidden", json_string(c.hidden)},
+      {"example", json_string("mnist")},
+      {"dataset", json_string(c.dataset)},
+      {"model", json_string(c.model)},
+      {"hidden", json_string(c.hidden)},
       {"activation", json_string(c.activation)},
-      {"optimizers", json_string(c.optimizers)}, {"lr", json_number(c.lr)},
-      {"momentum", json_number(c.momentum)}, {"seeds", json_string(c.seeds)},
-      {"batch_size", std::to_string(c.batch_size)}, {"epochs", std::to_string(c.epochs)},
-      {"max_steps", std::to_string(c.max_steps)}, {"device", json_string(device)},
-      {"dtype", json_string(c.dtype)}, {"world_size", std::to_string(world)},
-      {"symmetry", json_string(c.symmetry)}, {"teleport_every", std::to_string(c.teleport_every)},
+      {"optimizers", json_string(c.optimizers)},
+      {"lr", json_number(c.lr)},
+      {"momentum", json_number(c.momentum)},
+      {"seeds", json_string(c.seeds)},
+      {"batch_size", std::to_string(c.batch_size)},
+      {"epochs", std::to_string(c.epochs)},
+      {"max_steps", std::to_string(c.max_steps)},
+      {"device", json_string(device)},
+      {"dtype", json_string(c.dtype)},
+      {"world_size", std::to_string(world)},
+      {"symmetry", json_string(c.symmetry)},
+      {"teleport_every", std::to_string(c.teleport_every)},
       {"teleport_at", json_array(std::vector<double>(c.teleport_at.begin(), c.teleport_at.end()))},
       {"teleport_first", std::to_string(c.teleport_first)},
       {"max_teleports", std::to_string(c.max_teleports)},
       {"teleport_steps", std::to_string(c.teleport_steps)},
       {"teleport_lr", json_number(c.teleport_lr)},
       {"teleport_batch", std::to_string(c.teleport_batch)},
-      {"max_growth", json_number(c.max_growth)}, {"max_step", json_number(c.max_step)},
-      {"tolerance", json_number(c.tolerance)}, {"state_policy", json_string(c.state_policy)},
+      {"max_growth", json_number(c.max_growth)},
+      {"max_step", json_number(c.max_step)},
+      {"tolerance", json_number(c.tolerance)},
+      {"state_policy", json_string(c.state_policy)},
       {"objective", json_string(c.objective)},
       {"flatness_radius", json_number(c.flatness_radius)},
       {"flatness_samples", std::to_string(c.flatness_samples)},
       {"stall_fraction", json_number(c.stall_fraction)},
-      {"stall_decay", json_number(c.stall_decay)}, {"stall_cooldown", std::to_string(c.stall_cooldown)},
+      {"stall_decay", json_number(c.stall_decay)},
+      {"stall_cooldown", std::to_string(c.stall_cooldown)},
       {"no_baseline", c.no_baseline ? "true" : "false"},
       {"no_teleport", c.no_teleport ? "true" : "false"},
-      {"eval_every", std::to_string(c.eval_every)}, {"eval_subset", std::to_string(c.eval_subset)}};
+      {"eval_every", std::to_string(c.eval_every)},
+      {"eval_subset", std::to_string(c.eval_subset)}};
 }
 
 // --optimizer's names, each one known.
@@ -99,8 +111,10 @@ inline std::vector<int64_t> seed_list(const Config& c) {
   const auto seeds = parse_list<int64_t>(c.seeds, "--seeds");
   for (const int64_t s : seeds) {
     if (s < 0 || s > int64_t{0xFFFFFFFF}) {
-      throw UsageError(fmt::format("--seeds: expected seeds in 0..4294967295 (LibTorch's "
-                                   "generators take 32 bits), got {}", c.seeds));
+      throw UsageError(
+          fmt::format("--seeds: expected seeds in 0..4294967295 (LibTorch's "
+                      "generators take 32 bits), got {}",
+                      c.seeds));
     }
   }
   return seeds;
@@ -120,18 +134,21 @@ inline void check_usage(const Config& c) {
   // Both data sets hold 60,000 training images; the teleport batch is drawn from them.
   constexpr int64_t kTrainImages = 60000;
   if (c.teleport_batch > kTrainImages) {
-    throw UsageError(fmt::format("--teleport-batch: expected at most the {} training images, got {}",
-                                 kTrainImages, c.teleport_batch));
+    throw UsageError(
+        fmt::format("--teleport-batch: expected at most the {} training images, got {}",
+                    kTrainImages, c.teleport_batch));
   }
   if (c.nproc > 1 && c.batch_size < c.nproc) {
-    throw UsageError(fmt::format("--batch-size {} gives some of the --nproc {} ranks no rows: "
-                                 "expected a batch size >= the number of processes",
-                                 c.batch_size, c.nproc));
+    throw UsageError(
+        fmt::format("--batch-size {} gives some of the --nproc {} ranks no rows: "
+                    "expected a batch size >= the number of processes",
+                    c.batch_size, c.nproc));
   }
   if (c.nproc > 1 && c.teleport_batch > 0 && c.teleport_batch < c.nproc) {
-    throw UsageError(fmt::format("--teleport-batch {} gives some of the --nproc {} ranks no rows: "
-                                 "expected a teleport batch >= the number of processes",
-                                 c.teleport_batch, c.nproc));
+    throw UsageError(
+        fmt::format("--teleport-batch {} gives some of the --nproc {} ranks no rows: "
+                    "expected a teleport batch >= the number of processes",
+                    c.teleport_batch, c.nproc));
   }
 }
 
@@ -147,7 +164,8 @@ inline void check_applies(const CLI::App& app, const Config& c) {
     refuse("--momentum", "(it sets plain sgd's momentum; --optimizer has no sgd)");
   }
   for (const char* flag : {"--hidden", "--activation"}) {
-    if (given(flag) && c.model == "cnn") refuse(flag, "to --model cnn (the LibTorch MNIST network)");
+    if (given(flag) && c.model == "cnn")
+      refuse(flag, "to --model cnn (the LibTorch MNIST network)");
   }
   for (const char* flag : {"--flatness-radius", "--flatness-samples"}) {
     if (given(flag) && c.objective != "flatness") refuse(flag, "without --objective flatness");
@@ -156,10 +174,10 @@ inline void check_applies(const CLI::App& app, const Config& c) {
     if (given(flag) && c.stall_fraction == 0) refuse(flag, "without --stall-fraction");
   }
   if (c.no_teleport) {
-    for (const char* flag : {"--teleport-every", "--teleport-at", "--teleport-first", "--max-teleports",
-                             "--teleport-steps", "--teleport-lr", "--teleport-batch", "--max-growth",
-                             "--max-step", "--tolerance", "--objective", "--symmetry",
-                             "--state-policy", "--stall-fraction"}) {
+    for (const char* flag :
+         {"--teleport-every", "--teleport-at", "--teleport-first", "--max-teleports",
+          "--teleport-steps", "--teleport-lr", "--teleport-batch", "--max-growth", "--max-step",
+          "--tolerance", "--objective", "--symmetry", "--state-policy", "--stall-fraction"}) {
       if (given(flag)) refuse(flag, "with --no-teleport");
     }
   }
@@ -167,7 +185,8 @@ inline void check_applies(const CLI::App& app, const Config& c) {
 
 // Every flag, with its help and its check; `at` takes --teleport-at's list.
 inline void add_options(CLI::App& app, Config& c, std::string& at) {
-  app.add_option("--dataset", c.dataset, "mnist or fashion")->check(CLI::IsMember({"mnist", "fashion"}));
+  app.add_option("--dataset", c.dataset, "mnist or fashion")
+      ->check(CLI::IsMember({"mnist", "fashion"}));
   app.add_option("--data", c.data_dir, "directory with the IDX files");
   app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
   app.add_option("--model", c.model,
@@ -179,18 +198,21 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--optimizer", c.optimizers,
                  "comma-separated: sgd, momentum (SGD, momentum 0.9), nesterov, adagrad, rmsprop, "
                  "adam, adamw");
-  app.add_option("--lr", c.lr, "learning rate (default: each optimizer's tuned one, docs/results.md)")
+  app.add_option("--lr", c.lr,
+                 "learning rate (default: each optimizer's tuned one, docs/results.md)")
       ->check(finite_above(0));
   app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
   app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);
   app.add_option("--epochs", c.epochs, "epochs")->check(CLI::PositiveNumber);
   app.add_option("--max-steps", c.max_steps, "stop after this many steps (0 = no limit)")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--device", c.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--device", c.device, "auto, cpu or cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--seeds", c.seeds, "seeds, e.g. 0,1,2");
-  app.add_option("--symmetry", c.symmetry,
-                 "scaling (exact across ReLU and LeakyReLU) or gl (the paper's data-dependent GL(n), "
-                 "LeakyReLU only; exact when the teleport batch is no larger than the layer widths)")
+  app.add_option(
+         "--symmetry", c.symmetry,
+         "scaling (exact across ReLU and LeakyReLU) or gl (the paper's data-dependent GL(n), "
+         "LeakyReLU only; exact when the teleport batch is no larger than the layer widths)")
       ->check(CLI::IsMember({"scaling", "gl"}));
   app.add_option("--teleport-every", c.teleport_every, "teleport every K steps (0 = never)")
       ->check(CLI::NonNegativeNumber);
@@ -203,12 +225,14 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--teleport-steps", c.teleport_steps, "ascent steps per teleport")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--teleport-lr", c.teleport_lr, "ascent learning rate")->check(finite_above(0));
-  app.add_option("--teleport-batch", c.teleport_batch,
-                 "0 = teleport on the minibatch gradient (closed form); M > 0 = on M training images")
+  app.add_option(
+         "--teleport-batch", c.teleport_batch,
+         "0 = teleport on the minibatch gradient (closed form); M > 0 = on M training images")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--max-growth", c.max_growth, "cap on |grad|^2 after/before per teleport")
       ->check(finite_above(1.0, true));
-  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")->check(finite_above(0));
+  app.add_option("--max-step", c.max_step, "cap on each ascent step's norm")
+      ->check(finite_above(0));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
       ->check(finite_above(0));
   app.add_option("--objective", c.objective,
@@ -268,7 +292,8 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
   if (c.objective.empty()) {
     c.objective = c.symmetry == "gl" || c.teleport_batch > 0 ? "grad_norm" : "balance";
   }
-  if (c.no_baseline && c.no_teleport) throw UsageError("--no-baseline and --no-teleport leave nothing to run");
+  if (c.no_baseline && c.no_teleport)
+    throw UsageError("--no-baseline and --no-teleport leave nothing to run");
   if (c.symmetry == "gl" && c.activation != "leaky_relu") {
     throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
   }
@@ -284,8 +309,9 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
                      "--symmetry scaling and no --teleport-batch");
   }
   if (c.model == "cnn" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
-    throw UsageError("--model cnn teleports by the scalings it declares, from the minibatch: "
-                     "--symmetry gl and --teleport-batch need --model mlp");
+    throw UsageError(
+        "--model cnn teleports by the scalings it declares, from the minibatch: "
+        "--symmetry gl and --teleport-batch need --model mlp");
   }
 }
 

@@ -61,7 +61,7 @@ struct Model {
 };
 
 inline torch::nn::Sequential build_mlp(const std::vector<int64_t>& hidden, const std::string& act,
-                                torch::Device device) {
+                                       torch::Device device) {
   torch::nn::Sequential model;
   int64_t in = 784;
   for (int64_t h : hidden) {

@@ -20,9 +20,8 @@ namespace teleport::examples {
 // sweep over 3 seeds, 3 epochs of the default MLP (docs/results.md).
 inline const std::map<std::string, double>& default_lrs() {
   static const std::map<std::string, double> lrs = {
-      {"sgd", 0.2},       {"momentum", 0.02}, {"nesterov", 0.015},
-      {"adagrad", 0.02},  {"rmsprop", 1e-3},   {"adam", 1e-3},
-      {"adamw", 2e-3}};
+      {"sgd", 0.2},      {"momentum", 0.02}, {"nesterov", 0.015}, {"adagrad", 0.02},
+      {"rmsprop", 1e-3}, {"adam", 1e-3},     {"adamw", 2e-3}};
   return lrs;
 }
 
@@ -37,8 +36,8 @@ inline double default_lr(const std::string& model, const std::string& optimizer)
 // Nesterov's form); `sgd` takes --momentum. AdamW keeps LibTorch's default
 // decoupled weight decay (1e-2).
 inline std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
-                                                        std::vector<at::Tensor> params, double lr,
-                                                        double momentum) {
+                                                               std::vector<at::Tensor> params,
+                                                               double lr, double momentum) {
   namespace o = torch::optim;
   if (name == "sgd") return std::make_unique<o::SGD>(params, o::SGDOptions(lr).momentum(momentum));
   if (name == "momentum") return std::make_unique<o::SGD>(params, o::SGDOptions(lr).momentum(0.9));

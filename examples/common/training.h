@@ -102,9 +102,9 @@ inline std::function<std::pair<at::Tensor, at::Tensor>()> random_batches(
   auto gen = std::make_shared<at::Generator>(at::detail::createCPUGenerator(seed));
   const auto [first, count] = cl.slice(m);
   return [&set, &cl, gen, device, m, first = first, count = count] {
-    const auto idx = torch::randint(set.images.size(0), {m}, *gen,
-                                    torch::TensorOptions().dtype(torch::kLong))
-                         .slice(0, first, first + count);
+    const auto idx =
+        torch::randint(set.images.size(0), {m}, *gen, torch::TensorOptions().dtype(torch::kLong))
+            .slice(0, first, first + count);
     return std::make_pair(set.images.index_select(0, idx).to(device, cl.dtype),
                           set.labels.index_select(0, idx).to(device));
   };
@@ -123,8 +123,9 @@ class Progress {
               double seconds, bool final_line) {
     const double rate = step / std::max(seconds, 1e-9);
     const double eta = (total - step) / std::max(rate, 1e-9);
-    const std::string line = fmt::format("{:<22} step {:>6}/{:<6} epoch {:5.2f}  loss {:.4f}  {:6.0f} steps/s  ETA {:4.0f}s",
-                                         run, step, total, epoch, loss, rate, eta);
+    const std::string line = fmt::format(
+        "{:<22} step {:>6}/{:<6} epoch {:5.2f}  loss {:.4f}  {:6.0f} steps/s  ETA {:4.0f}s", run,
+        step, total, epoch, loss, rate, eta);
     if (log_.is_open()) log_ << line << "\n";
     if (quiet_) return;
     if (tty_) {

@@ -12,7 +12,8 @@ int main() {
   auto model = torch::nn::Sequential(torch::nn::Linear(784, 128), torch::nn::ReLU(),
                                      torch::nn::Linear(128, 128), torch::nn::ReLU(),
                                      torch::nn::Linear(128, 10));
-  teleport::TeleportOptimizer opt(model,
+  teleport::TeleportOptimizer opt(
+      model,
       std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05)),
       teleport::TeleportOptions().every(100).steps(10).lr(1e-3));
 
@@ -29,9 +30,10 @@ int main() {
   const auto* r = opt.last_report();
   const bool ok = opt.symmetries().size() == 2 && r != nullptr && !r->rolled_back &&
                   r->grad_norm_sq_after >= r->grad_norm_sq_before && last < first;
-  fmt::print("consumer: {} symmetries, teleport at step {}: |grad|^2 {:.6g} -> {:.6g}, "
-             "loss {:.4f} -> {:.4f}: {}\n",
-             opt.symmetries().size(), r ? r->step : -1, r ? r->grad_norm_sq_before : NAN,
-             r ? r->grad_norm_sq_after : NAN, first, last, ok ? "ok" : "FAILED");
+  fmt::print(
+      "consumer: {} symmetries, teleport at step {}: |grad|^2 {:.6g} -> {:.6g}, "
+      "loss {:.4f} -> {:.4f}: {}\n",
+      opt.symmetries().size(), r ? r->step : -1, r ? r->grad_norm_sq_before : NAN,
+      r ? r->grad_norm_sq_after : NAN, first, last, ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }

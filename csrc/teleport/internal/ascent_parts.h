@@ -41,8 +41,7 @@ double step_floor(c10::ScalarType dtype, const TeleportOptions& o);
 // diagonal linear steps so that every factor 1 + t stays >= 1/2 (neither cap
 // nor floor in reference mode). The factors are computed in double so that a
 // cap of 1e300 over a tiny norm cannot overflow a float.
-at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o,
-                       bool keep_positive);
+at::Tensor capped_step(const at::Tensor& direction, const TeleportOptions& o, bool keep_positive);
 
 // The factor capped_step() multiplies η D by, on the host: `norm` is η D's
 // norm and `most_negative` −min η D (nullptr: no positivity cap).
@@ -54,7 +53,8 @@ double step_factor(double norm, const double* most_negative, double floor,
 double capped_factor(double norm, double floor, const TeleportOptions& o);
 
 // Each symmetry's capped step along its direction: an attempt's steps at factor 1.
-std::vector<at::Tensor> unit_steps(const SymmetryList& syms, const std::vector<at::Tensor>& directions,
+std::vector<at::Tensor> unit_steps(const SymmetryList& syms,
+                                   const std::vector<at::Tensor>& directions,
                                    const TeleportOptions& o);
 
 // The group element of one ascent step: the symmetry's own, or in reference
@@ -104,7 +104,9 @@ template <>
 struct Values<at::Tensor> {
   using Flag = at::Tensor;
   using Count = at::Tensor;
-  static at::Tensor constant(double x, const at::Tensor& like) { return at::full({}, x, like.options()); }
+  static at::Tensor constant(double x, const at::Tensor& like) {
+    return at::full({}, x, like.options());
+  }
   static Flag flag(bool b, const at::Tensor& like) {
     return at::full({}, b, like.options().dtype(at::kBool));
   }
@@ -130,11 +132,17 @@ struct Values<double> {
 template <class V>
 V read_as(const at::Tensor& t);
 template <>
-inline at::Tensor read_as<at::Tensor>(const at::Tensor& t) { return t; }
+inline at::Tensor read_as<at::Tensor>(const at::Tensor& t) {
+  return t;
+}
 template <>
-inline double read_as<double>(const at::Tensor& t) { return t.item<double>(); }
+inline double read_as<double>(const at::Tensor& t) {
+  return t.item<double>();
+}
 template <>
-inline bool read_as<bool>(const at::Tensor& t) { return t.item<bool>(); }
+inline bool read_as<bool>(const at::Tensor& t) {
+  return t.item<bool>();
+}
 inline at::Tensor as_tensor(const at::Tensor& v, const at::Tensor&) { return v; }
 inline at::Tensor as_tensor(double v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options());
@@ -314,7 +322,8 @@ struct Ascent {
         continue;
       }
       // The identity itself (a matrix_exp of an n × n zero costs milliseconds).
-      const at::Tensor id = s->diagonal() ? at::ones_like(zero) : at::eye(zero.size(0), zero.options());
+      const at::Tensor id =
+          s->diagonal() ? at::ones_like(zero) : at::eye(zero.size(0), zero.options());
       total.push_back(GroupElement{id, id.clone(), s->diagonal(), {}});
     }
   }

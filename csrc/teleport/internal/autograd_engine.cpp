@@ -45,7 +45,7 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
       for (size_t i = 0; i < params.size(); ++i) fixed.emplace_back(params[i], before[i]);
       return fixed;
     }())
-                                                             : batch;
+                                                            : batch;
     const std::vector<at::Tensor> unit = unit_steps(syms, directions, o);
     const V& scale = control.scale(norm_after, read_as<V>(rise(directions, unit)));
     // Known on the host: whether the product of steps so far is the identity.
@@ -77,8 +77,8 @@ Ascent autograd_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& 
 }
 
 template Ascent autograd_ascent<double>(const SymmetryList&, const std::vector<at::Tensor>&,
-                                       const BatchLoss&, const TeleportOptions&);
+                                        const BatchLoss&, const TeleportOptions&);
 template Ascent autograd_ascent<at::Tensor>(const SymmetryList&, const std::vector<at::Tensor>&,
-                                           const BatchLoss&, const TeleportOptions&);
+                                            const BatchLoss&, const TeleportOptions&);
 
 }  // namespace teleport::detail

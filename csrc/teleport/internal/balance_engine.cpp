@@ -26,7 +26,8 @@ Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   std::vector<at::Tensor> w;
   for (const auto& p : params) w.push_back(p.detach().clone());
   std::vector<at::Tensor> c;
-  for (const auto& s : syms) c.push_back(at::ones({s->zero_algebra().size(0)}, params.front().options()));
+  for (const auto& s : syms)
+    c.push_back(at::ones({s->zero_algebra().size(0)}, params.front().options()));
   Ascent a(syms);
   a.objective_before = norm_sq(w);
   a.norm_before = norm_sq(grads);
@@ -37,16 +38,18 @@ Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
       at::Tensor in = w[idx[0]].square().reshape({n, -1}).sum(1);
       if (idx.size() == 3) in = in + w[idx[1]].square();
       const at::Tensor& w_out = w[idx.back()];
-      const at::Tensor out = w_out.square().reshape({w_out.size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      const at::Tensor out =
+          w_out.square().reshape({w_out.size(0), n, -1}).sum(at::IntArrayRef{0, 2});
       // Dead units (no incoming or no outgoing weight) keep their factor.
-      const at::Tensor t = at::where(in.gt(0).logical_and(out.gt(0)), (out / in).pow(0.25),
-                                     at::ones_like(in));
+      const at::Tensor t =
+          at::where(in.gt(0).logical_and(out.gt(0)), (out / in).pow(0.25), at::ones_like(in));
       for (size_t j = 0; j + 1 < idx.size(); ++j) {
         std::vector<int64_t> shape(static_cast<size_t>(w[idx[j]].dim()), 1);
         shape[0] = n;
         w[idx[j]] = w[idx[j]] * t.view(shape);
       }
-      w[idx.back()] = (w_out.reshape({w_out.size(0), n, -1}) / t.view({1, n, 1})).reshape(w_out.sizes());
+      w[idx.back()] =
+          (w_out.reshape({w_out.size(0), n, -1}) / t.view({1, n, 1})).reshape(w_out.sizes());
       c[k] = c[k] * t;
     }
   }

@@ -26,11 +26,13 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
 
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<at::Tensor> dirs;
-    for (size_t k = 0; k < syms.size(); ++k) dirs.push_back(syms[k]->direction(pick(grads, where[k])));
+    for (size_t k = 0; k < syms.size(); ++k)
+      dirs.push_back(syms[k]->direction(pick(grads, where[k])));
     const std::vector<at::Tensor> unit = unit_steps(syms, dirs, o);
     const at::Tensor& scale = control.scale(a.norm_after, rise(dirs, unit));
     std::vector<GroupElement> elements;
-    for (size_t k = 0; k < syms.size(); ++k) elements.push_back(step_element(*syms[k], unit[k] * scale, o));
+    for (size_t k = 0; k < syms.size(); ++k)
+      elements.push_back(step_element(*syms[k], unit[k] * scale, o));
     // The gradients after this step, known exactly without a backward pass;
     // the step is kept only if they raise ||∇L||² within the cap.
     std::vector<at::Tensor> candidate;

@@ -5,9 +5,9 @@
 // there.
 
 #include <teleport/ascent.h>
-#include <teleport/internal/parameters.h>
 #include <teleport/batch_loss.h>
 #include <teleport/internal/ascent_parts.h>
+#include <teleport/internal/parameters.h>
 
 #include <ATen/Tensor.h>
 
@@ -19,8 +19,7 @@ namespace teleport::detail {
 // The gradients of the batch's loss at the current weights, without
 // touching `.grad`; the loss itself comes back through `loss`.
 std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
-                                        const std::vector<at::Tensor>& params,
-                                        at::Tensor& loss);
+                                        const std::vector<at::Tensor>& params, at::Tensor& loss);
 
 // One attempt on the weights themselves: each symmetry's unit step times
 // `scale`, applied (a data-dependent action reads `batch`) and composed into
@@ -51,13 +50,15 @@ std::vector<GroupElement> apply_steps(const SymmetryList& syms, const std::vecto
 // host synchronisation); where true, the new point's directions are taken.
 void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
-                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<GroupElement>& total_before,
+                  std::vector<at::Tensor>& directions,
                   const std::vector<at::Tensor>& next_directions);
 // The same decided on the host (on the CPU): a kept attempt copies nothing, a
 // refused one copies the weights back.
 void keep_or_undo(bool ok, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
-                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<GroupElement>& total_before,
+                  std::vector<at::Tensor>& directions,
                   const std::vector<at::Tensor>& next_directions);
 
 struct Evaluation {
@@ -104,9 +105,9 @@ struct Lowered {
   // process.
   at::Tensor value;
 };
-using LoweredFn = std::function<Lowered(const std::vector<at::Tensor>& current,
-                                        const std::vector<at::Tensor>& Ts,
-                                        const std::vector<GroupElement>& total)>;
+using LoweredFn =
+    std::function<Lowered(const std::vector<at::Tensor>& current, const std::vector<at::Tensor>& Ts,
+                          const std::vector<GroupElement>& total)>;
 
 // The lowered engine: descent on `fn` (look_ahead() or flatness()).
 Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,

@@ -16,8 +16,7 @@ namespace teleport::detail {
 // The gradients of the batch's loss at the current weights, without
 // touching `.grad`; the loss itself comes back through `loss`.
 std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
-                                        const std::vector<at::Tensor>& params,
-                                        at::Tensor& loss) {
+                                        const std::vector<at::Tensor>& params, at::Tensor& loss) {
   at::AutoGradMode enable(true);
   loss = batch.loss();
   if (batch.group() == nullptr) {
@@ -40,7 +39,8 @@ std::vector<at::Tensor> batch_gradients(const BatchLoss& batch,
 // host synchronisation); where true, the new point's directions are taken.
 void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
-                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<GroupElement>& total_before,
+                  std::vector<at::Tensor>& directions,
                   const std::vector<at::Tensor>& next_directions) {
   {
     at::NoGradGuard no_grad;
@@ -58,7 +58,9 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
   }
   for (size_t k = 0; k < total.size(); ++k) {
     total[k] = {at::where(ok, total[k].g, total_before[k].g),
-                at::where(ok, total[k].g_inv, total_before[k].g_inv), total[k].diagonal, {}};
+                at::where(ok, total[k].g_inv, total_before[k].g_inv),
+                total[k].diagonal,
+                {}};
     directions[k] = at::where(ok, next_directions[k], directions[k]);
   }
 }
@@ -67,7 +69,8 @@ void keep_or_undo(const at::Tensor& ok, const std::vector<at::Tensor>& params,
 // refused one copies the weights back.
 void keep_or_undo(bool ok, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& before, std::vector<GroupElement>& total,
-                  const std::vector<GroupElement>& total_before, std::vector<at::Tensor>& directions,
+                  const std::vector<GroupElement>& total_before,
+                  std::vector<at::Tensor>& directions,
                   const std::vector<at::Tensor>& next_directions) {
   if (ok) {
     for (auto& e : total) e.invertible = at::Tensor();
@@ -103,7 +106,8 @@ struct Taps {
 };
 
 // Before the evaluation: the layers to record.
-std::vector<const DataDependentGL*> tap_candidates(const SymmetryList& syms, const BatchLoss& batch) {
+std::vector<const DataDependentGL*> tap_candidates(const SymmetryList& syms,
+                                                   const BatchLoss& batch) {
   std::vector<const DataDependentGL*> out(syms.size(), nullptr);
   if (batch.group() != nullptr || !batch.has_model()) return out;
   for (size_t k = 0; k < syms.size(); ++k) {
@@ -288,8 +292,7 @@ Evaluation evaluate(const SymmetryList& syms, const std::vector<at::Tensor>& par
   // network as the earlier actions left it.
   for (size_t k = 0; k < syms.size(); ++k) {
     Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
-    const auto acted =
-        syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force(), mode);
+    const auto acted = syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force(), mode);
     for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
   }
   const at::Tensor loss = batch.loss(in_force());

@@ -44,9 +44,9 @@ std::string untransportable(const Optimizer& opt);
 // The inner state's buffers of one parameter, by what they hold
 // (docs/design.md §7).
 struct Buffers {
-  at::Tensor gradient_like;          // maps as gradients do
-  std::vector<at::Tensor> squared;   // sums or averages of squared gradients
-  bool known = true;                 // false for a state type not listed here
+  at::Tensor gradient_like;         // maps as gradients do
+  std::vector<at::Tensor> squared;  // sums or averages of squared gradients
+  bool known = true;                // false for a state type not listed here
 };
 Buffers buffers_of(torch::optim::OptimizerParamState* s);
 

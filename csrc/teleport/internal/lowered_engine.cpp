@@ -6,8 +6,8 @@
 #include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <functional>
@@ -35,7 +35,8 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
       ParameterOverrides in_force;
       for (size_t i = 0; i < params.size(); ++i) in_force.emplace_back(params[i], current[i]);
       Ts.push_back(syms[k]->zero_algebra().requires_grad_(true));
-      const auto acted = syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force, o.mode());
+      const auto acted =
+          syms[k]->act(pick(current, where[k]), Ts.back(), &batch, in_force, o.mode());
       for (size_t j = 0; j < acted.size(); ++j) current[where[k][j]] = acted[j];
     }
     const Lowered l = fn(current, Ts, a.total);
@@ -57,8 +58,8 @@ Ascent descent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
     std::vector<at::Tensor> before;
     for (const auto& p : params) before.push_back(p.detach().clone());
     const std::vector<GroupElement> total_before = a.total;
-    const std::vector<GroupElement> elements = apply_steps(
-        syms, unit_steps(syms, here.directions, o), control.scale(), batch, a.total, o);
+    const std::vector<GroupElement> elements =
+        apply_steps(syms, unit_steps(syms, here.directions, o), control.scale(), batch, a.total, o);
     Value next = value();
     const at::Tensor ok = control.active()
                               .logical_and(next.at.objective < a.objective_after)
@@ -106,8 +107,10 @@ LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& pa
         m[i] = t.m.defined() ? t.m.detach().clone() : at::zeros_like(params[i]);
         v[i] = t.v.defined() ? t.v.detach().clone() : at::zeros_like(params[i]);
       }
-      TORCH_CHECK(m[i].defined(), "teleport: kLookAhead's NextStep has no term for a parameter of "
-                                  "shape ", params[i].sizes(), " that the symmetries act on");
+      TORCH_CHECK(m[i].defined(),
+                  "teleport: kLookAhead's NextStep has no term for a parameter of "
+                  "shape ",
+                  params[i].sizes(), " that the symmetries act on");
     }
     for (size_t k = 0; k < syms.size() && next.transported; ++k) {
       syms[k]->transport_gradients_(total[k], pick(m, where[k]));
@@ -171,7 +174,8 @@ LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& pa
       if (t.adaptive) {
         // Clamped away from 0 so that √ keeps a finite derivative (far below eps).
         const double tiny = values[i].scalar_type() == at::kDouble ? 1e-300 : 1e-37;
-        delta = delta / (at::sqrt(at::clamp_min((t.c * vs[i] + t.d * gh.square()) / t.e, tiny)) + t.eps);
+        delta = delta /
+                (at::sqrt(at::clamp_min((t.c * vs[i] + t.d * gh.square()) / t.e, tiny)) + t.eps);
       }
       delta = t.lr * delta;
       if (t.decoupled_decay != 0) delta = delta + t.lr * t.decoupled_decay * values[i];

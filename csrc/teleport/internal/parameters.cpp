@@ -16,9 +16,7 @@ namespace {
 bool tensor_ops_on_cpu = false;  // see internal/tensor_ops.h
 }  // namespace
 
-TensorOpsOnCpu::TensorOpsOnCpu() : previous_(tensor_ops_on_cpu) {
-  tensor_ops_on_cpu = true;
-}
+TensorOpsOnCpu::TensorOpsOnCpu() : previous_(tensor_ops_on_cpu) { tensor_ops_on_cpu = true; }
 TensorOpsOnCpu::~TensorOpsOnCpu() { tensor_ops_on_cpu = previous_; }
 
 bool host_bookkeeping(const at::Tensor& like) {

@@ -37,7 +37,8 @@ Ascent preconditioned_ascent(const SymmetryList& syms, const std::vector<at::Ten
     }
     TORCH_CHECK(d.defined() && d.sizes() == params[i].sizes(),
                 "teleport: kPreconditioned needs √v̂ for every parameter the symmetries act on, "
-                "of its shape; none or another for a parameter of shape ", params[i].sizes());
+                "of its shape; none or another for a parameter of shape ",
+                params[i].sizes());
     D.push_back(d);
   }
   struct Value {
@@ -76,7 +77,8 @@ Ascent preconditioned_ascent(const SymmetryList& syms, const std::vector<at::Ten
     return v;
   };
   std::vector<at::Tensor> u;
-  for (const auto& sym : syms) u.push_back(at::zeros({sym->zero_algebra().size(0)}, params.front().options()));
+  for (const auto& sym : syms)
+    u.push_back(at::zeros({sym->zero_algebra().size(0)}, params.front().options()));
   Value here = evaluate_at(u);
   Ascent a(syms);
   a.objective_before = a.objective_after = here.F;

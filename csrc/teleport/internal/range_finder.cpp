@@ -83,7 +83,8 @@ at::Tensor project_out(const at::Tensor& E, at::Tensor Y, int passes) {
 // were kept; `left` is the largest mass left in a column. Two host reads.
 // E is a view of `rows`, E's transpose grown row by row (so that a new block
 // writes only its own memory); no more columns are kept than `rows` has room for.
-int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double cut, double& left) {
+int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double cut,
+                     double& left) {
   const int64_t b = Y.size(1);
   // One pass: what rounding leaves in E's span is ε of Y, far below the cut.
   Y = project_out(E, Y, 1);
@@ -100,7 +101,8 @@ int64_t extend_basis(at::Tensor& E, const at::Tensor& rows, at::Tensor Y, double
   std::vector<int64_t> piv;
   std::vector<double> R;
   // (At most the room left: the rest would be rounding of the directions kept.)
-  const int64_t k = std::min(pivoted_cholesky(c, b, resolved, piv, R, left), rows.size(0) - E.size(1));
+  const int64_t k =
+      std::min(pivoted_cholesky(c, b, resolved, piv, R, left), rows.size(0) - E.size(1));
   if (k == 0) return 0;
   at::Tensor R11 = at::zeros({k, k}, C.options());
   double* r11 = R11.data_ptr<double>();
@@ -153,8 +155,8 @@ at::Tensor range_basis(const std::vector<at::Tensor>& acted, double cut, int64_t
     } else {
       while (E.size(1) < n && E.size(1) <= max_columns) {
         const int64_t b = std::min(block, n - E.size(1));
-        const int64_t k = extend_basis(E, rows, at::mm(acted[i], random_signs(m, b, stream++, first.options())),
-                                       cut, left);
+        const int64_t k = extend_basis(
+            E, rows, at::mm(acted[i], random_signs(m, b, stream++, first.options())), cut, left);
         // A block of b random combinations captures every direction of a
         // range of dimension d ≤ b/2 (its sketch there is well conditioned):
         // fewer than b/2 kept, with nothing left to a later block, means the

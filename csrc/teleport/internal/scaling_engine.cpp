@@ -6,8 +6,8 @@
 #include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,8 +26,8 @@ namespace {
 // touched once, at the end. Same result as closed_form_ascent, far cheaper.
 struct ScalingSlot {
   bool bias = false;
-  int row = -1, col = -1;  // the symmetries on its rows and columns, -1 for none
-  at::Tensor q;            // the squared gradient, for biases and weights with both
+  int row = -1, col = -1;         // the symmetries on its rows and columns, -1 for none
+  at::Tensor q;                   // the squared gradient, for biases and weights with both
   at::Tensor row_sums, col_sums;  // Q 1 or Qᵀ 1 for weights with one side only
 };
 
@@ -87,7 +87,8 @@ Ascent finish_scaling(const SymmetryList& syms, const std::vector<at::Tensor>& p
       largest.push_back(at::maximum(high, -low));
     }
     at::Tensor bound = at::stack(largest).max();
-    for (const auto& ck : c) bound = bound * at::clamp_min(ck.max(), 1) * at::clamp_min(ck.reciprocal().max(), 1);
+    for (const auto& ck : c)
+      bound = bound * at::clamp_min(ck.max(), 1) * at::clamp_min(ck.reciprocal().max(), 1);
     a.finite = at::isfinite(a.norm_after).logical_and(at::isfinite(bound));
     for (auto& ck : c) ck = at::where(a.finite, ck, at::ones_like(ck));
   }
@@ -107,11 +108,11 @@ template <typename scalar_t>
 std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
                                          const std::vector<int64_t>& widths,
                                          const TeleportOptions& o, double& norm_before,
-                                         double& norm_after, int64_t& steps,
-                                         int64_t& refused) {
+                                         double& norm_after, int64_t& steps, int64_t& refused) {
   using Vec = std::vector<double>;
   auto as_tensor = [](const Vec& v) {
-    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, c10::CppTypeToScalarType<scalar_t>::value);
+    at::Tensor t =
+        at::empty({static_cast<int64_t>(v.size())}, c10::CppTypeToScalarType<scalar_t>::value);
     std::copy(v.begin(), v.end(), t.data_ptr<scalar_t>());
     return t;
   };
@@ -162,7 +163,7 @@ std::vector<at::Tensor> scaling_loop_cpu(const std::vector<ScalingSlot>& slots,
   HostControl control(norm_before, limit, o);
   for (int64_t attempt = 0; attempt < control.attempts(); ++attempt) {
     std::vector<Vec> unit = dirs;  // T = η D capped as capped_step does
-    double slope = 0;               // rise()
+    double slope = 0;              // rise()
     for (size_t k = 0; k < c.size(); ++k) {
       double length = 0, lowest = INFINITY;
       for (double d : dirs[k]) {
@@ -241,7 +242,8 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     }
   }
   std::vector<at::Tensor> c;
-  for (const auto& sym : syms) c.push_back(at::ones({sym->zero_algebra().size(0)}, params.front().options()));
+  for (const auto& sym : syms)
+    c.push_back(at::ones({sym->zero_algebra().size(0)}, params.front().options()));
 
   Ascent a(syms);
   if (detail::host_bookkeeping(params)) {
@@ -257,7 +259,8 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     a.norm_after = at::full({}, after, scalar).to(params.front().scalar_type());
     a.steps = at::full({}, taken, params.front().options().dtype(at::kLong));
     a.shortened = at::full({}, refused, params.front().options().dtype(at::kLong));
-    return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
+    return finish_scaling(syms, params, grads, where, std::move(c), std::move(a),
+                          decide_before_apply);
   }
   ScalingState st = scaling_state(slots, c);
   a.norm_before = st.norm;
@@ -271,7 +274,8 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
     std::vector<at::Tensor> candidate;
     for (size_t k = 0; k < c.size(); ++k) {
       const at::Tensor T = unit[k] * scale;
-      candidate.push_back(c[k] * (o.parametrization() == Parametrization::kExp ? at::exp(T) : T + 1));
+      candidate.push_back(c[k] *
+                          (o.parametrization() == Parametrization::kExp ? at::exp(T) : T + 1));
     }
     ScalingState next = scaling_state(slots, candidate);
     const at::Tensor ok = control.active().logical_and(accepts(next.norm, st.norm, limit, o));
@@ -286,7 +290,8 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   a.steps = control.taken();
   a.shortened = control.refused();
   a.norm_after = st.norm;
-  return finish_scaling(syms, params, grads, where, std::move(c), std::move(a), decide_before_apply);
+  return finish_scaling(syms, params, grads, where, std::move(c), std::move(a),
+                        decide_before_apply);
 }
 
 }  // namespace teleport::detail

@@ -69,10 +69,14 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
   SpanState st;
   // x (I + αM) and (I + αM) x, as one fused product and sum; nothing at the identity.
   auto times = [identity](const at::Tensor& x, const at::Tensor& M, double alpha) {
-    return identity ? x : x.dim() == 2 ? at::addmm(x, x, M, 1, alpha) : at::add(x, at::matmul(x, M), alpha);
+    return identity       ? x
+           : x.dim() == 2 ? at::addmm(x, x, M, 1, alpha)
+                          : at::add(x, at::matmul(x, M), alpha);
   };
   auto by = [identity](const at::Tensor& M, double alpha, const at::Tensor& x) {
-    return identity ? x : x.dim() == 2 ? at::addmm(x, M, x, 1, alpha) : at::add(x, at::matmul(M, x), alpha);
+    return identity       ? x
+           : x.dim() == 2 ? at::addmm(x, M, x, 1, alpha)
+                          : at::add(x, at::matmul(M, x), alpha);
   };
   auto squared = [](const at::Tensor& x) { return at::dot(x.reshape(-1), x.reshape(-1)); };
   // The direction 2(Σ right Grams − Σ left Grams), summed in place: X Xᵀ
@@ -80,7 +84,8 @@ SpanState span_state(const std::vector<SpanPiece>& pieces, const std::vector<Spa
   auto add = [&dir](int k, const at::Tensor& X, double sign, bool gram) {
     if (!dir[k].defined()) {
       // (β = 0: the zero it is given is not read.)
-      dir[k] = gram ? at::addmm(at::zeros({}, X.options()).expand({X.size(0), X.size(0)}), X, X.t(), 0, 2 * sign)
+      dir[k] = gram ? at::addmm(at::zeros({}, X.options()).expand({X.size(0), X.size(0)}), X, X.t(),
+                                0, 2 * sign)
                     : X * (2 * sign);
     } else if (gram) {
       dir[k].addmm_(X, X.t(), 1, 2 * sign);
@@ -354,7 +359,7 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
   }
   const size_t m = syms.size();
   a.total.resize(m);
-  std::vector<at::Tensor> h;  // the product of the steps kept, in the basis
+  std::vector<at::Tensor> h;       // the product of the steps kept, in the basis
   std::vector<SpanStep> identity;  // (its D only gives the shape)
   for (size_t k = 0; k < m; ++k) {
     h.push_back(at::eye(E[k].size(1), E[k].options()));
@@ -376,7 +381,9 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
     a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
     const at::Tensor M = minus_identity(h[k]), M_inv = minus_identity(h_inv), Et = E[k].t();
     a.total[k] = GroupElement{plus_identity(at::mm(E[k], at::mm(M, Et))),
-                              plus_identity(at::mm(E[k], at::mm(M_inv, Et))), false, {}};
+                              plus_identity(at::mm(E[k], at::mm(M_inv, Et))),
+                              false,
+                              {}};
     by_g[k] = {a.total[k].g, E[k], M};
     by_g_inv_t[k] = {a.total[k].g_inv.t(), E[k], M_inv.t()};
   }

@@ -99,8 +99,9 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
   // costs 2r²·end per ascent step instead of the Gram's 2r³;
   // else its Gram PPᵀ added to the side's Gram. The rest of its squared norm
   // goes to `rest`.
-  auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest, const at::Tensor& acted,
-                     const at::Tensor& basis, int64_t end, const at::Tensor& total) {
+  auto one_side = [](at::Tensor& factor, at::Tensor& gram, at::Tensor& rest,
+                     const at::Tensor& acted, const at::Tensor& basis, int64_t end,
+                     const at::Tensor& total) {
     const at::Tensor P = at::mm(basis.t(), acted);
     const int64_t r = basis.size(1);
     at::Tensor F;
@@ -135,7 +136,8 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
         left_projections[i] = at::mm(E[l].t(), grads[i].reshape({width[l], -1}));
       }
       const at::Tensor EG_rows = left_projections[i];
-      const at::Tensor EG = EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
+      const at::Tensor EG =
+          EG_rows.view({E[l].size(1), width[r], -1}).permute({2, 0, 1});  // [inner, r_l, n_r]
       SpanPiece p;
       p.left = l, p.right = r;
       p.A = at::matmul(EG, E[r]);
@@ -144,7 +146,8 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       const at::Tensor in_left = EG_rows.square().sum(), in_a = p.A.square().sum();
       // ||E_lᵀG||² − ||A||² is the left Gram's trace outside A; ||G||² −
       // ||E_lᵀG||² bounds the right one's. One host read.
-      const at::Tensor outside = at::stack({in_left - in_a, total - in_left, total}).to(at::kCPU, at::kDouble);
+      const at::Tensor outside =
+          at::stack({in_left - in_a, total - in_left, total}).to(at::kCPU, at::kDouble);
       const double* o = outside.data_ptr<double>();
       p.rest = total - in_a;
       if (!(std::abs(o[0]) <= drop * o[2])) {
@@ -161,8 +164,8 @@ bool span_pieces(const SymmetryList& syms, const std::vector<at::Tensor>& grads,
       left_projections[i] = one_side(only_left[l].BF, only_left[l].BB, only_left[l].rest,
                                      grads[i].reshape({width[l], -1}), E[l], end_left[i], total);
     } else if (r >= 0) {
-      one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest, column_rows(grads[i], width[r]).t(),
-               E[r], end_right[i], total);
+      one_side(only_right[r].CF, only_right[r].CC, only_right[r].rest,
+               column_rows(grads[i], width[r]).t(), E[r], end_right[i], total);
     }
   }
   for (size_t k = 0; k < m; ++k) {
