@@ -521,5 +521,57 @@ TEST_P(SymmetryTest, ConvolutionalShapesAreCheckedClearly) {
   EXPECT_EQ(error_of([&] { gl(conv, nn::Conv2d(nn::Conv2dOptions(4, 2, 1))); }), "");
 }
 
+// A symmetry of the user's own, through the six methods the interface
+// requires (symmetry.h): f(x) = a·b·x is unchanged by (a, b) -> (g a, b / g)
+// for g > 0.
+class ProductScaling : public Symmetry {
+ public:
+  ProductScaling(at::Tensor a, at::Tensor b) : a_(std::move(a)), b_(std::move(b)) {}
+  std::string name() const override { return "product scaling"; }
+  bool diagonal() const override { return true; }
+  std::vector<at::Tensor> parameters() const override { return {a_, b_}; }
+  at::Tensor zero_algebra() const override { return torch::zeros({1}, a_.options()); }
+  void apply_(const GroupElement& e, const BatchLoss*, Mode) const override {
+    torch::NoGradGuard no_grad;
+    a_.mul_(e.g);
+    b_.mul_(e.g_inv);
+  }
+  std::vector<at::Tensor> act(const std::vector<at::Tensor>& p, const at::Tensor& T,
+                              const BatchLoss*, const ParameterOverrides&, Mode) const override {
+    return {p[0] * (1 + T), p[1] / (1 + T)};
+  }
+
+ private:
+  at::Tensor a_, b_;
+};
+
+// It passes the symmetry check, teleports by autograd keeping the loss and
+// raising ||∇L||², and a closed-form teleport is refused with a clear error.
+TEST_P(SymmetryTest, UserDefinedSymmetryTeleportsByAutograd) {
+  torch::manual_seed(0);
+  auto a = torch::full({1}, 0.5, f64()).requires_grad_(true);
+  auto b = torch::full({1}, 2.0, f64()).requires_grad_(true);
+  const auto x = torch::randn({8}, f64()), y = 3 * x;
+  const BatchLoss objective([&](const ParameterOverrides& ov) {
+    return (value_of(ov, a) * value_of(ov, b) * x - y).square().mean();
+  });
+  const auto sym = std::make_shared<ProductScaling>(a, b);
+  const SymmetryList syms{sym};
+  EXPECT_TRUE(check_symmetry(*sym, [&] { return objective.loss(); }).holds);
+  const auto r =
+      teleport(syms, TeleportOptions().method(Method::kAutograd).steps(5).lr(0.1), &objective);
+  ASSERT_FALSE(r.rolled_back) << r.reason;
+  EXPECT_GT(r.steps, 0);
+  EXPECT_NEAR(r.loss_after, r.loss_before, 1e-12 * r.loss_before);
+  EXPECT_GT(r.grad_norm_sq_after, 1.01 * r.grad_norm_sq_before);
+  EXPECT_NEAR((a * b).item<double>(), 1.0, 1e-12);
+  EXPECT_NE(a.item<double>(), 0.5);
+  EXPECT_TRUE(r.gradients_stale);  // no transport_gradients_(): computed afresh
+  EXPECT_NE(error_of([&] {
+              teleport(syms, TeleportOptions().method(Method::kClosedForm));
+            }).find("product scaling has no closed-form direction"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace teleport::testing

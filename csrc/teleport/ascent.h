@@ -89,8 +89,8 @@ struct SymmetryCheck {
 /// group element of norm `size` (g = exp(T), T drawn from a generator seeded
 /// with `seed`, so positive scalings stay positive), evaluates the loss,
 /// and puts the symmetry's parameters and their `.grad` back bitwise (other
-/// gradients the loss rewrites are the caller's). For symmetries whose action
-/// is linear (transports_gradients()); TeleportOptimizer runs it on every
+/// gradients the loss rewrites are the caller's). For symmetries that read no
+/// batch (Symmetry::reads_batch()); TeleportOptimizer runs it on every such
 /// symmetry before its first teleport (TeleportOptions::verify).
 SymmetryCheck check_symmetry(const Symmetry& symmetry, const std::function<at::Tensor()>& loss,
                              double size = 0.5, uint64_t seed = 0);

@@ -16,7 +16,7 @@ SymmetryCheck check_symmetry(const Symmetry& symmetry, const std::function<at::T
   TORCH_CHECK(loss != nullptr, "check_symmetry: expected a loss, got none");
   TORCH_CHECK(std::isfinite(size) && size > 0, "check_symmetry: expected a finite size > 0, got ",
               size);
-  TORCH_CHECK(symmetry.transports_gradients(), "check_symmetry: ", symmetry.name(),
+  TORCH_CHECK(!symmetry.reads_batch(), "check_symmetry: ", symmetry.name(),
               " acts through a batch (data-dependent); its teleports check the loss on it");
   const auto params = symmetry.parameters();
   TORCH_CHECK(!params.empty(), "check_symmetry: ", symmetry.name(), " acts on no tensor");

@@ -241,7 +241,7 @@ void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& los
   for (const auto& s : symmetries_) {
     const bool checked = std::find(verified_.begin(), verified_.end(), s.get()) != verified_.end();
     const bool taking_part = std::find(active_.begin(), active_.end(), s) != active_.end();
-    if (checked || !taking_part || !s->transports_gradients()) {
+    if (checked || !taking_part || s->reads_batch()) {
       kept.push_back(s);
       continue;
     }

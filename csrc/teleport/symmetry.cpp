@@ -299,6 +299,25 @@ void LayerSymmetry::check_unchanged() const {
   }
 }
 
+at::Tensor Symmetry::direction(const std::vector<at::Tensor>&) const {
+  TORCH_CHECK(false, name(),
+              ": expected a closed-form direction, got a symmetry without one "
+              "(teleport it with Method::kAutograd)");
+}
+
+void Symmetry::transport_gradients_(const GroupElement&, const std::vector<at::Tensor>&) const {
+  TORCH_CHECK(false, name(),
+              ": expected an action whose gradients map exactly, got one "
+              "without transport_gradients_() (gradients are computed afresh)");
+}
+
+void Symmetry::transport_squared_gradients_(const GroupElement&,
+                                            const std::vector<at::Tensor>&) const {
+  TORCH_CHECK(false, name(),
+              ": expected an action that carries squared gradients exactly, got "
+              "one without transport_squared_gradients_()");
+}
+
 at::Tensor Symmetry::pullback(const std::vector<at::Tensor>& params,
                               const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
                               const ParameterOverrides& in_force) const {

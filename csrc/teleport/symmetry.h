@@ -44,6 +44,17 @@ struct GroupElement {
 
 /// A group G acting on some parameters with L(g·w) = L(w). The teleport loop
 /// (ascent.h) talks to symmetries only through this interface.
+///
+/// Your own symmetry needs six methods: name(), diagonal(), parameters(),
+/// zero_algebra(), apply_() and act(). It then teleports by autograd
+/// (Method::kAutograd, with a batch and a loss), its gradients computed afresh
+/// after each teleport, and TeleportOptimizer verifies it on the loss before
+/// its first teleport. The other methods have defaults to override where the
+/// action allows more: a closed-form direction (has_closed_form(),
+/// direction()), exact maps of gradients and of squared gradients (what the
+/// inner optimizer's state needs to be carried), exactness on a batch, a
+/// check that the parameters kept their shapes. tests/symmetry_test.cpp
+/// has an example (UserDefinedSymmetryTeleportsByAutograd).
 class Symmetry {
  public:
   virtual ~Symmetry() = default;
@@ -58,9 +69,10 @@ class Symmetry {
   virtual at::Tensor zero_algebra() const = 0;
 
   /// Whether direction() is available (the action is linear and exact).
-  virtual bool has_closed_form() const = 0;
-  /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 from the gradients alone.
-  virtual at::Tensor direction(const std::vector<at::Tensor>& grads) const = 0;
+  /// Default: no.
+  virtual bool has_closed_form() const { return false; }
+  /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 from the gradients alone. Default: throws.
+  virtual at::Tensor direction(const std::vector<at::Tensor>& grads) const;
 
   /// The group element for algebra element T.
   virtual GroupElement element(const at::Tensor& T, Parametrization p) const {
@@ -73,25 +85,30 @@ class Symmetry {
   /// where it differs (the data-dependent action); others ignore it.
   virtual void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const = 0;
+  /// Whether apply_() and act() read a batch (a data-dependent action: it
+  /// cannot be applied, nor checked by check_symmetry(), without one).
+  /// Default: no.
+  virtual bool reads_batch() const { return false; }
   /// Whether the action is exact, for all data or on `batch` (a data-dependent
-  /// action is exact only when the batch is small enough; it warns otherwise).
-  virtual bool exact_for(const BatchLoss* batch) const = 0;
+  /// action is exact only when the batch is small enough). Default: yes.
+  virtual bool exact_for(const BatchLoss* /*batch*/) const { return true; }
 
   /// Whether gradients map exactly (the action is linear in the weights);
-  /// otherwise gradients must be computed afresh after a teleport.
-  virtual bool transports_gradients() const = 0;
+  /// otherwise gradients must be computed afresh after a teleport. Default: no.
+  virtual bool transports_gradients() const { return false; }
   /// Tensors that transform as gradients do (gradients, momentum buffers):
-  /// X -> A_g^{-T} X, in place.
+  /// X -> A_g^{-T} X, in place. Default: throws.
   virtual void transport_gradients_(const GroupElement& e,
-                                    const std::vector<at::Tensor>& grads) const = 0;
+                                    const std::vector<at::Tensor>& grads) const;
   /// Whether transport_squared_gradients_() is exact for this group's diagonal
-  /// elements (no elementwise map of squares is exact under a non-diagonal one).
-  virtual bool can_transport_squared_gradients() const = 0;
+  /// elements (no elementwise map of squares is exact under a non-diagonal
+  /// one). Default: no.
+  virtual bool can_transport_squared_gradients() const { return false; }
   /// Sums of squared gradient entries (AdaGrad), each entry scaled by the
   /// square of its gradient entry's factor, under a diagonal element. Throws
-  /// where that is not exact.
+  /// where that is not exact (the default).
   virtual void transport_squared_gradients_(const GroupElement& e,
-                                            const std::vector<at::Tensor>& sums) const = 0;
+                                            const std::vector<at::Tensor>& sums) const;
 
   /// The differentiable action of g = I + T on `params` (in the order of
   /// parameters()); the result is in the same order. `in_force` holds the
@@ -102,8 +119,8 @@ class Symmetry {
                                       Mode mode = Mode::kExact) const = 0;
 
   /// Throws unless the parameters still have the shapes, dtype and device they
-  /// had when the symmetry was made.
-  virtual void check_unchanged() const = 0;
+  /// had when the symmetry was made. Default: checks nothing.
+  virtual void check_unchanged() const {}
   /// ∂/∂T ⟨c, act(params, T)⟩ at T = 0: the derivative of the action at the
   /// identity, applied backwards to `cotangents` (one per parameter, in the
   /// order of parameters()). The autograd direction is this of ∂F/∂w
@@ -194,6 +211,7 @@ class DataDependentGL : public LayerSymmetry {
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
               Mode mode = Mode::kExact) const override;
   bool exact_for(const BatchLoss* batch) const override;
+  bool reads_batch() const override { return true; }
   bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
