@@ -1,6 +1,8 @@
 // TeleportOptimizer: a drop-in for the optimizer it wraps.
 #include "test_util.h"
 
+#include <teleport/internal/inner_state.h>
+
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>

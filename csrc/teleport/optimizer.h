@@ -13,9 +13,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
-#include <sstream>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -180,29 +178,5 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   bool noted_unknown_state_ = false;
   StallDetector stall_;  // the on-demand schedule (TeleportOptions::stall_fraction)
 };
-
-namespace detail {
-/// The key an optimizer's state map uses for `p`: LibTorch 1.x keys by the
-/// TensorImpl pointer printed as a string, 2.x by the pointer itself.
-template <typename Map>
-typename Map::key_type state_key(const Map&, const at::Tensor& p) {
-  using Key = typename Map::key_type;
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream os;
-    os << p.unsafeGetTensorImpl();
-    return os.str();
-  } else {
-    return static_cast<Key>(p.unsafeGetTensorImpl());
-  }
-}
-
-/// Per-parameter views of a flat vector laid out as LBFGS lays out its
-/// parameters (concatenated, in order); writing a view writes the vector.
-std::vector<at::Tensor> flat_views(const at::Tensor& flat, const std::vector<at::Tensor>& params);
-
-/// The inner optimizer's state for parameter `p`, or nullptr; works with the
-/// state keys of LibTorch 1.x (strings) and 2.x (pointers) alike.
-torch::optim::OptimizerParamState* find_state(torch::optim::Optimizer& opt, const at::Tensor& p);
-}  // namespace detail
 
 }  // namespace teleport
