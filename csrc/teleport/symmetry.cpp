@@ -51,8 +51,8 @@ at::Tensor right(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
 // I + T and its inverse for a small matrix T on the CPU, with I + T as the
 // ATen sum gives it and its inverse by Gauss–Jordan elimination with partial
 // pivoting, in double on the host: at the widths of the paper's regression
-// (6 × 6) linalg_inv_ex's dispatch costs some 20 µs, the arithmetic well under
-// one. As LAPACK's getrf, a zero pivot (only zeros left in a column) makes
+// (6 × 6) linalg_inv_ex's dispatch costs far more than the arithmetic. As
+// LAPACK's getrf, a zero pivot (only zeros left in a column) makes
 // `invertible` false; non-finite entries give NaN. Nothing where the ATen
 // calls are the ones to make: a larger matrix, another device or dtype, or
 // one that autograd records.

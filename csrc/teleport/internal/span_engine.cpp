@@ -333,9 +333,9 @@ Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& para
                    const std::vector<at::Tensor>& grads, const std::vector<int>& left,
                    const std::vector<int>& right, const TeleportOptions& o) {
   // Its elements are formed at the end: the identities Ascent(syms) would
-  // make are n × n matrices written for nothing (milliseconds at width 512).
+  // make are n × n matrices written for nothing.
   Ascent a;
-  // norm_sq() by dot products: no squared copy of every gradient (1–5 ms at width 512).
+  // norm_sq() by dot products: no squared copy of every gradient.
   std::vector<at::Tensor> squares;
   for (const auto& g : grads) squares.push_back(at::dot(g.reshape(-1), g.reshape(-1)));
   const at::Tensor stacked = at::stack(squares);
