@@ -8,6 +8,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/pooling.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -94,15 +95,11 @@ void leaves(const torch::nn::SequentialImpl& seq, const std::string& prefix,
   }
 }
 
-}  // namespace
-
-Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options) {
-  TORCH_CHECK(!model.is_empty(), "discover: expected a Sequential, got an empty holder");
-  std::vector<std::pair<std::string, std::shared_ptr<Module>>> modules;
-  leaves(*model, "", modules);
-
-  // A module that stands twice in the chain (tied weights) is acted on by
-  // more than one use at once: no pair that touches it is a symmetry.
+// The modules that stand more than once in the chain (tied weights): an
+// action on one use changes the others, so no pair that touches them is a
+// symmetry.
+std::vector<const Module*> tied_modules(
+    const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& modules) {
   std::vector<const Module*> tied;
   for (size_t i = 0; i < modules.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
@@ -110,11 +107,47 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
         tied.push_back(modules[i].second.get());
     }
   }
+  return tied;
+}
+
+// Why layers `a` (at `a_path`) and `b` (at `b_path`), with only modules that
+// allow some group between them, carry no symmetry; "" when they do.
+std::string no_symmetry_reason(const Layer& a, const Layer& b, const std::string& a_path,
+                               const std::string& b_path, bool a_tied, bool b_tied,
+                               bool flattened) {
+  const int64_t n = a.weight.size(0);
+  if (a_tied || b_tied) {
+    return "layer " + (a_tied ? a_path : b_path) +
+           " is used more than once in the model (tied weights): an action on one use "
+           "changes the others";
+  }
+  if (frozen(a, /*with_bias=*/true) || frozen(b, /*with_bias=*/false)) {
+    return "layer " + (frozen(a, true) ? a_path : b_path) +
+           " is frozen (requires_grad is false): a frozen tensor is never moved";
+  }
+  if (a.groups != 1 || b.groups != 1) return "a grouped convolution (groups > 1) is not supported";
+  if (!a.conv && b.conv) return "a Linear before a Conv (its outputs are not channels)";
+  if (a.conv && !b.conv && !flattened) {
+    return "a Conv before a Linear with no Flatten between (the Linear acts on the last "
+           "dimension, not the channels)";
+  }
+  if (a.conv && !b.conv ? b.weight.size(1) % n != 0 : b.weight.size(1) != n) {
+    return "the second takes " + std::to_string(b.weight.size(1)) + " features, the first gives " +
+           std::to_string(n);
+  }
+  return "";
+}
+
+}  // namespace
+
+Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options) {
+  TORCH_CHECK(!model.is_empty(), "discover: expected a Sequential, got an empty holder");
+  std::vector<std::pair<std::string, std::shared_ptr<Module>>> modules;
+  leaves(*model, "", modules);
+
+  const std::vector<const Module*> tied = tied_modules(modules);
   auto is_tied = [&tied](const Module* m) {
-    for (const auto* t : tied) {
-      if (t == m) return true;
-    }
-    return false;
+    return std::find(tied.begin(), tied.end(), m) != tied.end();
   };
 
   Discovery found;
@@ -147,30 +180,11 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
     }
     if (have_previous) {
       const std::string pair = "layers " + previous_path + " and " + path;
-      const int64_t n = previous.weight.size(0);
-      std::string why;
-      if (between == Allows::kNothing) {
-        why = breaker;
-      } else if (is_tied(previous_module) || is_tied(module.get())) {
-        why = "layer " + (is_tied(previous_module) ? previous_path : path) +
-              " is used more than once in the model (tied weights): an action on one use "
-              "changes the others";
-      } else if (frozen(previous, /*with_bias=*/true) || frozen(layer, /*with_bias=*/false)) {
-        why = "layer " + (frozen(previous, true) ? previous_path : path) +
-              " is frozen (requires_grad is false): a frozen tensor is never moved";
-      } else if (previous.groups != 1 || layer.groups != 1) {
-        why = "a grouped convolution (groups > 1) is not supported";
-      } else if (!previous.conv && layer.conv) {
-        why = "a Linear before a Conv (its outputs are not channels)";
-      } else if (previous.conv && !layer.conv && !flattened) {
-        why =
-            "a Conv before a Linear with no Flatten between (the Linear acts on the last "
-            "dimension, not the channels)";
-      } else if (previous.conv && !layer.conv ? layer.weight.size(1) % n != 0
-                                              : layer.weight.size(1) != n) {
-        why = "the second takes " + std::to_string(layer.weight.size(1)) +
-              " features, the first gives " + std::to_string(n);
-      }
+      const std::string why =
+          between == Allows::kNothing
+              ? breaker
+              : no_symmetry_reason(previous, layer, previous_path, path, is_tied(previous_module),
+                                   is_tied(module.get()), flattened);
       if (!why.empty()) {
         found.notes.push_back("no symmetry between " + pair + ": " + why);
       } else if (options.data_dependent() && !previous.conv && !layer.conv && leaky != nullptr &&

@@ -145,6 +145,83 @@ Taps taps_of(std::vector<const DataDependentGL*> candidates, const std::vector<a
   return t;
 }
 
+// ∂F/∂T_k for evaluate_exact(), taken on demand from the graph its
+// evaluation kept: ∂F/∂w = Σ_i (∂g_i/∂w)ᵀ 2ḡ_i (and 2 G δ for the tapped
+// layers' δ), then each symmetry's pullback.
+struct KeptGraph {
+  const SymmetryList* syms;
+  const std::vector<std::vector<size_t>>* where;
+  const BatchLoss* batch;
+  std::vector<at::Tensor> params, current, grads, global, deltas, gram_delta;
+  Taps taps;
+  bool spread = false;
+
+  std::vector<at::Tensor> operator()() const {
+    const SymmetryList& syms = *this->syms;
+    const std::vector<std::vector<size_t>>& where = *this->where;
+    const BatchLoss& batch = *this->batch;
+    std::vector<at::Tensor> outputs, weights;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined() || !grads[i].requires_grad()) continue;  // constant in the weights
+      outputs.push_back(grads[i]);
+      weights.push_back(global[i] * 2);
+    }
+    for (size_t k = 0; k < syms.size(); ++k) {
+      if (!deltas[k].defined() || !deltas[k].requires_grad()) continue;
+      outputs.push_back(deltas[k]);
+      weights.push_back(gram_delta[k]);
+    }
+    // ∂F/∂w for the weights a pullback needs (a tapped action only its
+    // W_out's), then ∂F/∂Z for the tapped layers' outputs.
+    std::vector<bool> needed(params.size(), false);
+    for (size_t k = 0; k < syms.size(); ++k) {
+      if (taps.tapped(k)) {
+        needed[where[k].back()] = true;
+      } else {
+        for (size_t i : where[k]) needed[i] = true;
+      }
+    }
+    std::vector<at::Tensor> inputs;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (needed[i]) inputs.push_back(current[i]);
+    }
+    for (const auto& z : taps.z) {
+      if (z.defined()) inputs.push_back(z);
+    }
+    std::vector<at::Tensor> derivatives(inputs.size());
+    if (!outputs.empty()) {
+      derivatives =
+          torch::autograd::grad(outputs, inputs, weights, false, false, /*allow_unused=*/true);
+    }
+    std::vector<at::Tensor> dF(params.size());
+    size_t next = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!needed[i]) continue;
+      const at::Tensor& d = derivatives[next++];
+      dF[i] = d.defined() ? d : at::zeros_like(params[i]);
+    }
+    if (spread) batch.group()->all_reduce_sum(dF);
+    ParameterOverrides values;
+    for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
+    std::vector<at::Tensor> directions;
+    for (size_t k = 0; k < syms.size(); ++k) {
+      if (taps.tapped(k)) {
+        const at::Tensor z = rows_of(taps.z[k].detach());
+        const at::Tensor& d = derivatives[next++];
+        const at::Tensor dz = d.defined() ? rows_of(d) : at::zeros_like(z);
+        const size_t out = where[k].back();
+        directions.push_back(taps.symmetry[k]->pullback_from_output(
+            dz, rows_of(taps.h[k].detach()), z, current[out].detach(), dF[out]));
+        continue;
+      }
+      std::vector<at::Tensor> own;
+      for (size_t i : where[k]) own.push_back(current[i].detach());
+      directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());
+    }
+    return directions;
+  }
+};
+
 Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                           const std::vector<std::vector<size_t>>& where, const BatchLoss& batch) {
   at::AutoGradMode enable(true);
@@ -205,67 +282,8 @@ Evaluation evaluate_exact(const SymmetryList& syms, const std::vector<at::Tensor
     ev.F = ev.F + (d * gd).sum().to(ev.F.scalar_type());
     gram_delta[k] = (gd * 2).to(deltas[k].scalar_type()).reshape(deltas[k].sizes());
   }
-  ev.directions = [=, &syms, &where, &batch] {
-    std::vector<at::Tensor> outputs, weights;
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (!grads[i].defined() || !grads[i].requires_grad()) continue;  // constant in the weights
-      outputs.push_back(grads[i]);
-      weights.push_back(global[i] * 2);
-    }
-    for (size_t k = 0; k < syms.size(); ++k) {
-      if (!deltas[k].defined() || !deltas[k].requires_grad()) continue;
-      outputs.push_back(deltas[k]);
-      weights.push_back(gram_delta[k]);
-    }
-    // ∂F/∂w for the weights a pullback needs (a tapped action only its
-    // W_out's), then ∂F/∂Z for the tapped layers' outputs.
-    std::vector<bool> needed(params.size(), false);
-    for (size_t k = 0; k < syms.size(); ++k) {
-      if (taps.tapped(k)) {
-        needed[where[k].back()] = true;
-      } else {
-        for (size_t i : where[k]) needed[i] = true;
-      }
-    }
-    std::vector<at::Tensor> inputs;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (needed[i]) inputs.push_back(current[i]);
-    }
-    for (const auto& z : taps.z) {
-      if (z.defined()) inputs.push_back(z);
-    }
-    std::vector<at::Tensor> derivatives(inputs.size());
-    if (!outputs.empty()) {
-      derivatives =
-          torch::autograd::grad(outputs, inputs, weights, false, false, /*allow_unused=*/true);
-    }
-    std::vector<at::Tensor> dF(params.size());
-    size_t next = 0;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!needed[i]) continue;
-      const at::Tensor& d = derivatives[next++];
-      dF[i] = d.defined() ? d : at::zeros_like(params[i]);
-    }
-    if (spread) batch.group()->all_reduce_sum(dF);
-    ParameterOverrides values;
-    for (size_t i = 0; i < params.size(); ++i) values.emplace_back(params[i], current[i].detach());
-    std::vector<at::Tensor> directions;
-    for (size_t k = 0; k < syms.size(); ++k) {
-      if (taps.tapped(k)) {
-        const at::Tensor z = rows_of(taps.z[k].detach());
-        const at::Tensor& d = derivatives[next++];
-        const at::Tensor dz = d.defined() ? rows_of(d) : at::zeros_like(z);
-        const size_t out = where[k].back();
-        directions.push_back(taps.symmetry[k]->pullback_from_output(
-            dz, rows_of(taps.h[k].detach()), z, current[out].detach(), dF[out]));
-        continue;
-      }
-      std::vector<at::Tensor> own;
-      for (size_t i : where[k]) own.push_back(current[i].detach());
-      directions.push_back(syms[k]->pullback(own, pick(dF, where[k]), &batch, values).detach());
-    }
-    return directions;
-  };
+  ev.directions = KeptGraph{&syms,  &where, &batch,     params, current, grads,
+                            global, deltas, gram_delta, taps,   spread};
   return ev;
 }
 
