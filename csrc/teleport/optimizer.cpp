@@ -11,12 +11,6 @@
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
-#include <torch/optim/adagrad.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
-#include <torch/optim/lbfgs.h>
-#include <torch/optim/rmsprop.h>
-#include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
@@ -480,47 +474,19 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
 
 TeleportReport TeleportOptimizer::teleport_from_grad() {
   if (options_.objective() != Objective::kPreconditioned) return teleport(active_, options_);
-  namespace o = torch::optim;
   Preconditioner pre;
   bool any = false;
   double eps = -1;
   for (const auto& p : detail::distinct_parameters(active_)) {
     TORCH_CHECK(p.grad().defined(), "TeleportOptimizer: expected gradients in .grad, got none");
     const at::Tensor g = p.grad().detach();
-    const torch::optim::OptimizerOptions* group = nullptr;
-    for (const auto& grp : inner_->param_groups()) {
-      for (const auto& q : grp.params()) {
-        if (q.is_same(p)) group = &grp.options();
-      }
-    }
-    auto* state = find_state(*inner_, p);
-    at::Tensor v;  // v̂, bias-corrected
+    const auto* group = options_of(*inner_, p);
+    const Adapter* adapter = adapter_for(group);
     double e = 0;
-    if (const auto* a = dynamic_cast<const o::AdagradOptions*>(group)) {
-      const auto* s = dynamic_cast<o::AdagradParamState*>(state);
-      v = (s != nullptr ? s->sum() : at::zeros_like(g)) + g.square();
-      e = a->eps();
-    } else if (const auto adam = adam_like(group, state)) {
-      const double beta2 = adam->beta2;
-      e = adam->eps;
-      const at::Tensor& sq = adam->exp_avg_sq;
-      v = (sq.defined() ? sq * beta2 : at::zeros_like(g)) + g.square() * (1 - beta2);
-      if (adam->amsgrad && adam->max_exp_avg_sq.defined()) v = at::maximum(adam->max_exp_avg_sq, v);
-      v = v / (1 - std::pow(beta2, static_cast<double>(adam->step + 1)));
-    } else if (const auto* r = dynamic_cast<const o::RMSpropOptions*>(group)) {
-      const auto* s = dynamic_cast<o::RMSpropParamState*>(state);
-      const double alpha = r->alpha();
-      v = (s != nullptr ? s->square_avg() * alpha : at::zeros_like(g)) + g.square() * (1 - alpha);
-      if (r->centered()) {
-        const at::Tensor avg =
-            (s != nullptr && s->grad_avg().defined() ? s->grad_avg() * alpha : at::zeros_like(g)) +
-            g * (1 - alpha);
-        v = v - avg.square();
-      }
-      e = r->eps();
-    } else {
-      continue;  // no second moment: this parameter's share is plain g²
-    }
+    const at::Tensor v =  // v̂, bias-corrected; none without a second moment (SGD)
+        adapter != nullptr ? adapter->second_moment(*group, find_state(*inner_, p), g, e)
+                           : at::Tensor();
+    if (!v.defined()) continue;  // this parameter's share is plain g²
     TORCH_CHECK(eps < 0 || eps == e,
                 "TeleportOptimizer: kPreconditioned expects one eps for all teleported parameters");
     eps = e;

@@ -125,7 +125,7 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   // Maps, resets or keeps the inner state (docs/design.md §7); notes in `report`
   // what was kept because no exact map exists.
   void apply_state_policy(TeleportReport& report);
-  void transport_lbfgs(TeleportReport& report);
+  void transport_whole_state(TeleportReport& report);
   // A teleport from .grad with the options' objective (kPreconditioned reads
   // the inner state's second moments).
   TeleportReport teleport_from_grad();

@@ -1,24 +1,16 @@
 // TeleportOptimizer's checkpoints: its own fields, the options, and the
-// inner optimizer's state by parameter position, each optimizer's buffers by
-// name (docs/design.md §9).
+// inner optimizer's state by parameter position, each optimizer's buffers as
+// its adapter writes them (docs/design.md §9).
 #include <teleport/optimizer.h>
 
 #include <teleport/internal/inner_state.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <torch/optim/adagrad.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
-#include <torch/optim/lbfgs.h>
-#include <torch/optim/rmsprop.h>
-#include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
-#include <deque>
 #include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace teleport {
@@ -32,179 +24,10 @@ using namespace detail;
 // count and shapes, checked at load.
 constexpr int64_t kCheckpointVersion = 3;
 
-void write_int(torch::serialize::OutputArchive& a, const std::string& key, int64_t v) {
-  a.write(key, c10::IValue(v));
-}
-int64_t read_int(torch::serialize::InputArchive& a, const std::string& key) {
-  c10::IValue v;
-  a.read(key, v);
-  return v.toInt();
-}
-
-// What the inner state of one parameter is, for checkpoints.
-enum class StateKind : int64_t {
-  kNone = 0,
-  kSGD = 1,
-  kAdagrad = 2,
-  kAdam = 4,
-  kAdamW = 5,
-  kRMSprop = 6,
-  kLBFGS = 7,
-  kOther = 8,  // through the optimizer's own save()
-};
-
-StateKind kind_of(torch::optim::OptimizerParamState* s) {
-  namespace o = torch::optim;
-  if (s == nullptr) return StateKind::kNone;
-  if (dynamic_cast<o::SGDParamState*>(s)) return StateKind::kSGD;
-  if (dynamic_cast<o::AdagradParamState*>(s)) return StateKind::kAdagrad;
-  if (dynamic_cast<o::AdamParamState*>(s)) return StateKind::kAdam;
-  if (dynamic_cast<o::AdamWParamState*>(s)) return StateKind::kAdamW;
-  if (dynamic_cast<o::RMSpropParamState*>(s)) return StateKind::kRMSprop;
-  if (dynamic_cast<o::LBFGSParamState*>(s)) return StateKind::kLBFGS;
-  return StateKind::kOther;
-}
-
-// A tensor that may be undefined, and lists of them.
-void put(torch::serialize::OutputArchive& a, const std::string& key, const at::Tensor& t) {
-  write_int(a, key + "/defined", t.defined());
-  if (t.defined()) a.write(key, t);
-}
-at::Tensor take(torch::serialize::InputArchive& a, const std::string& key, c10::Device device) {
-  if (!read_int(a, key + "/defined")) return {};
-  at::Tensor t;
-  a.read(key, t);
-  return t.to(device);
-}
-template <typename List>
-void put_list(torch::serialize::OutputArchive& a, const std::string& key, const List& list) {
-  write_int(a, key + "/size", static_cast<int64_t>(list.size()));
-  int64_t i = 0;
-  for (const auto& t : list) put(a, key + "/" + std::to_string(i++), t);
-}
-template <typename List>
-List take_list(torch::serialize::InputArchive& a, const std::string& key, c10::Device device) {
-  List list;
-  const int64_t n = read_int(a, key + "/size");
-  for (int64_t i = 0; i < n; ++i) list.push_back(take(a, key + "/" + std::to_string(i), device));
-  return list;
-}
-void put_double(torch::serialize::OutputArchive& a, const std::string& key, double v) {
-  a.write(key, c10::IValue(v));
-}
-double take_double(torch::serialize::InputArchive& a, const std::string& key) {
-  c10::IValue v;
-  a.read(key, v);
-  return v.toDouble();
-}
-
-// Adam and AdamW keep the same state under two types.
-template <typename AdamState>
-void write_adam(torch::serialize::OutputArchive& a, const std::string& key, const AdamState& x) {
-  write_int(a, key + "step", static_cast<int64_t>(x.step()));
-  put(a, key + "exp_avg", x.exp_avg());
-  put(a, key + "exp_avg_sq", x.exp_avg_sq());
-  put(a, key + "max_exp_avg_sq", x.max_exp_avg_sq());
-}
-
-template <typename AdamState>
-std::unique_ptr<AdamState> read_adam(torch::serialize::InputArchive& a, const std::string& key,
-                                     c10::Device device) {
-  auto s = std::make_unique<AdamState>();
-  s->step(static_cast<std::decay_t<decltype(s->step())>>(read_int(a, key + "step")));
-  s->exp_avg(take(a, key + "exp_avg", device));
-  s->exp_avg_sq(take(a, key + "exp_avg_sq", device));
-  s->max_exp_avg_sq(take(a, key + "max_exp_avg_sq", device));
-  return s;
-}
-
-void write_state(torch::serialize::OutputArchive& a, const std::string& key,
-                 torch::optim::OptimizerParamState& state) {
-  namespace o = torch::optim;
-  auto* s = &state;
-  if (auto* x = dynamic_cast<o::SGDParamState*>(s)) {
-    put(a, key + "momentum_buffer", x->momentum_buffer());
-  } else if (auto* x = dynamic_cast<o::AdagradParamState*>(s)) {
-    write_int(a, key + "step", static_cast<int64_t>(x->step()));
-    put(a, key + "sum", x->sum());
-  } else if (auto* x = dynamic_cast<o::AdamParamState*>(s)) {
-    write_adam(a, key, *x);
-  } else if (auto* x = dynamic_cast<o::AdamWParamState*>(s)) {
-    write_adam(a, key, *x);
-  } else if (auto* x = dynamic_cast<o::RMSpropParamState*>(s)) {
-    write_int(a, key + "step", static_cast<int64_t>(x->step()));
-    put(a, key + "square_avg", x->square_avg());
-    put(a, key + "momentum_buffer", x->momentum_buffer());
-    put(a, key + "grad_avg", x->grad_avg());
-  } else if (auto* x = dynamic_cast<o::LBFGSParamState*>(s)) {
-    write_int(a, key + "func_evals", x->func_evals());
-    write_int(a, key + "n_iter", x->n_iter());
-    put_double(a, key + "t", x->t());
-    put_double(a, key + "prev_loss", x->prev_loss());
-    put(a, key + "d", x->d());
-    put(a, key + "H_diag", x->H_diag());
-    put(a, key + "prev_flat_grad", x->prev_flat_grad());
-    put_list(a, key + "old_dirs", x->old_dirs());
-    put_list(a, key + "old_stps", x->old_stps());
-    put_list(a, key + "ro", x->ro());
-    write_int(a, key + "has_al", x->al().has_value());
-    if (x->al().has_value()) put_list(a, key + "al", *x->al());
-  }
-}
-
-std::unique_ptr<torch::optim::OptimizerParamState> read_state(torch::serialize::InputArchive& a,
-                                                              const std::string& key,
-                                                              StateKind kind, c10::Device device) {
-  namespace o = torch::optim;
-  auto step_of = [&](auto& state) {
-    using StepT = std::decay_t<decltype(state.step())>;
-    state.step(static_cast<StepT>(read_int(a, key + "step")));
-  };
-  switch (kind) {
-    case StateKind::kSGD: {
-      auto s = std::make_unique<o::SGDParamState>();
-      s->momentum_buffer(take(a, key + "momentum_buffer", device));
-      return s;
-    }
-    case StateKind::kAdagrad: {
-      auto s = std::make_unique<o::AdagradParamState>();
-      step_of(*s);
-      s->sum(take(a, key + "sum", device));
-      return s;
-    }
-    case StateKind::kAdam:
-      return read_adam<o::AdamParamState>(a, key, device);
-    case StateKind::kAdamW:
-      return read_adam<o::AdamWParamState>(a, key, device);
-    case StateKind::kRMSprop: {
-      auto s = std::make_unique<o::RMSpropParamState>();
-      step_of(*s);
-      s->square_avg(take(a, key + "square_avg", device));
-      s->momentum_buffer(take(a, key + "momentum_buffer", device));
-      s->grad_avg(take(a, key + "grad_avg", device));
-      return s;
-    }
-    case StateKind::kLBFGS: {
-      auto s = std::make_unique<o::LBFGSParamState>();
-      s->func_evals(read_int(a, key + "func_evals"));
-      s->n_iter(read_int(a, key + "n_iter"));
-      s->t(take_double(a, key + "t"));
-      s->prev_loss(take_double(a, key + "prev_loss"));
-      s->d(take(a, key + "d", device));
-      s->H_diag(take(a, key + "H_diag", device));
-      s->prev_flat_grad(take(a, key + "prev_flat_grad", device));
-      s->old_dirs(take_list<std::deque<at::Tensor>>(a, key + "old_dirs", device));
-      s->old_stps(take_list<std::deque<at::Tensor>>(a, key + "old_stps", device));
-      s->ro(take_list<std::deque<at::Tensor>>(a, key + "ro", device));
-      if (read_int(a, key + "has_al")) {
-        s->al(take_list<std::vector<at::Tensor>>(a, key + "al", device));
-      }
-      return s;
-    }
-    default:
-      TORCH_INTERNAL_ASSERT(false, "read_state: no state of kind ", static_cast<int64_t>(kind));
-  }
-}
+// What a checkpoint records for one parameter's inner state: none, an
+// adapter's kind (internal/optimizers/), or the optimizer's own save().
+constexpr int64_t kNoState = 0;
+constexpr int64_t kOtherState = 8;
 
 }  // namespace
 
@@ -235,12 +58,16 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
   bool native = false;
   for (size_t j = 0; j < params.size(); ++j) {
     const std::string key = "state/" + std::to_string(j) + "/";
-    const StateKind kind = kind_of(find_state(inner, params[j]));
-    write_int(archive, key + "kind", static_cast<int64_t>(kind));
-    if (kind == StateKind::kOther) {
+    auto* state = find_state(inner, params[j]);
+    const Adapter* adapter = adapter_for(state);
+    write_int(archive, key + "kind",
+              state == nullptr     ? kNoState
+              : adapter != nullptr ? adapter->kind()
+                                   : kOtherState);
+    if (adapter != nullptr) {
+      adapter->save(archive, key, *state);
+    } else if (state != nullptr) {
       native = true;
-    } else if (kind != StateKind::kNone) {
-      write_state(archive, key, *find_state(inner, params[j]));
     }
   }
   if (native) {
@@ -304,15 +131,15 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
                 "optimizer (",
                 params.size(), ")");
     const int64_t kind = probe.toInt();
-    TORCH_CHECK(kind >= 0 && kind <= static_cast<int64_t>(StateKind::kOther),
+    const Adapter* adapter = adapter_of_kind(kind);
+    TORCH_CHECK(adapter != nullptr || kind == kNoState || kind == kOtherState,
                 "TeleportOptimizer::load: unknown state kind ", kind, " for parameter ", j);
-    if (kind == static_cast<int64_t>(StateKind::kNone)) {
+    if (kind == kNoState) {
       erase_state(*inner_, params[j]);
-    } else if (kind == static_cast<int64_t>(StateKind::kOther)) {
+    } else if (kind == kOtherState) {
       native = true;
     } else {
-      set_state(*inner_, params[j],
-                read_state(archive, key, static_cast<StateKind>(kind), params[j].device()));
+      set_state(*inner_, params[j], adapter->load(archive, key, params[j].device()));
     }
   }
   if (native) {

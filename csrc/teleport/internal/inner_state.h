@@ -1,15 +1,13 @@
 #pragma once
-// Not installed: what the library knows about each torch::optim optimizer's
-// state (docs/design.md §7): its buffers by what they hold, Adam's and AdamW's
-// fields read alike, what kTransport cannot carry.
+// Not installed: the inner optimizer's state map, keyed alike in LibTorch 1.x
+// and 2.x, and what the optimizer adapters (internal/optimizers/) say of it.
 
-#include <teleport/optimizer.h>
+#include <teleport/internal/optimizers/adapter.h>
 
 #include <ATen/Tensor.h>
 #include <torch/optim/optimizer.h>
 
 #include <memory>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -44,38 +42,20 @@ torch::optim::OptimizerParamState* find_state(torch::optim::Optimizer& opt, cons
 void erase_state(Optimizer& opt, const at::Tensor& p);
 void set_state(Optimizer& opt, const at::Tensor& p,
                std::unique_ptr<torch::optim::OptimizerParamState> s);
-// Every parameter of every param group, in order.
+/// Every parameter of every param group, in order.
 std::vector<at::Tensor> all_params(const Optimizer& opt);
+/// The options of the param group holding `p`, or nullptr.
+const torch::optim::OptimizerOptions* options_of(const Optimizer& opt, const at::Tensor& p);
 
-// Adam's and AdamW's settings and one parameter's state, read alike (the two
-// optimizers have separate types with the same fields); nothing for others.
-struct AdamLike {
-  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
-  bool amsgrad = false, decoupled = false;  // decoupled: AdamW's weight decay
-  int64_t step = 0;
-  at::Tensor exp_avg, exp_avg_sq, max_exp_avg_sq;  // undefined before the first step
-};
-std::optional<AdamLike> adam_like(const torch::optim::OptimizerOptions* options,
-                                  torch::optim::OptimizerParamState* state);
-
-// Why kTransport cannot carry this optimizer's state, or "" when it can.
-// Weight decay added to the gradient (SGD with momentum, Adagrad, Adam,
-// RMSprop) mixes λw into the buffers, and w transforms by A, ∇L by A^{-T}: no
-// map carries the mixture (docs/design.md §7). AdamW's decoupled decay does
-// not touch the buffers.
+/// Why kTransport cannot carry this optimizer's state, or "" when it can.
 std::string untransportable(const Optimizer& opt);
-
-// The inner state's buffers of one parameter, by what they hold
-// (docs/design.md §7).
-struct Buffers {
-  at::Tensor gradient_like;         // maps as gradients do
-  std::vector<at::Tensor> squared;  // sums or averages of squared gradients
-  bool known = true;                // false for a state type not listed here
-};
+/// One parameter's state buffers, by what they hold (`known` false for a
+/// state no adapter knows; nothing for none).
 Buffers buffers_of(torch::optim::OptimizerParamState* s);
-
-// Where Adagrad's sum of squared gradients starts (its group's
-// initial_accumulator_value); 0 for other optimizers.
-double adagrad_offset(const Optimizer& opt, const at::Tensor& p);
+/// The state the optimizer keeps for all its parameters at once (LBFGS's,
+/// under the first parameter's key), or nothing (`whole` false).
+Buffers whole_state(Optimizer& opt);
+/// Where the squared buffers of `p` start (Adagrad's initial accumulator).
+double squared_offset(const Optimizer& opt, const at::Tensor& p);
 
 }  // namespace teleport::detail
