@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include <teleport/internal/inner_state.h>
+#include <teleport/internal/random_state.h>
 
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>

@@ -2,6 +2,8 @@
 // reference mode against exact mode.
 #include "test_util.h"
 
+#include <teleport/internal/batch_loss_data.h>
+#include <teleport/internal/least_change.h>
 #include <teleport/internal/tensor_ops.h>
 #include <teleport/test_functions.h>
 
@@ -110,12 +112,12 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   const auto p = m->parameters();  // W1, b1, W2, b2, W3, b3
   const auto fresh = [&](const ParameterOverrides& o) {
     at::NoGradGuard no_grad;
-    const at::Tensor x = objective.input_of(p[2], o);
+    const at::Tensor x = detail::data_of(objective).input_of(p[2], o);
     return std::make_pair(x, at::linear(x, value_of(o, p[2]), value_of(o, p[3])));
   };
   const auto check = [&](const ParameterOverrides& o, const std::string& where) {
     at::NoGradGuard no_grad;
-    const auto [x, z] = objective.layer_of(p[2], o);
+    const auto [x, z] = detail::data_of(objective).layer_of(p[2], o);
     const auto [fx, fz] = fresh(o);
     EXPECT_TRUE(at::equal(x, fx)) << where;
     EXPECT_TRUE(at::equal(z, fz)) << where;
@@ -151,12 +153,12 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   objective.loss().item<double>();
   {
     at::NoGradGuard no_grad;
-    const at::Tensor recorded = objective.layer_of(p[2]).second;
+    const at::Tensor recorded = detail::data_of(objective).layer_of(p[2]).second;
     p[4].mul_(1.5);
-    EXPECT_EQ(objective.layer_of(p[2]).second.data_ptr(), recorded.data_ptr())
+    EXPECT_EQ(detail::data_of(objective).layer_of(p[2]).second.data_ptr(), recorded.data_ptr())
         << "a later layer's weight changed";
     p[0].mul_(1.5);
-    EXPECT_NE(objective.layer_of(p[2]).second.data_ptr(), recorded.data_ptr());
+    EXPECT_NE(detail::data_of(objective).layer_of(p[2]).second.data_ptr(), recorded.data_ptr());
   }
   check({}, "after a later and an earlier layer changed");
   // Overrides: aliases of the parameters are the same values; another tensor is not.
@@ -168,7 +170,7 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   check(other, "another W1");
   // Under grad mode the result is differentiable in the overrides.
   const at::Tensor w = p[2].detach().requires_grad_(true);
-  EXPECT_TRUE(objective.layer_of(p[2], {{p[2], w}}).second.requires_grad());
+  EXPECT_TRUE(detail::data_of(objective).layer_of(p[2], {{p[2], w}}).second.requires_grad());
   // An in-place activation overwrites the first layer's output after it was
   // recorded: that record is not used.
   torch::nn::Sequential inplace(
@@ -180,9 +182,9 @@ TEST_P(PaperTest, LayerInputsAreReusedOnlyWhileTheyHold) {
   const at::Tensor w1 = inplace->parameters()[0];
   at::NoGradGuard no_grad;
   const at::Tensor z1 = at::linear(b.input, w1, inplace->parameters()[1]);
-  in_place.layer_of(w1);
+  detail::data_of(in_place).layer_of(w1);
   in_place.loss().item<double>();
-  EXPECT_TRUE(at::equal(in_place.layer_of(w1).second, z1));
+  EXPECT_TRUE(at::equal(detail::data_of(in_place).layer_of(w1).second, z1));
 }
 
 // The data-dependent action's public pieces say what they expected.
@@ -193,21 +195,24 @@ TEST_P(PaperTest, DataDependentPiecesCheckTheirInputs) {
   ASSERT_NE(d, nullptr);
   const auto w_out = syms[0]->parameters().back();
   const at::Tensor h = torch::rand({4, 5}, f64()), z = torch::rand({4, 6}, f64());
-  EXPECT_TRUE(d->input_gram(h).defined());
+  EXPECT_TRUE(detail::least_change_of(*d).input_gram(h).defined());
   EXPECT_NE(error_of([&] {
-              d->input_gram(torch::rand({4, 7}, f64()));
+              detail::least_change_of(*d).input_gram(torch::rand({4, 7}, f64()));
             }).find("expected the layer's inputs as rows, [batch, 5]"),
             std::string::npos);
-  EXPECT_EQ(
-      error_of([&] { d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros_like(w_out)); }),
-      "");
+  EXPECT_EQ(error_of([&] {
+              detail::least_change_of(*d).pullback_from_output(z, h, z, w_out.detach(),
+                                                               torch::zeros_like(w_out));
+            }),
+            "");
   EXPECT_NE(error_of([&] {
-              d->pullback_from_output(torch::rand({4, 5}, f64()), h, z, w_out.detach(),
-                                      torch::zeros_like(w_out));
+              detail::least_change_of(*d).pullback_from_output(
+                  torch::rand({4, 5}, f64()), h, z, w_out.detach(), torch::zeros_like(w_out));
             }).find("expected Z and dF/dZ of 4 x 6"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
-              d->pullback_from_output(z, h, z, w_out.detach(), torch::zeros({2, 6}, f64()));
+              detail::least_change_of(*d).pullback_from_output(z, h, z, w_out.detach(),
+                                                               torch::zeros({2, 6}, f64()));
             }).find("expected W_out and its cotangent"),
             std::string::npos);
 }
@@ -225,18 +230,20 @@ TEST_P(PaperTest, TracedLayerIsTheLastEvaluationsOwn) {
   ParameterOverrides vars;
   for (const auto& t : p) vars.emplace_back(t, t.detach().requires_grad_(true));
   objective.loss(vars);
-  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "an unwatched layer";
+  EXPECT_FALSE(detail::data_of(objective).traced_layer(p[2], vars).second.defined())
+      << "an unwatched layer";
   const BatchLoss parametric([](const ParameterOverrides&) { return torch::zeros({}); });
-  EXPECT_NE(error_of([&] { parametric.watch(p[2]); }).find("has no model"), std::string::npos);
-  EXPECT_FALSE(parametric.traced_layer(p[2]).second.defined());
-  objective.watch(p[2]);
+  EXPECT_NE(error_of([&] { detail::data_of(parametric).watch(p[2]); }).find("has no model"),
+            std::string::npos);
+  EXPECT_FALSE(detail::data_of(parametric).traced_layer(p[2]).second.defined());
+  detail::data_of(objective).watch(p[2]);
   const at::Tensor loss = objective.loss(vars);
-  const auto [h, z] = objective.traced_layer(p[2], vars);
+  const auto [h, z] = detail::data_of(objective).traced_layer(p[2], vars);
   ASSERT_TRUE(z.defined());
   at::Tensor fresh_h, fresh_z;
   {
     at::NoGradGuard no_grad;
-    std::tie(fresh_h, fresh_z) = objective.layer_of(p[2]);
+    std::tie(fresh_h, fresh_z) = detail::data_of(objective).layer_of(p[2]);
   }
   EXPECT_TRUE(at::equal(h.detach(), fresh_h));
   EXPECT_TRUE(at::equal(z.detach(), fresh_z));
@@ -246,31 +253,35 @@ TEST_P(PaperTest, TracedLayerIsTheLastEvaluationsOwn) {
   // Other tensors with the same values are not that evaluation's variables.
   ParameterOverrides others;
   for (const auto& t : p) others.emplace_back(t, t.detach().requires_grad_(true));
-  EXPECT_FALSE(objective.traced_layer(p[2], others).second.defined()) << "other tensors";
-  EXPECT_FALSE(objective.traced_layer(p[2]).second.defined()) << "no overrides";
+  EXPECT_FALSE(detail::data_of(objective).traced_layer(p[2], others).second.defined())
+      << "other tensors";
+  EXPECT_FALSE(detail::data_of(objective).traced_layer(p[2]).second.defined()) << "no overrides";
   {
     at::NoGradGuard no_grad;
     objective.loss(vars);
   }
-  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "after a no-grad evaluation";
+  EXPECT_FALSE(detail::data_of(objective).traced_layer(p[2], vars).second.defined())
+      << "after a no-grad evaluation";
   objective.loss(vars);
-  EXPECT_TRUE(objective.traced_layer(p[2], vars).second.defined());
+  EXPECT_TRUE(detail::data_of(objective).traced_layer(p[2], vars).second.defined());
   {
     at::NoGradGuard no_grad;
     vars[0].second.mul_(1.01);  // an earlier layer's weight changes in place
   }
-  EXPECT_FALSE(objective.traced_layer(p[2], vars).second.defined()) << "after W1 changed";
+  EXPECT_FALSE(detail::data_of(objective).traced_layer(p[2], vars).second.defined())
+      << "after W1 changed";
   // One Linear module twice: its weight's derivatives are not one layer's.
   torch::nn::Linear twice(12, 12);
   torch::nn::Sequential shared(twice, torch::nn::LeakyReLU(), twice, torch::nn::Linear(12, 3));
   shared->to(torch::kDouble);
   const BatchLoss tied(shared, b.input, b.target, mse());
-  tied.watch(twice->weight);
+  detail::data_of(tied).watch(twice->weight);
   ParameterOverrides tied_vars;
   for (const auto& t : shared->parameters())
     tied_vars.emplace_back(t, t.detach().requires_grad_(true));
   tied.loss(tied_vars);
-  EXPECT_FALSE(tied.traced_layer(twice->weight, tied_vars).second.defined()) << "a shared weight";
+  EXPECT_FALSE(detail::data_of(tied).traced_layer(twice->weight, tied_vars).second.defined())
+      << "a shared weight";
 }
 
 // In float32 the action is as exact as float32 weights can be: the network's

@@ -1,5 +1,5 @@
 // The schedules: fixed steps, and on demand when training stalls.
-#include <teleport/schedule.h>
+#include <teleport/internal/schedule.h>
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,7 @@
-#include <teleport/batch_loss.h>
+#include <teleport/internal/batch_loss_data.h>
 
 #include <teleport/internal/buffers.h>
+#include <teleport/internal/random_state.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -25,7 +26,7 @@ const at::Tensor& value_of(const ParameterOverrides& overrides, const at::Tensor
   return p;
 }
 
-struct BatchLoss::Seen {
+struct detail::BatchLossData::Seen {
   std::mutex mutex;                 // a const BatchLoss may be shared between threads
   std::vector<at::Tensor> watched;  // weights layer_of() or input_of() was asked about
   struct Layer {
@@ -84,26 +85,41 @@ struct BatchLoss::Seen {
 
 BatchLoss::BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target,
                      LossFn loss_fn)
-    : model_(std::move(model)),
-      input_(std::move(input)),
-      target_(std::move(target)),
-      loss_fn_(std::move(loss_fn)) {
-  TORCH_CHECK(!model_.is_empty(), "BatchLoss: expected a model, got an empty holder");
-  TORCH_CHECK(input_.defined(), "BatchLoss: expected an input batch, got an undefined tensor");
-  TORCH_CHECK(loss_fn_ != nullptr, "BatchLoss: expected a loss function, got none");
-  std::vector<at::Tensor> tensors = model_->parameters();
-  tensors.push_back(input_);
-  devices_ = devices_of(tensors);
-  random_ = std::make_shared<const RandomState>(devices_);
-  seen_ = std::make_shared<Seen>();
-  buffers_ = model_->buffers();
+    : data_(std::make_shared<detail::BatchLossData>()) {
+  auto& d = *data_;
+  d.model_ = std::move(model), d.input_ = std::move(input), d.target_ = std::move(target);
+  d.loss_fn_ = std::move(loss_fn);
+  TORCH_CHECK(!d.model_.is_empty(), "BatchLoss: expected a model, got an empty holder");
+  TORCH_CHECK(d.input_.defined(), "BatchLoss: expected an input batch, got an undefined tensor");
+  TORCH_CHECK(d.loss_fn_ != nullptr, "BatchLoss: expected a loss function, got none");
+  std::vector<at::Tensor> tensors = d.model_->parameters();
+  tensors.push_back(d.input_);
+  d.devices_ = devices_of(tensors);
+  d.random_ = std::make_shared<const RandomState>(d.devices_);
+  d.seen_ = std::make_shared<detail::BatchLossData::Seen>();
+  d.buffers_ = d.model_->buffers();
 }
 
-BatchLoss::BatchLoss(ParametricLossFn loss) : parametric_(std::move(loss)) {
-  TORCH_CHECK(parametric_ != nullptr, "BatchLoss: expected a loss function, got none");
-  random_ = std::make_shared<const RandomState>();
-  seen_ = std::make_shared<Seen>();
+BatchLoss::BatchLoss(ParametricLossFn loss) : data_(std::make_shared<detail::BatchLossData>()) {
+  auto& d = *data_;
+  d.parametric_ = std::move(loss);
+  TORCH_CHECK(d.parametric_ != nullptr, "BatchLoss: expected a loss function, got none");
+  d.random_ = std::make_shared<const RandomState>();
+  d.seen_ = std::make_shared<detail::BatchLossData::Seen>();
 }
+
+at::Tensor BatchLoss::loss(const ParameterOverrides& overrides) const {
+  return data_->loss(overrides);
+}
+at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
+  return data_->forward(overrides);
+}
+at::Tensor BatchLoss::global_loss(const ParameterOverrides& overrides) const {
+  return data_->global_loss(overrides);
+}
+bool BatchLoss::has_model() const { return data_->has_model(); }
+Collectives* BatchLoss::group() const { return data_->group_.get(); }
+double BatchLoss::share() const { return data_->share_; }
 
 namespace {
 
@@ -249,8 +265,8 @@ at::Tensor replayed(const RandomState& random, const std::vector<c10::Device>& d
 
 }  // namespace
 
-at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::Tensor& stop,
-                                bool through) const {
+at::Tensor detail::BatchLossData::run_model(const ParameterOverrides& overrides,
+                                            const at::Tensor& stop, bool through) const {
   Seen& seen = *seen_;
   std::lock_guard<std::mutex> lock(seen.mutex);
   if (seen.watched.empty()) {
@@ -293,7 +309,7 @@ at::Tensor BatchLoss::run_model(const ParameterOverrides& overrides, const at::T
   return x;
 }
 
-at::Tensor BatchLoss::forward(const ParameterOverrides& overrides) const {
+at::Tensor detail::BatchLossData::forward(const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::forward: this objective has no model");
   return run_model(overrides, at::Tensor(), false);
 }
@@ -348,17 +364,17 @@ struct SumOverRanks : public torch::autograd::Function<SumOverRanks> {
 
 }  // namespace
 
-at::Tensor BatchLoss::sum_over_ranks(const at::Tensor& x) const {
+at::Tensor detail::BatchLossData::sum_over_ranks(const at::Tensor& x) const {
   return group_ ? SumOverRanks::apply(x, group_.get()) : x;
 }
 
-at::Tensor BatchLoss::rows_of(const at::Tensor& x) const {
+at::Tensor detail::BatchLossData::rows_of(const at::Tensor& x) const {
   const at::Tensor rows = x.reshape({-1, x.size(-1)});
   return group_ ? GatherRows::apply(rows, group_.get()) : rows;
 }
 
-std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
-                                                      const ParameterOverrides& overrides) const {
+std::pair<at::Tensor, at::Tensor> detail::BatchLossData::layer_of(
+    const at::Tensor& weight, const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::layer_of: this objective has no model");
   at::Tensor input, output;
   {
@@ -385,7 +401,7 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::layer_of(const at::Tensor& weight,
   return {rows_of(input), rows_of(output)};
 }
 
-void BatchLoss::watch(const at::Tensor& weight) const {
+void detail::BatchLossData::watch(const at::Tensor& weight) const {
   TORCH_CHECK(has_model(), "BatchLoss::watch: this objective has no model");
   TORCH_CHECK(weight.defined(),
               "BatchLoss::watch: expected a layer's weight, got an undefined tensor");
@@ -393,7 +409,7 @@ void BatchLoss::watch(const at::Tensor& weight) const {
   seen_->watch(weight);
 }
 
-std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(
+std::pair<at::Tensor, at::Tensor> detail::BatchLossData::traced_layer(
     const at::Tensor& weight, const ParameterOverrides& overrides) const {
   if (!has_model()) return {};
   const std::vector<at::Tensor> now = evaluation_values(model_, input_, overrides, fixed_);
@@ -409,8 +425,8 @@ std::pair<at::Tensor, at::Tensor> BatchLoss::traced_layer(
   return {l->traced_input, l->traced_output};
 }
 
-at::Tensor BatchLoss::input_of(const at::Tensor& weight,
-                               const ParameterOverrides& overrides) const {
+at::Tensor detail::BatchLossData::input_of(const at::Tensor& weight,
+                                           const ParameterOverrides& overrides) const {
   TORCH_CHECK(has_model(), "BatchLoss::input_of: this objective has no model");
   {
     std::lock_guard<std::mutex> lock(seen_->mutex);
@@ -428,12 +444,13 @@ BatchLoss BatchLoss::spread_over(std::shared_ptr<Collectives> group, double shar
               "the global batch in (0, 1], got ",
               share);
   BatchLoss copy = *this;
-  copy.group_ = std::move(group);
-  copy.share_ = share;
+  copy.data_ = std::make_shared<detail::BatchLossData>(*data_);
+  copy.data_->group_ = std::move(group);
+  copy.data_->share_ = share;
   return copy;
 }
 
-at::Tensor BatchLoss::global_loss(const ParameterOverrides& overrides) const {
+at::Tensor detail::BatchLossData::global_loss(const ParameterOverrides& overrides) const {
   at::NoGradGuard no_grad;
   if (!group_) return loss(overrides).detach();
   return summed(*group_, loss(overrides) * share_);
@@ -441,11 +458,12 @@ at::Tensor BatchLoss::global_loss(const ParameterOverrides& overrides) const {
 
 BatchLoss BatchLoss::with_fixed(ParameterOverrides fixed) const {
   BatchLoss copy = *this;
-  copy.fixed_ = std::move(fixed);
+  copy.data_ = std::make_shared<detail::BatchLossData>(*data_);
+  copy.data_->fixed_ = std::move(fixed);
   return copy;
 }
 
-at::Tensor BatchLoss::loss(const ParameterOverrides& overrides) const {
+at::Tensor detail::BatchLossData::loss(const ParameterOverrides& overrides) const {
   at::Tensor l =
       parametric_ ? replayed(*random_, devices_, buffers_, [&] { return parametric_(overrides); })
                   : loss_fn_(forward(overrides), target_);

@@ -1,6 +1,8 @@
 // The paper's data-dependent GL(n) across a LeakyReLU (symmetry.h): the
 // least change of the first layer that keeps its activations' images, from a
 // thin QR of the layer's inputs (docs/design.md §3).
+#include <teleport/internal/batch_loss_data.h>
+#include <teleport/internal/least_change.h>
 #include <teleport/internal/symmetry_helpers.h>
 #include <teleport/internal/tensor_ops.h>
 #include <teleport/symmetry.h>
@@ -34,6 +36,8 @@ DataDependentGL::DataDependentGL(double negative_slope, at::Tensor w_in, at::Ten
   if (name_ == "gl(" + std::to_string(width()) + ")") {
     name_ = "data-dependent " + name_;
   }
+  solver_ = std::make_shared<const detail::LeastChange>(slope_, w_in_.size(1), width(),
+                                                        b_in_.defined(), name_);
 }
 
 at::Tensor DataDependentGL::direction(const std::vector<at::Tensor>&) const {
@@ -140,10 +144,9 @@ bool cholesky_qr_on_host(const at::Tensor& h, bool bias, bool wide, at::Tensor& 
 }
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h, const at::Tensor& w,
-                                                         const at::Tensor& b, const at::Tensor& g,
-                                                         Mode mode, bool in_place,
-                                                         const at::Tensor& known_z) const {
+std::pair<at::Tensor, at::Tensor> detail::LeastChange::solve(
+    const at::Tensor& h, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g, Mode mode,
+    bool in_place, const at::Tensor& known_z) const {
   // σ⁻¹ is the LeakyReLU of slope 1/a.
   const auto sigma = [&](const at::Tensor& z) { return at::leaky_relu(z, slope_); };
   const auto sigma_inv = [&](const at::Tensor& y) { return at::leaky_relu(y, 1 / slope_); };
@@ -165,7 +168,7 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h, co
   }
   // The least change Δθ = inputs⁺ (target − z). Non-finite inputs give NaN
   // factors; a non-finite target, non-finite weights: a step the ascent refuses.
-  return moved(factors(h, b.defined()), target - z, w, b, in_place);
+  return moved(factors(h), target - z, w, b, in_place);
 }
 
 // A thin QR instead of the SVD (backward stable, differentiable, and much
@@ -179,9 +182,9 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::solve(const at::Tensor& h, co
 // the weights, runs in the weights' dtype: Q is orthonormal, so its rounding
 // changes the new weights by about as much as rounding them to that dtype
 // does. Beyond it Qᵀ x comes before the solve and stays in double.
-std::pair<at::Tensor, at::Tensor> DataDependentGL::moved(const Factors& f, const at::Tensor& x,
-                                                         at::Tensor w, at::Tensor b,
-                                                         bool in_place) const {
+std::pair<at::Tensor, at::Tensor> detail::LeastChange::moved(const Factors& f, const at::Tensor& x,
+                                                             at::Tensor w, at::Tensor b,
+                                                             bool in_place) const {
   const int64_t m = w.size(1);
   const at::Tensor xd = x.to(at::kDouble);
   if (f.wide) {
@@ -208,8 +211,8 @@ std::pair<at::Tensor, at::Tensor> DataDependentGL::moved(const Factors& f, const
 // it; the products with Q in the weights' dtype (a direction need not be
 // exact: its error is about the inputs' condition number times that dtype's
 // rounding), the solves in double.
-at::Tensor DataDependentGL::pulled(const Factors& f, const at::Tensor& c_w,
-                                   const at::Tensor& c_b) const {
+at::Tensor detail::LeastChange::pulled(const Factors& f, const at::Tensor& c_w,
+                                       const at::Tensor& c_b) const {
   const int64_t m = c_w.size(1);
   if (f.wide) {
     at::Tensor qc = at::mm(f.q_work.slice(0, 0, m).t(), c_w.t());  // Qᵀ c, batch × n
@@ -222,7 +225,8 @@ at::Tensor DataDependentGL::pulled(const Factors& f, const at::Tensor& c_w,
   return at::mm(f.q_work, y.to(c_w.scalar_type()));
 }
 
-DataDependentGL::Factors DataDependentGL::factors(const at::Tensor& h, bool bias) const {
+detail::LeastChange::Factors detail::LeastChange::factors(const at::Tensor& h) const {
+  const bool bias = bias_;
   const bool constant = !h.requires_grad();  // then Q and R are constants of the graph
   const bool cached = constant && cached_h_.defined() && cached_h_.data_ptr() == h.data_ptr() &&
                       cached_h_.sizes() == h.sizes() && cached_h_.strides() == h.strides() &&
@@ -280,54 +284,59 @@ at::Tensor DataDependentGL::pullback(const std::vector<at::Tensor>& params,
   ParameterOverrides values = {{w_in_, params[0].detach()}};
   if (bias) values.emplace_back(b_in_, params[1].detach());
   values.insert(values.end(), in_force.begin(), in_force.end());
-  const auto [h, z] = batch->layer_of(w_in_, values);
+  const auto [h, z] = detail::data_of(*batch).layer_of(w_in_, values);
+  return solver_->pullback(h, z, cotangents[0], bias ? cotangents[1] : at::Tensor(),
+                           params.back().detach(), cotangents.back());
+}
+
+at::Tensor detail::LeastChange::pullback(const at::Tensor& h, const at::Tensor& z,
+                                         const at::Tensor& c_w, const at::Tensor& c_b,
+                                         const at::Tensor& w_out, const at::Tensor& c_out) const {
   const at::Tensor a = at::leaky_relu(z, slope_);
-  const at::Tensor solved =
-      pulled(factors(h, bias), cotangents[0], bias ? cotangents[1] : at::Tensor());
+  const at::Tensor solved = pulled(factors(h), c_w, c_b);
   const at::Tensor x = at::where(z >= 0, solved, solved / slope_);
-  return at::mm(x.t(), a) - at::mm(params.back().detach().t(), cotangents.back());
+  return at::mm(x.t(), a) - at::mm(w_out.t(), c_out);
 }
 
-void DataDependentGL::check_layer_rows(const at::Tensor& h, const char* what) const {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) == w_in_.size(1), name_, ": ", what,
-              " expected the layer's inputs as rows, [batch, ", w_in_.size(1), "], got ",
-              shape_of(h));
+void detail::LeastChange::check_layer_rows(const at::Tensor& h, const char* what) const {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) == inputs_, name_, ": ", what,
+              " expected the layer's inputs as rows, [batch, ", inputs_, "], got ", shape_of(h));
 }
 
-at::Tensor DataDependentGL::pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
-                                                 const at::Tensor& z, const at::Tensor& w_out,
-                                                 const at::Tensor& c_out) const {
+at::Tensor detail::LeastChange::pullback_from_output(const at::Tensor& dF_dz, const at::Tensor& h,
+                                                     const at::Tensor& z, const at::Tensor& w_out,
+                                                     const at::Tensor& c_out) const {
   check_layer_rows(h, "pullback_from_output");
   TORCH_CHECK(
-      z.dim() == 2 && z.size(0) == h.size(0) && z.size(1) == width() && dF_dz.sizes() == z.sizes(),
-      name_, ": pullback_from_output expected Z and dF/dZ of ", h.size(0), " x ", width(),
+      z.dim() == 2 && z.size(0) == h.size(0) && z.size(1) == width_ && dF_dz.sizes() == z.sizes(),
+      name_, ": pullback_from_output expected Z and dF/dZ of ", h.size(0), " x ", width_,
       " (the layer's outputs), got ", shape_of(z), " and ", shape_of(dF_dz));
-  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == width() && c_out.sizes() == w_out.sizes(), name_,
-              ": pullback_from_output expected W_out and its cotangent of shape [*, ", width(),
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == width_ && c_out.sizes() == w_out.sizes(), name_,
+              ": pullback_from_output expected W_out and its cotangent of shape [*, ", width_,
               "], got ", shape_of(w_out), " and ", shape_of(c_out));
   at::NoGradGuard no_grad;
   // (inputs⁺)ᵀ c_θᵀ with c_θ = inputsᵀ ∂F/∂Z: ∂F/∂Z itself where the inputs'
   // rows are independent (inputsᵀ = QR: R⁻¹ Qᵀ Q R ∂F/∂Z), else Q Qᵀ ∂F/∂Z
   // (inputs = QR). No solve, and no product the size of the weights.
   at::Tensor solved = dF_dz;
-  if (h.size(0) > h.size(1) + (b_in_.defined() ? 1 : 0)) {
-    const at::Tensor q = factors(h, b_in_.defined()).q_work;
+  if (h.size(0) > h.size(1) + (bias_ ? 1 : 0)) {
+    const at::Tensor q = factors(h).q_work;
     solved = at::mm(q, at::mm(q.t(), dF_dz));
   }
   const at::Tensor x = at::where(z >= 0, solved, solved / slope_);
   return at::mm(x.t(), at::leaky_relu(z, slope_)) - at::mm(w_out.t(), c_out);
 }
 
-at::Tensor DataDependentGL::input_gram(const at::Tensor& h) const {
+at::Tensor detail::LeastChange::input_gram(const at::Tensor& h) const {
   check_layer_rows(h, "input_gram");
   at::NoGradGuard no_grad;
-  if (h.size(0) > h.size(1) + (b_in_.defined() ? 1 : 0)) return {};
-  return factors(h, b_in_.defined()).gram;
+  if (h.size(0) > h.size(1) + (bias_ ? 1 : 0)) return {};
+  return factors(h).gram;
 }
 
 bool DataDependentGL::exact_for(const BatchLoss* batch) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
-  const at::Tensor h = batch->input_of(w_in_);
+  const at::Tensor h = detail::data_of(*batch).input_of(w_in_);
   const int64_t columns = h.size(1) + (b_in_.defined() ? 1 : 0);
   if (h.size(0) <= columns) return true;
   TORCH_WARN_ONCE(name_, ": a batch of ", h.size(0), " exceeds the ", columns,
@@ -342,10 +351,10 @@ void DataDependentGL::apply_(const GroupElement& e, const BatchLoss* batch, Mode
   if (mode == Mode::kExact) {
     // The layer's inputs and outputs as the batch's last evaluation left them,
     // where the weights have not changed since.
-    const auto [h, z] = batch->layer_of(w_in_);
-    solve(h, w_in_, b_in_, e.g, mode, /*in_place=*/true, z);
+    const auto [h, z] = detail::data_of(*batch).layer_of(w_in_);
+    solver_->solve(h, w_in_, b_in_, e.g, mode, /*in_place=*/true, z);
   } else {
-    auto [w, b] = solve(batch->input_of(w_in_), w_in_, b_in_, e.g, mode);
+    auto [w, b] = solver_->solve(detail::data_of(*batch).input_of(w_in_), w_in_, b_in_, e.g, mode);
     w_in_.copy_(w);
     if (b_in_.defined()) b_in_.copy_(b);
   }
@@ -357,8 +366,8 @@ std::vector<at::Tensor> DataDependentGL::act(const std::vector<at::Tensor>& para
                                              const ParameterOverrides& in_force, Mode mode) const {
   TORCH_CHECK(batch != nullptr, name_, ": the data-dependent action needs a batch");
   const at::Tensor g = T + at::eye(T.size(0), T.options());
-  const at::Tensor h = batch->input_of(w_in_, in_force);
-  auto [w, b] = solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g, mode);
+  const at::Tensor h = detail::data_of(*batch).input_of(w_in_, in_force);
+  auto [w, b] = solver_->solve(h, params[0], b_in_.defined() ? params[1] : at::Tensor(), g, mode);
   std::vector<at::Tensor> out = {w};
   if (b_in_.defined()) out.push_back(b);
   out.push_back(at::mm(params.back(), at::linalg_inv(g)));  // g = I at T = 0

@@ -1,11 +1,11 @@
-#include <teleport/optimizer.h>
+#include <teleport/internal/optimizer_impl.h>
 
 #include <teleport/internal/buffers.h>
 #include <teleport/internal/inner_state.h>
 #include <teleport/internal/parameters.h>
+#include <teleport/internal/random_state.h>
+#include <teleport/internal/schedule.h>
 #include <teleport/internal/tolerance.h>
-#include <teleport/random_state.h>
-#include <teleport/schedule.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -81,13 +81,14 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, std::unique_pt
                                      TeleportOptions options, DiscoverOptions discover_options)
     : TeleportOptimizer(model, SymmetryList{}, std::move(inner), std::move(options)) {
   Discovery found = discover(model, discover_options);
-  symmetries_ = std::move(found.symmetries);
-  notes_ = std::move(found.notes);
-  if (symmetries_.empty()) {
-    notes_.push_back("no teleportable pair of layers: teleports do nothing");
+  auto& symmetries = impl_->symmetries_;
+  symmetries = std::move(found.symmetries);
+  impl_->notes_ = std::move(found.notes);
+  if (symmetries.empty()) {
+    impl_->notes_.push_back("no teleportable pair of layers: teleports do nothing");
   }
-  check_symmetries();
-  const auto params = detail::distinct_parameters(symmetries_);
+  impl_->check_symmetries();
+  const auto params = detail::distinct_parameters(symmetries);
   for (const auto& p : params) {
     TORCH_CHECK(
         p.device() == params.front().device() && p.scalar_type() == params.front().scalar_type(),
@@ -101,17 +102,53 @@ TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, std::unique_pt
 TeleportOptimizer::TeleportOptimizer(torch::nn::Sequential model, SymmetryList symmetries,
                                      std::unique_ptr<Optimizer> inner, TeleportOptions options)
     : Optimizer(groups_of(inner), defaults_of(inner)),
-      model_(std::move(model)),
+      impl_(std::make_unique<Impl>(*this, std::move(model), std::move(inner), std::move(options),
+                                   std::move(symmetries))) {}
+
+TeleportOptimizer::TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<Optimizer> inner,
+                                     TeleportOptions options)
+    : TeleportOptimizer(torch::nn::Sequential(nullptr), std::move(symmetries), std::move(inner),
+                        std::move(options)) {}
+
+TeleportOptimizer::~TeleportOptimizer() = default;
+
+at::Tensor TeleportOptimizer::step(LossClosure closure) { return impl_->step(closure); }
+void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
+  impl_->save(archive);
+}
+void TeleportOptimizer::load(torch::serialize::InputArchive& archive) { impl_->load(archive); }
+
+void TeleportOptimizer::set_buffers(std::vector<at::Tensor> buffers) {
+  impl_->buffers_ = std::move(buffers);
+}
+Collectives* TeleportOptimizer::process_group() const { return impl_->group_.get(); }
+Optimizer& TeleportOptimizer::inner() { return *impl_->inner_; }
+const Optimizer& TeleportOptimizer::inner() const { return *impl_->inner_; }
+const SymmetryList& TeleportOptimizer::symmetries() const { return impl_->symmetries_; }
+const std::vector<std::string>& TeleportOptimizer::notes() const { return impl_->notes_; }
+TeleportOptions& TeleportOptimizer::options() { return impl_->options_; }
+const TeleportOptions& TeleportOptimizer::options() const { return impl_->options_; }
+int64_t TeleportOptimizer::step_count() const { return impl_->step_; }
+int64_t TeleportOptimizer::teleport_count() const { return impl_->teleports_; }
+const TeleportReport* TeleportOptimizer::last_report() const {
+  return impl_->has_report_ ? &impl_->last_report_ : nullptr;
+}
+
+TeleportOptimizer::Impl::Impl(TeleportOptimizer& self, torch::nn::Sequential model,
+                              std::unique_ptr<Optimizer> inner, TeleportOptions options,
+                              SymmetryList symmetries)
+    : model_(std::move(model)),
       inner_(std::move(inner)),
       options_(std::move(options)),
-      symmetries_(std::move(symmetries)) {
+      symmetries_(std::move(symmetries)),
+      self(self) {
   options_.validate();
   check_symmetries();
   check_state_policy();
   if (!model_.is_empty()) buffers_ = model_->buffers();
 }
 
-void TeleportOptimizer::check_symmetries() const {
+void TeleportOptimizer::Impl::check_symmetries() const {
   for (const auto& s : symmetries_) {
     TORCH_CHECK(s != nullptr, "TeleportOptimizer: expected symmetries, got a null one");
     for (const auto& p : s->parameters()) {
@@ -130,18 +167,13 @@ void TeleportOptimizer::check_symmetries() const {
                 "model's parameters");
 }
 
-TeleportOptimizer::TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<Optimizer> inner,
-                                     TeleportOptions options)
-    : TeleportOptimizer(torch::nn::Sequential(nullptr), std::move(symmetries), std::move(inner),
-                        std::move(options)) {}
-
-void TeleportOptimizer::check_state_policy() const {
+void TeleportOptimizer::Impl::check_state_policy() const {
   if (options_.state_policy() != StatePolicy::kTransport) return;
   const std::string why = untransportable(*inner_);
   TORCH_CHECK(why.empty(), "TeleportOptimizer: ", why);
 }
 
-void TeleportOptimizer::check_model_unchanged() const {
+void TeleportOptimizer::Impl::check_model_unchanged() const {
   if (model_.is_empty()) return;
   // The tensors the layers compute with now (what forward() reads).
   std::vector<at::Tensor> current;
@@ -162,18 +194,18 @@ void TeleportOptimizer::check_model_unchanged() const {
 }
 
 void TeleportOptimizer::set_teleport_batch(BatchFn next_batch, LossFn loss_fn) {
-  TORCH_CHECK(!model_.is_empty(),
+  TORCH_CHECK(!impl_->model_.is_empty(),
               "set_teleport_batch: expected the optimizer to hold a model, got none");
   TORCH_CHECK(next_batch != nullptr && loss_fn != nullptr,
               "set_teleport_batch: expected a batch source and a loss function");
-  next_batch_ = std::move(next_batch);
-  loss_fn_ = std::move(loss_fn);
+  impl_->next_batch_ = std::move(next_batch);
+  impl_->loss_fn_ = std::move(loss_fn);
 }
 
 void TeleportOptimizer::set_process_group(std::shared_ptr<Collectives> group, double share) {
   if (group == nullptr) {
-    group_ = nullptr;
-    share_ = 1;
+    impl_->group_ = nullptr;
+    impl_->share_ = 1;
     return;
   }
   if (share < 0) share = 1.0 / static_cast<double>(group->world_size());
@@ -181,25 +213,25 @@ void TeleportOptimizer::set_process_group(std::shared_ptr<Collectives> group, do
               "set_process_group: expected this rank's share of the "
               "global batch in (0, 1], got ",
               share);
-  TORCH_CHECK(options_.mode() == Mode::kExact,
+  TORCH_CHECK(impl_->options_.mode() == Mode::kExact,
               "set_process_group: reference mode runs on one process; use Mode::kExact");
-  group_ = std::move(group);
-  share_ = share;
+  impl_->group_ = std::move(group);
+  impl_->share_ = share;
 }
 
-void TeleportOptimizer::sync_inner() {
+void TeleportOptimizer::Impl::sync_inner() {
   auto& inner_groups = inner_->param_groups();
-  for (size_t i = 0; i < param_groups_.size(); ++i) {
+  for (size_t i = 0; i < self.param_groups_.size(); ++i) {
     if (i == inner_groups.size()) {
-      inner_->add_param_group(param_groups_[i]);
+      inner_->add_param_group(self.param_groups_[i]);
       continue;
     }
-    inner_groups[i].params() = param_groups_[i].params();
-    inner_groups[i].set_options(param_groups_[i].options().clone());
+    inner_groups[i].params() = self.param_groups_[i].params();
+    inner_groups[i].set_options(self.param_groups_[i].options().clone());
   }
 }
 
-double TeleportOptimizer::symmetric_grad_norm_sq() const {
+double TeleportOptimizer::Impl::symmetric_grad_norm_sq() const {
   std::vector<at::Tensor> sums;
   for (const auto& p : detail::distinct_parameters(symmetries_)) {
     if (p.grad().defined()) sums.push_back(p.grad().square().sum());
@@ -208,8 +240,8 @@ double TeleportOptimizer::symmetric_grad_norm_sq() const {
                       : at::stack(sums).sum().item<double>();
 }
 
-SymmetryList TeleportOptimizer::taking_part(bool from_grad,
-                                            std::vector<std::string>& skipped) const {
+SymmetryList TeleportOptimizer::Impl::taking_part(bool from_grad,
+                                                  std::vector<std::string>& skipped) const {
   SymmetryList out;
   for (const auto& s : symmetries_) {
     std::string why;
@@ -230,7 +262,7 @@ SymmetryList TeleportOptimizer::taking_part(bool from_grad,
   return out;
 }
 
-void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& loss) {
+void TeleportOptimizer::Impl::verify_symmetries(const std::function<at::Tensor()>& loss) {
   SymmetryList kept;
   for (const auto& s : symmetries_) {
     const bool checked = std::find(verified_.begin(), verified_.end(), s.get()) != verified_.end();
@@ -239,7 +271,7 @@ void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& los
       kept.push_back(s);
       continue;
     }
-    const detail::Snapshot snapshot(all_params(*this));  // the loss rewrites every gradient
+    const detail::Snapshot snapshot(all_params(self));  // the loss rewrites every gradient
     SymmetryCheck c;
     try {
       c = check_symmetry(*s, loss, options_.max_step(), static_cast<uint64_t>(verified_.size()));
@@ -269,7 +301,7 @@ void TeleportOptimizer::verify_symmetries(const std::function<at::Tensor()>& los
   active_ = std::move(active);
 }
 
-void TeleportOptimizer::check_gradients_agree() const {
+void TeleportOptimizer::Impl::check_gradients_agree() const {
   std::vector<at::Tensor> parts;
   for (const auto& p : detail::distinct_parameters(active_)) {
     if (!p.grad().defined()) continue;
@@ -294,7 +326,7 @@ void TeleportOptimizer::check_gradients_agree() const {
   }
 }
 
-void TeleportOptimizer::align_elements(TeleportReport& report) const {
+void TeleportOptimizer::Impl::align_elements(TeleportReport& report) const {
   if (report.elements.empty() || active_.size() == symmetries_.size()) return;
   std::vector<GroupElement> all(symmetries_.size());
   for (size_t k = 0, a = 0; k < symmetries_.size() && a < active_.size(); ++k) {
@@ -307,8 +339,8 @@ void TeleportOptimizer::align_elements(TeleportReport& report) const {
 // checked yet, the teleport and the state policy. The buffers end as the
 // closure's first call left them; whatever throws leaves weights, .grad and
 // the inner state as they were.
-void TeleportOptimizer::teleport_step(const LossClosure& replay, const at::Tensor& loss,
-                                      at::Tensor& current) {
+void TeleportOptimizer::Impl::teleport_step(const LossClosure& replay, const at::Tensor& loss,
+                                            at::Tensor& current) {
   check_model_unchanged();
   check_state_policy();
   const detail::BufferGuard buffers(buffers_);
@@ -331,7 +363,7 @@ void TeleportOptimizer::teleport_step(const LossClosure& replay, const at::Tenso
       return l[0];
     });
   }
-  const detail::Snapshot point(all_params(*this));
+  const detail::Snapshot point(all_params(self));
   detail::BufferGuard state(inner_state_tensors());  // put back unless released
   try {
     last_report_ = run_teleport(replay, loss, current);
@@ -356,7 +388,7 @@ void TeleportOptimizer::teleport_step(const LossClosure& replay, const at::Tenso
   if (options_.on_report()) options_.on_report()(last_report_);
 }
 
-at::Tensor TeleportOptimizer::step(LossClosure closure) {
+at::Tensor TeleportOptimizer::Impl::step(const LossClosure& closure) {
   sync_inner();
   const bool scheduled = teleport_due(options_, step_, teleports_);
   const bool watching = options_.stall_fraction() > 0 && !symmetries_.empty() &&
@@ -376,7 +408,7 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
   // Every call of the closure here replays the randomness of the first (dropout
   // masks), so the losses before and after differ only by the teleport, and
   // the random stream advances as by the one call of a plain step.
-  const RandomState random(devices_of(all_params(*this)));
+  const RandomState random(devices_of(all_params(self)));
   LossClosure replay = nullptr;
   at::Tensor loss;
   if (closure != nullptr) {
@@ -412,8 +444,8 @@ at::Tensor TeleportOptimizer::step(LossClosure closure) {
   return loss;
 }
 
-TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const at::Tensor& loss,
-                                               at::Tensor& current) {
+TeleportReport TeleportOptimizer::Impl::run_teleport(const LossClosure& replay,
+                                                     const at::Tensor& loss, at::Tensor& current) {
   if (next_batch_) {
     auto batch = next_batch_();
     BatchLoss objective(model_, batch.first, batch.second, loss_fn_);
@@ -437,7 +469,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   // Closed form from .grad, then the closure measures the loss at the new
   // point (and leaves the exact gradient there); too large a change rolls back.
   // The closure rewrites every gradient, so the snapshot holds them all.
-  const detail::Snapshot snapshot(all_params(*this));
+  const detail::Snapshot snapshot(all_params(self));
   TeleportReport report = teleport_from_grad();
   if (report.rolled_back) return report;
   at::Tensor after, host;
@@ -472,7 +504,7 @@ TeleportReport TeleportOptimizer::run_teleport(const LossClosure& replay, const 
   return report;
 }
 
-TeleportReport TeleportOptimizer::teleport_from_grad() {
+TeleportReport TeleportOptimizer::Impl::teleport_from_grad() {
   if (options_.objective() != Objective::kPreconditioned) return teleport(active_, options_);
   Preconditioner pre;
   bool any = false;

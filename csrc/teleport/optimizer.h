@@ -4,7 +4,6 @@
 #include <teleport/batch_loss.h>
 #include <teleport/discover.h>
 #include <teleport/options.h>
-#include <teleport/schedule.h>
 #include <teleport/symmetry.h>
 
 #include <torch/nn/modules/container/sequential.h>
@@ -91,8 +90,8 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   /// that step(closure) leaves as one call of the closure would: the calls a
   /// teleport adds, and a rollback, never update them. A Sequential passed to
   /// the constructor gives its own; a custom Module passes `net->buffers()`.
-  void set_buffers(std::vector<at::Tensor> buffers) { buffers_ = std::move(buffers); }
-  Collectives* process_group() const { return group_.get(); }
+  void set_buffers(std::vector<at::Tensor> buffers);
+  Collectives* process_group() const;
 
   /// Writes options, counters, param groups' options and the inner state by
   /// parameter position (SGD and Adagrad; other optimizers through their own
@@ -100,83 +99,25 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-  torch::optim::Optimizer& inner() { return *inner_; }
-  const torch::optim::Optimizer& inner() const { return *inner_; }
-  const SymmetryList& symmetries() const { return symmetries_; }
+  torch::optim::Optimizer& inner();
+  const torch::optim::Optimizer& inner() const;
+  const SymmetryList& symmetries() const;
   /// Why some pairs of layers got no symmetry (from discover()).
-  const std::vector<std::string>& notes() const { return notes_; }
-  TeleportOptions& options() { return options_; }
-  const TeleportOptions& options() const { return options_; }
+  const std::vector<std::string>& notes() const;
+  TeleportOptions& options();
+  const TeleportOptions& options() const;
   /// Optimizer steps taken so far.
-  int64_t step_count() const { return step_; }
+  int64_t step_count() const;
   /// Teleports attempted so far (rolled-back ones included).
-  int64_t teleport_count() const { return teleports_; }
+  int64_t teleport_count() const;
   /// The last teleport's report, or nullptr before the first.
-  const TeleportReport* last_report() const { return has_report_ ? &last_report_ : nullptr; }
+  const TeleportReport* last_report() const;
+
+  ~TeleportOptimizer() override;
 
  private:
-  // One teleport inside step(), with its checks and the state policy.
-  void teleport_step(const LossClosure& replay, const at::Tensor& loss, at::Tensor& current);
-  // One teleport; `replay` calls the closure with the randomness of its first
-  // call, `loss` is that call's loss; `current` becomes the loss at the new
-  // point where the closure measured it.
-  TeleportReport run_teleport(const LossClosure& replay, const at::Tensor& loss,
-                              at::Tensor& current);
-  // Maps, resets or keeps the inner state (docs/design.md §7); notes in `report`
-  // what was kept because no exact map exists.
-  void apply_state_policy(TeleportReport& report);
-  void transport_whole_state(TeleportReport& report);
-  // A teleport from .grad with the options' objective (kPreconditioned reads
-  // the inner state's second moments).
-  TeleportReport teleport_from_grad();
-  // kLookAhead: the inner optimizer's next step (ascent.h).
-  NextStep next_step() const;
-  // Throws where StatePolicy::kTransport cannot carry the inner state exactly.
-  void check_state_policy() const;
-  void sync_inner();
-  void check_model_unchanged() const;
-  // Throws unless every symmetry acts on trainable float32/float64 parameters
-  // the inner optimizer holds, each tensor at most once per side.
-  void check_symmetries() const;
-  // ||∇L||² over the symmetries' parameters that have a gradient, NaN where
-  // none has.
-  double symmetric_grad_norm_sq() const;
-  // The symmetries that can take part in a teleport now: every parameter
-  // trains (requires_grad) and, from .grad, has a gradient. The others go to
-  // `skipped` with the reason.
-  SymmetryList taking_part(bool from_grad, std::vector<std::string>& skipped) const;
-  // The inner state's tensors that kTransport may move in place.
-  std::vector<at::Tensor> inner_state_tensors() const;
-  // TeleportOptions::verify: checks each symmetry not checked yet on `loss`
-  // (check_symmetry), refuses those that fail (out of symmetries_ and
-  // active_, a note in notes_ and refused_).
-  void verify_symmetries(const std::function<at::Tensor()>& loss);
-  // Throws on every rank alike unless every rank holds the same .grad (one
-  // gathered checksum per rank).
-  void check_gradients_agree() const;
-  // report.elements, one per symmetry taking part, as one per symmetry
-  // (undefined elements for the others).
-  void align_elements(TeleportReport& report) const;
-
-  torch::nn::Sequential model_;
-  std::unique_ptr<torch::optim::Optimizer> inner_;
-  TeleportOptions options_;
-  SymmetryList symmetries_;
-  SymmetryList active_;                    // those taking part in the current teleport
-  std::vector<const Symmetry*> verified_;  // checked by verify_symmetries
-  std::vector<std::string> refused_;       // refused by it in the current teleport
-  std::vector<at::Tensor> buffers_;
-  std::vector<std::string> notes_;
-  std::shared_ptr<Collectives> group_;
-  double share_ = 1;
-  BatchFn next_batch_;
-  LossFn loss_fn_;
-  int64_t step_ = 0;
-  int64_t teleports_ = 0;
-  TeleportReport last_report_;
-  bool has_report_ = false;
-  bool noted_unknown_state_ = false;
-  StallDetector stall_;  // the on-demand schedule (TeleportOptions::stall_fraction)
+  struct Impl;  // internal/optimizer_impl.h
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace teleport

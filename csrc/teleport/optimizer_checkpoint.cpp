@@ -1,7 +1,7 @@
 // TeleportOptimizer's checkpoints: its own fields, the options, and the
 // inner optimizer's state by parameter position, each optimizer's buffers as
 // its adapter writes them (docs/design.md §9).
-#include <teleport/optimizer.h>
+#include <teleport/internal/optimizer_impl.h>
 
 #include <teleport/internal/inner_state.h>
 
@@ -31,7 +31,7 @@ constexpr int64_t kOtherState = 8;
 
 }  // namespace
 
-void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
+void TeleportOptimizer::Impl::save(torch::serialize::OutputArchive& archive) const {
   write_int(archive, "teleport/version", kCheckpointVersion);
   write_int(archive, "teleport/step", step_);
   write_int(archive, "teleport/teleports", teleports_);
@@ -39,10 +39,10 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
   write_int(archive, "teleport/stall_last", stall_.last());
   options_.serialize(archive);
 
-  write_int(archive, "groups/count", static_cast<int64_t>(param_groups_.size()));
-  for (size_t i = 0; i < param_groups_.size(); ++i) {
+  write_int(archive, "groups/count", static_cast<int64_t>(self.param_groups_.size()));
+  for (size_t i = 0; i < self.param_groups_.size(); ++i) {
     torch::serialize::OutputArchive group(archive.compilation_unit());
-    param_groups_[i].options().serialize(group);
+    self.param_groups_[i].options().serialize(group);
     archive.write("groups/" + std::to_string(i), group);
   }
   // The inner state, by parameter position, for every torch::optim optimizer
@@ -77,7 +77,7 @@ void TeleportOptimizer::save(torch::serialize::OutputArchive& archive) const {
   }
 }
 
-void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
+void TeleportOptimizer::Impl::load(torch::serialize::InputArchive& archive) {
   c10::IValue probe_version;
   TORCH_CHECK(archive.try_read("teleport/version", probe_version),
               "TeleportOptimizer::load: expected a TeleportOptimizer checkpoint, got one without "
@@ -111,13 +111,13 @@ void TeleportOptimizer::load(torch::serialize::InputArchive& archive) {
   options_.serialize(archive);  // every option but on_report, which stays
 
   const int64_t groups = read_int(archive, "groups/count");
-  TORCH_CHECK(groups == static_cast<int64_t>(param_groups_.size()),
-              "TeleportOptimizer::load: expected a checkpoint with ", param_groups_.size(),
+  TORCH_CHECK(groups == static_cast<int64_t>(self.param_groups_.size()),
+              "TeleportOptimizer::load: expected a checkpoint with ", self.param_groups_.size(),
               " param groups, got ", groups);
   for (int64_t i = 0; i < groups; ++i) {
     torch::serialize::InputArchive group;
     archive.read("groups/" + std::to_string(i), group);
-    param_groups_[i].options().serialize(group);
+    self.param_groups_[i].options().serialize(group);
   }
   sync_inner();
 

@@ -1,8 +1,8 @@
 // TeleportOptimizer and the inner optimizer's state: the state policy
 // applied after a teleport, LBFGS's history, the next step for kLookAhead
 // (docs/design.md §7, §8).
+#include <teleport/internal/optimizer_impl.h>
 #include <teleport/internal/parameters.h>
-#include <teleport/optimizer.h>
 
 #include <teleport/internal/inner_state.h>
 
@@ -15,7 +15,7 @@ namespace teleport {
 
 using namespace detail;
 
-std::vector<at::Tensor> TeleportOptimizer::inner_state_tensors() const {
+std::vector<at::Tensor> TeleportOptimizer::Impl::inner_state_tensors() const {
   std::vector<at::Tensor> out;
   auto add = [&out](const std::vector<at::Tensor>& tensors) {
     for (const auto& t : tensors) {
@@ -35,7 +35,7 @@ std::vector<at::Tensor> TeleportOptimizer::inner_state_tensors() const {
 
 // The inner optimizer's next step in NextStep's form, with its buffers as they
 // are now (docs/design.md §8); what it cannot express is refused.
-NextStep TeleportOptimizer::next_step() const {
+NextStep TeleportOptimizer::Impl::next_step() const {
   NextStep next;
   next.transported = options_.state_policy() == StatePolicy::kTransport;
   const bool reset = options_.state_policy() == StatePolicy::kReset;
@@ -54,7 +54,7 @@ NextStep TeleportOptimizer::next_step() const {
   return next;
 }
 
-void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
+void TeleportOptimizer::Impl::apply_state_policy(TeleportReport& report) {
   if (options_.state_policy() == StatePolicy::kKeep || report.elements.empty()) return;
   if (options_.state_policy() == StatePolicy::kReset) {
     // LBFGS keeps one state for all its parameters, under the first one's key,
@@ -145,7 +145,7 @@ void TeleportOptimizer::apply_state_policy(TeleportReport& report) {
 // A state kept for all parameters at once (LBFGS's), as flat vectors laid out
 // as the parameters are: the adapter says which map as gradients and which as
 // weights (internal/optimizers/lbfgs.cpp).
-void TeleportOptimizer::transport_whole_state(TeleportReport& report) {
+void TeleportOptimizer::Impl::transport_whole_state(TeleportReport& report) {
   const Buffers whole = whole_state(*inner_);
   if (!whole.whole) return;
   const auto params = all_params(*inner_);

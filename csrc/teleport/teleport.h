@@ -10,8 +10,6 @@
 #include <teleport/layers.h>
 #include <teleport/optimizer.h>
 #include <teleport/options.h>
-#include <teleport/random_state.h>
 #include <teleport/report.h>
-#include <teleport/schedule.h>
 #include <teleport/so2.h>
 #include <teleport/symmetry.h>

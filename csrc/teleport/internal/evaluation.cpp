@@ -1,7 +1,9 @@
 // What the autograd and lowered engines share: the batch's gradients, F =
 // ||∇L||² with ∂F/∂T by double backward, and undoing a refused attempt.
 #include <teleport/internal/ascent_parts.h>
+#include <teleport/internal/batch_loss_data.h>
 #include <teleport/internal/engines.h>
+#include <teleport/internal/least_change.h>
 #include <teleport/internal/tensor_ops.h>
 
 #include <ATen/ATen.h>
@@ -91,7 +93,7 @@ at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 // (docs/design.md §3): one whose layer inputs H are a constant of F (the first
 // layer's: the batch) takes its pullback from ∂F/∂Z, Z the layer's output in
 // the evaluation's graph, instead of from ∂F/∂θ = Hᵀ ∂F/∂Z
-// (DataDependentGL::pullback_from_output). Within the rank condition, where
+// (LeastChange::pullback_from_output). Within the rank condition, where
 // no other symmetry acts on its weight and bias, their gradient δᵀ[H 1] (δ =
 // ∂L/∂Z) enters F only as tr(δᵀ G δ), G = [H 1][H 1]ᵀ (batch × batch), with
 // ∂F/∂δ = 2 G δ: it is never formed (a product with the batch × inputs H
@@ -112,7 +114,7 @@ std::vector<const DataDependentGL*> tap_candidates(const SymmetryList& syms,
   if (batch.group() != nullptr || !batch.has_model()) return out;
   for (size_t k = 0; k < syms.size(); ++k) {
     out[k] = dynamic_cast<const DataDependentGL*>(syms[k].get());
-    if (out[k] != nullptr) batch.watch(out[k]->parameters().front());
+    if (out[k] != nullptr) detail::data_of(batch).watch(out[k]->parameters().front());
   }
   return out;
 }
@@ -130,7 +132,8 @@ Taps taps_of(std::vector<const DataDependentGL*> candidates, const std::vector<a
   }
   for (size_t k = 0; k < n; ++k) {
     if (t.symmetry[k] == nullptr) continue;
-    const auto [h, z] = batch.traced_layer(t.symmetry[k]->parameters().front(), overrides);
+    const auto [h, z] =
+        detail::data_of(batch).traced_layer(t.symmetry[k]->parameters().front(), overrides);
     if (!z.defined() || !z.requires_grad() || h.requires_grad()) {
       t.symmetry[k] = nullptr;
       continue;
@@ -138,7 +141,7 @@ Taps taps_of(std::vector<const DataDependentGL*> candidates, const std::vector<a
     t.h[k] = h, t.z[k] = z;
     bool alone = true;  // W_in and b_in: every parameter but W_out
     for (size_t j = 0; j + 1 < where[k].size(); ++j) alone = alone && uses[where[k][j]] == 1;
-    if (alone) t.gram[k] = t.symmetry[k]->input_gram(rows_of(h));
+    if (alone) t.gram[k] = detail::least_change_of(*t.symmetry[k]).input_gram(rows_of(h));
     if (!t.gram[k].defined()) continue;
     for (size_t j = 0; j + 1 < where[k].size(); ++j) t.via_gram[where[k][j]] = true;
   }
@@ -210,8 +213,9 @@ struct KeptGraph {
         const at::Tensor& d = derivatives[next++];
         const at::Tensor dz = d.defined() ? rows_of(d) : at::zeros_like(z);
         const size_t out = where[k].back();
-        directions.push_back(taps.symmetry[k]->pullback_from_output(
-            dz, rows_of(taps.h[k].detach()), z, current[out].detach(), dF[out]));
+        directions.push_back(detail::least_change_of(*taps.symmetry[k])
+                                 .pullback_from_output(dz, rows_of(taps.h[k].detach()), z,
+                                                       current[out].detach(), dF[out]));
         continue;
       }
       std::vector<at::Tensor> own;

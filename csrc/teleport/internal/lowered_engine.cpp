@@ -2,6 +2,7 @@
 // weights, the loss after the inner optimizer's next step (kLookAhead) or the
 // sharpness (kFlatness).
 #include <teleport/internal/ascent_parts.h>
+#include <teleport/internal/batch_loss_data.h>
 #include <teleport/internal/engines.h>
 #include <teleport/internal/tensor_ops.h>
 
@@ -154,7 +155,7 @@ LoweredFn look_ahead(const SymmetryList& syms, const std::vector<at::Tensor>& pa
       // one differentiable all-reduce.
       std::vector<at::Tensor> flat;
       for (const auto& g : grads) flat.push_back(g.reshape({-1}));
-      const at::Tensor summed = batch.sum_over_ranks(at::cat(flat));
+      const at::Tensor summed = detail::data_of(batch).sum_over_ranks(at::cat(flat));
       int64_t offset = 0;
       for (size_t i = 0; i < grads.size(); ++i) {
         grads[i] = summed.narrow(0, offset, grads[i].numel()).view(values[i].sizes());

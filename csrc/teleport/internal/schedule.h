@@ -1,4 +1,5 @@
 #pragma once
+// Not installed: the optimizer's schedule (internal/schedule.cpp).
 
 #include <teleport/options.h>
 

@@ -1,4 +1,4 @@
-#include <teleport/random_state.h>
+#include <teleport/internal/random_state.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>

@@ -1,4 +1,5 @@
 #pragma once
+// Not installed: the random generators' state, replayed (internal/random_state.cpp).
 
 #include <ATen/Tensor.h>
 #include <ATen/core/Generator.h>

@@ -1,4 +1,4 @@
-#include <teleport/schedule.h>
+#include <teleport/internal/schedule.h>
 
 #include <algorithm>
 #include <cmath>
