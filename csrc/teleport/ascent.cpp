@@ -20,6 +20,15 @@
 namespace teleport {
 namespace {
 
+// kAuto: closed form when every symmetry has one.
+Method resolve_method(const SymmetryList& symmetries, Method method) {
+  if (method != Method::kAuto) return method;
+  for (const auto& s : symmetries) {
+    if (!s->has_closed_form()) return Method::kAutograd;
+  }
+  return Method::kClosedForm;
+}
+
 using namespace detail;
 using Clock = std::chrono::steady_clock;
 
@@ -381,14 +390,6 @@ std::vector<at::Tensor> directions(const SymmetryList& symmetries, Method method
     out.push_back(symmetries[k]->direction(pick(grads, where[k])));
   }
   return out;
-}
-
-Method resolve_method(const SymmetryList& symmetries, Method method) {
-  if (method != Method::kAuto) return method;
-  for (const auto& s : symmetries) {
-    if (!s->has_closed_form()) return Method::kAutograd;
-  }
-  return Method::kClosedForm;
 }
 
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,

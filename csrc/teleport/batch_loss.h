@@ -1,6 +1,5 @@
 #pragma once
 
-#include <c10/core/Device.h>
 #include <teleport/collectives.h>
 
 #include <ATen/Tensor.h>
@@ -13,7 +12,6 @@
 
 namespace teleport {
 
-class RandomState;
 class BatchLoss;
 namespace detail {
 class BatchLossData;
@@ -30,17 +28,11 @@ using ParameterOverrides = std::vector<std::pair<at::Tensor, at::Tensor>>;
 using ParametricLossFn = std::function<at::Tensor(const ParameterOverrides&)>;
 
 /// The loss on one batch, with some parameters replaced for one evaluation,
-/// differentiably: what the autograd direction, the data-dependent action and
-/// the loss checks need. Either a torch::nn::Sequential of Linear layers and
-/// parameter-free modules with a batch and a loss function, or any function of
-/// the parameters (test functions).
-///
-/// Every evaluation sees the same randomness (dropout masks): the random
-/// generators are set to their state at construction for each evaluation and
-/// put back after it, so the loss differs between evaluations only by what
-/// the parameters do, and evaluating it draws nothing from the stream. The
-/// model runs in its current mode (train or eval), and its buffers (BatchNorm's
-/// running statistics) are put back bitwise after every evaluation.
+/// differentiably: a torch::nn::Sequential with a batch and a loss function,
+/// or any function of the parameters. Every evaluation sees the randomness
+/// (dropout masks) of construction and draws nothing from the stream; the
+/// model runs in its current mode, and its buffers (BatchNorm's running
+/// statistics) are put back bitwise after every evaluation.
 class BatchLoss {
  public:
   BatchLoss(torch::nn::Sequential model, at::Tensor input, at::Tensor target, LossFn loss_fn);

@@ -29,17 +29,11 @@ struct Discovery {
 /// The symmetries of a torch::nn::Sequential (nested Sequentials expanded), one
 /// per pair of consecutive layers (Linear, or Conv1d/2d/3d of groups 1):
 ///  - only Identity, Flatten, AvgPool or AdaptiveAvgPool between them: GL(n);
-///  - ReLU, LeakyReLU (any slope), Dropout/Dropout2d/3d, MaxPool or
-///    AdaptiveMaxPool among them: positive scaling; with `data_dependent`, a
-///    LeakyReLU alone between two Linear layers: the data-dependent GL(n);
-///  - a Conv followed by a Linear needs a Flatten between them: each channel
-///    then owns a block of the Linear's columns;
-///  - any other module (BatchNorm among them), a grouped convolution, a Linear
-///    before a Conv, or shapes that do not fit: none, and a note says why;
-///  - a layer whose tensors the action would move are frozen (requires_grad
-///    false), or a layer that stands twice in the chain (tied weights): none
-///    for the pairs it belongs to, and a note says why.
-/// Modules before the first and after the last layer do not matter.
+///  - ReLU, LeakyReLU, Dropout or MaxPool among them: positive scaling (with
+///    `data_dependent`, a lone LeakyReLU between Linears: the data-dependent GL);
+///  - a Conv before a Linear needs a Flatten: each channel owns a block of columns;
+///  - any other module, a grouped convolution, a Linear before a Conv, shapes
+///    that do not fit, frozen tensors or tied weights: none, and a note says why.
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options = {});
 
 }  // namespace teleport

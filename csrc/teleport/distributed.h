@@ -31,28 +31,23 @@ struct Rendezvous {
   int64_t local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int64_t master_port = 29500;
-  /// The store at MASTER_ADDR:MASTER_PORT is hosted by the launcher (torchrun's
-  /// agent: TORCHELASTIC_USE_AGENT_STORE=True; `--nproc`'s parent), not by rank 0.
+  /// The launcher hosts the store (TORCHELASTIC_USE_AGENT_STORE=True), not rank 0.
   bool store_by_launcher = false;
   /// Prefix of this job's keys in the store (differs between restarts).
   std::string prefix = "teleport";
 
   /// The environment's rendezvous, or nothing when RANK and WORLD_SIZE are both
-  /// unset. Throws c10::Error, naming the variable, when one is set without
-  /// the other, malformed, or out of range (RANK outside [0, WORLD_SIZE)).
+  /// unset; a c10::Error naming the variable when one is missing or malformed.
   static std::optional<Rendezvous> from_env();
 };
 
-/// A c10d process group seen through teleport::Collectives, with the byte count
-/// that docs/performance.md reports. Wraps any c10d group type whose
-/// allreduce/allgather take vectors of tensors (ProcessGroup in LibTorch 1.x,
-/// ProcessGroup or a Backend such as ProcessGroupGloo/ProcessGroupNCCL in 2.x):
+/// Any c10d group (ProcessGroup, or a 2.x Backend such as ProcessGroupGloo)
+/// seen through teleport::Collectives, counting the bytes it sends:
 ///
 ///   auto group = std::make_shared<teleport::distributed::ProcessGroup>(
 ///       c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options));
 ///
-/// Every collective waits for its result; the group's own timeout (c10d
-/// options) bounds each one, so a dead peer ends it with an error, not a hang.
+/// Every collective waits for its result, bounded by the group's timeout.
 class ProcessGroup final : public Collectives {
  public:
   template <typename Group>
@@ -93,52 +88,41 @@ class ProcessGroup final : public Collectives {
   int64_t bytes_ = 0;
 };
 
-/// Joins the job `where` describes: a TCPStore at MASTER_ADDR:MASTER_PORT
-/// (hosted by rank 0 unless by the launcher), then Gloo for a CPU `device`,
-/// NCCL for CUDA (where LibTorch has it). `timeout` bounds the rendezvous and
-/// every collective after it. Throws c10::Error when the master cannot be
-/// reached or a rank does not join in time.
+/// Joins the job `where` describes: a TCPStore at MASTER_ADDR:MASTER_PORT,
+/// then Gloo for a CPU `device`, NCCL for CUDA. `timeout` bounds the
+/// rendezvous and every collective; past it, a c10::Error.
 std::shared_ptr<ProcessGroup> init_process_group(
     const Rendezvous& where, c10::DeviceType device = c10::DeviceType::CPU,
     std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
-/// What every data-parallel loop does between backward() and step(): each
-/// parameter's `.grad` becomes the global batch's gradient, the sum over the
-/// ranks of `share` × the local one, where `share` is this rank's fraction of
-/// the global batch (default 1 / world_size, equal slices). One all-reduce per
-/// bucket of gradients. Every rank must pass the same parameters, in the same
-/// order, each with a gradient.
+/// Between backward() and step(): each parameter's `.grad` becomes the global
+/// batch's gradient, the sum over the ranks of `share` (this rank's fraction
+/// of the global batch; default 1 / world_size) × the local one. Every rank
+/// passes the same parameters in the same order, each with a gradient.
 void average_gradients(const std::vector<at::Tensor>& parameters, Collectives& group,
                        double share = -1);
 
 /// How launch_local() runs its processes.
 struct LaunchOptions {
-  /// How long the others get to end by themselves after one failed (their
-  /// collectives fail), before SIGKILL.
+  /// How long the others get to end after one failed, before SIGKILL.
   TORCH_ARG(std::chrono::milliseconds, grace) = std::chrono::seconds(5);
   /// Kills every process after this long (0: no limit); the result is then 124.
   TORCH_ARG(std::chrono::milliseconds, deadline) = std::chrono::milliseconds(0);
   /// More environment for every process, as NAME=value.
   TORCH_ARG(std::vector<std::string>, env) = {};
-  /// Where the launcher's one line goes when a process dies by a signal it
-  /// did not send (it could say nothing itself), e.g. "rank 1 (pid 4242) was
-  /// killed by signal 9 (Killed)"; unset, the launcher prints nothing.
+  /// Where the launcher's line goes when a process dies by a signal it did not
+  /// send ("rank 1 (pid 4242) was killed by signal 9 (Killed)"); unset: nowhere.
   TORCH_ARG(std::function<void(const std::string&)>, log) = nullptr;
 };
 
 /// torchrun on one machine: runs `argv` (argv[0] the program's path) as
-/// `nproc` processes with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1,
-/// MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE=True set, hosting their store
-/// itself, so Rendezvous::from_env() + init_process_group() join them; like
-/// torchrun it sets OMP_NUM_THREADS=1 for N > 1 where the variable is unset. When one
-/// fails with a non-zero exit the others get the grace period to end by
-/// themselves, then SIGKILL; when one is killed by a signal (it said nothing,
-/// and its peers' next collective cannot complete) the launcher names it
-/// through `log` and sends the others SIGTERM at once (the grace, then SIGKILL). SIGTERM, SIGINT
-/// and SIGHUP sent to the launcher are passed on to every process (the same grace, then SIGKILL),
-/// and each process dies with the launcher (a parent-death signal, set by init_process_group), so
-/// killing the launcher, even by SIGKILL, leaves no rank behind. Returns 0 when every process
-/// succeeded, otherwise the first failure's exit code (128 + the signal's number for a signal).
+/// `nproc` processes with torchrun's environment (RANK, LOCAL_RANK,
+/// WORLD_SIZE, MASTER_ADDR, MASTER_PORT; OMP_NUM_THREADS=1 where unset),
+/// hosting their store itself. When one fails the others get the grace
+/// period, then SIGKILL; one killed by a signal is named through `log` and
+/// the others get SIGTERM at once. Signals to the launcher are passed on, and
+/// no rank outlives it (docs/design.md §10). Returns 0 when every process
+/// succeeded, else the first failure's exit code (128 + signal number).
 int launch_local(int64_t nproc, const std::vector<std::string>& argv,
                  const LaunchOptions& options = {});
 

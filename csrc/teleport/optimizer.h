@@ -26,17 +26,12 @@ namespace teleport {
 ///       teleport::TeleportOptions().every(100).steps(10).lr(1e-3));
 ///   // opt.zero_grad(); loss.backward(); opt.step();
 ///
-/// step() teleports, when the schedule says so, from the gradient already in
-/// `.grad` (closed form: no extra forward or backward pass), then lets the inner
-/// optimizer step. step(closure) also measures the loss before and after, with
-/// the same randomness (dropout masks) both times, and rolls back a teleport
-/// that changed it beyond the tolerance; the closure is passed on to the inner
-/// optimizer (LBFGS needs it). Without a teleport due, step() is exactly the
-/// inner optimizer's step.
-///
-/// The param groups are this optimizer's own and are copied to the inner one
-/// before each step, so set learning rates here (LR schedulers built on this
-/// optimizer do that). The inner optimizer's state is reached through inner().
+/// step() teleports when the schedule says so, from `.grad` in closed form,
+/// then lets the inner optimizer step; without a teleport due it is exactly
+/// the inner optimizer's step. step(closure) also measures the loss before and
+/// after (same randomness) and rolls back a teleport that changed it beyond
+/// the tolerance. Param groups are copied to the inner optimizer before each
+/// step: set learning rates here; the inner state is reached through inner().
 class TeleportOptimizer : public torch::optim::Optimizer {
  public:
   using BatchFn = std::function<std::pair<at::Tensor, at::Tensor>()>;
@@ -45,20 +40,11 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   TeleportOptimizer(torch::nn::Sequential model, std::unique_ptr<torch::optim::Optimizer> inner,
                     TeleportOptions options = {}, DiscoverOptions discover_options = {});
 
-  /// Teleports the given symmetries of any model, for instance a custom Module
-  /// that declares them with teleport::scaling(a, b) and teleport::gl(a, b):
-  ///
-  ///   teleport::TeleportOptimizer opt(syms,
-  ///       std::make_unique<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.01)),
-  ///       teleport::TeleportOptions().every(100));
-  ///
-  /// Teleports run from `.grad` in closed form; step(closure) measures the loss
-  /// before and after, so a declaration that is no symmetry is rolled back.
+  /// Teleports the given symmetries of any model, e.g. a custom Module's
+  /// declared with teleport::scaling(a, b) and teleport::gl(a, b).
   TeleportOptimizer(SymmetryList symmetries, std::unique_ptr<torch::optim::Optimizer> inner,
                     TeleportOptions options = {});
-  /// The same for a braced list, `TeleportOptimizer({teleport::scaling(a, b), ...}, ...)`
-  /// (without it the call is ambiguous where torch::nn::Sequential also takes
-  /// a braced list, as in LibTorch 2.x).
+  /// The same for a braced list, `TeleportOptimizer({teleport::scaling(a, b), ...}, ...)`.
   TeleportOptimizer(std::initializer_list<std::shared_ptr<Symmetry>> symmetries,
                     std::unique_ptr<torch::optim::Optimizer> inner, TeleportOptions options = {})
       : TeleportOptimizer(SymmetryList(symmetries), std::move(inner), std::move(options)) {}
@@ -71,31 +57,24 @@ class TeleportOptimizer : public torch::optim::Optimizer {
   at::Tensor step(LossClosure closure = nullptr) override;
 
   /// Teleport on batches of their own: `next_batch` gives (input, target) at
-  /// each teleport, `loss_fn` the loss. The direction then comes from that
-  /// batch, the loss on it is checked, and `.grad` is mapped to the new point.
-  /// Required for Method::kAutograd.
+  /// each teleport, `loss_fn` the loss. Required for Method::kAutograd.
   void set_teleport_batch(BatchFn next_batch, LossFn loss_fn);
 
   /// Data-parallel training (docs/design.md §10): this rank holds `share` of
-  /// every global batch (default 1 / world_size). A teleport from `.grad`
-  /// needs nothing from the group when `.grad` is already averaged over the
-  /// ranks (teleport::distributed::average_gradients before step()): every
-  /// rank computes the same teleport, with no communication. The group
-  /// makes what is local global: the teleport batch (set_teleport_batch; each
-  /// rank passes its slice) and the losses step(closure) compares. Call it on
-  /// every rank, before the first step; nullptr goes back to one process.
+  /// every global batch (default 1 / world_size); `.grad` must be averaged
+  /// over the ranks before step(). The group makes the teleport batch and the
+  /// losses step(closure) compares global. Call it on every rank before the
+  /// first step; nullptr goes back to one process.
   void set_process_group(std::shared_ptr<Collectives> group, double share = -1);
 
-  /// The module buffers (BatchNorm's running statistics and batch counts)
-  /// that step(closure) leaves as one call of the closure would: the calls a
-  /// teleport adds, and a rollback, never update them. A Sequential passed to
-  /// the constructor gives its own; a custom Module passes `net->buffers()`.
+  /// The module buffers (BatchNorm's running statistics) that step(closure)
+  /// leaves as one call of the closure would. A Sequential passed to the
+  /// constructor gives its own; a custom Module passes `net->buffers()`.
   void set_buffers(std::vector<at::Tensor> buffers);
   Collectives* process_group() const;
 
-  /// Writes options, counters, param groups' options and the inner state by
-  /// parameter position (SGD and Adagrad; other optimizers through their own
-  /// save()), so a checkpoint loads into a rebuilt model.
+  /// Options, counters, param groups and the inner state by parameter
+  /// position, so a checkpoint loads into a rebuilt model (docs/design.md §9).
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 

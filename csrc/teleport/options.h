@@ -38,10 +38,9 @@ enum class Parametrization {
 enum class Mode {
   /// Exact inverses; the loss is kept within the tolerance or rolled back.
   kExact,
-  /// The published NeurIPS 2022 code's arithmetic, for comparison with the
-  /// paper: I - T as the inverse, data-dependent actions built from the
-  /// activations before each ascent step, no caps and no tolerance check
-  /// (non-finite values still roll back). Its reports are marked inexact.
+  /// The published NeurIPS 2022 code's arithmetic (I - T as the inverse, no
+  /// caps, no tolerance check; non-finite values still roll back), for
+  /// comparison with the paper. Its reports are marked inexact.
   kReference,
 };
 
@@ -49,45 +48,35 @@ enum class Mode {
 enum class Objective {
   /// Maximise ||∇L||² (the paper).
   kGradNorm,
-  /// Maximise Σ g²/(√v̂ + ε): the first-order decrease of a step along g
-  /// preconditioned by the inner optimizer's second moment (Adagrad's and
-  /// RMSprop's own step; for Adam and AdamW, their step without momentum:
-  /// theirs uses m̂, docs/design.md §8), with v̂ the second-moment estimate
-  /// as its next step will use it, over
-  /// positive scalings; for SGD, kGradNorm. TeleportOptimizer reads v from
-  /// the inner state; teleport() takes it as a Preconditioner.
+  /// Maximise Σ g²/(√v̂ + ε) over positive scalings: the first-order decrease
+  /// of a step preconditioned by the inner optimizer's second moment v̂ as its
+  /// next step will use it (a Preconditioner); for SGD, kGradNorm.
   kPreconditioned,
   /// Minimise the teleport batch's loss after the inner optimizer's next step
-  /// from the teleported point (autograd through that step), over positive
-  /// scalings. Needs a teleport batch; TeleportOptimizer reads the step from
-  /// the inner optimizer, teleport() takes it as a NextStep.
+  /// (a NextStep) over positive scalings. Needs a teleport batch.
   kLookAhead,
-  /// Minimise the sharpness of the teleport batch's loss: its mean rise under
-  /// fixed random perturbations of radius flatness_radius (teleport::sharpness).
-  /// Needs a teleport batch.
+  /// Minimise the teleport batch's sharpness (teleport::sharpness). Needs a
+  /// teleport batch.
   kFlatness,
-  /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et al.
-  /// 2019): each hidden unit's incoming norm (weights and bias) made equal to
-  /// its outgoing norm. Closed form; needs no gradient.
+  /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et
+  /// al. 2019). Closed form; needs no gradient.
   kBalance,
 };
 
-/// What happens to the inner optimizer's state (momentum, AdaGrad sums) at a
-/// teleport.
+/// What happens to the inner optimizer's state at a teleport (docs/design.md §7).
 enum class StatePolicy {
   /// Leave it as it is (the NeurIPS 2022 code).
   kKeep,
   /// Start it afresh, as at step 0 (the ICLR 2024 code).
   kReset,
-  /// Map it where the math is exact: gradient-like buffers as gradients
-  /// (A_g^{-T}); AdaGrad sums under diagonal scaling. Otherwise keep.
+  /// Map it where the math is exact; otherwise keep.
   kTransport,
 };
 
 /// Everything a teleport and its schedule need. Set fluently:
 /// `TeleportOptions().every(100).steps(10).lr(1e-3)`.
 struct TeleportOptions {
-  // --- schedule (see schedule.h) ---
+  // --- schedule ---
   /// Teleport every K optimizer steps (at steps 0, K, 2K, ...); 0 = never.
   TORCH_ARG(int64_t, every) = 0;
   /// Teleport at these optimizer steps (0-based), besides `every`.
@@ -97,12 +86,11 @@ struct TeleportOptions {
   /// At most this many teleports in all; -1 = no limit.
   TORCH_ARG(int64_t, max_teleports) = -1;
   /// On demand: teleport also when ||∇L||² over the symmetries' parameters
-  /// falls below this fraction of its running mean (training has stalled);
-  /// 0 = off. Costs one host read of the gradient norm per step.
+  /// falls below this fraction of its running mean; 0 = off. Costs one host
+  /// read per step. `stall_decay` weighs the past in that exponential mean;
+  /// `stall_cooldown` steps come before the first such teleport and between two.
   TORCH_ARG(double, stall_fraction) = 0;
-  /// Weight of the past in that running mean (an exponential average).
   TORCH_ARG(double, stall_decay) = 0.9;
-  /// Optimizer steps before the first on-demand teleport and between two.
   TORCH_ARG(int64_t, stall_cooldown) = 100;
 
   // --- the ascent ---
@@ -126,31 +114,19 @@ struct TeleportOptions {
   /// Largest relative change of the loss on the teleport batch; beyond it the
   /// teleport is rolled back.
   TORCH_ARG(double, tolerance) = 1e-4;
-  /// Cap on the Frobenius norm of each ascent step T (per symmetry). Under the
-  /// linear parametrization a diagonal step is also shortened so that every
-  /// factor 1 + t stays >= 1/2 (a scaling must stay positive across a ReLU),
-  /// and a step whose I + T is singular is refused (shortened and tried again).
-  /// In exact mode a step shorter than min(√ε, max_step) of the parameters'
-  /// dtype is lengthened to it, so tiny gradients still move the weights.
+  /// Cap on the Frobenius norm of each ascent step T (per symmetry); a
+  /// diagonal factor 1 + t also stays >= 1/2 and a singular I + T is refused.
+  /// In exact mode a step shorter than min(√ε, max_step) is lengthened to it.
   TORCH_ARG(double, max_step) = 0.5;
-  /// Cap on ||∇L||² after / before over one teleport; an ascent step that would
-  /// pass it is not taken. In exact mode steps are sized against it (an attempt
-  /// whose linear model passes it aims at 3/4 of the room left) and the ascent
-  /// stops once 7/8 of the growth it allows is used (docs/design.md §6).
+  /// Cap on ||∇L||² after / before over one teleport; steps are sized against it.
   TORCH_ARG(double, max_growth) = 10.0;
-  /// Never worse: an ascent step is kept only if it raises ||∇L||² (and stays
-  /// finite, invertible and within max_growth); otherwise it is shortened (by
-  /// half, or past the growth cap to where a quadratic model of ||∇L||² puts
-  /// it) and tried again, at most this many times in one teleport, after which the
-  /// ascent stops. A teleport that raised nothing is rolled back. Reference
-  /// mode keeps the published, unguarded arithmetic.
+  /// Never worse: a step that does not raise ||∇L||² (or is non-finite,
+  /// singular, past max_growth) is shortened and tried again, at most this
+  /// many times per teleport; a teleport that raised nothing is rolled back.
   TORCH_ARG(int64_t, max_halvings) = 5;
   /// Checks every symmetry once, before its first teleport, wherever a loss
-  /// is at hand (step(closure), a teleport batch): a random group element of
-  /// norm max_step is applied, the loss compared (relative drift at most 1e-9
-  /// in float64, 1e-5 in float32), the point restored bitwise. A symmetry that
-  /// fails is refused for good, with the drift in notes() and the report
-  /// (teleport::check_symmetry; docs/design.md §6).
+  /// is at hand (teleport::check_symmetry with a random element of norm
+  /// max_step); one that fails is refused for good, with a note.
   TORCH_ARG(bool, verify) = true;
 
   // --- the optimizer ---

@@ -26,17 +26,13 @@ class SO2Symmetry : public Symmetry {
   bool diagonal() const override { return false; }
   std::vector<at::Tensor> parameters() const override { return {xy_}; }
   at::Tensor zero_algebra() const override;
-  bool has_closed_form() const override { return false; }
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   /// The rotation by θ = T[0], whatever the parametrization.
   GroupElement element(const at::Tensor& T, Parametrization p) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
               Mode mode = Mode::kExact) const override;
-  bool exact_for(const BatchLoss*) const override { return true; }
-  bool transports_gradients() const override { return false; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
-  bool can_transport_squared_gradients() const override { return false; }
   void transport_squared_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,

@@ -23,28 +23,23 @@ struct GroupElement {
   at::Tensor g;
   at::Tensor g_inv;
   bool diagonal = false;
-  /// A 0-dim bool, false where g could not be inverted (g_inv is then
-  /// meaningless); undefined when g is invertible by construction. Decided on
-  /// the device: the ascent refuses such a step without a host synchronisation.
+  /// A 0-dim bool, false where g could not be inverted (decided on the
+  /// device); undefined when g is invertible by construction.
   at::Tensor invertible;
 
   /// g for the algebra element T (a matrix, or a vector when diagonal).
   static GroupElement from_algebra(const at::Tensor& T, bool diagonal, Parametrization p);
-  /// The identity of the same shape, dtype and device as `like`.
   static GroupElement identity_like(const GroupElement& like);
   /// this ∘ other: first other, then this.
   GroupElement compose(const GroupElement& other) const;
   /// g⁻¹ (the two tensors swapped).
   GroupElement inverse() const { return {g_inv, g, diagonal, invertible}; }
-  /// g^{-T}: the element whose gradient map (Symmetry::transport_gradients_)
-  /// is this element's map of weights, X -> A_g X. Weight-like buffers (LBFGS
-  /// steps) are carried with it.
+  /// g^{-T}: its gradient map is this element's map of weights (LBFGS steps).
   GroupElement contragredient() const {
     return diagonal ? GroupElement{g_inv, g, true, invertible}
                     : GroupElement{g_inv.t(), g.t(), false, invertible};
   }
-  /// This element where `keep` (a 0-dim bool tensor) is true, the identity
-  /// elsewhere; decided on the device, with no host synchronisation.
+  /// This element where `keep` (a 0-dim bool) is true, else the identity.
   GroupElement masked(const at::Tensor& keep) const;
 };
 
@@ -52,15 +47,12 @@ struct GroupElement {
 /// (ascent.h) talks to symmetries only through this interface.
 ///
 /// Your own symmetry needs six methods: name(), diagonal(), parameters(),
-/// zero_algebra(), apply_() and act(). It then teleports by autograd
-/// (Method::kAutograd, with a batch and a loss), its gradients computed afresh
-/// after each teleport, and TeleportOptimizer verifies it on the loss before
-/// its first teleport. The other methods have defaults to override where the
-/// action allows more: a closed-form direction (has_closed_form(),
-/// direction()), exact maps of gradients and of squared gradients (what the
-/// inner optimizer's state needs to be carried), exactness on a batch, a
-/// check that the parameters kept their shapes. tests/symmetry_test.cpp
-/// has an example (UserDefinedSymmetryTeleportsByAutograd).
+/// zero_algebra(), apply_() and act(). It then teleports by autograd (with a
+/// batch and a loss), its gradients computed afresh after each teleport, and
+/// TeleportOptimizer verifies it before its first teleport. Override the
+/// defaulted methods where the action allows more (a closed-form direction,
+/// exact maps of gradients and squared gradients). Example:
+/// tests/symmetry_test.cpp, UserDefinedSymmetryTeleportsByAutograd.
 class Symmetry {
  public:
   virtual ~Symmetry() = default;
@@ -74,8 +66,7 @@ class Symmetry {
   /// The algebra element at the identity, on the parameters' device and dtype.
   virtual at::Tensor zero_algebra() const = 0;
 
-  /// Whether direction() is available (the action is linear and exact).
-  /// Default: no.
+  /// Whether direction() is available. Default: no.
   virtual bool has_closed_form() const { return false; }
   /// ∂/∂T ||∇L((I+T)·w)||² at T = 0 from the gradients alone. Default: throws.
   virtual at::Tensor direction(const std::vector<at::Tensor>& grads) const;
@@ -85,79 +76,59 @@ class Symmetry {
     return GroupElement::from_algebra(T, diagonal(), p);
   }
 
-  /// w <- g·w, in place, on the parameters. A data-dependent action reads the
-  /// batch (the inputs of its layer in the network as it stands); others
-  /// ignore it. `mode` kReference asks for the published code's arithmetic
-  /// where it differs (the data-dependent action); others ignore it.
+  /// w <- g·w, in place. Only a data-dependent action reads the batch and
+  /// `mode` (kReference: the published code's arithmetic).
   virtual void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
                       Mode mode = Mode::kExact) const = 0;
-  /// Whether apply_() and act() read a batch (a data-dependent action: it
-  /// cannot be applied, nor checked by check_symmetry(), without one).
-  /// Default: no.
+  /// Whether apply_() and act() read a batch. Default: no.
   virtual bool reads_batch() const { return false; }
-  /// Whether the action is exact, for all data or on `batch` (a data-dependent
-  /// action is exact only when the batch is small enough). Default: yes.
+  /// Whether the action is exact (on `batch`, for one that reads it). Default: yes.
   virtual bool exact_for(const BatchLoss* /*batch*/) const { return true; }
 
-  /// Whether gradients map exactly (the action is linear in the weights);
-  /// otherwise gradients must be computed afresh after a teleport. Default: no.
+  /// Whether gradients map exactly (else they are computed afresh). Default: no.
   virtual bool transports_gradients() const { return false; }
   /// Tensors that transform as gradients do (gradients, momentum buffers):
   /// X -> A_g^{-T} X, in place. Default: throws.
   virtual void transport_gradients_(const GroupElement& e,
                                     const std::vector<at::Tensor>& grads) const;
-  /// Whether transport_squared_gradients_() is exact for this group's diagonal
-  /// elements (no elementwise map of squares is exact under a non-diagonal
-  /// one). Default: no.
+  /// Whether transport_squared_gradients_() is exact under this group's
+  /// diagonal elements. Default: no.
   virtual bool can_transport_squared_gradients() const { return false; }
-  /// Sums of squared gradient entries (AdaGrad), each entry scaled by the
-  /// square of its gradient entry's factor, under a diagonal element. Throws
-  /// where that is not exact (the default).
+  /// Squared-gradient buffers (AdaGrad's sums), each entry scaled by its
+  /// gradient entry's factor squared, under a diagonal element. Default: throws.
   virtual void transport_squared_gradients_(const GroupElement& e,
                                             const std::vector<at::Tensor>& sums) const;
 
   /// The differentiable action of g = I + T on `params` (in the order of
-  /// parameters()); the result is in the same order. `in_force` holds the
-  /// values the other parameters have at this point of the evaluation, for a
-  /// data-dependent action that reads its layer's inputs from `batch`.
+  /// parameters()), in that order. `in_force`: the other parameters' values,
+  /// for an action that reads its layer's inputs from `batch`.
   virtual std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                                       const BatchLoss* batch, const ParameterOverrides& in_force,
                                       Mode mode = Mode::kExact) const = 0;
 
-  /// Throws unless the parameters still have the shapes, dtype and device they
-  /// had when the symmetry was made. Default: checks nothing.
+  /// Throws unless the parameters kept their shapes, dtype and device.
+  /// Default: checks nothing.
   virtual void check_unchanged() const {}
-  /// ∂/∂T ⟨c, act(params, T)⟩ at T = 0: the derivative of the action at the
-  /// identity, applied backwards to `cotangents` (one per parameter, in the
-  /// order of parameters()). The autograd direction is this of ∂F/∂w
-  /// (docs/design.md §3). By default by autograd through act(); the
-  /// data-dependent action has it in closed form.
+  /// ∂/∂T ⟨c, act(params, T)⟩ at T = 0 for `cotangents` c (one per
+  /// parameter); the autograd direction is this of ∂F/∂w (docs/design.md §3).
+  /// Default: by autograd through act().
   virtual at::Tensor pullback(const std::vector<at::Tensor>& params,
                               const std::vector<at::Tensor>& cotangents, const BatchLoss* batch,
                               const ParameterOverrides& in_force) const;
 };
 
-/// What a hidden layer's activation allows.
-enum class SymmetryKind {
-  /// GL(n): no nonlinearity between the two Linear layers.
-  kLinearGL,
-  /// Positive diagonal scaling: a positively homogeneous activation
-  /// (ReLU, LeakyReLU, identity).
-  kScaling,
-};
+/// What a hidden layer's activation allows: GL(n) (nothing nonlinear), or
+/// positive diagonal scaling (a positively homogeneous activation: ReLU).
+enum class SymmetryKind { kLinearGL, kScaling };
 
-/// The group acting on the width n of one hidden layer between two Linear
-/// layers: W_in -> g W_in, b_in -> g b_in, W_out -> W_out g⁻¹.
-///
-/// The action is linear in the weights and leaves the loss unchanged for all
-/// data, so gradients map as ∇W_in -> g^{-T} ∇W_in, ∇b_in -> g^{-T} ∇b_in,
-/// ∇W_out -> ∇W_out gᵀ, and the ascent direction at the identity has the
-/// closed form 2 (∇W_outᵀ ∇W_out - ∇W_in ∇W_inᵀ - ∇b_in ∇b_inᵀ), its diagonal
-/// for scaling (docs/design.md §3).
+/// The group acting on the width n of one hidden layer between two layers:
+/// W_in -> g W_in, b_in -> g b_in, W_out -> W_out g⁻¹. Linear in the weights
+/// and exact for all data: gradients map exactly and the ascent direction has
+/// a closed form (docs/design.md §3).
 class LayerSymmetry : public Symmetry {
  public:
-  /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n.
-  /// The tensors are the parameters themselves; the action changes them in place.
+  /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n:
+  /// the parameters themselves, changed in place.
   LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
                 std::string name = "");
 
@@ -173,7 +144,6 @@ class LayerSymmetry : public Symmetry {
   at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
               Mode mode = Mode::kExact) const override;
-  bool exact_for(const BatchLoss*) const override { return true; }
   bool transports_gradients() const override { return true; }
   void transport_gradients_(const GroupElement& e,
                             const std::vector<at::Tensor>& grads) const override;
@@ -193,19 +163,13 @@ class LayerSymmetry : public Symmetry {
   std::string name_;
 };
 
-/// The paper's data-dependent GL(n) across a bijective activation σ
-/// (LeakyReLU of slope a > 0) between two Linear layers: on a batch whose
-/// inputs to the first layer are H (with a column of ones for the bias),
-/// θ = [W_in b_in]ᵀ moves by the least change that solves
-/// H θ' = σ⁻¹(σ(H θ) gᵀ): θ' = θ + H⁺(σ⁻¹(σ(H θ) gᵀ) − H θ), and
-/// W_out -> W_out g⁻¹. At g = I it is the identity, so the ascent direction
-/// at T = 0 is the derivative of the action actually applied. (The published
-/// code takes the least-norm solution θ' = H⁺ σ⁻¹(...) instead, which at
-/// g = I projects θ onto the span of the batch and changes the gradient;
-/// Mode::kReference does that.)
-/// It keeps the loss on that batch exactly when H has full row rank (batch ≤
-/// width, + 1 with a bias); otherwise it warns once and the teleport relies on
-/// its tolerance. Gradients do not map: they are computed afresh after it.
+/// The paper's data-dependent GL(n) across a LeakyReLU σ of slope a > 0
+/// between two Linear layers: with H the first layer's inputs on a batch (and
+/// ones for the bias), θ = [W_in b_in]ᵀ moves by the least change solving
+/// H θ' = σ⁻¹(σ(H θ) gᵀ), and W_out -> W_out g⁻¹ (Mode::kReference: the
+/// published least-norm solution). Exact on that batch when H has full row
+/// rank (batch ≤ inputs, + 1 with a bias); otherwise it warns once and the
+/// teleport relies on the tolerance. Gradients do not map (docs/design.md §3).
 class DataDependentGL : public LayerSymmetry {
  public:
   DataDependentGL(double negative_slope, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,

@@ -13,6 +13,10 @@
 #include <utility>
 #include <vector>
 
+namespace teleport {
+class RandomState;  // internal/random_state.h
+}  // namespace teleport
+
 namespace teleport::detail {
 
 class BatchLossData {
