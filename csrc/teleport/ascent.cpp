@@ -59,7 +59,7 @@ struct Problem {
   std::vector<at::Tensor> grads;   // from .grad (no batch), or the batch's (closed form)
   Method method = Method::kClosedForm;
   Engine engine = Engine::kClosedForm;
-  std::vector<int> left, right;      // kSpanGL: the symmetry on each tensor's rows, columns
+  std::vector<int> left, right;      // the layer symmetry on each tensor's rows, columns
   bool decide_before_apply = false;  // kScaling from .grad: no copy needed to roll back
 };
 
@@ -70,8 +70,10 @@ void validate(Problem& p, TeleportReport& report) {
   const TeleportOptions& options = p.o;
   const BatchLoss* batch = p.batch;
   for (const auto& s : symmetries) s->check_unchanged();
-  check_roles(symmetries, "teleport");
-  p.params = distinct_parameters(symmetries);
+  Roles roles = roles_of(symmetries, "teleport");
+  p.params = std::move(roles.params);
+  p.left = std::move(roles.rows);
+  p.right = std::move(roles.columns);
   for (const auto& q : p.params) {
     TORCH_CHECK(q.device() == p.params.front().device() &&
                     q.scalar_type() == p.params.front().scalar_type(),
@@ -164,10 +166,7 @@ Engine choose(Problem& p) {
     p.decide_before_apply = p.batch == nullptr && library_actions;
     return Engine::kScaling;
   }
-  if (span_applies(p.syms, p.o) &&
-      span_roles(p.syms, positions(p.syms, p.params), p.params.size(), p.left, p.right)) {
-    return Engine::kSpanGL;
-  }
+  if (span_applies(p.syms, p.o)) return Engine::kSpanGL;
   return Engine::kClosedForm;
 }
 

@@ -8,22 +8,6 @@
 
 namespace teleport::detail {
 
-// Where each symmetry's parameters sit in the list of distinct parameters.
-std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
-                                           const std::vector<at::Tensor>& params) {
-  std::vector<std::vector<size_t>> out;
-  for (const auto& s : symmetries) {
-    std::vector<size_t> idx;
-    for (const auto& p : s->parameters()) {
-      for (size_t j = 0; j < params.size(); ++j) {
-        if (params[j].is_same(p)) idx.push_back(j);
-      }
-    }
-    out.push_back(std::move(idx));
-  }
-  return out;
-}
-
 std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vector<size_t>& idx) {
   std::vector<at::Tensor> out;
   out.reserve(idx.size());

@@ -161,7 +161,7 @@ void TeleportOptimizer::Impl::check_symmetries() const {
                   p.scalar_type(), " in ", s->name());
     }
   }
-  detail::check_roles(symmetries_, "TeleportOptimizer");
+  detail::roles_of(symmetries_, "TeleportOptimizer");  // throws on a conflict
   require_among(symmetries_, all_params(*inner_),
                 "the inner optimizer does not hold; build the inner optimizer from the "
                 "model's parameters");

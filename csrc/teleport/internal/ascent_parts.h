@@ -1,6 +1,7 @@
 #pragma once
 // Not installed: what the ascent engines share (internal/*_engine.cpp).
 
+#include <teleport/internal/parameters.h>
 #include <teleport/internal/tensor_ops.h>
 #include <teleport/options.h>
 #include <teleport/symmetry.h>
@@ -13,10 +14,6 @@
 #include <vector>
 
 namespace teleport::detail {
-
-// Where each symmetry's parameters sit in the list of distinct parameters.
-std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
-                                           const std::vector<at::Tensor>& params);
 
 std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vector<size_t>& idx);
 
@@ -335,13 +332,11 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
                           std::vector<at::Tensor> grads, const TeleportOptions& o);
 
 // The closed-form GL(n) ascent in the span of the gradients (docs/design.md
-// §11), for lists of layer GL(n) symmetries in exact mode (span_applies), each
-// tensor acted on by at most one symmetry per side (span_roles: which one on
-// its rows, `left`, and its columns, `right`, -1 for none). It falls back to
-// closed_form_ascent where a basis would cover most of a layer.
+// §11), for lists of layer GL(n) symmetries in exact mode (span_applies), with
+// their Roles: which one acts on each tensor's rows, `left`, and columns,
+// `right`, -1 for none. It falls back to closed_form_ascent where a basis
+// would cover most of a layer.
 bool span_applies(const SymmetryList& syms, const TeleportOptions& o);
-bool span_roles(const SymmetryList& syms, const std::vector<std::vector<size_t>>& where,
-                size_t n_params, std::vector<int>& left, std::vector<int>& right);
 Ascent span_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& params,
                    const std::vector<at::Tensor>& grads, const std::vector<int>& left,
                    const std::vector<int>& right, const TeleportOptions& o);

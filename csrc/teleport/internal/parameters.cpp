@@ -61,36 +61,51 @@ std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries) {
   return out;
 }
 
-void check_roles(const SymmetryList& symmetries, const char* who) {
-  struct Role {
-    const void* tensor;
-    bool columns;
-    size_t symmetry;
-  };
-  std::vector<Role> seen;
+std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
+                                           const std::vector<at::Tensor>& params) {
+  std::vector<std::vector<size_t>> out;
+  for (const auto& s : symmetries) {
+    std::vector<size_t> idx;
+    for (const auto& p : s->parameters()) {
+      for (size_t j = 0; j < params.size(); ++j) {
+        if (params[j].is_same(p)) idx.push_back(j);
+      }
+    }
+    out.push_back(std::move(idx));
+  }
+  return out;
+}
+
+Roles roles_of(const SymmetryList& symmetries, const char* who) {
+  Roles r;
+  r.params = distinct_parameters(symmetries);
+  r.where = positions(symmetries, r.params);
+  r.rows.assign(r.params.size(), -1);
+  r.columns.assign(r.params.size(), -1);
   for (size_t k = 0; k < symmetries.size(); ++k) {
-    const auto params = symmetries[k]->parameters();
-    const bool layer = dynamic_cast<const LayerSymmetry*>(symmetries[k].get()) != nullptr;
-    for (size_t i = 0; i < params.size(); ++i) {
+    const auto& idx = r.where[k];
+    for (size_t i = 0; i < idx.size(); ++i) {
       for (size_t j = 0; j < i; ++j) {
-        TORCH_CHECK(!params[j].is_same(params[i]), who, ": ", symmetries[k]->name(),
-                    " acts twice on one tensor of shape ", params[i].sizes(),
+        TORCH_CHECK(idx[j] != idx[i], who, ": ", symmetries[k]->name(),
+                    " acts twice on one tensor of shape ", r.params[idx[i]].sizes(),
                     " (a layer paired with itself, or tied weights): that is no symmetry");
       }
-      if (!layer) continue;
-      // A layer symmetry's last tensor is acted on by columns, the others by rows.
-      const Role role{params[i].unsafeGetTensorImpl(), i + 1 == params.size(), k};
-      for (const auto& r : seen) {
-        TORCH_CHECK(r.tensor != role.tensor || r.columns != role.columns, who, ": ",
-                    symmetries[r.symmetry]->name(), " and ", symmetries[k]->name(),
-                    " both act on the ", role.columns ? "columns (inputs)" : "rows (outputs)",
-                    " of one tensor of shape ", params[i].sizes(),
-                    ": expected each tensor acted on at most once per side (a symmetry "
-                    "declared twice, or a layer used twice?)");
-      }
-      seen.push_back(role);
+    }
+    if (dynamic_cast<const LayerSymmetry*>(symmetries[k].get()) == nullptr) continue;
+    // A layer symmetry's last tensor is acted on by columns, the others by rows.
+    for (size_t i = 0; i < idx.size(); ++i) {
+      const bool columns = i + 1 == idx.size();
+      int& side = columns ? r.columns[idx[i]] : r.rows[idx[i]];
+      TORCH_CHECK(side < 0, who, ": ", side < 0 ? "" : symmetries[side]->name(), " and ",
+                  symmetries[k]->name(), " both act on the ",
+                  columns ? "columns (inputs)" : "rows (outputs)", " of one tensor of shape ",
+                  r.params[idx[i]].sizes(),
+                  ": expected each tensor acted on at most once per side (a symmetry "
+                  "declared twice, or a layer used twice?)");
+      side = static_cast<int>(k);
     }
   }
+  return r;
 }
 
 }  // namespace teleport::detail

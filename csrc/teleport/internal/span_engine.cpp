@@ -302,22 +302,6 @@ void move_rows_(const RowMap& map, const at::Tensor& x, bool left, at::Tensor& s
 
 }  // namespace
 
-// Which symmetries act on each parameter's rows and columns; false when the
-// span path does not apply (a side taken twice, a tensor it cannot read).
-bool span_roles(const SymmetryList& syms, const std::vector<std::vector<size_t>>& where,
-                size_t n_params, std::vector<int>& left, std::vector<int>& right) {
-  left.assign(n_params, -1);
-  right.assign(n_params, -1);
-  for (size_t k = 0; k < syms.size(); ++k) {
-    for (size_t j = 0; j < where[k].size(); ++j) {
-      int& side = j + 1 == where[k].size() ? right[where[k][j]] : left[where[k][j]];
-      if (side >= 0) return false;
-      side = static_cast<int>(k);
-    }
-  }
-  return true;
-}
-
 bool span_applies(const SymmetryList& syms, const TeleportOptions& o) {
   if (detail::gl_ascent_path == detail::GLAscentPath::kDense || o.mode() != Mode::kExact) {
     return false;
