@@ -1,6 +1,7 @@
 // teleport-bench: the cost of a teleport against a training step, and the
 // overhead of TeleportOptimizer when teleport is off. Prints JSON.
 #include <common/cli.h>
+#include <common/models.h>
 #include <teleport/internal/parameters.h>
 #include <teleport/teleport.h>
 
@@ -168,17 +169,15 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       data_dependent_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
 }
 
-// The network of the LibTorch MNIST example as a Sequential (dropout left
-// out: it does not change the cost), at `batch`: a training step against a
-// closed-form teleport of all its scalings from .grad, each teleport timed
-// right after a step.
+// The network of the LibTorch MNIST example (examples/common/models.h), in
+// eval mode (dropout off: it does not change the cost), at `batch`: a training
+// step against a closed-form teleport of all its declared scalings from
+// .grad, each teleport timed right after a step.
 std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
-  namespace nn = torch::nn;
   torch::manual_seed(0);
-  nn::Sequential model(nn::Conv2d(nn::Conv2dOptions(1, 10, 5)), nn::MaxPool2d(2), nn::ReLU(),
-                       nn::Conv2d(nn::Conv2dOptions(10, 20, 5)), nn::MaxPool2d(2), nn::ReLU(),
-                       nn::Flatten(), nn::Linear(320, 50), nn::ReLU(), nn::Linear(50, 10));
+  teleport::examples::Net model;
   model->to(device);
+  model->eval();
   const auto x = torch::randn({batch, 1, 28, 28}, torch::TensorOptions(device));
   const auto y = torch::randint(0, 10, {batch}, torch::TensorOptions(device).dtype(torch::kLong));
   torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(1e-6));
@@ -190,7 +189,7 @@ std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Dev
     if (device.is_cuda()) torch::cuda::synchronize();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  const auto syms = teleport::discover(model).symmetries;
+  const auto syms = model->symmetries();
   const auto options = teleport::TeleportOptions().steps(teleport_steps).lr(1e-3).max_growth(1e12);
   std::vector<double> steps, seconds, ratios;
   for (int r = 0; r <= std::max(3, reps); ++r) {
