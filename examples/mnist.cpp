@@ -33,63 +33,112 @@ struct Outcome {
   int64_t diverged_at = -1;  // the step whose loss was not finite, or -1
 };
 
+// One step's minibatch: this rank's slice of the global batch, and its share.
+struct Batch {
+  at::Tensor x, y;
+  double share = 1;
+};
+
+// The optimizer of one run: the bare one, or TeleportOptimizer around it with
+// `on_report` called at every teleport; `teleporter` points at the latter.
+std::unique_ptr<torch::optim::Optimizer> build_optimizer(
+    const Config& c, const Data& data, Model& model, const std::string& optimizer, double lr,
+    int64_t seed, bool teleporting, torch::Device device, const Cluster& cl, const Batch& batch,
+    std::function<void(const teleport::TeleportReport&)> on_report,
+    teleport::TeleportOptimizer*& teleporter) {
+  auto inner = make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
+  teleporter = nullptr;
+  if (!teleporting) return inner;
+  const auto options = teleport_options(c).on_report(std::move(on_report));
+  // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
+  // across each LeakyReLU); the CNN declares its own.
+  auto t =
+      model.mlp.is_empty()
+          ? std::make_unique<teleport::TeleportOptimizer>(model.declared, std::move(inner), options)
+          : std::make_unique<teleport::TeleportOptimizer>(
+                model.mlp, std::move(inner), options,
+                teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
+  if (c.symmetry == "gl" && c.teleport_batch == 0) {  // the minibatch
+    t->set_teleport_batch([&batch] { return std::make_pair(batch.x, batch.y); }, cross_entropy);
+  }
+  if (c.teleport_batch > 0) {
+    const auto [first, count] = cl.slice(c.teleport_batch);
+    if (cl.group) t->set_process_group(cl.group, double(count) / c.teleport_batch);
+    t->set_teleport_batch(random_batches(data.train, c.teleport_batch, seed + 7919, cl, device),
+                          cross_entropy);
+  }
+  teleporter = t.get();
+  return t;
+}
+
+// Rows `b` of the global batch order `perm`, this rank's slice of them.
+Batch minibatch(const Data& data, const at::Tensor& perm, int64_t b, int64_t batch_size,
+                const Cluster& cl, torch::Device device) {
+  const int64_t n = perm.size(0);
+  const auto global = perm.slice(0, b * batch_size, std::min(n, (b + 1) * batch_size));
+  const auto [first, count] = cl.slice(global.size(0));
+  const auto idx = global.slice(0, first, first + count);
+  return {data.train.images.index_select(0, idx).to(device, cl.dtype),
+          data.train.labels.index_select(0, idx).to(device), double(count) / global.size(0)};
+}
+
+// One optimizer step: `loss` becomes the global minibatch loss (before the
+// step, where a report from .grad reads it); returns ||∇L||² of the gradient
+// the update used. The closure runs where a teleport needs it: the
+// data-dependent action leaves the gradient stale, and the CNN's dropout masks
+// must be the same when the loss is measured before and after a teleport.
+double train_step(torch::optim::Optimizer& opt, Model& model, const Batch& b, const Cluster& cl,
+                  bool closure, const double& teleport_norm, double& loss) {
+  auto loss_of = [&] {
+    opt.zero_grad();
+    auto loss = cross_entropy(model.forward(b.x), b.y);
+    loss.backward();
+    cl.average_gradients(model.module->parameters(), b.share);
+    return loss;
+  };
+  if (closure) {
+    loss = cl.global(opt.step(loss_of), b.share);
+    return grad_norm_sq(model);
+  }
+  loss = cl.global(loss_of(), b.share);
+  const double norm = grad_norm_sq(model);
+  opt.step();
+  return teleport_norm >= 0 ? teleport_norm : norm;  // after a teleport, its gradient
+}
+
 Outcome train(const Config& c, const Data& data, const std::string& optimizer, double lr,
               int64_t seed, bool teleporting, torch::Device device, const Cluster& cl,
               Progress& progress) {
   torch::manual_seed(seed);
   Model model = build_model(c.model, parse_list<int64_t>(c.hidden, "--hidden"), c.activation,
                             device, cl.dtype);
-  std::unique_ptr<torch::optim::Optimizer> inner =
-      make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
   Outcome o;
   o.run.label = optimizer + (teleporting ? "+teleport" : "");
   o.run.seed = seed;
-  double teleport_norm = -1;
-  at::Tensor x, y;   // this rank's slice of the current minibatch
-  double share = 1;  // its fraction of the minibatch
-  double loss_value = NAN;
-  std::unique_ptr<torch::optim::Optimizer> opt;
+  Batch batch;
+  double loss_value = NAN, teleport_norm = -1;
+  auto on_report = [&](const teleport::TeleportReport& r) {
+    o.run.teleports.push_back(r);
+    o.teleport_seconds += r.seconds;
+    teleport_norm = grad_norm_sq(model);  // after the teleport
+    if (!std::isfinite(r.loss_before)) {  // from .grad: measure the loss on the minibatch
+      torch::NoGradGuard no_grad;
+      o.run.teleports.back().loss_before = loss_value;
+      o.run.teleports.back().loss_after =
+          cl.global(cross_entropy(model.forward(batch.x), batch.y), batch.share);
+    }
+  };
   teleport::TeleportOptimizer* teleporter = nullptr;
-  if (teleporting) {
-    auto options = teleport_options(c).on_report([&](const teleport::TeleportReport& r) {
-      o.run.teleports.push_back(r);
-      teleport_norm = grad_norm_sq(model);  // after the teleport
-      if (!std::isfinite(r.loss_before)) {
-        // From .grad the loss is not measured: measure it on the minibatch.
-        torch::NoGradGuard no_grad;
-        o.run.teleports.back().loss_before = loss_value;
-        o.run.teleports.back().loss_after = cl.global(cross_entropy(model.forward(x), y), share);
-      }
-    });
-    // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
-    // across each LeakyReLU); the CNN declares its own.
-    auto t = model.mlp.is_empty()
-                 ? std::make_unique<teleport::TeleportOptimizer>(model.declared, std::move(inner),
-                                                                 options)
-                 : std::make_unique<teleport::TeleportOptimizer>(
-                       model.mlp, std::move(inner), options,
-                       teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
-    if (c.symmetry == "gl" && c.teleport_batch == 0) {
-      t->set_teleport_batch([&] { return std::make_pair(x, y); }, cross_entropy);  // the minibatch
-    }
-    if (c.teleport_batch > 0) {
-      const auto [first, count] = cl.slice(c.teleport_batch);
-      if (cl.group) t->set_process_group(cl.group, double(count) / c.teleport_batch);
-      t->set_teleport_batch(random_batches(data.train, c.teleport_batch, seed + 7919, cl, device),
-                            cross_entropy);
-    }
-    teleporter = t.get();
-    opt = std::move(t);
-  } else {
-    opt = std::move(inner);
-  }
+  auto opt = build_optimizer(c, data, model, optimizer, lr, seed, teleporting, device, cl, batch,
+                             on_report, teleporter);
+  const bool closure = (c.symmetry == "gl" && teleporting) || c.model == "cnn";
 
   // Same batch order for both runs of a seed: a generator of its own.
   at::Generator order = at::detail::createCPUGenerator(seed);
   const int64_t n = data.train.images.size(0);
   const int64_t per_epoch = (n + c.batch_size - 1) / c.batch_size;
-  int64_t total = per_epoch * c.epochs;
-  if (c.max_steps > 0) total = std::min(total, c.max_steps);
+  const int64_t total =
+      c.max_steps > 0 ? std::min(per_epoch * c.epochs, c.max_steps) : per_epoch * c.epochs;
   const auto subset_x = data.train.images.slice(0, 0, c.eval_subset).to(device);
   const auto subset_y = data.train.labels.slice(0, 0, c.eval_subset).to(device);
   auto record_eval = [&](int64_t step) {
@@ -99,70 +148,36 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
   };
   record_eval(0);
 
-  int64_t step = 0;
-  for (int64_t epoch = 0; epoch < c.epochs && step < total; ++epoch) {
-    const auto perm = torch::randperm(n, order, torch::TensorOptions().dtype(torch::kLong));
-    for (int64_t b = 0; b < per_epoch && step < total; ++b, ++step) {
-      const auto start = Clock::now();
-      // The global batch, and this rank's slice of it.
-      const auto batch = perm.slice(0, b * c.batch_size, std::min(n, (b + 1) * c.batch_size));
-      const auto [first, count] = cl.slice(batch.size(0));
-      share = double(count) / batch.size(0);
-      const auto idx = batch.slice(0, first, first + count);
-      x = data.train.images.index_select(0, idx).to(device, cl.dtype);
-      y = data.train.labels.index_select(0, idx).to(device);
-      if (teleporter != nullptr && cl.group && c.teleport_batch == 0) {
-        teleporter->set_process_group(cl.group, share);  // the minibatch is the teleport batch
-      }
-      const size_t teleports_before = o.run.teleports.size();
-      teleport_norm = -1;
-      double norm = 0;
-      if ((c.symmetry == "gl" && teleporting) || c.model == "cnn") {
-        // The data-dependent action leaves the gradient stale: the optimizer
-        // runs the closure again after a teleport. The CNN's dropout: the
-        // closure lets the optimizer measure the loss with the same masks.
-        loss_value = cl.global(opt->step([&] {
-          opt->zero_grad();
-          auto loss = cross_entropy(model.forward(x), y);
-          loss.backward();
-          cl.average_gradients(model.module->parameters(), share);
-          return loss;
-        }),
-                               share);
-        norm = grad_norm_sq(model);  // the gradient the update used
-      } else {
-        opt->zero_grad();
-        const auto loss = cross_entropy(model.forward(x), y);
-        loss.backward();
-        cl.average_gradients(model.module->parameters(), share);
-        loss_value = cl.global(loss, share);
-        norm = grad_norm_sq(model);
-        opt->step();
-        if (teleport_norm >= 0) norm = teleport_norm;
-      }
-      if (o.run.teleports.size() > teleports_before) {
-        const auto& r = o.run.teleports.back();
-        o.teleport_seconds += r.seconds;
-        // loss[t] is after the teleport at t: where the teleport measured it
-        // (the global batch's, through the closure), that value.
-        if (!r.rolled_back && std::isfinite(r.loss_after)) loss_value = r.loss_after;
-      }
-      o.train_seconds += std::chrono::duration<double>(Clock::now() - start).count();
-      o.run.loss.push_back(loss_value);
-      o.run.grad_norm_sq.push_back(norm);
-      o.run.seconds.push_back(o.train_seconds);
-      if ((step + 1) % c.eval_every == 0 || step + 1 == total) record_eval(step + 1);
-      progress.update(fmt::format("{} seed {}", o.run.label, seed), step + 1, total,
-                      double(step + 1) / per_epoch, o.eval_loss.back(), o.train_seconds,
-                      step + 1 == total);
-      if (!std::isfinite(loss_value)) {  // diverged: stop this run, report it, go on
-        o.diverged_at = step;
-        progress.update(fmt::format("{} seed {} diverged", o.run.label, seed), step + 1, total,
-                        double(step + 1) / per_epoch, loss_value, o.train_seconds, true);
-        break;
-      }
+  at::Tensor perm;
+  for (int64_t step = 0; step < total && o.diverged_at < 0; ++step) {
+    if (step % per_epoch == 0) perm = torch::randperm(n, order, torch::dtype(torch::kLong));
+    const auto start = Clock::now();
+    batch = minibatch(data, perm, step % per_epoch, c.batch_size, cl, device);
+    if (teleporter != nullptr && cl.group && c.teleport_batch == 0) {
+      teleporter->set_process_group(cl.group, batch.share);  // the minibatch is the teleport batch
     }
-    if (o.diverged_at >= 0) break;
+    const size_t teleports_before = o.run.teleports.size();
+    teleport_norm = -1;
+    const double norm = train_step(*opt, model, batch, cl, closure, teleport_norm, loss_value);
+    if (o.run.teleports.size() > teleports_before) {
+      // loss[t] is after the teleport at t: where the teleport measured it
+      // (the global batch's, through the closure), that value.
+      const auto& r = o.run.teleports.back();
+      if (!r.rolled_back && std::isfinite(r.loss_after)) loss_value = r.loss_after;
+    }
+    o.train_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    o.run.loss.push_back(loss_value);
+    o.run.grad_norm_sq.push_back(norm);
+    o.run.seconds.push_back(o.train_seconds);
+    if ((step + 1) % c.eval_every == 0 || step + 1 == total) record_eval(step + 1);
+    const std::string what = fmt::format("{} seed {}", o.run.label, seed);
+    progress.update(what, step + 1, total, double(step + 1) / per_epoch, o.eval_loss.back(),
+                    o.train_seconds, step + 1 == total);
+    if (!std::isfinite(loss_value)) {  // diverged: stop this run, report it, go on
+      o.diverged_at = step;
+      progress.update(what + " diverged", step + 1, total, double(step + 1) / per_epoch, loss_value,
+                      o.train_seconds, true);
+    }
   }
   o.train_final = evaluate(model, data.train.images.to(device), data.train.labels.to(device), cl);
   o.test_final = evaluate(model, data.test.images.to(device), data.test.labels.to(device), cl);
@@ -209,15 +224,7 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
       for (auto& o : pair) {
         const auto [steps, seconds] = time_to(o, target);
         reach.emplace_back(steps, seconds);
-        double drift = 0;
-        int64_t rolled = 0;
-        for (const auto& r : o.run.teleports) {
-          rolled += r.rolled_back;
-          if (std::isfinite(r.loss_before) && !r.rolled_back) {
-            drift =
-                std::max(drift, std::abs(r.loss_after - r.loss_before) / std::abs(r.loss_before));
-          }
-        }
+        const auto [kept, drift] = kept_and_drift(o.run.teleports);
         const double share = o.teleport_seconds / std::max(o.train_seconds, 1e-12);
         o.run.extra = {{"lr", json_number(lr)},
                        {"train_loss", json_number(o.train_final.loss)},
@@ -237,9 +244,7 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
             o.run.label, seed, cell(lr, "{:g}"), cell(o.train_final.loss), cell(o.test_final.loss),
             cell(100 * o.test_final.accuracy, "{:.2f}"), cell(o.train_seconds, "{:.1f}"),
             cell(steps, "{:.0f}"), cell(seconds, "{:.1f}"), cell(100 * share, "{:.1f}%"),
-            o.run.teleports.empty()
-                ? "-"
-                : fmt::format("{}/{}", o.run.teleports.size() - rolled, o.run.teleports.size()),
+            o.run.teleports.empty() ? "-" : fmt::format("{}/{}", kept, o.run.teleports.size()),
             o.run.teleports.empty() ? "-" : cell(drift, "{:.1e}")));
         curves.push_back({fmt::format("{} seed {}", o.run.label, seed), o.eval_steps,
                           o.eval_seconds, o.eval_loss});
@@ -250,16 +255,11 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
         second_ratio.push_back(reach[1].second / reach[0].second);
       }
     }
-    if (!step_ratio.empty()) {
-      auto mean = [](const std::vector<double>& v) {
-        double s = 0;
-        for (double x : v) s += x;
-        return s / v.size();  // NaN when a run never reached the target
-      };
+    if (!step_ratio.empty()) {  // NaN where a run never reached the target
       rows.push_back(fmt::format(
           "  {}: teleport/baseline to reach the baseline's final loss: "
           "steps {}, seconds {} (mean over seeds; - = not reached)",
-          optimizer, cell(mean(step_ratio), "{:.3f}x"), cell(mean(second_ratio), "{:.3f}x")));
+          optimizer, cell(mean_of(step_ratio), "{:.3f}x"), cell(mean_of(second_ratio), "{:.3f}x")));
     }
   }
 

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -67,6 +68,27 @@ inline std::string json_object(const JsonFields& fields) {
 
 /// One training run. `loss[t]`, `grad_norm_sq[t]` are measured after any
 /// teleport at step t and before update t; `seconds[t]` since the run began.
+// How many of `teleports` were kept, and the largest relative loss change
+// among the kept ones that measured it.
+inline std::pair<size_t, double> kept_and_drift(const std::vector<TeleportReport>& teleports) {
+  size_t kept = 0;
+  double drift = 0;
+  for (const auto& r : teleports) {
+    if (r.rolled_back) continue;
+    ++kept;
+    if (std::isfinite(r.loss_before)) {
+      drift = std::max(drift, std::abs(r.loss_after - r.loss_before) / std::abs(r.loss_before));
+    }
+  }
+  return {kept, drift};
+}
+
+inline double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return s / static_cast<double>(v.size());
+}
+
 struct Run {
   std::string label;
   int64_t seed = 0;
