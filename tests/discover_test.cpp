@@ -86,12 +86,60 @@ TEST_P(DiscoverTest, FindsConvolutionalSymmetriesAndReportsWhatBreaksThem) {
                     nn::Conv2d(nn::Conv2dOptions(4, 2, 1)), Linear(5, 3));
   found = discover(broken);
   EXPECT_TRUE(found.symmetries.empty());
-  ASSERT_EQ(found.notes.size(), 3u);
-  EXPECT_NE(found.notes[0].find("BatchNorm2dImpl) makes the layer before it scale-invariant"),
-            std::string::npos)
+  ASSERT_EQ(found.notes.size(), 4u);
+  EXPECT_NE(found.notes[0].find("feeding a BatchNorm is scale-invariant"), std::string::npos)
       << found.notes[0];
   EXPECT_NE(found.notes[1].find("grouped convolution"), std::string::npos) << found.notes[1];
-  EXPECT_NE(found.notes[2].find("no Flatten between"), std::string::npos) << found.notes[2];
+  EXPECT_NE(found.notes[2].find("grouped convolution"), std::string::npos) << found.notes[2];
+  EXPECT_NE(found.notes[3].find("no Flatten between"), std::string::npos) << found.notes[3];
+  // A BatchNorm without affine weights has nothing to scale: it breaks the chain.
+  Sequential plain(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)),
+                   nn::BatchNorm2d(nn::BatchNormOptions(4).affine(false)), ReLU(),
+                   nn::Conv2d(nn::Conv2dOptions(4, 2, 3)));
+  found = discover(plain);
+  EXPECT_TRUE(found.symmetries.empty());
+  ASSERT_EQ(found.notes.size(), 1u);
+  EXPECT_NE(found.notes[0].find("without affine weights"), std::string::npos) << found.notes[0];
+}
+
+// Conv -> BatchNorm -> ReLU -> Conv: the BatchNorm's affine weight and bias
+// carry a scaling to the next Conv's input channels (exact in train and eval
+// mode), and to a Linear's column blocks after pooling and a flatten; the Conv
+// feeding the BatchNorm gets none, with a note.
+TEST_P(DiscoverTest, BatchNormWritesAScalingToTheNextLayer) {
+  namespace nn = torch::nn;
+  torch::manual_seed(3);
+  Sequential net(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::BatchNorm2d(4), ReLU(),
+                 nn::Conv2d(nn::Conv2dOptions(4, 6, 3)), nn::BatchNorm2d(6), ReLU(),
+                 nn::MaxPool2d(2), nn::Flatten(), Linear(6 * 16, 3));
+  net->to(device(), torch::kDouble);
+  auto found = discover(net);
+  ASSERT_EQ(found.symmetries.size(), 2u);
+  EXPECT_EQ(found.symmetries[0]->name(), "scaling(layers 1 and 3)");
+  EXPECT_EQ(found.symmetries[1]->name(), "scaling(layers 4 and 8)");
+  ASSERT_EQ(found.notes.size(), 2u);
+  for (const auto& note : found.notes) {
+    EXPECT_NE(note.find("feeding a BatchNorm"), std::string::npos) << note;
+  }
+  const auto x = torch::randn({5, 1, 12, 12}, f64());
+  for (bool train : {true, false}) {
+    SCOPED_TRACE(train ? "train mode" : "eval mode");
+    net->train(train);
+    const auto before = net->forward(x).detach();
+    std::vector<at::Tensor> running;
+    for (const auto& b : net->buffers()) running.push_back(b.clone());
+    for (const auto& s : found.symmetries) {
+      const at::Tensor T = torch::randn(s->zero_algebra().sizes(), f64()) * 0.5;
+      s->apply_(GroupElement::from_algebra(T, /*diagonal=*/true, Parametrization::kExp));
+    }
+    if (!train) {  // evaluation reads the running statistics, and leaves them
+      const auto buffers = net->buffers();
+      for (size_t i = 0; i < buffers.size(); ++i) EXPECT_TRUE(at::equal(buffers[i], running[i]));
+    }
+    const auto after = net->forward(x).detach();
+    EXPECT_LE((after - before).abs().max().item<double>(),
+              1e-10 * before.abs().max().item<double>());
+  }
 }
 
 TEST_P(DiscoverTest, NothingToFindInOneLayerOrEmptyModels) {

@@ -10,6 +10,7 @@
 
 #include <torch/enum.h>
 #include <torch/nn/functional/conv.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <algorithm>
@@ -145,7 +146,25 @@ at::Tensor convolve(const Impl& conv, const at::Tensor& x, const at::Tensor& w, 
                         .groups(conv.options.groups()));
 }
 
-// The layer `m` (a Linear or a Conv) applied to x with its parameters looked
+// A BatchNorm with its module's options and statistics and the given affine
+// weight and bias, as its forward() computes it (the running statistics it
+// updates in train mode are put back after the evaluation).
+template <typename Impl>
+at::Tensor normalize(const Impl& bn, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& b) {
+  const bool batch_stats = bn.is_training() || !bn.options.track_running_stats();
+  double momentum = bn.options.momentum().value_or(0.0);
+  if (bn.is_training() && bn.options.track_running_stats() && bn.num_batches_tracked.defined()) {
+    bn.num_batches_tracked.add_(1);
+    if (!bn.options.momentum().has_value()) {
+      momentum = 1.0 / bn.num_batches_tracked.template item<double>();
+    }
+  }
+  return at::batch_norm(x, w, b, bn.running_mean, bn.running_var, batch_stats, momentum,
+                        bn.options.eps(), at::globalContext().userEnabledCuDNN());
+}
+
+// The layer `m` (a Linear, a Conv or an affine BatchNorm) applied to x with its parameters looked
 // up; false for any other module. `stopped` when `m`'s weight is `stop` (then
 // x is its input, or its output when `through`).
 bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup,
@@ -161,9 +180,14 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
     weight = c2->weight, bias = c2->bias;
   } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
     weight = c3->weight, bias = c3->bias;
-  } else {
-    return false;
+  } else if (const auto* b1 = m.as<torch::nn::BatchNorm1d>()) {
+    weight = b1->weight, bias = b1->bias;
+  } else if (const auto* b2 = m.as<torch::nn::BatchNorm2d>()) {
+    weight = b2->weight, bias = b2->bias;
+  } else if (const auto* b3 = m.as<torch::nn::BatchNorm3d>()) {
+    weight = b3->weight, bias = b3->bias;
   }
+  if (!weight.defined()) return false;  // another module, or a BatchNorm without affine weights
   stopped = stop.defined() && weight.is_same(stop);
   if (stopped && !through) {
     if (record) record(weight, x, at::Tensor(), upstream);
@@ -180,6 +204,12 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
     x = convolve<F::Conv2dFuncOptions>(*c2, x, w, b, [](auto&&... a) { return F::conv2d(a...); });
   } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
     x = convolve<F::Conv3dFuncOptions>(*c3, x, w, b, [](auto&&... a) { return F::conv3d(a...); });
+  } else if (const auto* b1 = m.as<torch::nn::BatchNorm1d>()) {
+    x = normalize(*b1, x, w, b);
+  } else if (const auto* b2 = m.as<torch::nn::BatchNorm2d>()) {
+    x = normalize(*b2, x, w, b);
+  } else if (const auto* b3 = m.as<torch::nn::BatchNorm3d>()) {
+    x = normalize(*b3, x, w, b);
   }
   if (record) record(weight, input, x, upstream);
   return true;

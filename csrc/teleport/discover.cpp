@@ -52,9 +52,27 @@ struct Layer {
   at::Tensor weight, bias;
   bool conv = false;
   int64_t groups = 1;
+  bool batch_norm = false;  // an affine BatchNorm: a writer only
 };
 
 bool layer_of(const Module& m, Layer& out) {
+  // An affine BatchNorm's weight and bias scale its output channels; a
+  // BatchNorm1d may feed a Linear (features) or a Conv1d (channels).
+  if (const auto* b = m.as<torch::nn::BatchNorm1d>()) {
+    if (!b->options.affine()) return false;
+    out = {b->weight, b->bias, false, 1, true};
+    return true;
+  }
+  if (const auto* b = m.as<torch::nn::BatchNorm2d>()) {
+    if (!b->options.affine()) return false;
+    out = {b->weight, b->bias, true, 1, true};
+    return true;
+  }
+  if (const auto* b = m.as<torch::nn::BatchNorm3d>()) {
+    if (!b->options.affine()) return false;
+    out = {b->weight, b->bias, true, 1, true};
+    return true;
+  }
   if (const auto* l = m.as<torch::nn::Linear>()) {
     out = {l->weight, l->bias, false, 1};
     return true;
@@ -125,8 +143,14 @@ std::string no_symmetry_reason(const Layer& a, const Layer& b, const std::string
     return "layer " + (frozen(a, true) ? a_path : b_path) +
            " is frozen (requires_grad is false): a frozen tensor is never moved";
   }
+  if (b.batch_norm) {
+    return "a layer feeding a BatchNorm is scale-invariant in train mode (the BatchNorm "
+           "renormalises): a different group, not teleported (docs/design.md §2)";
+  }
   if (a.groups != 1 || b.groups != 1) return "a grouped convolution (groups > 1) is not supported";
-  if (!a.conv && b.conv) return "a Linear before a Conv (its outputs are not channels)";
+  if (!a.conv && b.conv && !a.batch_norm) {
+    return "a Linear before a Conv (its outputs are not channels)";
+  }
   if (a.conv && !b.conv && !flattened) {
     return "a Conv before a Linear with no Flatten between (the Linear acts on the last "
            "dimension, not the channels)";
@@ -172,7 +196,8 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
       if (a == Allows::kNothing && breaker.empty()) {
         breaker = "module " + path + " (" + module->name() + ")" +
                   (is_batch_norm(*module)
-                       ? " makes the layer before it scale-invariant, a different group"
+                       ? " is a BatchNorm without affine weights (nothing to scale; it makes "
+                         "the layer before it scale-invariant, a different group)"
                        : " is not known to commute with any supported group");
       }
       between = narrower(between, a);
@@ -187,15 +212,17 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
                                    is_tied(module.get()), flattened);
       if (!why.empty()) {
         found.notes.push_back("no symmetry between " + pair + ": " + why);
-      } else if (options.data_dependent() && !previous.conv && !layer.conv && leaky != nullptr &&
-                 nonlinear == 1 && leaky->options.negative_slope() > 0) {
+      } else if (options.data_dependent() && !previous.conv && !layer.conv &&
+                 !previous.batch_norm && leaky != nullptr && nonlinear == 1 &&
+                 leaky->options.negative_slope() > 0) {
         found.symmetries.push_back(std::make_shared<DataDependentGL>(
             leaky->options.negative_slope(), previous.weight, previous.bias, layer.weight,
             "data-dependent gl(" + pair + ")"));
       } else {
-        const SymmetryKind kind = (between == Allows::kGL && options.linear_gl())
-                                      ? SymmetryKind::kLinearGL
-                                      : SymmetryKind::kScaling;
+        const SymmetryKind kind =
+            (between == Allows::kGL && options.linear_gl() && !previous.batch_norm)
+                ? SymmetryKind::kLinearGL
+                : SymmetryKind::kScaling;
         const std::string name =
             std::string(kind == SymmetryKind::kLinearGL ? "gl" : "scaling") + "(" + pair + ")";
         found.symmetries.push_back(std::make_shared<LayerSymmetry>(

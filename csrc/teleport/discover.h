@@ -31,6 +31,8 @@ struct Discovery {
 ///  - only Identity, Flatten, AvgPool or AdaptiveAvgPool between them: GL(n);
 ///  - ReLU, LeakyReLU, Dropout or MaxPool among them: positive scaling (with
 ///    `data_dependent`, a lone LeakyReLU between Linears: the data-dependent GL);
+///  - an affine BatchNorm counts as a layer whose outputs are scaled through its
+///    weight and bias (positive scaling only); a layer feeding it gets none;
 ///  - a Conv before a Linear needs a Flatten: each channel owns a block of columns;
 ///  - any other module, a grouped convolution, a Linear before a Conv, shapes
 ///    that do not fit, frozen tensors or tied weights: none, and a note says why.

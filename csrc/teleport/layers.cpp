@@ -1,6 +1,7 @@
 #include <teleport/layers.h>
 
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
@@ -24,14 +25,26 @@ Layer conv_layer(const Conv& conv, const std::string& what) {
   return {conv.weight, conv.bias, what};
 }
 
-Layer layer_of(const std::shared_ptr<torch::nn::Module>& m) {
+template <typename BatchNorm>
+Layer batch_norm_layer(const BatchNorm& bn, const std::string& what) {
+  TORCH_CHECK(bn.options.affine(), "teleport: expected an affine ", what,
+              " (its weight and bias carry the scaling), got one with affine = false");
+  return {bn.weight, bn.bias, what};
+}
+
+Layer layer_of(const std::shared_ptr<torch::nn::Module>& m, bool writer) {
   TORCH_CHECK(m != nullptr, "teleport: expected a layer, got an empty module holder");
   if (const auto* l = m->as<torch::nn::Linear>()) return {l->weight, l->bias, "Linear"};
   if (const auto* c = m->as<torch::nn::Conv1d>()) return conv_layer(*c, "Conv1d");
   if (const auto* c = m->as<torch::nn::Conv2d>()) return conv_layer(*c, "Conv2d");
   if (const auto* c = m->as<torch::nn::Conv3d>()) return conv_layer(*c, "Conv3d");
-  TORCH_CHECK(false, "teleport: expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got ",
-              m->name());
+  if (writer) {
+    if (const auto* b = m->as<torch::nn::BatchNorm1d>()) return batch_norm_layer(*b, "BatchNorm1d");
+    if (const auto* b = m->as<torch::nn::BatchNorm2d>()) return batch_norm_layer(*b, "BatchNorm2d");
+    if (const auto* b = m->as<torch::nn::BatchNorm3d>()) return batch_norm_layer(*b, "BatchNorm3d");
+  }
+  TORCH_CHECK(false, "teleport: expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d",
+              writer ? " or an affine BatchNorm1d/2d/3d" : "", ", got ", m->name());
 }
 
 }  // namespace
@@ -39,11 +52,39 @@ Layer layer_of(const std::shared_ptr<torch::nn::Module>& m) {
 std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
                                          const std::shared_ptr<torch::nn::Module>& a,
                                          const std::shared_ptr<torch::nn::Module>& b) {
-  const Layer in = layer_of(a), out = layer_of(b);
+  const Layer in = layer_of(a, /*writer=*/kind == SymmetryKind::kScaling);
+  const Layer out = layer_of(b, /*writer=*/false);
   const std::string name = std::string(kind == SymmetryKind::kScaling ? "scaling" : "gl") + "(" +
                            in.what + " " + std::to_string(in.weight.size(0)) + " -> " + out.what +
                            ")";
   return std::make_shared<LayerSymmetry>(kind, in.weight, in.bias, out.weight, name);
+}
+
+std::shared_ptr<Symmetry> stream_symmetry(const std::vector<LayerRef>& writers,
+                                          const std::vector<LayerRef>& readers) {
+  TORCH_CHECK(!writers.empty() && !readers.empty(),
+              "teleport::scaling: expected at least one writer and one reader, got ",
+              writers.size(), " and ", readers.size());
+  std::vector<at::Tensor> rows, columns;
+  std::string what;
+  int64_t n = -1;
+  for (const auto& w : writers) {
+    const Layer l = layer_of(w.module(), /*writer=*/true);
+    TORCH_CHECK(n < 0 || l.weight.size(0) == n, "teleport::scaling: expected every writer to give ",
+                n, " outputs, got ", l.what, " with ", l.weight.size(0));
+    n = l.weight.size(0);
+    rows.push_back(l.weight);
+    if (l.bias.defined()) rows.push_back(l.bias);
+    what += (what.empty() ? "" : ", ") + l.what;
+  }
+  what += " -> ";
+  for (size_t i = 0; i < readers.size(); ++i) {
+    const Layer l = layer_of(readers[i].module(), /*writer=*/false);
+    columns.push_back(l.weight);
+    what += (i == 0 ? "" : ", ") + l.what;
+  }
+  return std::make_shared<LayerSymmetry>(std::move(rows), std::move(columns),
+                                         "scaling(" + std::to_string(n) + ": " + what + ")");
 }
 
 }  // namespace detail

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/serialize/archive.h>
@@ -186,6 +187,9 @@ void TeleportOptimizer::Impl::check_model_unchanged() const {
     if (const auto* c = module->as<torch::nn::Conv1d>()) add(c->weight, c->bias);
     if (const auto* c = module->as<torch::nn::Conv2d>()) add(c->weight, c->bias);
     if (const auto* c = module->as<torch::nn::Conv3d>()) add(c->weight, c->bias);
+    if (const auto* b = module->as<torch::nn::BatchNorm1d>()) add(b->weight, b->bias);
+    if (const auto* b = module->as<torch::nn::BatchNorm2d>()) add(b->weight, b->bias);
+    if (const auto* b = module->as<torch::nn::BatchNorm3d>()) add(b->weight, b->bias);
   }
   for (const auto& s : symmetries_) s->check_unchanged();
   require_among(symmetries_, current,

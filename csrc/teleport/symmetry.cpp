@@ -159,46 +159,89 @@ LayerSymmetry::LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in
       name_(std::move(name)) {
   TORCH_CHECK(w_in_.defined() && w_out_.defined(),
               "LayerSymmetry: expected defined weights W_in and W_out");
-  TORCH_CHECK(w_in_.dim() >= 2 && w_out_.dim() >= 2,
-              "LayerSymmetry: expected Linear or Conv weights (2-D or more), got W_in ",
+  TORCH_CHECK((w_in_.dim() >= 2 || (w_in_.dim() == 1 && kind_ == SymmetryKind::kScaling)) &&
+                  w_out_.dim() >= 2,
+              "LayerSymmetry: expected Linear or Conv weights (2-D or more; a BatchNorm's "
+              "1-D weight for scaling), got W_in ",
               shape_of(w_in_), " and W_out ", shape_of(w_out_));
-  const int64_t n = w_in_.size(0);
-  if (w_out_.dim() > 2 || w_in_.dim() == 2) {
-    // A Conv takes W_in's n outputs as its input channels, a Linear as its columns.
-    TORCH_CHECK(w_out_.size(1) == n,
-                "LayerSymmetry: W_out must take W_in's outputs: expected W_out with ", n,
-                w_out_.dim() > 2 ? " input channels" : " columns", ", got ", shape_of(w_out_));
-  } else {
-    // Conv -> Flatten -> Linear: channel c owns a block of columns.
-    TORCH_CHECK(w_out_.size(1) % n == 0, "LayerSymmetry: a Linear after a flattened Conv of ", n,
-                " channels must take a whole block of columns per channel: expected a multiple "
-                "of ",
-                n, " columns, got ", shape_of(w_out_));
-  }
-  TORCH_CHECK(at::isFloatingType(w_in_.scalar_type()),
-              "LayerSymmetry: expected floating-point weights, got ", w_in_.scalar_type());
+  rows_ = {w_in_};
   if (b_in_.defined()) {
     TORCH_CHECK(b_in_.dim() == 1 && b_in_.size(0) == w_in_.size(0),
                 "LayerSymmetry: expected a bias of ", w_in_.size(0), " entries, got ",
                 shape_of(b_in_));
+    rows_.push_back(b_in_);
   }
-  for (const auto& p : parameters()) {
-    TORCH_CHECK(p.device() == w_in_.device(), "LayerSymmetry: expected all parameters on ",
-                w_in_.device(), ", got one on ", p.device());
-    TORCH_CHECK(p.scalar_type() == w_in_.scalar_type(),
-                "LayerSymmetry: expected all parameters of dtype ", w_in_.scalar_type(),
-                ", got one of ", p.scalar_type());
-  }
-  w_in_shape_ = w_in_.sizes().vec();
-  w_out_shape_ = w_out_.sizes().vec();
+  columns_ = {w_out_};
+  check_shapes("LayerSymmetry");
   if (name_.empty()) {
     name_ = std::string(diagonal() ? "scaling" : "gl") + "(" + std::to_string(width()) + ")";
   }
 }
 
+LayerSymmetry::LayerSymmetry(std::vector<at::Tensor> rows, std::vector<at::Tensor> columns,
+                             std::string name)
+    : kind_(SymmetryKind::kScaling),
+      rows_(std::move(rows)),
+      columns_(std::move(columns)),
+      name_(std::move(name)) {
+  TORCH_CHECK(!rows_.empty() && !columns_.empty(),
+              "LayerSymmetry: expected at least one writer and one reader, got ", rows_.size(),
+              " and ", columns_.size());
+  for (const auto& t : rows_) {
+    TORCH_CHECK(t.defined() && t.dim() >= 1, "LayerSymmetry: expected defined writer tensors");
+  }
+  for (const auto& t : columns_) {
+    TORCH_CHECK(t.defined() && t.dim() >= 2,
+                "LayerSymmetry: expected reader weights (2-D or "
+                "more), got ",
+                t.defined() ? shape_of(t) : std::string("an undefined tensor"));
+  }
+  w_in_ = rows_.front();
+  w_out_ = columns_.front();
+  check_shapes("LayerSymmetry");
+  if (name_.empty()) name_ = "scaling(" + std::to_string(width()) + ")";
+}
+
+// Every writer gives n outputs on dimension 0; every reader takes them as its
+// input channels (a Conv), its columns, or whole blocks of columns (a Linear
+// after a flattened Conv); one device, one floating dtype.
+void LayerSymmetry::check_shapes(const char* who) {
+  const int64_t n = w_in_.size(0);
+  for (const auto& t : rows_) {
+    TORCH_CHECK(t.size(0) == n, who, ": every writer must give ", n,
+                " outputs: expected a tensor with ", n, " entries on dimension 0, got ",
+                shape_of(t));
+  }
+  const bool flat_rows = w_in_.dim() == 2;
+  for (const auto& t : columns_) {
+    if (t.dim() > 2 || flat_rows) {
+      // A Conv takes the outputs as its input channels, a Linear as its columns.
+      TORCH_CHECK(t.size(1) == n, who, ": W_out must take W_in's outputs: expected ",
+                  columns_.size() > 1 ? "every reader" : "W_out", " with ", n,
+                  t.dim() > 2 ? " input channels" : " columns", ", got ", shape_of(t));
+    } else {
+      // Conv -> Flatten -> Linear: channel c owns a block of columns.
+      TORCH_CHECK(t.size(1) % n == 0, who, ": a Linear after a flattened Conv of ", n,
+                  " channels must take a whole block of columns per channel: expected a "
+                  "multiple of ",
+                  n, " columns, got ", shape_of(t));
+    }
+  }
+  TORCH_CHECK(at::isFloatingType(w_in_.scalar_type()), who,
+              ": expected floating-point weights, got ", w_in_.scalar_type());
+  for (const auto& p : parameters()) {
+    TORCH_CHECK(p.device() == w_in_.device(), who, ": expected all parameters on ", w_in_.device(),
+                ", got one on ", p.device());
+    TORCH_CHECK(p.scalar_type() == w_in_.scalar_type(), who, ": expected all parameters of dtype ",
+                w_in_.scalar_type(), ", got one of ", p.scalar_type());
+    shapes_.push_back(p.sizes().vec());
+  }
+}
+
 std::vector<at::Tensor> LayerSymmetry::parameters() const {
-  if (b_in_.defined()) return {w_in_, b_in_, w_out_};
-  return {w_in_, w_out_};
+  std::vector<at::Tensor> out = rows_;
+  out.insert(out.end(), columns_.begin(), columns_.end());
+  return out;
 }
 
 at::Tensor LayerSymmetry::zero_algebra() const {
@@ -210,14 +253,23 @@ at::Tensor LayerSymmetry::direction(const std::vector<at::Tensor>& grads) const 
   TORCH_CHECK(grads.size() == parameters().size(), name_, ": expected ", parameters().size(),
               " gradients, got ", grads.size());
   const int64_t n = width();
-  const at::Tensor rows = grads.front().reshape({n, -1});                       // [n, rest]
-  const at::Tensor cols = grads.back().reshape({grads.back().size(0), n, -1});  // [outer, n, inner]
+  const size_t r = row_tensors();
+  auto cols = [&](size_t i) {  // [outer, n, inner]
+    return grads[i].reshape({grads[i].size(0), n, -1});
+  };
+  const at::Tensor rows = grads.front().reshape({n, -1});  // [n, rest]
   at::Tensor d;
   if (diagonal()) {
-    d = cols.square().sum(at::IntArrayRef{0, 2}) - rows.square().sum(1);
-    if (b_in_.defined()) d = d - grads[1].square();
+    d = cols(r).square().sum(at::IntArrayRef{0, 2});
+    for (size_t i = r + 1; i < grads.size(); ++i) {
+      d = d + cols(i).square().sum(at::IntArrayRef{0, 2});
+    }
+    d = d - rows.square().sum(1);
+    for (size_t i = 1; i < r; ++i) {
+      d = d - (grads[i].dim() == 1 ? grads[i].square() : grads[i].reshape({n, -1}).square().sum(1));
+    }
   } else {
-    const at::Tensor m = cols.transpose(1, 2).reshape({-1, n});  // [outer·inner, n]
+    const at::Tensor m = cols(r).transpose(1, 2).reshape({-1, n});  // [outer·inner, n]
     d = at::mm(m.t(), m) - at::mm(rows, rows.t());
     if (b_in_.defined()) d = d - at::outer(grads[1], grads[1]);
   }
@@ -246,9 +298,8 @@ static void right_(const at::Tensor& x, bool diagonal, const at::Tensor& m) {
 
 void LayerSymmetry::apply_(const GroupElement& e, const BatchLoss*, Mode) const {
   at::NoGradGuard no_grad;
-  left_(e.g, e.diagonal, w_in_);
-  left_(e.g, e.diagonal, b_in_);
-  right_(w_out_, e.diagonal, e.g_inv);
+  for (const auto& t : rows_) left_(e.g, e.diagonal, t);
+  for (const auto& t : columns_) right_(t, e.diagonal, e.g_inv);
 }
 
 void LayerSymmetry::transport_gradients_(const GroupElement& e,
@@ -257,8 +308,13 @@ void LayerSymmetry::transport_gradients_(const GroupElement& e,
   // g^{-T} X for the rows, X gᵀ for the columns.
   const at::Tensor g_inv_t = e.diagonal ? e.g_inv : e.g_inv.t();
   const at::Tensor g_t = e.diagonal ? e.g : e.g.t();
-  for (size_t i = 0; i + 1 < grads.size(); ++i) left_(g_inv_t, e.diagonal, grads[i]);
-  right_(grads.back(), e.diagonal, g_t);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (i < row_tensors()) {
+      left_(g_inv_t, e.diagonal, grads[i]);
+    } else {
+      right_(grads[i], e.diagonal, g_t);
+    }
+  }
 }
 
 void LayerSymmetry::transport_squared_gradients_(const GroupElement& e,
@@ -267,9 +323,14 @@ void LayerSymmetry::transport_squared_gradients_(const GroupElement& e,
               ": sums of squared gradients map exactly only under diagonal "
               "scaling, not under full GL(n)");
   at::NoGradGuard no_grad;
-  const at::Tensor rows = e.g_inv.square();
-  for (size_t i = 0; i + 1 < sums.size(); ++i) left_(rows, true, sums[i]);
-  right_(sums.back(), true, e.g.square());
+  const at::Tensor rows = e.g_inv.square(), cols = e.g.square();
+  for (size_t i = 0; i < sums.size(); ++i) {
+    if (i < row_tensors()) {
+      left_(rows, true, sums[i]);
+    } else {
+      right_(sums[i], true, cols);
+    }
+  }
 }
 
 std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params,
@@ -280,22 +341,23 @@ std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params
   const GroupElement e = GroupElement::from_algebra(T, diagonal(), Parametrization::kLinear);
   std::vector<at::Tensor> out;
   out.reserve(params.size());
-  for (size_t i = 0; i + 1 < params.size(); ++i) {
-    out.push_back(left(e.g, e.diagonal, params[i]));
+  for (size_t i = 0; i < params.size(); ++i) {
+    out.push_back(i < row_tensors() ? left(e.g, e.diagonal, params[i])
+                                    : right(params[i], e.diagonal, e.g_inv));
   }
-  out.push_back(right(params.back(), e.diagonal, e.g_inv));
   return out;
 }
 
 void LayerSymmetry::check_unchanged() const {
-  TORCH_CHECK(w_in_.sizes().vec() == w_in_shape_ && w_out_.sizes().vec() == w_out_shape_, name_,
-              ": its parameters were resized after it was made: expected W_in ",
-              at::IntArrayRef(w_in_shape_), " and W_out ", at::IntArrayRef(w_out_shape_), ", got ",
-              shape_of(w_in_), " and ", shape_of(w_out_));
-  for (const auto& p : parameters()) {
-    TORCH_CHECK(p.device() == w_in_.device() && p.scalar_type() == w_in_.scalar_type(), name_,
-                ": expected all parameters on one device with one dtype (", w_in_.device(), ", ",
-                w_in_.scalar_type(), "), got ", p.device(), ", ", p.scalar_type());
+  const auto params = parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].sizes().vec() == shapes_[i], name_,
+                ": its parameters were resized after it was made: expected ",
+                at::IntArrayRef(shapes_[i]), ", got ", shape_of(params[i]));
+    TORCH_CHECK(
+        params[i].device() == w_in_.device() && params[i].scalar_type() == w_in_.scalar_type(),
+        name_, ": expected all parameters on one device with one dtype (", w_in_.device(), ", ",
+        w_in_.scalar_type(), "), got ", params[i].device(), ", ", params[i].scalar_type());
   }
 }
 

@@ -127,14 +127,23 @@ enum class SymmetryKind { kLinearGL, kScaling };
 /// a closed form (docs/design.md §3).
 class LayerSymmetry : public Symmetry {
  public:
-  /// `w_in` is n × m, `b_in` has n entries or is undefined, `w_out` is k × n:
-  /// the parameters themselves, changed in place.
+  /// `w_in` is n × m (or n entries: a BatchNorm's weight, kScaling only),
+  /// `b_in` has n entries or is undefined, `w_out` is k × n: the parameters
+  /// themselves, changed in place.
   LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
                 std::string name = "");
+  /// Positive scaling of a stream of n channels: every tensor of `rows` (the
+  /// writers' weights and biases, n on dimension 0) by g, every tensor of
+  /// `columns` (the readers' weights, n channels or column blocks on
+  /// dimension 1) by g⁻¹.
+  LayerSymmetry(std::vector<at::Tensor> rows, std::vector<at::Tensor> columns, std::string name);
 
   SymmetryKind kind() const { return kind_; }
   /// The width n the group acts on.
   int64_t width() const { return w_in_.size(0); }
+  /// How many of parameters() the group acts on by rows (dimension 0); the
+  /// others it acts on by columns (dimension 1).
+  size_t row_tensors() const { return rows_.size(); }
 
   std::string name() const override { return name_; }
   bool diagonal() const override { return kind_ == SymmetryKind::kScaling; }
@@ -158,9 +167,13 @@ class LayerSymmetry : public Symmetry {
 
  protected:
   SymmetryKind kind_;
-  at::Tensor w_in_, b_in_, w_out_;
-  std::vector<int64_t> w_in_shape_, w_out_shape_;
+  at::Tensor w_in_, b_in_, w_out_;  // the first row, bias and column tensors
+  std::vector<at::Tensor> rows_, columns_;
+  std::vector<std::vector<int64_t>> shapes_;  // of parameters(), when made
   std::string name_;
+
+ private:
+  void check_shapes(const char* who);
 };
 
 /// The paper's data-dependent GL(n) across a LeakyReLU σ of slope a > 0

@@ -34,22 +34,28 @@ Ascent balance_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   for (int64_t sweep = 0; sweep < o.steps(); ++sweep) {
     for (size_t k = 0; k < syms.size(); ++k) {
       const int64_t n = c[k].size(0);
-      const auto& idx = where[k];  // {W_in, b_in?, W_out}
+      const auto& idx = where[k];  // rows (writers), then columns (readers)
+      const size_t rows = row_tensors(*syms[k]);
       at::Tensor in = w[idx[0]].square().reshape({n, -1}).sum(1);
-      if (idx.size() == 3) in = in + w[idx[1]].square();
-      const at::Tensor& w_out = w[idx.back()];
-      const at::Tensor out =
-          w_out.square().reshape({w_out.size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      for (size_t j = 1; j < rows; ++j) in = in + w[idx[j]].square().reshape({n, -1}).sum(1);
+      auto out_of = [&](const at::Tensor& w_out) {
+        return w_out.square().reshape({w_out.size(0), n, -1}).sum(at::IntArrayRef{0, 2});
+      };
+      at::Tensor out = out_of(w[idx[rows]]);
+      for (size_t j = rows + 1; j < idx.size(); ++j) out = out + out_of(w[idx[j]]);
       // Dead units (no incoming or no outgoing weight) keep their factor.
       const at::Tensor t =
           at::where(in.gt(0).logical_and(out.gt(0)), (out / in).pow(0.25), at::ones_like(in));
-      for (size_t j = 0; j + 1 < idx.size(); ++j) {
-        std::vector<int64_t> shape(static_cast<size_t>(w[idx[j]].dim()), 1);
-        shape[0] = n;
-        w[idx[j]] = w[idx[j]] * t.view(shape);
+      for (size_t j = 0; j < idx.size(); ++j) {
+        at::Tensor& x = w[idx[j]];
+        if (j < rows) {
+          std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+          shape[0] = n;
+          x = x * t.view(shape);
+        } else {
+          x = (x.reshape({x.size(0), n, -1}) / t.view({1, n, 1})).reshape(x.sizes());
+        }
       }
-      w[idx.back()] =
-          (w_out.reshape({w_out.size(0), n, -1}) / t.view({1, n, 1})).reshape(w_out.sizes());
       c[k] = c[k] * t;
     }
   }

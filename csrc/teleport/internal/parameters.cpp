@@ -76,6 +76,13 @@ std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
   return out;
 }
 
+size_t row_tensors(const Symmetry& symmetry) {
+  if (const auto* layer = dynamic_cast<const LayerSymmetry*>(&symmetry)) {
+    return layer->row_tensors();
+  }
+  return symmetry.parameters().size() - 1;
+}
+
 Roles roles_of(const SymmetryList& symmetries, const char* who) {
   Roles r;
   r.params = distinct_parameters(symmetries);
@@ -92,9 +99,8 @@ Roles roles_of(const SymmetryList& symmetries, const char* who) {
       }
     }
     if (dynamic_cast<const LayerSymmetry*>(symmetries[k].get()) == nullptr) continue;
-    // A layer symmetry's last tensor is acted on by columns, the others by rows.
     for (size_t i = 0; i < idx.size(); ++i) {
-      const bool columns = i + 1 == idx.size();
+      const bool columns = i >= row_tensors(*symmetries[k]);
       int& side = columns ? r.columns[idx[i]] : r.rows[idx[i]];
       TORCH_CHECK(side < 0, who, ": ", side < 0 ? "" : symmetries[side]->name(), " and ",
                   symmetries[k]->name(), " both act on the ",

@@ -23,6 +23,11 @@ class Snapshot {
 /// The distinct parameters of `symmetries`, in first-seen order.
 std::vector<at::Tensor> distinct_parameters(const SymmetryList& symmetries);
 
+/// How many of a symmetry's parameters it acts on by rows (dimension 0): a
+/// LayerSymmetry says; otherwise all but the last. The rest it acts on by
+/// columns (dimension 1).
+size_t row_tensors(const Symmetry& symmetry);
+
 /// Where each symmetry's parameters sit in `params`.
 std::vector<std::vector<size_t>> positions(const SymmetryList& symmetries,
                                            const std::vector<at::Tensor>& params);

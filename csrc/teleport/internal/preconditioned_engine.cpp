@@ -25,8 +25,10 @@ Ascent preconditioned_ascent(const SymmetryList& syms, const std::vector<at::Ten
   const auto where = positions(syms, params);
   std::vector<int> row(params.size(), -1), col(params.size(), -1);
   for (size_t k = 0; k < syms.size(); ++k) {
-    for (size_t j = 0; j + 1 < where[k].size(); ++j) row[where[k][j]] = static_cast<int>(k);
-    col[where[k].back()] = static_cast<int>(k);
+    const size_t rows = row_tensors(*syms[k]);
+    for (size_t j = 0; j < where[k].size(); ++j) {
+      (j < rows ? row[where[k][j]] : col[where[k][j]]) = static_cast<int>(k);
+    }
   }
   std::vector<at::Tensor> g2, D;
   for (size_t i = 0; i < params.size(); ++i) {

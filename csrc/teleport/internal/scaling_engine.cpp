@@ -218,9 +218,10 @@ Ascent scaling_ascent(const SymmetryList& syms, const std::vector<at::Tensor>& p
   const auto where = positions(syms, params);
   std::vector<ScalingSlot> slots(params.size());
   for (size_t k = 0; k < syms.size(); ++k) {
-    // LayerSymmetry::parameters() is {W_in, b_in?, W_out}.
-    for (size_t j = 0; j + 1 < where[k].size(); ++j) slots[where[k][j]].row = static_cast<int>(k);
-    slots[where[k].back()].col = static_cast<int>(k);
+    const size_t rows = row_tensors(*syms[k]);
+    for (size_t j = 0; j < where[k].size(); ++j) {
+      (j < rows ? slots[where[k][j]].row : slots[where[k][j]].col) = static_cast<int>(k);
+    }
   }
   // A Conv weight or a Linear after a flatten is a [rows, n_col, inner] block
   // matrix whose entries in one (row, column) share their factors: Q sums the
