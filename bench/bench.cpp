@@ -169,15 +169,14 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
       data_dependent_t.in_steps, autograd_t.seconds / gl_t.seconds, off_overhead);
 }
 
-// The network of the LibTorch MNIST example (examples/common/models.h), in
-// eval mode (dropout off: it does not change the cost), at `batch`: a training
-// step against a closed-form teleport of all its declared scalings from
-// .grad, each teleport timed right after a step.
-std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
-  torch::manual_seed(0);
-  teleport::examples::Net model;
+// A training step of one of the example's networks (examples/common/models.h)
+// at `batch`, against a closed-form teleport of all the symmetries it declares
+// from .grad, each teleport timed right after a step.
+template <typename Net>
+std::string run_module_case(const std::string& name, Net model, bool train, int64_t batch, int reps,
+                            int teleport_steps, torch::Device device) {
   model->to(device);
-  model->eval();
+  model->train(train);
   const auto x = torch::randn({batch, 1, 28, 28}, torch::TensorOptions(device));
   const auto y = torch::randint(0, 10, {batch}, torch::TensorOptions(device).dtype(torch::kLong));
   torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(1e-6));
@@ -207,11 +206,26 @@ std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Dev
     ratios.push_back(t / step);
   }
   return fmt::format(
-      R"({{"name": "mnist-cnn", "batch": {}, "device": "{}", "symmetries": {}, "teleport_steps": {}, )"
+      R"({{"name": "{}", "batch": {}, "device": "{}", "symmetries": {}, "teleport_steps": {}, )"
       R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}}}, )"
       R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}}}}})",
-      batch, device.str(), syms.size(), teleport_steps, median(steps) * 1e3, median(seconds) * 1e3,
-      median(ratios));
+      name, batch, device.str(), syms.size(), teleport_steps, median(steps) * 1e3,
+      median(seconds) * 1e3, median(ratios));
+}
+
+// The LibTorch MNIST example's CNN in eval mode (dropout off: it does not
+// change the cost), and the example's ResNet in train mode (BatchNorm on the
+// batch, as in training).
+std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
+  torch::manual_seed(0);
+  return run_module_case("mnist-cnn", teleport::examples::Net(), /*train=*/false, batch, reps,
+                         teleport_steps, device);
+}
+
+std::string run_resnet_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
+  torch::manual_seed(0);
+  return run_module_case("mnist-resnet", teleport::examples::ResNet(), /*train=*/true, batch, reps,
+                         teleport_steps, device);
 }
 
 // The published ICLR 2024 code's MNIST teleport setting (side by side with
@@ -315,7 +329,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Cost of a teleport against a training step; prints JSON", "teleport-bench"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   std::string device_name = "cpu", widths = "512,1024";
-  int64_t batch = 128, cnn_batch = 64;
+  int64_t batch = 128, cnn_batch = 64, resnet_batch = 128;
   int reps = 20, teleport_steps = 10;
   app.add_option("--device", device_name, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--widths", widths, "hidden widths, one case each (784-W-W-10)");
@@ -324,6 +338,8 @@ int main(int argc, char** argv) {
   app.add_option("--teleport-steps", teleport_steps, "ascent steps per teleport")
       ->check(CLI::PositiveNumber);
   app.add_option("--cnn-batch", cnn_batch, "batch of the MNIST CNN case (0 = skip it)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--resnet-batch", resnet_batch, "batch of the MNIST ResNet case (0 = skip it)")
       ->check(CLI::NonNegativeNumber);
   bool published = true;
   int threads = 0;
@@ -352,6 +368,9 @@ int main(int argc, char** argv) {
       cases.push_back(run_case({{784, w, w, 10}, batch}, reps, teleport_steps, device));
     }
     if (cnn_batch > 0) cases.push_back(run_cnn_case(cnn_batch, reps, teleport_steps, device));
+    if (resnet_batch > 0) {
+      cases.push_back(run_resnet_case(resnet_batch, reps, teleport_steps, device));
+    }
     if (published) {
       cases.push_back(run_published_case(reps, device));
       if (device.is_cpu()) cases.push_back(run_regression_case(reps));

@@ -58,7 +58,8 @@ std::unique_ptr<torch::optim::Optimizer> build_optimizer(
           : std::make_unique<teleport::TeleportOptimizer>(
                 model.mlp, std::move(inner), options,
                 teleport::DiscoverOptions().data_dependent(c.symmetry == "gl"));
-  if (c.symmetry == "gl" && c.teleport_batch == 0) {  // the minibatch
+  if (model.mlp.is_empty()) t->set_buffers(model.module->buffers());  // BatchNorm's statistics
+  if (c.symmetry == "gl" && c.teleport_batch == 0) {                  // the minibatch
     t->set_teleport_batch([&batch] { return std::make_pair(batch.x, batch.y); }, cross_entropy);
   }
   if (c.teleport_batch > 0) {
@@ -131,7 +132,9 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
   teleport::TeleportOptimizer* teleporter = nullptr;
   auto opt = build_optimizer(c, data, model, optimizer, lr, seed, teleporting, device, cl, batch,
                              on_report, teleporter);
-  const bool closure = (c.symmetry == "gl" && teleporting) || c.model == "cnn";
+  // The CNN's dropout and the ResNet's BatchNorm statistics: the closure
+  // measures the loss before and after a teleport on the same masks and batch.
+  const bool closure = (c.symmetry == "gl" && teleporting) || c.model != "mlp";
 
   // Same batch order for both runs of a seed: a generator of its own.
   at::Generator order = at::detail::createCPUGenerator(seed);
@@ -286,9 +289,11 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
   if (!c.json.empty()) write_json(c.json, config, runs);
   if (!c.csv.empty()) write_csv(c.csv, runs);
   if (!c.plot.empty()) {
-    fmt::print("{}\n",
-               plot(c.plot, fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation),
-                    "train loss (subset)", curves));
+    fmt::print("{}\n", plot(c.plot,
+                            c.model == "mlp"
+                                ? fmt::format("{} MLP {} ({})", c.dataset, c.hidden, c.activation)
+                                : fmt::format("{} {}", c.dataset, c.model),
+                            "train loss (subset)", curves));
   }
   return 0;
 }
@@ -296,7 +301,8 @@ int run(const Config& c, const Cluster& cl, torch::Device device) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"MLP on MNIST with and without symmetry teleportation", "teleport-mnist"};
+  CLI::App app{"An MLP, a CNN or a ResNet on MNIST with and without symmetry teleportation",
+               "teleport-mnist"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   Config c;
   std::string at;

@@ -6,7 +6,11 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/pooling.h>
 
+#include <common/models.h>
+#include <teleport/internal/inner_state.h>
 #include <teleport/internal/tensor_ops.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
 
 #include <optional>
 #include <random>
@@ -570,6 +574,207 @@ TEST_P(SymmetryTest, UserDefinedSymmetryTeleportsByAutograd) {
   EXPECT_NE(error_of([&] {
               teleport(syms, TeleportOptions().method(Method::kClosedForm));
             }).find("product scaling has no closed-form direction"),
+            std::string::npos);
+}
+
+// A small ResNet of the example's shape (examples/common/models.h) in float64,
+// its BatchNorm statistics made non-trivial by a few train-mode passes, with
+// the symmetries it declares: in-block BatchNorm -> Conv scalings and three
+// residual streams.
+struct SmallResNet {
+  examples::ResNet net{std::vector<int64_t>{4, 6, 8}, 3};
+  at::Tensor x, y;
+  SymmetryList syms;
+
+  explicit SmallResNet(torch::TensorOptions options) {
+    torch::manual_seed(21);
+    net->to(options.device(), torch::kDouble);
+    x = torch::randn({6, 1, 12, 12}, options);
+    y = torch::randint(0, 3, {6}, options.dtype(torch::kLong));
+    for (int i = 0; i < 3; ++i) net->forward(x + 0.1 * i);
+    syms = net->symmetries();
+  }
+  at::Tensor loss() { return torch::nn::functional::cross_entropy(net->forward(x), y); }
+  // The loss's gradients, every parameter's, fresh.
+  std::vector<at::Tensor> grads() {
+    const auto params = net->parameters();
+    return torch::autograd::grad({loss()}, params);
+  }
+  double grad_norm_sq() {
+    double s = 0;
+    for (const auto& g : grads()) s += g.square().sum().item<double>();
+    return s;
+  }
+};
+
+// Kept actions of every ResNet symmetry (BatchNorm writers, streams) leave
+// the outputs unchanged in train and eval mode, and eval mode's running
+// statistics as they were (they describe the BatchNorms' inputs).
+TEST_P(SymmetryTest, ResNetSymmetriesKeepOutputsInTrainAndEvalMode) {
+  SmallResNet r(f64());
+  ASSERT_EQ(r.syms.size(), 6u);
+  for (bool train : {true, false}) {
+    SCOPED_TRACE(train ? "train mode" : "eval mode");
+    r.net->train(train);
+    const auto buffers = clone_all(r.net->buffers());
+    const at::Tensor before = r.net->forward(r.x).detach();
+    if (train) {  // a train-mode pass updates the statistics: put them back
+      const auto now = r.net->buffers();
+      for (size_t i = 0; i < now.size(); ++i) now[i].copy_(buffers[i]);
+    }
+    const auto params = clone_all(r.net->parameters());
+    for (const auto& s : r.syms) s->apply_(random_element(*s, Parametrization::kExp, 0.5));
+    EXPECT_FALSE(bitwise_equal(params, r.net->parameters()));
+    EXPECT_TRUE(close(r.net->forward(r.x).detach(), before, 1e-10));
+    if (!train) EXPECT_TRUE(bitwise_equal(buffers, r.net->buffers()));
+  }
+}
+
+// The gradient map is equivariant under the ResNet's actions, and each
+// closed-form direction is the derivative of ||∇L||² along the group
+// (central differences of the objective itself, in float64).
+TEST_P(SymmetryTest, ResNetGradientsMapAndClosedFormsAreDerivatives) {
+  SmallResNet r(f64());
+  const auto params = r.net->parameters();
+  std::vector<at::Tensor> grads = r.grads();
+  std::vector<at::Tensor> directions_now;
+  for (const auto& s : r.syms) {
+    std::vector<at::Tensor> mine;
+    for (const auto& p : s->parameters()) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (params[i].is_same(p)) mine.push_back(grads[i]);
+      }
+    }
+    directions_now.push_back(s->direction(mine));
+  }
+  for (size_t k = 0; k < r.syms.size(); ++k) {
+    SCOPED_TRACE(r.syms[k]->name());
+    const auto& s = *r.syms[k];
+    const at::Tensor u = torch::randn_like(s.zero_algebra());
+    const double eps = 1e-4;
+    auto objective_at = [&](double t) {
+      const auto saved = clone_all(params);
+      s.apply_(GroupElement::from_algebra(u * t, true, Parametrization::kLinear));
+      const double f = r.grad_norm_sq();
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < params.size(); ++i) params[i].copy_(saved[i]);
+      return f;
+    };
+    const double fd = (objective_at(eps) - objective_at(-eps)) / (2 * eps);
+    const double closed = (directions_now[k] * u).sum().item<double>();
+    EXPECT_NEAR(closed, fd, 1e-6 * (std::abs(fd) + 1e-12));
+  }
+  std::vector<at::Tensor> mapped = clone_all(grads);
+  transport_and_apply(r.syms, params, mapped, [](const Symmetry& s) {
+    return random_element(s, Parametrization::kExp, 0.4);
+  });
+  const auto fresh = r.grads();
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(close(mapped[i], fresh[i], 1e-9));
+}
+
+// Whole teleports of the ResNet: the closed-form ascent raises ||∇L||² and
+// keeps the loss; kBalance lowers Σ||W||² over the symmetries' parameters.
+TEST_P(SymmetryTest, ResNetTeleportsRaiseTheGradientAndBalanceTheStreams) {
+  for (Objective objective : {Objective::kGradNorm, Objective::kBalance}) {
+    SmallResNet r(f64());
+    r.net->eval();  // one function of the weights: the teleport sees the loss it keeps
+    const double loss = r.loss().item<double>();
+    r.loss().backward();
+    const auto report =
+        teleport(r.syms, TeleportOptions().objective(objective).steps(5).lr(0.1).max_growth(1e6));
+    ASSERT_FALSE(report.rolled_back) << report.reason;
+    if (objective == Objective::kGradNorm) {
+      EXPECT_GT(report.grad_norm_sq_after, report.grad_norm_sq_before);
+    } else {
+      EXPECT_LT(report.objective_after, report.objective_before);
+    }
+    EXPECT_NEAR(r.loss().item<double>(), loss, 1e-10 * loss);
+  }
+}
+
+// The inner state carried across a teleport under these diagonal actions:
+// p ⊙ m is invariant for SGD's momentum and Adam's first moment (p scales by
+// a, m by 1/a), p² ⊙ v for Adam's second moment.
+TEST_P(SymmetryTest, ResNetStateTransportKeepsItsInvariants) {
+  for (bool adam : {false, true}) {
+    SCOPED_TRACE(adam ? "Adam" : "SGD with momentum");
+    SmallResNet r(f64());
+    const auto params = r.net->parameters();
+    std::unique_ptr<torch::optim::Optimizer> inner;
+    if (adam) {
+      inner = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-3));
+    } else {
+      inner =
+          std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(1e-2).momentum(0.9));
+    }
+    auto invariants = [&](torch::optim::Optimizer& o) {
+      std::vector<at::Tensor> out;
+      for (const auto& p : params) {
+        auto* state = detail::find_state(o, p);
+        if (adam) {
+          const auto& s = static_cast<torch::optim::AdamParamState&>(*state);
+          out.push_back(p.detach() * s.exp_avg());
+          out.push_back(p.detach().square() * s.exp_avg_sq());
+        } else {
+          out.push_back(p.detach() *
+                        static_cast<torch::optim::SGDParamState&>(*state).momentum_buffer());
+        }
+      }
+      return out;
+    };
+    std::vector<at::Tensor> before;
+    int64_t checked = 0;
+    TeleportOptimizer* self = nullptr;
+    TeleportOptimizer opt(
+        r.syms, std::move(inner),
+        TeleportOptions().every(2).steps(3).lr(0.05).on_report([&](const TeleportReport& report) {
+          if (report.rolled_back || before.empty()) return;
+          const auto after = invariants(self->inner());
+          for (size_t i = 0; i < after.size(); ++i) {
+            EXPECT_TRUE(close(after[i], before[i], 1e-12, 1e-300));
+          }
+          ++checked;
+        }));
+    self = &opt;
+    opt.set_buffers(r.net->buffers());
+    for (int step = 0; step < 5; ++step) {
+      if (step > 0) before = invariants(opt.inner());
+      opt.step([&] {
+        opt.zero_grad();
+        auto l = r.loss();
+        l.backward();
+        return l;
+      });
+    }
+    EXPECT_EQ(checked, 2);
+  }
+}
+
+// A stream whose widths do not agree, a non-affine BatchNorm, and a
+// BatchNorm as a reader are refused when declared, with expected/got.
+TEST_P(SymmetryTest, MismatchedStreamsAreRefusedWhenDeclared) {
+  examples::ResNet net(std::vector<int64_t>{4, 6, 8}, 3);
+  EXPECT_NE(error_of([&] {
+              teleport::scaling({net->bn0, net->block2->bn2}, {net->block1->conv1});
+            }).find("expected every writer to give 4 outputs, got BatchNorm2d with 6"),
+            std::string::npos);
+  EXPECT_NE(
+      error_of([&] {
+        teleport::scaling({net->bn0, net->block1->bn2}, {net->block1->conv1, net->block3->conv1});
+      }).find("expected every reader with 4 input channels, got [8, 6, 3, 3]"),
+      std::string::npos);
+  EXPECT_NE(error_of([&] {
+              teleport::scaling({net->bn0}, {net->block2->bn1});
+            }).find("expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got"),
+            std::string::npos);
+  nn::BatchNorm2d plain(nn::BatchNormOptions(4).affine(false));
+  EXPECT_NE(error_of([&] {
+              teleport::scaling(plain, net->block1->conv1);
+            }).find("expected an affine BatchNorm2d"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              teleport::gl(net->bn0, net->block1->conv1);
+            }).find("expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d, got"),
             std::string::npos);
 }
 

@@ -164,8 +164,7 @@ inline void check_applies(const CLI::App& app, const Config& c) {
     refuse("--momentum", "(it sets plain sgd's momentum; --optimizer has no sgd)");
   }
   for (const char* flag : {"--hidden", "--activation"}) {
-    if (given(flag) && c.model == "cnn")
-      refuse(flag, "to --model cnn (the LibTorch MNIST network)");
+    if (given(flag) && c.model != "mlp") refuse(flag, "to --model " + c.model);
   }
   for (const char* flag : {"--flatness-radius", "--flatness-samples"}) {
     if (given(flag) && c.objective != "flatness") refuse(flag, "without --objective flatness");
@@ -190,9 +189,11 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--data", c.data_dir, "directory with the IDX files");
   app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
   app.add_option("--model", c.model,
-                 "mlp (Linear layers of --hidden, --activation) or cnn (the LibTorch MNIST "
-                 "example's network: two convolutions, max-pooling, dropout, two Linear layers)")
-      ->check(CLI::IsMember({"mlp", "cnn"}));
+                 "mlp (Linear layers of --hidden, --activation), cnn (the LibTorch MNIST "
+                 "example's network: two convolutions, max-pooling, dropout, two Linear layers) "
+                 "or resnet (a stem, three stages of BatchNorm basic blocks at 16/32/64 "
+                 "channels, global average pooling, a Linear)")
+      ->check(CLI::IsMember({"mlp", "cnn", "resnet"}));
   app.add_option("--activation", c.activation, "relu or leaky_relu")
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
   app.add_option("--optimizer", c.optimizers,
@@ -298,7 +299,7 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
     throw UsageError("--symmetry gl: the data-dependent action needs --activation leaky_relu");
   }
   const bool on_batch = c.objective == "look_ahead" || c.objective == "flatness";
-  if (on_batch && (c.teleport_batch == 0 || c.symmetry == "gl" || c.model == "cnn")) {
+  if (on_batch && (c.teleport_batch == 0 || c.symmetry == "gl" || c.model != "mlp")) {
     throw UsageError("--objective " + c.objective +
                      " evaluates losses on a teleport batch of its own: it needs --teleport-batch "
                      "M, --symmetry scaling and --model mlp");
@@ -308,10 +309,10 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
                      " acts by positive scalings from the minibatch gradient: it needs "
                      "--symmetry scaling and no --teleport-batch");
   }
-  if (c.model == "cnn" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
-    throw UsageError(
-        "--model cnn teleports by the scalings it declares, from the minibatch: "
-        "--symmetry gl and --teleport-batch need --model mlp");
+  if (c.model != "mlp" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
+    throw UsageError("--model " + c.model +
+                     " teleports by the scalings it declares, from the minibatch: "
+                     "--symmetry gl and --teleport-batch need --model mlp");
   }
 }
 

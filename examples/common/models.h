@@ -1,13 +1,14 @@
 #pragma once
 // The MNIST example's networks: an MLP (a Sequential, whose symmetries
-// discover() finds) and the LibTorch MNIST example's CNN (a custom Module that
-// declares its own); how the training loop sees either.
+// discover() finds), the LibTorch MNIST example's CNN and a small ResNet
+// (custom Modules that declare their own); how the training loop sees them.
 
 #include <teleport/layers.h>
 #include <teleport/symmetry.h>
 
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
@@ -52,6 +53,76 @@ struct NetImpl : torch::nn::Module {
 };
 TORCH_MODULE(Net);
 
+// A post-activation basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) +
+// shortcut(x)), the shortcut a 1×1 conv + BatchNorm where the shape changes.
+struct BasicBlockImpl : torch::nn::Module {
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, down_conv{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, down_bn{nullptr};
+
+  BasicBlockImpl(int64_t in, int64_t out, int64_t stride) {
+    namespace nn = torch::nn;
+    auto conv = [](int64_t i, int64_t o, int64_t k, int64_t s) {
+      return nn::Conv2d(nn::Conv2dOptions(i, o, k).stride(s).padding(k / 2).bias(false));
+    };
+    conv1 = register_module("conv1", conv(in, out, 3, stride));
+    bn1 = register_module("bn1", nn::BatchNorm2d(out));
+    conv2 = register_module("conv2", conv(out, out, 3, 1));
+    bn2 = register_module("bn2", nn::BatchNorm2d(out));
+    if (stride != 1 || in != out) {
+      down_conv = register_module("down_conv", conv(in, out, 1, stride));
+      down_bn = register_module("down_bn", nn::BatchNorm2d(out));
+    }
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    out = bn2->forward(conv2->forward(out));
+    return torch::relu(out + (down_conv.is_empty() ? x : down_bn->forward(down_conv->forward(x))));
+  }
+};
+TORCH_MODULE(BasicBlock);
+
+// A small ResNet for 28×28 inputs: a 3×3 stem conv + BatchNorm + ReLU, three
+// stages of one basic block each (`widths` channels, strides 1, 2, 2),
+// global average pooling and a Linear. Its symmetries (docs/design.md §2):
+// each block's bn1 scales conv2's inputs, and each stage's residual stream is
+// scaled by all its writers (the BatchNorm that opens it, every block's bn2)
+// and undone on all its readers (the conv1 of the blocks in it, the next
+// stage's conv1 and down_conv, or the final Linear).
+struct ResNetImpl : torch::nn::Module {
+  torch::nn::Conv2d conv0{nullptr};
+  torch::nn::BatchNorm2d bn0{nullptr};
+  BasicBlock block1{nullptr}, block2{nullptr}, block3{nullptr};
+  torch::nn::Linear fc{nullptr};
+
+  explicit ResNetImpl(std::vector<int64_t> widths = {16, 32, 64}, int64_t classes = 10) {
+    namespace nn = torch::nn;
+    conv0 = register_module("conv0",
+                            nn::Conv2d(nn::Conv2dOptions(1, widths[0], 3).padding(1).bias(false)));
+    bn0 = register_module("bn0", nn::BatchNorm2d(widths[0]));
+    block1 = register_module("block1", BasicBlock(widths[0], widths[0], 1));
+    block2 = register_module("block2", BasicBlock(widths[0], widths[1], 2));
+    block3 = register_module("block3", BasicBlock(widths[1], widths[2], 2));
+    fc = register_module("fc", nn::Linear(widths[2], classes));
+  }
+  at::Tensor forward(at::Tensor x) {
+    if (x.dim() == 2) x = x.view({-1, 1, 28, 28});
+    x = torch::relu(bn0->forward(conv0->forward(x)));
+    x = block3->forward(block2->forward(block1->forward(x)));
+    return fc->forward(torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
+  }
+  teleport::SymmetryList symmetries() {
+    return {
+        teleport::scaling(block1->bn1, block1->conv2),
+        teleport::scaling(block2->bn1, block2->conv2),
+        teleport::scaling(block3->bn1, block3->conv2),
+        teleport::scaling({bn0, block1->bn2}, {block1->conv1, block2->conv1, block2->down_conv}),
+        teleport::scaling({block2->down_bn, block2->bn2}, {block3->conv1, block3->down_conv}),
+        teleport::scaling({block3->down_bn, block3->bn2}, {fc}),
+    };
+  }
+};
+TORCH_MODULE(ResNet);
+
 // Either network, as the training loop sees it.
 struct Model {
   std::shared_ptr<torch::nn::Module> module;  // parameters, train() and eval()
@@ -86,6 +157,12 @@ inline at::Tensor cross_entropy(const at::Tensor& out, const at::Tensor& target)
 // `device` in `dtype`.
 inline Model build_model(const std::string& model, const std::vector<int64_t>& hidden,
                          const std::string& activation, torch::Device device, torch::Dtype dtype) {
+  if (model == "resnet") {
+    ResNet net;
+    net->to(device, dtype);
+    return {net.ptr(), [net](const at::Tensor& x) mutable { return net->forward(x); }, nullptr,
+            net->symmetries()};
+  }
   if (model == "cnn") {
     Net net;
     net->to(device, dtype);
