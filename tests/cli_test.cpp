@@ -184,6 +184,26 @@ TEST(CliTest, MnistRunsTheCnn) {
   EXPECT_EQ(lines(usage.output), 1u) << usage.output;
 }
 
+// The ResNet runs with and without teleport (its BatchNorm and stream
+// scalings, through step(closure)); its config names the model, and the flags
+// of the MLP are refused.
+TEST(CliTest, MnistRunsTheResNet) {
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                     " --model resnet --optimizer momentum --batch-size 16 --epochs 1"
+                     " --eval-every 3 --eval-subset 32 --teleport-every 2 --quiet --json " +
+                     kTmp + "resnet.json");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto json = read(kTmp + "resnet.json");
+  expect_run_shape(json, {"momentum", "momentum+teleport"});
+  EXPECT_NE(json.find("\"model\": \"resnet\""), std::string::npos);
+  EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
+  for (const char* flag : {" --hidden 32", " --teleport-batch 64"}) {
+    const auto usage = run(std::string(TELEPORT_MNIST) + " --model resnet" + flag);
+    EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;
+    EXPECT_EQ(lines(usage.output), 1u) << usage.output;
+  }
+}
+
 // --objective balance and the on-demand schedule run, and the config says so.
 TEST(CliTest, MnistBalanceObjectiveAndOnDemandSchedule) {
   const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
