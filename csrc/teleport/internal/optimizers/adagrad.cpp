@@ -10,16 +10,8 @@ namespace {
 
 namespace o = torch::optim;
 
-class AdagradAdapter final : public Adapter {
+class AdagradAdapter final : public TypedAdapter<o::AdagradOptions, o::AdagradParamState, 2> {
  public:
-  int64_t kind() const override { return 2; }
-  bool holds(const OptimizerOptions& x) const override {
-    return dynamic_cast<const o::AdagradOptions*>(&x) != nullptr;
-  }
-  bool holds(const OptimizerParamState& x) const override {
-    return dynamic_cast<const o::AdagradParamState*>(&x) != nullptr;
-  }
-
   std::string untransportable(const OptimizerOptions& x) const override {
     return decay_refusal("Adagrad's sums", static_cast<const o::AdagradOptions&>(x).weight_decay());
   }

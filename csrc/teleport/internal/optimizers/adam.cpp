@@ -16,16 +16,8 @@ namespace {
 namespace o = torch::optim;
 
 template <typename Options, typename State, int64_t Kind, bool Decoupled>
-class AdamAdapter final : public Adapter {
+class AdamAdapter final : public TypedAdapter<Options, State, Kind> {
  public:
-  int64_t kind() const override { return Kind; }
-  bool holds(const OptimizerOptions& x) const override {
-    return dynamic_cast<const Options*>(&x) != nullptr;
-  }
-  bool holds(const OptimizerParamState& x) const override {
-    return dynamic_cast<const State*>(&x) != nullptr;
-  }
-
   std::string untransportable(const OptimizerOptions& x) const override {
     if (Decoupled) return "";
     return decay_refusal("Adam's moments", static_cast<const Options&>(x).weight_decay());

@@ -74,6 +74,19 @@ class Adapter {
                                                     c10::Device device) const = 0;
 };
 
+/// An adapter for one options type and one state type, checkpointed as `Kind`.
+template <typename Options, typename State, int64_t Kind>
+class TypedAdapter : public Adapter {
+ public:
+  int64_t kind() const override { return Kind; }
+  bool holds(const OptimizerOptions& x) const override {
+    return dynamic_cast<const Options*>(&x) != nullptr;
+  }
+  bool holds(const OptimizerParamState& x) const override {
+    return dynamic_cast<const State*>(&x) != nullptr;
+  }
+};
+
 /// The refusal untransportable() gives for `what` (the buffers) holding
 /// ∇L + λw with weight decay λ = `decay`; "" when `decay` is 0.
 std::string decay_refusal(const std::string& what, double decay);

@@ -14,16 +14,8 @@ namespace {
 
 namespace o = torch::optim;
 
-class LBFGSAdapter final : public Adapter {
+class LBFGSAdapter final : public TypedAdapter<o::LBFGSOptions, o::LBFGSParamState, 7> {
  public:
-  int64_t kind() const override { return 7; }
-  bool holds(const OptimizerOptions& x) const override {
-    return dynamic_cast<const o::LBFGSOptions*>(&x) != nullptr;
-  }
-  bool holds(const OptimizerParamState& x) const override {
-    return dynamic_cast<const o::LBFGSParamState*>(&x) != nullptr;
-  }
-
   Buffers buffers(OptimizerParamState& x) const override {
     auto& s = static_cast<o::LBFGSParamState&>(x);
     Buffers b;

@@ -11,16 +11,8 @@ namespace {
 
 namespace o = torch::optim;
 
-class RMSpropAdapter final : public Adapter {
+class RMSpropAdapter final : public TypedAdapter<o::RMSpropOptions, o::RMSpropParamState, 6> {
  public:
-  int64_t kind() const override { return 6; }
-  bool holds(const OptimizerOptions& x) const override {
-    return dynamic_cast<const o::RMSpropOptions*>(&x) != nullptr;
-  }
-  bool holds(const OptimizerParamState& x) const override {
-    return dynamic_cast<const o::RMSpropParamState*>(&x) != nullptr;
-  }
-
   std::string untransportable(const OptimizerOptions& x) const override {
     return decay_refusal("RMSprop's averages",
                          static_cast<const o::RMSpropOptions&>(x).weight_decay());

@@ -8,16 +8,8 @@ namespace {
 
 namespace o = torch::optim;
 
-class SGDAdapter final : public Adapter {
+class SGDAdapter final : public TypedAdapter<o::SGDOptions, o::SGDParamState, 1> {
  public:
-  int64_t kind() const override { return 1; }
-  bool holds(const OptimizerOptions& x) const override {
-    return dynamic_cast<const o::SGDOptions*>(&x) != nullptr;
-  }
-  bool holds(const OptimizerParamState& x) const override {
-    return dynamic_cast<const o::SGDParamState*>(&x) != nullptr;
-  }
-
   std::string untransportable(const OptimizerOptions& x) const override {
     const auto& sgd = static_cast<const o::SGDOptions&>(x);
     return decay_refusal("SGD's momentum buffer", sgd.momentum() != 0 ? sgd.weight_decay() : 0);
