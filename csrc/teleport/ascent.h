@@ -23,8 +23,7 @@ namespace teleport {
 TeleportReport teleport(const SymmetryList& symmetries, const TeleportOptions& options,
                         const BatchLoss* batch = nullptr);
 
-/// The verdict of check_symmetry(): whether the loss kept within `bound`
-/// (relative) under a random group element, and by how much it moved.
+/// The verdict of check_symmetry().
 struct SymmetryCheck {
   bool holds = true;
   double drift = 0;  // |L(g·w) − L(w)| / |L(w)|

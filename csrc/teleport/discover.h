@@ -11,11 +11,9 @@
 namespace teleport {
 
 struct DiscoverOptions {
-  /// GL(n) where nothing nonlinear stands between two Linear layers; when
-  /// false, the scaling subgroup there too.
+  /// GL(n) where nothing nonlinear stands between two layers (else scaling).
   TORCH_ARG(bool, linear_gl) = true;
-  /// The paper's data-dependent GL(n) across a lone LeakyReLU, instead of
-  /// scaling (exact only on batches no larger than the layer's input width).
+  /// The paper's data-dependent GL(n) across a lone LeakyReLU, not scaling.
   TORCH_ARG(bool, data_dependent) = false;
 };
 

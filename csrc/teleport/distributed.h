@@ -23,8 +23,7 @@
 namespace teleport {
 namespace distributed {
 
-/// Where this process stands in a job, as torchrun describes it in the
-/// environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK.
+/// Where this process stands in a job, as torchrun's environment says.
 struct Rendezvous {
   int64_t rank = 0;
   int64_t world_size = 1;
@@ -65,8 +64,7 @@ class ProcessGroup final : public Collectives {
 
   int64_t rank() const override { return rank_; }
   int64_t world_size() const override { return size_; }
-  /// Flattens the tensors into buckets of at most bucket_bytes() (one dtype and
-  /// device each), one all-reduce per bucket.
+  /// One all-reduce per bucket of at most bucket_bytes().
   void all_reduce_sum(std::vector<at::Tensor>& tensors) override;
   at::Tensor all_gather_rows(const at::Tensor& rows, int64_t& first_row) override;
   /// Elementwise maximum over the ranks, in place (one all-reduce).
@@ -110,8 +108,7 @@ struct LaunchOptions {
   TORCH_ARG(std::chrono::milliseconds, deadline) = std::chrono::milliseconds(0);
   /// More environment for every process, as NAME=value.
   TORCH_ARG(std::vector<std::string>, env) = {};
-  /// Where the launcher's line goes when a process dies by a signal it did not
-  /// send ("rank 1 (pid 4242) was killed by signal 9 (Killed)"); unset: nowhere.
+  /// Where the launcher says which process a signal killed; unset: nowhere.
   TORCH_ARG(std::function<void(const std::string&)>, log) = nullptr;
 };
 

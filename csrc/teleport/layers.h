@@ -23,14 +23,10 @@ class LayerRef {
 };
 
 namespace detail {
-/// The symmetry of `kind` between two layers, `b` taking `a`'s outputs: each
-/// a torch::nn::Linear or Conv1d/2d/3d (groups = 1), or for scaling an affine
-/// BatchNorm1d/2d/3d as `a`. Throws for any other module and for shapes that
-/// do not fit (expected/got).
+/// What scaling() and gl() build; shapes checked (expected/got).
 std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
                                          const std::shared_ptr<torch::nn::Module>& a,
                                          const std::shared_ptr<torch::nn::Module>& b);
-/// The scaling of a stream: writers' outputs by g, readers' inputs by g⁻¹.
 std::shared_ptr<Symmetry> stream_symmetry(const std::vector<LayerRef>& writers,
                                           const std::vector<LayerRef>& readers);
 }  // namespace detail
@@ -61,9 +57,8 @@ inline std::shared_ptr<Symmetry> scaling(std::initializer_list<LayerRef> writers
   return detail::stream_symmetry(writers, readers);
 }
 
-/// The full GL(n) on the outputs of `a` and the inputs of `b`: exact only
-/// when nothing nonlinear stands between them (Identity, Flatten, AvgPool,
-/// AdaptiveAvgPool, or nothing: maps that are linear per channel).
+/// The full GL(n) on the outputs of `a` and the inputs of `b`: exact only when
+/// what stands between them is linear per channel (Identity, Flatten, AvgPool).
 template <typename A, typename B>
 std::shared_ptr<Symmetry> gl(const torch::nn::ModuleHolder<A>& a,
                              const torch::nn::ModuleHolder<B>& b) {

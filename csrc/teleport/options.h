@@ -16,23 +16,14 @@ namespace teleport {
 
 struct TeleportReport;
 
-/// How the ascent direction is computed.
-enum class Method {
-  /// Closed form when every symmetry has one, autograd otherwise.
-  kAuto,
-  /// From the gradients alone (docs/design.md §3): no forward or backward pass.
-  kClosedForm,
-  /// Double backward through the action; needs a batch and a loss.
-  kAutograd,
-};
+/// How the ascent direction is computed (docs/design.md §3): kAuto is the
+/// closed form when every symmetry has one (from the gradients alone), else
+/// kAutograd (double backward through the action; needs a batch and a loss).
+enum class Method { kAuto, kClosedForm, kAutograd };
 
-/// How an algebra element T becomes a group element g.
-enum class Parametrization {
-  /// g = I + T, applied with the exact inverse (a solve, never I - T).
-  kLinear,
-  /// g = exp(T), g⁻¹ = exp(-T).
-  kExp,
-};
+/// How an algebra element T becomes g: kLinear g = I + T (with the exact
+/// inverse, never I - T), kExp g = exp(T).
+enum class Parametrization { kLinear, kExp };
 
 /// Whose arithmetic a teleport follows.
 enum class Mode {
@@ -94,9 +85,8 @@ struct TeleportOptions {
   TORCH_ARG(int64_t, stall_cooldown) = 100;
 
   // --- the ascent ---
-  /// Ascent steps per teleport.
+  /// Ascent steps per teleport, and their learning rate η: T = η ∂/∂T ||∇L||².
   TORCH_ARG(int64_t, steps) = 10;
-  /// Ascent learning rate η: T = η ∂/∂T ||∇L||².
   TORCH_ARG(double, lr) = 1e-3;
   TORCH_ARG(Method, method) = Method::kAuto;
   TORCH_ARG(Parametrization, parametrization) = Parametrization::kLinear;
@@ -111,8 +101,7 @@ struct TeleportOptions {
   TORCH_ARG(int64_t, flatness_seed) = 0;
 
   // --- safeguards (docs/design.md §6) ---
-  /// Largest relative change of the loss on the teleport batch; beyond it the
-  /// teleport is rolled back.
+  /// Largest relative change of the loss on a batch before a rollback.
   TORCH_ARG(double, tolerance) = 1e-4;
   /// Cap on the Frobenius norm of each ascent step T (per symmetry); a
   /// diagonal factor 1 + t also stays >= 1/2 and a singular I + T is refused.
@@ -131,8 +120,7 @@ struct TeleportOptions {
 
   // --- the optimizer ---
   TORCH_ARG(StatePolicy, state_policy) = StatePolicy::kTransport;
-  /// Called with every report the optimizer produces (the library prints
-  /// nothing itself).
+  /// Called with every report the optimizer produces.
   TORCH_ARG(std::function<void(const TeleportReport&)>, on_report) = nullptr;
 
   // (TORCH_ARG leaves the access private.)
@@ -140,10 +128,8 @@ struct TeleportOptions {
   /// Throws a c10::Error naming the first option that is out of range.
   void validate() const;
 
-  /// Every option but on_report, under "teleport/options/" with a version,
-  /// as torch::optim's options serialise (checkpoints).
+  /// Every option but on_report, versioned, for checkpoints.
   void serialize(torch::serialize::OutputArchive& archive) const;
-  /// Reads what serialize() wrote; on_report is left as it is.
   void serialize(torch::serialize::InputArchive& archive);
 };
 

@@ -30,10 +30,6 @@ SO2Symmetry::SO2Symmetry(at::Tensor xy, PlaneMap to_uv, PlaneMap to_xy, std::str
 
 at::Tensor SO2Symmetry::zero_algebra() const { return at::zeros({1}, xy_.options()); }
 
-at::Tensor SO2Symmetry::direction(const std::vector<at::Tensor>&) const {
-  TORCH_CHECK(false, name_, ": no closed-form direction; use Method::kAutograd");
-}
-
 GroupElement SO2Symmetry::element(const at::Tensor& T, Parametrization) const {
   const at::Tensor g = rotation(T);
   return {g, g.t().contiguous(), false, {}};
@@ -50,15 +46,6 @@ at::Tensor SO2Symmetry::rotate(const at::Tensor& xy, const at::Tensor& g) const 
 void SO2Symmetry::apply_(const GroupElement& e, const BatchLoss*, Mode) const {
   at::NoGradGuard no_grad;
   xy_.copy_(rotate(xy_.detach(), e.g));
-}
-
-void SO2Symmetry::transport_gradients_(const GroupElement&, const std::vector<at::Tensor>&) const {
-  TORCH_CHECK(false, name_, ": gradients do not map; compute them afresh after the teleport");
-}
-
-void SO2Symmetry::transport_squared_gradients_(const GroupElement&,
-                                               const std::vector<at::Tensor>&) const {
-  TORCH_CHECK(false, name_, ": sums of squared gradients do not map under SO(2)");
 }
 
 std::vector<at::Tensor> SO2Symmetry::act(const std::vector<at::Tensor>& params, const at::Tensor& T,

@@ -26,15 +26,10 @@ class SO2Symmetry : public Symmetry {
   bool diagonal() const override { return false; }
   std::vector<at::Tensor> parameters() const override { return {xy_}; }
   at::Tensor zero_algebra() const override;
-  at::Tensor direction(const std::vector<at::Tensor>& grads) const override;
   /// The rotation by θ = T[0], whatever the parametrization.
   GroupElement element(const at::Tensor& T, Parametrization p) const override;
   void apply_(const GroupElement& e, const BatchLoss* batch = nullptr,
               Mode mode = Mode::kExact) const override;
-  void transport_gradients_(const GroupElement& e,
-                            const std::vector<at::Tensor>& grads) const override;
-  void transport_squared_gradients_(const GroupElement& e,
-                                    const std::vector<at::Tensor>& sums) const override;
   std::vector<at::Tensor> act(const std::vector<at::Tensor>& params, const at::Tensor& T,
                               const BatchLoss* batch, const ParameterOverrides& in_force,
                               Mode mode = Mode::kExact) const override;

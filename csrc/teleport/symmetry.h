@@ -132,17 +132,14 @@ class LayerSymmetry : public Symmetry {
   /// themselves, changed in place.
   LayerSymmetry(SymmetryKind kind, at::Tensor w_in, at::Tensor b_in, at::Tensor w_out,
                 std::string name = "");
-  /// Positive scaling of a stream of n channels: every tensor of `rows` (the
-  /// writers' weights and biases, n on dimension 0) by g, every tensor of
-  /// `columns` (the readers' weights, n channels or column blocks on
-  /// dimension 1) by g⁻¹.
+  /// Positive scaling of a stream: `rows` (writers' weights and biases) by g
+  /// on dimension 0, `columns` (readers' weights) by g⁻¹ on dimension 1.
   LayerSymmetry(std::vector<at::Tensor> rows, std::vector<at::Tensor> columns, std::string name);
 
   SymmetryKind kind() const { return kind_; }
   /// The width n the group acts on.
   int64_t width() const { return w_in_.size(0); }
-  /// How many of parameters() the group acts on by rows (dimension 0); the
-  /// others it acts on by columns (dimension 1).
+  /// How many of parameters() it acts on by rows; the others by columns.
   size_t row_tensors() const { return rows_.size(); }
 
   std::string name() const override { return name_; }
