@@ -1,3 +1,4 @@
+#include <teleport/attention.h>
 #include <teleport/discover.h>
 
 #include <c10/util/Exception.h>
@@ -6,7 +7,9 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/nn/modules/pooling.h>
+#include <torch/nn/modules/transformerlayer.h>
 
 #include <algorithm>
 #include <memory>
@@ -162,19 +165,17 @@ std::string no_symmetry_reason(const Layer& a, const Layer& b, const std::string
   return "";
 }
 
-}  // namespace
-
-Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options) {
-  TORCH_CHECK(!model.is_empty(), "discover: expected a Sequential, got an empty holder");
+// The chain of one Sequential, its paths after `prefix`, into `found`.
+void discover_chain(const torch::nn::SequentialImpl& model, const std::string& prefix,
+                    const DiscoverOptions& options, Discovery& found) {
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> modules;
-  leaves(*model, "", modules);
+  leaves(model, prefix, modules);
 
   const std::vector<const Module*> tied = tied_modules(modules);
   auto is_tied = [&tied](const Module* m) {
     return std::find(tied.begin(), tied.end(), m) != tied.end();
   };
 
-  Discovery found;
   Layer previous;
   const Module* previous_module = nullptr;
   bool have_previous = false;
@@ -239,6 +240,91 @@ Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& op
     leaky = nullptr;
     nonlinear = 0;
   }
+}
+
+bool trains(const at::Tensor& t) { return !t.defined() || t.requires_grad(); }
+
+// The groups of one attention, or a note saying why none.
+void discover_attention(const Module& m, const std::string& path, Discovery& found) {
+  const auto* mha = m.as<torch::nn::MultiheadAttention>();
+  if (!trains(mha->in_proj_weight) || !trains(mha->in_proj_bias) ||
+      !trains(mha->out_proj->weight)) {
+    found.notes.push_back("no attention symmetry in " + path +
+                          ": its projections are frozen (requires_grad is false)");
+    return;
+  }
+  try {
+    for (auto& s : detail::attention_symmetries(m, "attention " + path))
+      found.symmetries.push_back(std::move(s));
+  } catch (const c10::Error& e) {
+    found.notes.push_back("no attention symmetry in " + path + ": " + e.what_without_backtrace());
+  }
+}
+
+// A transformer layer's attentions and, with ReLU, its feed-forward scaling
+// (linear1 -> ReLU -> dropout -> linear2). Its LayerNorms also feed the
+// residual stream: no scaling there.
+template <typename LayerImpl>
+void discover_transformer_layer(const LayerImpl& layer, const std::string& path, Discovery& found) {
+  for (const auto& child : layer.named_children()) {
+    if (child.value()->template as<torch::nn::MultiheadAttention>())
+      discover_attention(*child.value(), path + "." + child.key(), found);
+  }
+  const std::string ffn = path + ".linear1 -> " + path + ".linear2";
+  if (layer.options.activation().index() != 0) {  // kReLU is the variant's first
+    found.notes.push_back("no scaling in the feed-forward block " + ffn +
+                          ": its activation is not ReLU (GELU or a custom function is not "
+                          "positively homogeneous)");
+  } else if (!trains(layer.linear1->weight) || !trains(layer.linear1->bias) ||
+             !trains(layer.linear2->weight)) {
+    found.notes.push_back("no scaling in " + ffn + ": frozen (requires_grad is false)");
+  } else {
+    found.symmetries.push_back(std::make_shared<LayerSymmetry>(
+        SymmetryKind::kScaling, layer.linear1->weight, layer.linear1->bias, layer.linear2->weight,
+        "scaling(" + ffn + ")"));
+  }
+  found.notes.push_back("no scaling after the LayerNorms of " + path +
+                        ": their outputs feed the residual stream, not only Linear layers");
+}
+
+void walk(const Module& m, const std::string& path, const DiscoverOptions& options,
+          Discovery& found) {
+  const std::string prefix = path.empty() ? "" : path + ".";
+  const std::string here = path.empty() ? "the model" : path;
+  if (const auto* seq = m.as<torch::nn::Sequential>()) {
+    discover_chain(*seq, prefix, options, found);
+  } else if (m.as<torch::nn::MultiheadAttention>()) {
+    discover_attention(m, here, found);
+  } else if (const auto* l = m.as<torch::nn::TransformerEncoderLayer>()) {
+    discover_transformer_layer(*l, here, found);
+  } else if (const auto* l = m.as<torch::nn::TransformerDecoderLayer>()) {
+    discover_transformer_layer(*l, here, found);
+  } else if (m.as<torch::nn::LayerNorm>()) {
+    found.notes.push_back("no scaling after the LayerNorm " + here +
+                          ": which layers read it is not known from the module tree; if only "
+                          "Linear layers do, declare teleport::scaling(norm, reader)");
+  } else if (Layer layer; layer_of(m, layer)) {
+    found.notes.push_back("no symmetry for the layer " + here +
+                          " outside a Sequential: the order forward() runs it in is not known "
+                          "from the module tree; declare teleport::scaling(a, b)");
+  } else {
+    for (const auto& child : m.named_children())
+      walk(*child.value(), prefix + child.key(), options, found);
+  }
+}
+
+}  // namespace
+
+Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options) {
+  TORCH_CHECK(!model.is_empty(), "discover: expected a Sequential, got an empty holder");
+  Discovery found;
+  discover_chain(*model, "", options, found);
+  return found;
+}
+
+Discovery discover(const torch::nn::Module& model, const DiscoverOptions& options) {
+  Discovery found;
+  walk(model, "", options, found);
   return found;
 }
 

@@ -3,6 +3,7 @@
 #include <teleport/symmetry.h>
 
 #include <torch/arg.h>
+#include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 
 #include <string>
@@ -35,5 +36,16 @@ struct Discovery {
 ///  - any other module, a grouped convolution, a Linear before a Conv, shapes
 ///    that do not fit, frozen tensors or tied weights: none, and a note says why.
 Discovery discover(const torch::nn::Sequential& model, const DiscoverOptions& options = {});
+
+/// The symmetries of any module tree, e.g. `teleport::discover(*net)`:
+///  - every Sequential: its chain as above (assuming its parent runs it as a
+///    whole: what forward() does with it is not known from the tree);
+///  - every MultiheadAttention: teleport::attention()'s groups;
+///  - every TransformerEncoderLayer / DecoderLayer: its attentions and, with
+///    ReLU, the scaling of its feed-forward block;
+///  - anything else: its children. notes() names what got nothing and why (a
+///    GELU feed-forward, a LayerNorm whose readers the tree does not tell, a
+///    Linear outside a Sequential, frozen projections).
+Discovery discover(const torch::nn::Module& model, const DiscoverOptions& options = {});
 
 }  // namespace teleport

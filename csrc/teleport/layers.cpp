@@ -4,6 +4,7 @@
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 
 #include <string>
 #include <utility>
@@ -15,7 +16,18 @@ namespace {
 struct Layer {
   at::Tensor weight, bias;
   std::string what;
+  bool last_dim = false;  // a LayerNorm: its outputs are the last dimension
 };
+
+// A LayerNorm's outputs are features of the last dimension: only a Linear
+// reading exactly those undoes the scaling (a flatten would mix positions).
+void check_reader(const Layer& writer, const Layer& reader) {
+  TORCH_CHECK(!writer.last_dim ||
+                  (reader.what == "Linear" && reader.weight.size(1) == writer.weight.size(0)),
+              "teleport::scaling: expected a LayerNorm's reader to be a Linear of ",
+              writer.weight.size(0), " input features, got ", reader.what, " of weight shape ",
+              reader.weight.sizes());
+}
 
 template <typename Conv>
 Layer conv_layer(const Conv& conv, const std::string& what) {
@@ -42,9 +54,20 @@ Layer layer_of(const std::shared_ptr<torch::nn::Module>& m, bool writer) {
     if (const auto* b = m->as<torch::nn::BatchNorm1d>()) return batch_norm_layer(*b, "BatchNorm1d");
     if (const auto* b = m->as<torch::nn::BatchNorm2d>()) return batch_norm_layer(*b, "BatchNorm2d");
     if (const auto* b = m->as<torch::nn::BatchNorm3d>()) return batch_norm_layer(*b, "BatchNorm3d");
+    if (const auto* n = m->as<torch::nn::LayerNorm>()) {
+      TORCH_CHECK(n->options.elementwise_affine(),
+                  "teleport: expected an elementwise-affine LayerNorm (its weight and bias carry "
+                  "the scaling), got one with elementwise_affine = false");
+      TORCH_CHECK(n->options.normalized_shape().size() == 1,
+                  "teleport: expected a LayerNorm over the last dimension only, got "
+                  "normalized_shape ",
+                  at::IntArrayRef(n->options.normalized_shape()));
+      return {n->weight, n->bias, "LayerNorm", /*last_dim=*/true};
+    }
   }
   TORCH_CHECK(false, "teleport: expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d",
-              writer ? " or an affine BatchNorm1d/2d/3d" : "", ", got ", m->name());
+              writer ? ", an affine BatchNorm1d/2d/3d or an elementwise-affine LayerNorm" : "",
+              ", got ", m->name());
 }
 
 }  // namespace
@@ -54,6 +77,7 @@ std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
                                          const std::shared_ptr<torch::nn::Module>& b) {
   const Layer in = layer_of(a, /*writer=*/kind == SymmetryKind::kScaling);
   const Layer out = layer_of(b, /*writer=*/false);
+  check_reader(in, out);
   const std::string name = std::string(kind == SymmetryKind::kScaling ? "scaling" : "gl") + "(" +
                            in.what + " " + std::to_string(in.weight.size(0)) + " -> " + out.what +
                            ")";
@@ -68,8 +92,10 @@ std::shared_ptr<Symmetry> stream_symmetry(const std::vector<LayerRef>& writers,
   std::vector<at::Tensor> rows, columns;
   std::string what;
   int64_t n = -1;
+  std::vector<Layer> written;
   for (const auto& w : writers) {
     const Layer l = layer_of(w.module(), /*writer=*/true);
+    written.push_back(l);
     TORCH_CHECK(n < 0 || l.weight.size(0) == n, "teleport::scaling: expected every writer to give ",
                 n, " outputs, got ", l.what, " with ", l.weight.size(0));
     n = l.weight.size(0);
@@ -80,6 +106,7 @@ std::shared_ptr<Symmetry> stream_symmetry(const std::vector<LayerRef>& writers,
   what += " -> ";
   for (size_t i = 0; i < readers.size(); ++i) {
     const Layer l = layer_of(readers[i].module(), /*writer=*/false);
+    for (const auto& w : written) check_reader(w, l);
     columns.push_back(l.weight);
     what += (i == 0 ? "" : ", ") + l.what;
   }

@@ -32,7 +32,8 @@ std::shared_ptr<Symmetry> stream_symmetry(const std::vector<LayerRef>& writers,
 }  // namespace detail
 
 /// Positive scaling of the outputs of layer `a` (rows of a Linear, output
-/// channels of a Conv, the affine weight and bias of a BatchNorm) undone on
+/// channels of a Conv, the affine weight and bias of a BatchNorm or of a
+/// LayerNorm over the last dimension, whose readers must be Linear) undone on
 /// the inputs of `b`: exact when only ReLU, LeakyReLU, MaxPool, AvgPool,
 /// Dropout, Flatten or Identity stand between them. A Linear after a flattened
 /// Conv undoes it on each channel's block of columns. For a custom Module:

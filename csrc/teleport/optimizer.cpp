@@ -9,9 +9,11 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
@@ -190,6 +192,9 @@ void TeleportOptimizer::Impl::check_model_unchanged() const {
     if (const auto* b = module->as<torch::nn::BatchNorm1d>()) add(b->weight, b->bias);
     if (const auto* b = module->as<torch::nn::BatchNorm2d>()) add(b->weight, b->bias);
     if (const auto* b = module->as<torch::nn::BatchNorm3d>()) add(b->weight, b->bias);
+    if (const auto* n = module->as<torch::nn::LayerNorm>()) add(n->weight, n->bias);
+    if (const auto* a = module->as<torch::nn::MultiheadAttention>())
+      add(a->in_proj_weight, a->in_proj_bias);
   }
   for (const auto& s : symmetries_) s->check_unchanged();
   require_among(symmetries_, current,

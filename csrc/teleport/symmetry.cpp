@@ -113,10 +113,10 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal, Para
     e.g_inv = at::reciprocal(e.g);
   } else {
     if (auto host = linear_element_on_host(T)) return *host;
-    e.g = T + at::eye(T.size(0), T.options());
+    e.g = T + at::eye(T.size(-1), T.options());  // a batch of matrices too
     auto [inverse, info] = at::linalg_inv_ex(e.g);
     e.g_inv = inverse;
-    e.invertible = info.eq(0);
+    e.invertible = info.eq(0).all();
   }
   return e;
 }
@@ -124,7 +124,8 @@ GroupElement GroupElement::from_algebra(const at::Tensor& T, bool diagonal, Para
 GroupElement GroupElement::identity_like(const GroupElement& like) {
   GroupElement e;
   e.diagonal = like.diagonal;
-  e.g = like.diagonal ? at::ones_like(like.g) : at::eye(like.g.size(0), like.g.options());
+  e.g = like.diagonal ? at::ones_like(like.g)
+                      : at::eye(like.g.size(-1), like.g.options()).expand_as(like.g).clone();
   e.g_inv = e.g.clone();
   return e;
 }
@@ -133,8 +134,8 @@ GroupElement GroupElement::compose(const GroupElement& other) const {
   TORCH_CHECK(diagonal == other.diagonal, "compose: expected group elements of the same kind");
   GroupElement e;
   e.diagonal = diagonal;
-  e.g = diagonal ? g * other.g : at::mm(g, other.g);
-  e.g_inv = diagonal ? other.g_inv * g_inv : at::mm(other.g_inv, g_inv);
+  e.g = diagonal ? g * other.g : at::matmul(g, other.g);
+  e.g_inv = diagonal ? other.g_inv * g_inv : at::matmul(other.g_inv, g_inv);
   if (invertible.defined() && other.invertible.defined()) {
     e.invertible = invertible.logical_and(other.invertible);
   } else {

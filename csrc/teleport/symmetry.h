@@ -18,7 +18,8 @@ const LeastChange& least_change_of(const DataDependentGL& symmetry);
 }  // namespace detail
 
 /// One group element g with its exact inverse. A diagonal element holds the
-/// diagonals (vectors) instead of matrices.
+/// diagonals (vectors) instead of matrices; a product of groups (one GL(d)
+/// per attention head) holds a batch of matrices, [heads, d, d].
 struct GroupElement {
   at::Tensor g;
   at::Tensor g_inv;
@@ -37,7 +38,7 @@ struct GroupElement {
   /// g^{-T}: its gradient map is this element's map of weights (LBFGS steps).
   GroupElement contragredient() const {
     return diagonal ? GroupElement{g_inv, g, true, invertible}
-                    : GroupElement{g_inv.t(), g.t(), false, invertible};
+                    : GroupElement{g_inv.transpose(-2, -1), g.transpose(-2, -1), false, invertible};
   }
   /// This element where `keep` (a 0-dim bool) is true, else the identity.
   GroupElement masked(const at::Tensor& keep) const;

@@ -5,6 +5,7 @@
 /// Optimization", NeurIPS 2022.
 
 #include <teleport/ascent.h>
+#include <teleport/attention.h>
 #include <teleport/batch_loss.h>
 #include <teleport/discover.h>
 #include <teleport/layers.h>

@@ -50,7 +50,7 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
     for (size_t k = 0; k < syms.size(); ++k) {
       const GroupElement e = elements[k].masked(ok);
       if (invert_at_end && !e.diagonal) {
-        a.total[k].g = at::mm(e.g, a.total[k].g);
+        a.total[k].g = at::matmul(e.g, a.total[k].g);
       } else {
         a.total[k] = e.compose(a.total[k]);
       }
@@ -67,7 +67,7 @@ Ascent closed_form_ascent(const SymmetryList& syms, const std::vector<at::Tensor
   for (size_t k = 0; k < syms.size(); ++k) {
     if (invert_at_end && !a.total[k].diagonal) {
       auto [inverse, info] = at::linalg_inv_ex(a.total[k].g);
-      const at::Tensor invertible = info.eq(0);
+      const at::Tensor invertible = info.eq(0).all();
       a.invertible = a.invertible.defined() ? a.invertible.logical_and(invertible) : invertible;
       a.total[k].g_inv = inverse;
     }
