@@ -171,10 +171,11 @@ std::string run_case(const Case& c, int reps, int teleport_steps, torch::Device 
 
 // A training step of one of the example's networks (examples/common/models.h)
 // at `batch`, against a closed-form teleport of all the symmetries it declares
-// from .grad, each teleport timed right after a step.
+// from .grad, each teleport timed right after a step; `key` names the timing
+// (closed_form_scaling, or closed_form_gl where some group is GL).
 template <typename Net>
-std::string run_module_case(const std::string& name, Net model, bool train, int64_t batch, int reps,
-                            int teleport_steps, torch::Device device) {
+std::string run_module_case(const std::string& name, const std::string& key, Net model, bool train,
+                            int64_t batch, int reps, int teleport_steps, torch::Device device) {
   model->to(device);
   model->train(train);
   const auto x = torch::randn({batch, 1, 28, 28}, torch::TensorOptions(device));
@@ -207,10 +208,10 @@ std::string run_module_case(const std::string& name, Net model, bool train, int6
   }
   return fmt::format(
       R"({{"name": "{}", "batch": {}, "device": "{}", "symmetries": {}, "teleport_steps": {}, )"
-      R"("step_ms": {:.4f}, "teleport_ms": {{"closed_form_scaling": {:.4f}}}, )"
-      R"("teleport_in_steps": {{"closed_form_scaling": {:.3f}}}}})",
-      name, batch, device.str(), syms.size(), teleport_steps, median(steps) * 1e3,
-      median(seconds) * 1e3, median(ratios));
+      R"("step_ms": {:.4f}, "teleport_ms": {{"{}": {:.4f}}}, )"
+      R"("teleport_in_steps": {{"{}": {:.3f}}}}})",
+      name, batch, device.str(), syms.size(), teleport_steps, median(steps) * 1e3, key,
+      median(seconds) * 1e3, key, median(ratios));
 }
 
 // The LibTorch MNIST example's CNN in eval mode (dropout off: it does not
@@ -218,14 +219,22 @@ std::string run_module_case(const std::string& name, Net model, bool train, int6
 // batch, as in training).
 std::string run_cnn_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
   torch::manual_seed(0);
-  return run_module_case("mnist-cnn", teleport::examples::Net(), /*train=*/false, batch, reps,
-                         teleport_steps, device);
+  return run_module_case("mnist-cnn", "closed_form_scaling", teleport::examples::Net(),
+                         /*train=*/false, batch, reps, teleport_steps, device);
 }
 
 std::string run_resnet_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
   torch::manual_seed(0);
-  return run_module_case("mnist-resnet", teleport::examples::ResNet(), /*train=*/true, batch, reps,
-                         teleport_steps, device);
+  return run_module_case("mnist-resnet", "closed_form_scaling", teleport::examples::ResNet(),
+                         /*train=*/true, batch, reps, teleport_steps, device);
+}
+
+// The example's ViT: every attention's query–key and value–output GL(d) per
+// head, the feed-forward and the head's scalings.
+std::string run_vit_case(int64_t batch, int reps, int teleport_steps, torch::Device device) {
+  torch::manual_seed(0);
+  return run_module_case("mnist-vit", "closed_form_gl", teleport::examples::ViT(), /*train=*/true,
+                         batch, reps, teleport_steps, device);
 }
 
 // The published ICLR 2024 code's MNIST teleport setting (side by side with
@@ -329,7 +338,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Cost of a teleport against a training step; prints JSON", "teleport-bench"};
   app.option_defaults()->always_capture_default();  // --help shows every default
   std::string device_name = "cpu", widths = "512,1024";
-  int64_t batch = 128, cnn_batch = 64, resnet_batch = 128;
+  int64_t batch = 128, cnn_batch = 64, resnet_batch = 128, vit_batch = 128;
   int reps = 20, teleport_steps = 10;
   app.add_option("--device", device_name, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--widths", widths, "hidden widths, one case each (784-W-W-10)");
@@ -340,6 +349,8 @@ int main(int argc, char** argv) {
   app.add_option("--cnn-batch", cnn_batch, "batch of the MNIST CNN case (0 = skip it)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--resnet-batch", resnet_batch, "batch of the MNIST ResNet case (0 = skip it)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--vit-batch", vit_batch, "batch of the MNIST ViT case (0 = skip it)")
       ->check(CLI::NonNegativeNumber);
   bool published = true;
   int threads = 0;
@@ -371,6 +382,7 @@ int main(int argc, char** argv) {
     if (resnet_batch > 0) {
       cases.push_back(run_resnet_case(resnet_batch, reps, teleport_steps, device));
     }
+    if (vit_batch > 0) cases.push_back(run_vit_case(vit_batch, reps, teleport_steps, device));
     if (published) {
       cases.push_back(run_published_case(reps, device));
       if (device.is_cpu()) cases.push_back(run_regression_case(reps));

@@ -191,9 +191,10 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--model", c.model,
                  "mlp (Linear layers of --hidden, --activation), cnn (the LibTorch MNIST "
                  "example's network: two convolutions, max-pooling, dropout, two Linear layers) "
-                 "or resnet (a stem, three stages of BatchNorm basic blocks at 16/32/64 "
-                 "channels, global average pooling, a Linear)")
-      ->check(CLI::IsMember({"mlp", "cnn", "resnet"}));
+                 "resnet (a stem, three stages of BatchNorm basic blocks at 16/32/64 "
+                 "channels, global average pooling, a Linear) or vit (7x7 patches, two "
+                 "transformer encoder layers of width 64 and 4 heads, a LayerNorm, a Linear)")
+      ->check(CLI::IsMember({"mlp", "cnn", "resnet", "vit"}));
   app.add_option("--activation", c.activation, "relu or leaky_relu")
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
   app.add_option("--optimizer", c.optimizers,
@@ -243,8 +244,8 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
                  "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
                  "equal), look_ahead (lower the teleport batch's loss after the next step) or "
                  "flatness (lower its rise under random perturbations); the last two need "
-                 "--teleport-batch); default: balance, or grad_norm with --symmetry gl or "
-                 "--teleport-batch (docs/results.md)")
+                 "--teleport-batch); default: balance, or grad_norm with --symmetry gl, "
+                 "--teleport-batch or --model vit (docs/results.md)")
       ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance"}));
   app.add_option("--flatness-radius", c.flatness_radius,
                  "flatness: the norm of each random perturbation of the weights")
@@ -291,7 +292,13 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
   check_usage(c);
   check_applies(app, c);
   if (c.objective.empty()) {
-    c.objective = c.symmetry == "gl" || c.teleport_batch > 0 ? "grad_norm" : "balance";
+    c.objective =
+        c.symmetry == "gl" || c.teleport_batch > 0 || c.model == "vit" ? "grad_norm" : "balance";
+  }
+  if (c.model == "vit" && (c.objective == "balance" || c.objective == "preconditioned")) {
+    throw UsageError("--objective " + c.objective +
+                     " acts by positive scalings; the ViT's attention groups are GL(d) per "
+                     "head: use --objective grad_norm with --model vit");
   }
   if (c.no_baseline && c.no_teleport)
     throw UsageError("--no-baseline and --no-teleport leave nothing to run");

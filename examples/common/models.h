@@ -3,6 +3,7 @@
 // discover() finds), the LibTorch MNIST example's CNN and a small ResNet
 // (custom Modules that declare their own); how the training loop sees them.
 
+#include <teleport/discover.h>
 #include <teleport/layers.h>
 #include <teleport/symmetry.h>
 
@@ -13,6 +14,9 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/modules/transformer.h>
+#include <torch/nn/modules/transformercoder.h>
 
 #include <functional>
 #include <memory>
@@ -123,6 +127,51 @@ struct ResNetImpl : torch::nn::Module {
 };
 TORCH_MODULE(ResNet);
 
+// A small vision transformer for 28×28 inputs: 7×7 patches (16 tokens)
+// embedded by a Linear, a learned class token and position embeddings, a
+// TransformerEncoder of `layers` post-norm layers (ReLU feed-forward), a final
+// LayerNorm on the class token and a Linear head. Its symmetries: what
+// teleport::discover() finds in the tree (each attention's query–key and
+// value–output groups, each feed-forward block's scaling) and the head's
+// scaling(norm, head), which only a Linear reads.
+struct ViTImpl : torch::nn::Module {
+  torch::nn::Linear embed{nullptr};
+  at::Tensor cls, pos;
+  torch::nn::TransformerEncoder encoder{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear head{nullptr};
+
+  explicit ViTImpl(int64_t d_model = 64, int64_t heads = 4, int64_t feed_forward = 128,
+                   int64_t layers = 2, int64_t classes = 10, double dropout = 0.0) {
+    namespace nn = torch::nn;
+    embed = register_module("embed", nn::Linear(49, d_model));
+    cls = register_parameter("cls", torch::randn({1, 1, d_model}) * 0.02);
+    pos = register_parameter("pos", torch::randn({17, 1, d_model}) * 0.02);
+    encoder = register_module("encoder", nn::TransformerEncoder(nn::TransformerEncoderOptions(
+                                             nn::TransformerEncoderLayerOptions(d_model, heads)
+                                                 .dim_feedforward(feed_forward)
+                                                 .dropout(dropout),
+                                             layers)));
+    norm = register_module("norm", nn::LayerNorm(nn::LayerNormOptions({d_model})));
+    head = register_module("head", nn::Linear(d_model, classes));
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    const int64_t b = x.size(0);
+    // [B, 28, 28] -> 16 patches of 7×7 -> tokens [16, B, 49] (sequence first).
+    const at::Tensor patches =
+        x.reshape({b, 4, 7, 4, 7}).permute({1, 3, 0, 2, 4}).reshape({16, b, 49});
+    at::Tensor t = torch::cat({cls.expand({1, b, cls.size(2)}), embed->forward(patches)}) + pos;
+    t = encoder->forward(t);
+    return head->forward(norm->forward(t[0]));
+  }
+  teleport::SymmetryList symmetries() {
+    teleport::SymmetryList syms = teleport::discover(*this).symmetries;
+    syms.push_back(teleport::scaling(norm, head));
+    return syms;
+  }
+};
+TORCH_MODULE(ViT);
+
 // Either network, as the training loop sees it.
 struct Model {
   std::shared_ptr<torch::nn::Module> module;  // parameters, train() and eval()
@@ -157,6 +206,12 @@ inline at::Tensor cross_entropy(const at::Tensor& out, const at::Tensor& target)
 // `device` in `dtype`.
 inline Model build_model(const std::string& model, const std::vector<int64_t>& hidden,
                          const std::string& activation, torch::Device device, torch::Dtype dtype) {
+  if (model == "vit") {
+    ViT net;
+    net->to(device, dtype);
+    return {net.ptr(), [net](const at::Tensor& x) mutable { return net->forward(x); }, nullptr,
+            net->symmetries()};
+  }
   if (model == "resnet") {
     ResNet net;
     net->to(device, dtype);
