@@ -168,39 +168,45 @@ TEST(CliTest, MnistRunsEveryOptimizer) {
   expect_run_shape(json, labels);
 }
 
-// The CNN of the LibTorch example runs with and without teleport, its
-// teleports kept; its config names the model; teleport batches need the MLP.
-TEST(CliTest, MnistRunsTheCnn) {
-  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
-                     " --model cnn --optimizer sgd --batch-size 16 --epochs 1 --eval-every 3"
-                     " --eval-subset 32 --teleport-every 2 --teleport-lr 1 --quiet --json " +
-                     kTmp + "cnn.json");
-  ASSERT_EQ(r.code, 0) << r.output;
-  const auto json = read(kTmp + "cnn.json");
-  expect_run_shape(json, {"sgd", "sgd+teleport"});
-  EXPECT_NE(json.find("\"model\": \"cnn\""), std::string::npos);
-  const auto usage = run(std::string(TELEPORT_MNIST) + " --model cnn --teleport-batch 64");
-  EXPECT_EQ(usage.code, 2) << usage.output;
-  EXPECT_EQ(lines(usage.output), 1u) << usage.output;
-}
-
-// The ResNet runs with and without teleport (its BatchNorm and stream
-// scalings, through step(closure)); its config names the model, and the flags
-// of the MLP are refused.
-TEST(CliTest, MnistRunsTheResNet) {
-  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
-                     " --model resnet --optimizer momentum --batch-size 16 --epochs 1"
-                     " --eval-every 3 --eval-subset 32 --teleport-every 2 --quiet --json " +
-                     kTmp + "resnet.json");
-  ASSERT_EQ(r.code, 0) << r.output;
-  const auto json = read(kTmp + "resnet.json");
-  expect_run_shape(json, {"momentum", "momentum+teleport"});
-  EXPECT_NE(json.find("\"model\": \"resnet\""), std::string::npos);
-  EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
-  for (const char* flag : {" --hidden 32", " --teleport-batch 64"}) {
-    const auto usage = run(std::string(TELEPORT_MNIST) + " --model resnet" + flag);
-    EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;
-    EXPECT_EQ(lines(usage.output), 1u) << usage.output;
+// Every custom-Module model runs with and without teleport through
+// step(closure) (the CNN's dropout masks, the ResNet's BatchNorm statistics,
+// the ViT's attention groups), its teleports kept; its config names the model
+// (and, for the ViT, its default objective grad_norm); the flags of the MLP
+// and objectives the model's groups do not allow are refused.
+TEST(CliTest, MnistRunsTheCustomModels) {
+  struct Case {
+    std::string model, flags, objective;
+    std::vector<std::string> refused;
+  };
+  const std::vector<Case> cases = {
+      {"cnn", " --optimizer sgd --teleport-lr 1", "balance", {" --teleport-batch 64"}},
+      {"resnet", " --optimizer momentum", "balance", {" --hidden 32", " --teleport-batch 64"}},
+      {"vit",
+       " --optimizer adam",
+       "grad_norm",
+       {" --hidden 32", " --objective balance", " --objective preconditioned"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.model);
+    const std::string file = kTmp + c.model + ".json";
+    const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --model " +
+                       c.model + c.flags +
+                       " --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
+                       " --teleport-every 2 --quiet --json " +
+                       file);
+    ASSERT_EQ(r.code, 0) << r.output;
+    const auto json = read(file);
+    const std::string optimizer = c.flags.substr(c.flags.find("--optimizer ") + 12);
+    const std::string label = optimizer.substr(0, optimizer.find(' '));
+    expect_run_shape(json, {label, label + "+teleport"});
+    EXPECT_NE(json.find("\"model\": \"" + c.model + "\""), std::string::npos);
+    EXPECT_NE(json.find("\"objective\": \"" + c.objective + "\""), std::string::npos);
+    EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
+    for (const auto& flag : c.refused) {
+      const auto usage = run(std::string(TELEPORT_MNIST) + " --model " + c.model + flag);
+      EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;
+      EXPECT_EQ(lines(usage.output), 1u) << usage.output;
+    }
   }
 }
 
