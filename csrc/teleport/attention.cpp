@@ -160,16 +160,7 @@ std::vector<at::Tensor> AttentionSymmetry::act(const std::vector<at::Tensor>& pa
 }
 
 void AttentionSymmetry::check_unchanged() const {
-  const auto params = parameters();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].sizes().vec() == shapes_[i], name_,
-                ": its parameters were resized after it was made: expected ",
-                at::IntArrayRef(shapes_[i]), ", got ", shape_of(params[i]));
-    TORCH_CHECK(params[i].device() == w_.device() && params[i].scalar_type() == w_.scalar_type(),
-                name_, ": expected all parameters on one device with one dtype (", w_.device(),
-                ", ", w_.scalar_type(), "), got ", params[i].device(), ", ",
-                params[i].scalar_type());
-  }
+  detail::check_kept(parameters(), shapes_, name_);
 }
 
 namespace detail {

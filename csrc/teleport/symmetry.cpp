@@ -349,18 +349,7 @@ std::vector<at::Tensor> LayerSymmetry::act(const std::vector<at::Tensor>& params
   return out;
 }
 
-void LayerSymmetry::check_unchanged() const {
-  const auto params = parameters();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].sizes().vec() == shapes_[i], name_,
-                ": its parameters were resized after it was made: expected ",
-                at::IntArrayRef(shapes_[i]), ", got ", shape_of(params[i]));
-    TORCH_CHECK(
-        params[i].device() == w_in_.device() && params[i].scalar_type() == w_in_.scalar_type(),
-        name_, ": expected all parameters on one device with one dtype (", w_in_.device(), ", ",
-        w_in_.scalar_type(), "), got ", params[i].device(), ", ", params[i].scalar_type());
-  }
-}
+void LayerSymmetry::check_unchanged() const { detail::check_kept(parameters(), shapes_, name_); }
 
 at::Tensor Symmetry::direction(const std::vector<at::Tensor>&) const {
   TORCH_CHECK(false, name(),
