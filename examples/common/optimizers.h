@@ -25,10 +25,15 @@ inline const std::map<std::string, double>& default_lrs() {
   return lrs;
 }
 
-// The CNN's own where its sweep (docs/results.md) tuned one; the MLP's otherwise.
+// A model's own rate where its sweep (docs/results.md) tuned one; the MLP's
+// otherwise.
 inline double default_lr(const std::string& model, const std::string& optimizer) {
-  static const std::map<std::string, double> cnn = {{"sgd", 0.2}, {"adagrad", 0.01}};
-  if (model == "cnn" && cnn.count(optimizer) > 0) return cnn.at(optimizer);
+  static const std::map<std::string, std::map<std::string, double>> tuned = {
+      {"cnn", {{"sgd", 0.2}, {"adagrad", 0.01}}},
+      {"vit", {{"adam", 1e-3}, {"adamw", 1e-3}}},
+  };
+  const auto m = tuned.find(model);
+  if (m != tuned.end() && m->second.count(optimizer) > 0) return m->second.at(optimizer);
   return default_lrs().at(optimizer);
 }
 
