@@ -111,6 +111,38 @@ inline bool bitwise_equal(const std::vector<at::Tensor>& a, const std::vector<at
   return true;
 }
 
+/// A random group element near the identity for `s`.
+inline GroupElement random_element(const Symmetry& s, Parametrization p, double scale) {
+  at::Tensor T = torch::randn_like(s.zero_algebra()) * scale;
+  return GroupElement::from_algebra(T, s.diagonal(), p);
+}
+
+/// Applies an element from `element_of` to each symmetry in turn, and maps
+/// `grads` (copies of the gradients of `params`, in that order) with it.
+template <typename ElementOf>
+void transport_and_apply(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads, ElementOf element_of) {
+  for (const auto& s : syms) {
+    const GroupElement e = element_of(*s);
+    std::vector<at::Tensor> mine;
+    for (const auto& p : s->parameters()) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (params[i].is_same(p)) mine.push_back(grads[i]);
+      }
+    }
+    s->transport_gradients_(e, mine);
+    s->apply_(e);
+  }
+}
+
+/// ||a - b|| <= tol (||b|| + floor): relative, with a floor for gradients of dead units.
+inline ::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b, double tol,
+                                        double floor = 1e-12) {
+  const double err = (a - b).norm().item<double>(), scale = b.norm().item<double>() + floor;
+  if (err <= tol * scale) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "error " << err << " > " << tol << " * " << scale;
+}
+
 /// What a call throws, without the backtrace; empty when it does not throw.
 template <typename F>
 std::string error_of(F&& f) {
