@@ -154,6 +154,9 @@ Outcome train(const Config& c, const Data& data, const std::string& optimizer, d
   at::Tensor perm;
   for (int64_t step = 0; step < total && o.diverged_at < 0; ++step) {
     if (step % per_epoch == 0) perm = torch::randperm(n, order, torch::dtype(torch::kLong));
+    for (auto& group : opt->param_groups()) {
+      group.options().set_lr(scheduled_lr(lr, step, total, c.lr_schedule, c.warmup));
+    }
     const auto start = Clock::now();
     batch = minibatch(data, perm, step % per_epoch, c.batch_size, cl, device);
     if (teleporter != nullptr && cl.group && c.teleport_batch == 0) {

@@ -5,7 +5,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -175,15 +177,24 @@ TEST(CliTest, MnistRunsEveryOptimizer) {
 // and objectives the model's groups do not allow are refused.
 TEST(CliTest, MnistRunsTheCustomModels) {
   struct Case {
-    std::string model, flags, objective;
+    std::string model, flags, objective, schedule;
     std::vector<std::string> refused;
   };
   const std::vector<Case> cases = {
-      {"cnn", " --optimizer sgd --teleport-lr 1", "balance", {" --teleport-batch 64"}},
-      {"resnet", " --optimizer momentum", "balance", {" --hidden 32", " --teleport-batch 64"}},
+      {"cnn",
+       " --optimizer sgd --teleport-lr 1",
+       "balance",
+       "\"lr_schedule\": \"constant\", \"warmup\": 0",
+       {" --teleport-batch 64"}},
+      {"resnet",
+       " --optimizer momentum",
+       "balance",
+       "\"lr_schedule\": \"constant\", \"warmup\": 0",
+       {" --hidden 32", " --teleport-batch 64"}},
       {"vit",
        " --optimizer adam",
        "grad_norm",
+       "\"lr_schedule\": \"cosine\", \"warmup\": 200",
        {" --hidden 32", " --objective balance", " --objective preconditioned"}},
   };
   for (const auto& c : cases) {
@@ -201,12 +212,56 @@ TEST(CliTest, MnistRunsTheCustomModels) {
     expect_run_shape(json, {label, label + "+teleport"});
     EXPECT_NE(json.find("\"model\": \"" + c.model + "\""), std::string::npos);
     EXPECT_NE(json.find("\"objective\": \"" + c.objective + "\""), std::string::npos);
+    EXPECT_NE(json.find(c.schedule), std::string::npos) << c.schedule;
     EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
     for (const auto& flag : c.refused) {
       const auto usage = run(std::string(TELEPORT_MNIST) + " --model " + c.model + flag);
       EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;
       EXPECT_EQ(lines(usage.output), 1u) << usage.output;
     }
+  }
+}
+
+// The learning-rate schedule reaches the inner optimizer, with and without
+// teleport: the default (constant) is the explicit constant bit for bit, a
+// cosine schedule changes the run, and a warm-up longer than the run keeps
+// the rate near zero: every step's loss is then that of a run at a rate of
+// 1e-9, not that of the constant rate.
+TEST(CliTest, MnistLearningRateScheduleReachesTheOptimizer) {
+  auto losses = [](const std::string& flags, const std::string& name) {
+    const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                       " --optimizer sgd,adam --hidden 16,12 --batch-size 16 --epochs 2"
+                       " --eval-every 3 --eval-subset 32 --teleport-every 4 --quiet" +
+                       flags + " --json " + kTmp + name);
+    EXPECT_EQ(r.code, 0) << r.output;
+    return arrays(read(kTmp + name), "loss");
+  };
+  const auto plain = losses("", "s0.json");
+  ASSERT_EQ(plain.size(), 4u);
+  EXPECT_EQ(losses(" --lr-schedule constant --warmup 0", "s1.json"), plain);
+  EXPECT_NE(losses(" --lr-schedule cosine", "s2.json"), plain);
+  const auto slow = losses(" --warmup 1000000", "s3.json");
+  const auto still = losses(" --lr 1e-9", "s4.json");
+  ASSERT_EQ(slow.size(), 4u);
+  ASSERT_EQ(still.size(), 4u);
+  auto numbers = [](const std::string& list) {
+    std::vector<double> out;
+    std::stringstream in(list);
+    for (std::string item; std::getline(in, item, ',');) out.push_back(std::stod(item));
+    return out;
+  };
+  for (size_t i = 0; i < plain.size(); ++i) {
+    SCOPED_TRACE(i);
+    const auto a = numbers(slow[i]), b = numbers(still[i]), c = numbers(plain[i]);
+    ASSERT_EQ(a.size(), b.size());
+    ASSERT_EQ(a.size(), c.size());
+    double off_still = 0, off_plain = 0;
+    for (size_t k = 0; k < a.size(); ++k) {
+      off_still = std::max(off_still, std::abs(a[k] - b[k]) / b[k]);
+      off_plain = std::max(off_plain, std::abs(a[k] - c[k]) / c[k]);
+    }
+    EXPECT_LT(off_still, 1e-4);
+    EXPECT_GT(off_plain, 1e-2);
   }
 }
 
@@ -274,7 +329,9 @@ TEST(CliTest, UsageErrorsExitWithTwoAndOneLine) {
                                  std::string(TELEPORT_MNIST) + " --max-growth 1e400",
                                  std::string(TELEPORT_TEST_FUNCTIONS) + " --teleport-lr -1",
                                  std::string(TELEPORT_MNIST) + " --objective flatness",
-                                 std::string(TELEPORT_MNIST) + " --objective sharpest"}) {
+                                 std::string(TELEPORT_MNIST) + " --objective sharpest",
+                                 std::string(TELEPORT_MNIST) + " --lr-schedule step",
+                                 std::string(TELEPORT_MNIST) + " --warmup -5"}) {
     const auto r = run(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
     EXPECT_EQ(lines(r.output), 1u) << args << "\n" << r.output;

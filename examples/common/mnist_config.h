@@ -25,6 +25,9 @@ struct Config {
   std::string model = "mlp", hidden = "128,128", activation = "relu", optimizers = "sgd,adagrad";
   std::string seeds = "0", symmetry = "scaling", state_policy = "transport";
   double lr = 0, momentum = 0;
+  // "" = the model's tuned schedule: cosine for the ViT, constant otherwise.
+  std::string lr_schedule;
+  int64_t warmup = -1;  // -1 = the model's: 200 steps for the ViT's cosine, 0 otherwise
   int64_t batch_size = 64, epochs = 3, max_steps = 0, eval_every = 100, eval_subset = 10000;
   // The schedule and objective default to the best setting of the study (docs/results.md).
   int64_t teleport_every = 100, teleport_first = 500, max_teleports = -1, teleport_steps = 10;
@@ -56,6 +59,8 @@ inline JsonFields config_fields(const Config& c, const std::string& device, int6
       {"optimizers", json_string(c.optimizers)},
       {"lr", json_number(c.lr)},
       {"momentum", json_number(c.momentum)},
+      {"lr_schedule", json_string(c.lr_schedule)},
+      {"warmup", std::to_string(c.warmup)},
       {"seeds", json_string(c.seeds)},
       {"batch_size", std::to_string(c.batch_size)},
       {"epochs", std::to_string(c.epochs)},
@@ -203,6 +208,15 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--lr", c.lr,
                  "learning rate (default: each optimizer's tuned one, docs/results.md)")
       ->check(finite_above(0));
+  app.add_option("--lr-schedule", c.lr_schedule,
+                 "constant, or cosine (the rate decays to 0 over the run along a half cosine, "
+                 "after --warmup steps rising linearly); default: cosine for --model vit, "
+                 "constant otherwise (docs/results.md)")
+      ->check(CLI::IsMember({"constant", "cosine"}));
+  app.add_option("--warmup", c.warmup,
+                 "steps over which the rate rises linearly to --lr (default: 200 for --model vit, "
+                 "0 otherwise)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
   app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);
   app.add_option("--epochs", c.epochs, "epochs")->check(CLI::PositiveNumber);
@@ -291,6 +305,8 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
   if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
   check_usage(c);
   check_applies(app, c);
+  if (c.lr_schedule.empty()) c.lr_schedule = c.model == "vit" ? "cosine" : "constant";
+  if (c.warmup < 0) c.warmup = c.model == "vit" ? 200 : 0;
   if (c.objective.empty()) {
     c.objective =
         c.symmetry == "gl" || c.teleport_batch > 0 || c.model == "vit" ? "grad_norm" : "balance";

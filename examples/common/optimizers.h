@@ -31,7 +31,7 @@ inline double default_lr(const std::string& model, const std::string& optimizer)
   static const std::map<std::string, std::map<std::string, double>> tuned = {
       {"cnn", {{"sgd", 0.2}, {"adagrad", 0.01}}},
       {"resnet", {{"momentum", 0.05}}},
-      {"vit", {{"adam", 1e-3}, {"adamw", 1e-3}}},
+      {"vit", {{"adam", 3e-3}, {"adamw", 3e-3}}},
   };
   const auto m = tuned.find(model);
   if (m != tuned.end() && m->second.count(optimizer) > 0) return m->second.at(optimizer);

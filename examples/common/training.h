@@ -1,6 +1,7 @@
 #pragma once
 // What the MNIST example's training loop leans on: this process's place in a
-// data-parallel run, evaluation, the gradient's norm, progress lines.
+// data-parallel run, evaluation, the gradient's norm, the learning-rate
+// schedule, progress lines.
 
 #include <common/idx.h>
 #include <common/models.h>
@@ -16,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -137,6 +139,15 @@ inline std::function<std::pair<at::Tensor, at::Tensor>()> random_batches(
     return std::make_pair(set.images.index_select(0, idx).to(device, cl.dtype),
                           set.labels.index_select(0, idx).to(device));
   };
+}
+
+// The rate at `step` of `total`: --lr-schedule's shape after --warmup's
+// linear rise (the first step takes lr / warmup).
+inline double scheduled_lr(double lr, int64_t step, int64_t total, const std::string& schedule,
+                           int64_t warmup) {
+  const double rise = warmup > 0 ? std::min(1.0, double(step + 1) / double(warmup)) : 1.0;
+  if (schedule == "constant") return lr * rise;
+  return lr * rise * 0.5 * (1 + std::cos(std::acos(-1.0) * double(step) / double(total)));
 }
 
 // Progress: redrawn in place on a terminal, plain lines in a log file.
