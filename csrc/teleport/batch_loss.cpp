@@ -1,6 +1,7 @@
 #include <teleport/internal/batch_loss_data.h>
 
 #include <teleport/internal/buffers.h>
+#include <teleport/internal/layer_parts.h>
 #include <teleport/internal/random_state.h>
 
 #include <ATen/ATen.h>
@@ -171,22 +172,11 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
                  const at::Tensor& stop, bool through, const Record& record, size_t upstream,
                  bool& stopped) {
   namespace F = torch::nn::functional;
-  at::Tensor weight, bias;
-  if (const auto* l = m.as<torch::nn::Linear>()) {
-    weight = l->weight, bias = l->bias;
-  } else if (const auto* c1 = m.as<torch::nn::Conv1d>()) {
-    weight = c1->weight, bias = c1->bias;
-  } else if (const auto* c2 = m.as<torch::nn::Conv2d>()) {
-    weight = c2->weight, bias = c2->bias;
-  } else if (const auto* c3 = m.as<torch::nn::Conv3d>()) {
-    weight = c3->weight, bias = c3->bias;
-  } else if (const auto* b1 = m.as<torch::nn::BatchNorm1d>()) {
-    weight = b1->weight, bias = b1->bias;
-  } else if (const auto* b2 = m.as<torch::nn::BatchNorm2d>()) {
-    weight = b2->weight, bias = b2->bias;
-  } else if (const auto* b3 = m.as<torch::nn::BatchNorm3d>()) {
-    weight = b3->weight, bias = b3->bias;
-  }
+  // LayerNorms run as themselves: no action of a Sequential's chain moves them.
+  const auto parts = detail::layer_parts(m);
+  if (!parts || parts->kind == detail::LayerParts::Kind::kLayerNorm) return false;
+  const at::Tensor& weight = parts->weight;
+  const at::Tensor& bias = parts->bias;
   if (!weight.defined()) return false;  // another module, or a BatchNorm without affine weights
   stopped = stop.defined() && weight.is_same(stop);
   if (stopped && !through) {

@@ -1,5 +1,6 @@
 #include <teleport/attention.h>
 #include <teleport/discover.h>
+#include <teleport/internal/layer_parts.h>
 
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/activation.h>
@@ -44,8 +45,8 @@ Allows allows(const Module& m) {
 }
 
 bool is_batch_norm(const Module& m) {
-  return m.as<torch::nn::BatchNorm1d>() || m.as<torch::nn::BatchNorm2d>() ||
-         m.as<torch::nn::BatchNorm3d>();
+  const auto parts = detail::layer_parts(m);
+  return parts && parts->kind == detail::LayerParts::Kind::kBatchNorm;
 }
 
 Allows narrower(Allows a, Allows b) { return a > b ? a : b; }
@@ -58,47 +59,24 @@ struct Layer {
   bool batch_norm = false;  // an affine BatchNorm: a writer only
 };
 
+// A LayerNorm is no layer of a chain (it normalises over the features, and
+// no group commutes with that); a BatchNorm without affine weights has
+// nothing to scale.
 bool layer_of(const Module& m, Layer& out) {
-  // An affine BatchNorm's weight and bias scale its output channels; a
-  // BatchNorm1d may feed a Linear (features) or a Conv1d (channels).
-  if (const auto* b = m.as<torch::nn::BatchNorm1d>()) {
-    if (!b->options.affine()) return false;
-    out = {b->weight, b->bias, false, 1, true};
-    return true;
-  }
-  if (const auto* b = m.as<torch::nn::BatchNorm2d>()) {
-    if (!b->options.affine()) return false;
-    out = {b->weight, b->bias, true, 1, true};
-    return true;
-  }
-  if (const auto* b = m.as<torch::nn::BatchNorm3d>()) {
-    if (!b->options.affine()) return false;
-    out = {b->weight, b->bias, true, 1, true};
-    return true;
-  }
-  if (const auto* l = m.as<torch::nn::Linear>()) {
-    out = {l->weight, l->bias, false, 1};
-    return true;
-  }
-  if (const auto* c = m.as<torch::nn::Conv1d>()) {
-    out = {c->weight, c->bias, true, c->options.groups()};
-    return true;
-  }
-  if (const auto* c = m.as<torch::nn::Conv2d>()) {
-    out = {c->weight, c->bias, true, c->options.groups()};
-    return true;
-  }
-  if (const auto* c = m.as<torch::nn::Conv3d>()) {
-    out = {c->weight, c->bias, true, c->options.groups()};
-    return true;
-  }
-  return false;
+  using Kind = detail::LayerParts::Kind;
+  const auto parts = detail::layer_parts(m);
+  if (!parts || parts->kind == Kind::kLayerNorm || !parts->weight.defined()) return false;
+  out = {parts->weight, parts->bias, parts->channels, parts->groups,
+         parts->kind == Kind::kBatchNorm};
+  return true;
 }
+
+bool trains(const at::Tensor& t) { return !t.defined() || t.requires_grad(); }
 
 // Whether the symmetry would move a tensor that does not train: the weight,
 // and the bias where the action touches it (the first layer's).
 bool frozen(const Layer& l, bool with_bias) {
-  return !l.weight.requires_grad() || (with_bias && l.bias.defined() && !l.bias.requires_grad());
+  return !trains(l.weight) || (with_bias && !trains(l.bias));
 }
 
 // The modules of a Sequential in order, nested Sequentials expanded, each with
@@ -241,8 +219,6 @@ void discover_chain(const torch::nn::SequentialImpl& model, const std::string& p
     nonlinear = 0;
   }
 }
-
-bool trains(const at::Tensor& t) { return !t.defined() || t.requires_grad(); }
 
 // The groups of one attention, or a note saying why none.
 void discover_attention(const Module& m, const std::string& path, Discovery& found) {

@@ -1,3 +1,4 @@
+#include <teleport/internal/layer_parts.h>
 #include <teleport/layers.h>
 
 #include <c10/util/Exception.h>
@@ -29,48 +30,73 @@ void check_reader(const Layer& writer, const Layer& reader) {
               reader.weight.sizes());
 }
 
-template <typename Conv>
-Layer conv_layer(const Conv& conv, const std::string& what) {
-  TORCH_CHECK(conv.options.groups() == 1, "teleport: expected a convolution with groups = 1, got ",
-              what, " with groups = ", conv.options.groups(),
-              " (grouped convolutions are not supported)");
-  return {conv.weight, conv.bias, what};
-}
-
-template <typename BatchNorm>
-Layer batch_norm_layer(const BatchNorm& bn, const std::string& what) {
-  TORCH_CHECK(bn.options.affine(), "teleport: expected an affine ", what,
-              " (its weight and bias carry the scaling), got one with affine = false");
-  return {bn.weight, bn.bias, what};
-}
-
 Layer layer_of(const std::shared_ptr<torch::nn::Module>& m, bool writer) {
   TORCH_CHECK(m != nullptr, "teleport: expected a layer, got an empty module holder");
-  if (const auto* l = m->as<torch::nn::Linear>()) return {l->weight, l->bias, "Linear"};
-  if (const auto* c = m->as<torch::nn::Conv1d>()) return conv_layer(*c, "Conv1d");
-  if (const auto* c = m->as<torch::nn::Conv2d>()) return conv_layer(*c, "Conv2d");
-  if (const auto* c = m->as<torch::nn::Conv3d>()) return conv_layer(*c, "Conv3d");
-  if (writer) {
-    if (const auto* b = m->as<torch::nn::BatchNorm1d>()) return batch_norm_layer(*b, "BatchNorm1d");
-    if (const auto* b = m->as<torch::nn::BatchNorm2d>()) return batch_norm_layer(*b, "BatchNorm2d");
-    if (const auto* b = m->as<torch::nn::BatchNorm3d>()) return batch_norm_layer(*b, "BatchNorm3d");
-    if (const auto* n = m->as<torch::nn::LayerNorm>()) {
-      TORCH_CHECK(n->options.elementwise_affine(),
-                  "teleport: expected an elementwise-affine LayerNorm (its weight and bias carry "
-                  "the scaling), got one with elementwise_affine = false");
-      TORCH_CHECK(n->options.normalized_shape().size() == 1,
-                  "teleport: expected a LayerNorm over the last dimension only, got "
-                  "normalized_shape ",
-                  at::IntArrayRef(n->options.normalized_shape()));
-      return {n->weight, n->bias, "LayerNorm", /*last_dim=*/true};
-    }
+  const auto parts = layer_parts(*m);
+  using Kind = LayerParts::Kind;
+  if (parts && parts->kind == Kind::kConv) {
+    TORCH_CHECK(parts->groups == 1, "teleport: expected a convolution with groups = 1, got ",
+                parts->what, " with groups = ", parts->groups,
+                " (grouped convolutions are not supported)");
   }
-  TORCH_CHECK(false, "teleport: expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d",
+  if (parts && parts->kind == Kind::kBatchNorm && writer) {
+    TORCH_CHECK(parts->weight.defined(), "teleport: expected an affine ", parts->what,
+                " (its weight and bias carry the scaling), got one with affine = false");
+  }
+  if (parts && parts->kind == Kind::kLayerNorm && writer) {
+    TORCH_CHECK(parts->weight.defined(),
+                "teleport: expected an elementwise-affine LayerNorm (its weight and bias carry "
+                "the scaling), got one with elementwise_affine = false");
+    TORCH_CHECK(parts->normalized_shape.size() == 1,
+                "teleport: expected a LayerNorm over the last dimension only, got "
+                "normalized_shape ",
+                at::IntArrayRef(parts->normalized_shape));
+  }
+  const bool norm = parts && (parts->kind == Kind::kBatchNorm || parts->kind == Kind::kLayerNorm);
+  TORCH_CHECK(parts && (writer || !norm),
+              "teleport: expected a torch::nn::Linear or Conv1d/Conv2d/Conv3d",
               writer ? ", an affine BatchNorm1d/2d/3d or an elementwise-affine LayerNorm" : "",
               ", got ", m->name());
+  return {parts->weight, parts->bias, parts->what, parts->kind == Kind::kLayerNorm};
 }
 
 }  // namespace
+
+std::optional<LayerParts> layer_parts(const torch::nn::Module& m) {
+  using Kind = LayerParts::Kind;
+  auto parts = [](Kind kind, const at::Tensor& weight, const at::Tensor& bias, const char* what,
+                  bool channels = false, int64_t groups = 1) {
+    LayerParts p;
+    p.kind = kind, p.weight = weight, p.bias = bias, p.what = what;
+    p.channels = channels, p.groups = groups;
+    return p;
+  };
+  if (const auto* l = m.as<torch::nn::Linear>())
+    return parts(Kind::kLinear, l->weight, l->bias, "Linear");
+  auto conv = [&](const auto& c, const char* what) {
+    return parts(Kind::kConv, c.weight, c.bias, what, true, c.options.groups());
+  };
+  if (const auto* c = m.as<torch::nn::Conv1d>()) return conv(*c, "Conv1d");
+  if (const auto* c = m.as<torch::nn::Conv2d>()) return conv(*c, "Conv2d");
+  if (const auto* c = m.as<torch::nn::Conv3d>()) return conv(*c, "Conv3d");
+  // A BatchNorm1d's outputs may be features (before a Linear) or channels
+  // (before a Conv1d); 2d and 3d ones give channels.
+  if (const auto* b = m.as<torch::nn::BatchNorm1d>()) {
+    return parts(Kind::kBatchNorm, b->weight, b->bias, "BatchNorm1d");
+  }
+  if (const auto* b = m.as<torch::nn::BatchNorm2d>()) {
+    return parts(Kind::kBatchNorm, b->weight, b->bias, "BatchNorm2d", true);
+  }
+  if (const auto* b = m.as<torch::nn::BatchNorm3d>()) {
+    return parts(Kind::kBatchNorm, b->weight, b->bias, "BatchNorm3d", true);
+  }
+  if (const auto* n = m.as<torch::nn::LayerNorm>()) {
+    LayerParts p = parts(Kind::kLayerNorm, n->weight, n->bias, "LayerNorm");
+    p.normalized_shape = n->options.normalized_shape();
+    return p;
+  }
+  return std::nullopt;
+}
 
 std::shared_ptr<Symmetry> layer_symmetry(SymmetryKind kind,
                                          const std::shared_ptr<torch::nn::Module>& a,

@@ -2,6 +2,7 @@
 
 #include <teleport/internal/buffers.h>
 #include <teleport/internal/inner_state.h>
+#include <teleport/internal/layer_parts.h>
 #include <teleport/internal/parameters.h>
 #include <teleport/internal/random_state.h>
 #include <teleport/internal/schedule.h>
@@ -10,10 +11,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/activation.h>
-#include <torch/nn/modules/batchnorm.h>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
@@ -181,18 +178,11 @@ void TeleportOptimizer::Impl::check_model_unchanged() const {
   // The tensors the layers compute with now (what forward() reads).
   std::vector<at::Tensor> current;
   auto add = [&](const at::Tensor& weight, const at::Tensor& bias) {
-    current.push_back(weight);
+    if (weight.defined()) current.push_back(weight);
     if (bias.defined()) current.push_back(bias);
   };
   for (const auto& module : model_->modules(/*include_self=*/false)) {
-    if (const auto* l = module->as<torch::nn::Linear>()) add(l->weight, l->bias);
-    if (const auto* c = module->as<torch::nn::Conv1d>()) add(c->weight, c->bias);
-    if (const auto* c = module->as<torch::nn::Conv2d>()) add(c->weight, c->bias);
-    if (const auto* c = module->as<torch::nn::Conv3d>()) add(c->weight, c->bias);
-    if (const auto* b = module->as<torch::nn::BatchNorm1d>()) add(b->weight, b->bias);
-    if (const auto* b = module->as<torch::nn::BatchNorm2d>()) add(b->weight, b->bias);
-    if (const auto* b = module->as<torch::nn::BatchNorm3d>()) add(b->weight, b->bias);
-    if (const auto* n = module->as<torch::nn::LayerNorm>()) add(n->weight, n->bias);
+    if (const auto parts = detail::layer_parts(*module)) add(parts->weight, parts->bias);
     if (const auto* a = module->as<torch::nn::MultiheadAttention>())
       add(a->in_proj_weight, a->in_proj_bias);
   }
