@@ -49,7 +49,11 @@ std::unique_ptr<torch::optim::Optimizer> build_optimizer(
   auto inner = make_optimizer(optimizer, model.module->parameters(), lr, c.momentum);
   teleporter = nullptr;
   if (!teleporting) return inner;
-  const auto options = teleport_options(c).on_report(std::move(on_report));
+  // kRandom draws from a generator of its own: the training's draws (the
+  // CNN's dropout) stay those of the baseline. Every rank draws alike.
+  const auto options = teleport_options(c)
+                           .on_report(std::move(on_report))
+                           .generator(at::detail::createCPUGenerator(seed + 104729));
   // The MLP's symmetries are discovered (gl: the paper's data-dependent GL(n)
   // across each LeakyReLU); the CNN declares its own.
   auto t =

@@ -5,6 +5,7 @@
 #include <teleport/internal/gl_path.h>
 #include <teleport/internal/tensor_ops.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/modules/conv.h>
 
 #include <optional>
@@ -690,6 +691,101 @@ TEST_P(AscentTest, KeptTeleportsRaiseTheObjectiveOnEveryPath) {
   }
   EXPECT_GT(refused, 0);  // the large rates overshoot: the rule was exercised
   EXPECT_GT(kept, 0);
+}
+
+// kRandom on every kind of path (scalings and GL from .grad, from a batch in
+// closed form and by autograd, the data-dependent GL): the loss is kept, and
+// each symmetry's element is as far from the identity as the kGradNorm
+// ascent's on the same point: exactly in the algebra for the scalings
+// (||log g|| = ||g_ascent - 1||), and for GL within exp's second-order term,
+// | ||g - I|| - s | <= e^s - 1 - s. .grad is the gradient at the new point.
+TEST_P(AscentTest, RandomElementsHaveTheAscentsSizeAndKeepTheLoss) {
+  struct Path {
+    const char* name;
+    Act act;
+    bool batch;
+    Method method;
+    bool data_dependent;
+  };
+  for (const Path& path : {Path{"scaling, .grad", Act::kReLU, false, Method::kAuto, false},
+                           Path{"gl, .grad", Act::kIdentity, false, Method::kAuto, false},
+                           Path{"gl, batch", Act::kIdentity, true, Method::kClosedForm, false},
+                           Path{"scaling, autograd", Act::kReLU, true, Method::kAutograd, false},
+                           Path{"data-dependent gl", Act::kLeakyReLU, true, Method::kAuto, true}}) {
+    SCOPED_TRACE(path.name);
+    auto setup = [&] {
+      if (!path.data_dependent) return make(path.act, f64(), 4);
+      // A batch of 10 within the widths: the data-dependent action is exact.
+      auto m = make_mlp({12, 16, 14, 3}, Act::kLeakyReLU, true, f64(), 3);
+      return Setup{m, random_batch(10, 12, 3, f64()),
+                   discover(m, DiscoverOptions().data_dependent(true)).symmetries};
+    };
+    const auto options = ascent().method(path.method).max_step(0.2);
+    // The ascent the random element is sized by, on its own copy.
+    auto reference = setup();
+    const BatchLoss ref_objective(reference.model, reference.batch.input, reference.batch.target,
+                                  mse());
+    backward(ref_objective, reference.model);
+    const auto sized = teleport(reference.syms, options, path.batch ? &ref_objective : nullptr);
+    ASSERT_FALSE(sized.rolled_back) << sized.reason;
+
+    auto s = setup();
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
+    const double loss = backward(objective, s.model);
+    const auto weights = clone_all(s.model->parameters());
+    const auto r = teleport(s.syms, TeleportOptions(options).objective(Objective::kRandom),
+                            path.batch ? &objective : nullptr);
+    ASSERT_FALSE(r.rolled_back) << r.reason;
+    EXPECT_FALSE(bitwise_equal(weights, s.model->parameters()));
+    ASSERT_EQ(r.elements.size(), sized.elements.size());
+    for (size_t k = 0; k < r.elements.size(); ++k) {
+      const auto& e = r.elements[k];
+      const double size = (sized.elements[k].g - GroupElement::identity_like(sized.elements[k]).g)
+                              .norm()
+                              .item<double>();
+      ASSERT_GT(size, 0);
+      if (e.diagonal) {
+        EXPECT_NEAR(e.g.log().norm().item<double>(), size, 1e-10 * size);
+      } else {
+        const double distance = (e.g - GroupElement::identity_like(e).g).norm().item<double>();
+        EXPECT_LE(std::abs(distance - size), std::expm1(size) - size + 1e-12);
+      }
+    }
+    const auto transported = clone_all(grads_of(s.model));
+    EXPECT_NEAR(backward(objective, s.model), loss, 1e-10 * loss);
+    if (!path.data_dependent) {  // its gradients are stale by design
+      const auto fresh = grads_of(s.model);
+      for (size_t i = 0; i < fresh.size(); ++i) EXPECT_LE(rel_diff(transported[i], fresh[i]), 1e-9);
+    }
+  }
+}
+
+// The draws come from the options' generator: the same seed gives the same
+// elements bit for bit, another seed others. With nothing to size them by
+// (zero gradients) a random teleport rolls back and says why.
+TEST_P(AscentTest, RandomElementsFollowTheGeneratorAndNeedAnAscent) {
+  auto run = [&](uint64_t seed) {
+    auto s = make(Act::kReLU, f64(), 4);
+    const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
+    backward(objective, s.model);
+    const auto r = teleport(
+        s.syms,
+        ascent().objective(Objective::kRandom).generator(at::detail::createCPUGenerator(seed)));
+    EXPECT_FALSE(r.rolled_back) << r.reason;
+    return clone_all(s.model->parameters());
+  };
+  EXPECT_TRUE(bitwise_equal(run(1), run(1)));
+  EXPECT_FALSE(bitwise_equal(run(1), run(2)));
+
+  auto s = make(Act::kReLU, f64());
+  const BatchLoss objective(s.model, s.batch.input, s.batch.target, mse());
+  backward(objective, s.model);
+  for (auto& p : s.model->parameters()) p.grad().zero_();
+  const auto weights = clone_all(s.model->parameters());
+  const auto r = teleport(s.syms, ascent().objective(Objective::kRandom));
+  EXPECT_TRUE(r.rolled_back);
+  EXPECT_NE(r.reason.find("sizes the random element took no step"), std::string::npos) << r.reason;
+  EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
 }
 
 // A teleport that ends no better than it started is rolled back: with zero

@@ -214,6 +214,17 @@ TEST(CliTest, MnistRunsTheCustomModels) {
     EXPECT_NE(json.find("\"objective\": \"" + c.objective + "\""), std::string::npos);
     EXPECT_NE(json.find(c.schedule), std::string::npos) << c.schedule;
     EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
+    // The random control runs on every model's groups, its teleports kept.
+    const auto random = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --model " +
+                            c.model + c.flags +
+                            " --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
+                            " --teleport-every 2 --objective random --no-baseline --quiet --json " +
+                            kTmp + c.model + "-random.json");
+    ASSERT_EQ(random.code, 0) << random.output;
+    const auto random_json = read(kTmp + c.model + "-random.json");
+    EXPECT_NE(random_json.find("\"objective\": \"random\""), std::string::npos);
+    EXPECT_NE(random_json.find("\"rolled_back\": false"), std::string::npos)
+        << "no random teleport was kept";
     for (const auto& flag : c.refused) {
       const auto usage = run(std::string(TELEPORT_MNIST) + " --model " + c.model + flag);
       EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;

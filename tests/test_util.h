@@ -93,6 +93,13 @@ inline double backward(const BatchLoss& objective, torch::nn::Sequential& model)
   return loss.item<double>();
 }
 
+/// The gradients in `.grad` of `model`'s parameters, in order.
+inline std::vector<at::Tensor> grads_of(torch::nn::Sequential& model) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.grad());
+  return out;
+}
+
 inline double rel_diff(const at::Tensor& a, const at::Tensor& b) {
   return ((a - b).norm() / b.norm().clamp_min(1e-300)).item<double>();
 }

@@ -43,6 +43,7 @@ enum class Engine {
   kSpanGL,          // ||∇L||² in closed form, layer GL(n) in the gradients' span
   kClosedForm,      // ||∇L||² in closed form, any closed-form symmetry
 };
+// kRandom runs the kGradNorm engine to size its element (random_teleport).
 
 // A checked request, and what the chosen engine needs.
 struct Problem {
@@ -154,6 +155,7 @@ Engine choose(Problem& p) {
     case Objective::kPreconditioned:
       return Engine::kPreconditioned;
     case Objective::kGradNorm:
+    case Objective::kRandom:
       break;
   }
   if (p.method == Method::kAutograd) return Engine::kAutograd;
@@ -163,7 +165,9 @@ Engine choose(Problem& p) {
     bool library_actions = true;
     for (const auto& s : p.syms)
       library_actions = library_actions && typeid(*s) == typeid(LayerSymmetry);
-    p.decide_before_apply = p.batch == nullptr && library_actions;
+    // kRandom puts the point back after sizing its element: it needs the copy.
+    p.decide_before_apply =
+        p.batch == nullptr && library_actions && p.o.objective() != Objective::kRandom;
     return Engine::kScaling;
   }
   if (span_applies(p.syms, p.o)) return Engine::kSpanGL;
@@ -213,6 +217,9 @@ Ascent ascend(Problem& p, TeleportReport& report, const std::optional<Snapshot>&
     }
     Ascent a = run_engine(p);
     if (loss_before.defined()) a.loss_before = loss_before;
+    if (p.o.objective() == Objective::kRandom) {
+      a = random_teleport(p.syms, p.params, p.grads, p.batch, a, *snapshot, p.o);
+    }
     if (p.batch == nullptr) return a;
     for (size_t k = 0; k < p.syms.size(); ++k) {
       if (!p.syms[k]->transports_gradients() || p.o.mode() == Mode::kReference) {
@@ -295,8 +302,14 @@ std::string rollback_reason(const Problem& p, const Figures& f, const TeleportRe
   if (e == Engine::kPreconditioned && !(r.objective_after > r.objective_before)) {
     return "no ascent step raised the preconditioned objective (" + refused + " and halved)";
   }
+  const bool random = p.o.objective() == Objective::kRandom;
+  if (random && r.steps == 0) {
+    return "the kGradNorm ascent that sizes the random element took no step (" + refused +
+           " and shortened): nothing to draw";
+  }
   const bool guarded = p.o.mode() == Mode::kExact;
-  const bool grad_norm = !lowered && e != Engine::kBalance && e != Engine::kPreconditioned;
+  const bool grad_norm =
+      !lowered && !random && e != Engine::kBalance && e != Engine::kPreconditioned;
   if (guarded && grad_norm && !(r.grad_norm_sq_after > r.grad_norm_sq_before)) {
     return "no ascent step raised ||grad L||^2 (" + refused + " and shortened)";
   }
@@ -315,7 +328,9 @@ std::string rollback_reason(const Problem& p, const Figures& f, const TeleportRe
 // Why a kept ascent stopped before its steps, or "".
 std::string stop_reason(const Problem& p, const TeleportReport& r) {
   const Engine e = p.engine;
-  if (r.steps >= p.o.steps() || e == Engine::kBalance) return "";
+  if (r.steps >= p.o.steps() || e == Engine::kBalance || p.o.objective() == Objective::kRandom) {
+    return "";
+  }
   const bool capped = p.o.mode() == Mode::kExact && e != Engine::kPreconditioned &&
                       e != Engine::kLookAhead && e != Engine::kFlatness;
   const double before = r.grad_norm_sq_before;

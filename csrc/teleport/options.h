@@ -1,5 +1,6 @@
 #pragma once
 
+#include <ATen/core/Generator.h>
 #include <torch/arg.h>
 
 #include <cstdint>
@@ -52,6 +53,12 @@ enum class Objective {
   /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et
   /// al. 2019). Closed form; needs no gradient.
   kBalance,
+  /// No objective: a random group element near the identity for every
+  /// symmetry, as far from it as the kGradNorm ascent with the same options
+  /// goes (||g - I|| per symmetry), in a uniformly random direction of the
+  /// algebra, drawn from `generator` (docs/design.md §8). Neural
+  /// teleportation's random change of basis; the control arm of a study.
+  kRandom,
 };
 
 /// What happens to the inner optimizer's state at a teleport (docs/design.md §7).
@@ -99,6 +106,9 @@ struct TeleportOptions {
   TORCH_ARG(double, flatness_radius) = 0.1;
   TORCH_ARG(int64_t, flatness_samples) = 4;
   TORCH_ARG(int64_t, flatness_seed) = 0;
+  /// kRandom's draws; undefined = LibTorch's default CPU generator (what
+  /// torch::randn draws from without one). Not saved in checkpoints.
+  TORCH_ARG(at::Generator, generator) = at::Generator();
 
   // --- safeguards (docs/design.md §6) ---
   /// Largest relative change of the loss on a batch before a rollback.
@@ -128,7 +138,7 @@ struct TeleportOptions {
   /// Throws a c10::Error naming the first option that is out of range.
   void validate() const;
 
-  /// Every option but on_report, versioned, for checkpoints.
+  /// Every option but on_report and generator, versioned, for checkpoints.
   void serialize(torch::serialize::OutputArchive& archive) const;
   void serialize(torch::serialize::InputArchive& archive);
 };

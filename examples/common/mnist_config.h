@@ -251,16 +251,19 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
       ->check(finite_above(0));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
       ->check(finite_above(0));
-  app.add_option("--objective", c.objective,
-                 "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
-                 "(raise sum g^2/(sqrt(v)+eps), the decrease of a step preconditioned as the inner "
-                 "optimizer's; grad_norm for "
-                 "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
-                 "equal), look_ahead (lower the teleport batch's loss after the next step) or "
-                 "flatness (lower its rise under random perturbations); the last two need "
-                 "--teleport-batch); default: balance, or grad_norm with --symmetry gl, "
-                 "--teleport-batch or --model vit (docs/results.md)")
-      ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance"}));
+  app.add_option(
+         "--objective", c.objective,
+         "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
+         "(raise sum g^2/(sqrt(v)+eps), the decrease of a step preconditioned as the inner "
+         "optimizer's; grad_norm for "
+         "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
+         "equal), look_ahead (lower the teleport batch's loss after the next step) or "
+         "flatness (lower its rise under random perturbations); the last two need "
+         "--teleport-batch) or random (a random element as far from the identity as the "
+         "grad_norm ascent goes: a control); default: balance, or grad_norm with --symmetry gl, "
+         "--teleport-batch or --model vit (docs/results.md)")
+      ->check(CLI::IsMember(
+          {"grad_norm", "preconditioned", "look_ahead", "flatness", "balance", "random"}));
   app.add_option("--flatness-radius", c.flatness_radius,
                  "flatness: the norm of each random perturbation of the weights")
       ->check(finite_above(0));
@@ -327,7 +330,8 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
                      " evaluates losses on a teleport batch of its own: it needs --teleport-batch "
                      "M, --symmetry scaling and --model mlp");
   }
-  if (!on_batch && c.objective != "grad_norm" && (c.symmetry == "gl" || c.teleport_batch > 0)) {
+  const bool any_group = c.objective == "grad_norm" || c.objective == "random";
+  if (!on_batch && !any_group && (c.symmetry == "gl" || c.teleport_batch > 0)) {
     throw UsageError("--objective " + c.objective +
                      " acts by positive scalings from the minibatch gradient: it needs "
                      "--symmetry scaling and no --teleport-batch");
@@ -359,6 +363,7 @@ inline teleport::TeleportOptions teleport_options(const Config& c) {
                  : c.objective == "preconditioned" ? teleport::Objective::kPreconditioned
                  : c.objective == "look_ahead"     ? teleport::Objective::kLookAhead
                  : c.objective == "flatness"       ? teleport::Objective::kFlatness
+                 : c.objective == "random"         ? teleport::Objective::kRandom
                                                    : teleport::Objective::kGradNorm)
       .flatness_radius(c.flatness_radius)
       .flatness_samples(c.flatness_samples)

@@ -123,4 +123,13 @@ Ascent preconditioned_ascent(const SymmetryList& syms, const std::vector<at::Ten
                              const std::vector<at::Tensor>& grads, const Preconditioner& pre,
                              const TeleportOptions& o);
 
+// kRandom: `sizing` is the kGradNorm ascent just run; `snapshot` puts the
+// point (weights and .grad) back from before it. Each symmetry then takes a
+// random element as far from the identity as the ascent's, and the figures
+// are measured there: `grads` (.grad, without a batch) are mapped, or the
+// batch's gradients and loss evaluated.
+Ascent random_teleport(const SymmetryList& syms, const std::vector<at::Tensor>& params,
+                       const std::vector<at::Tensor>& grads, const BatchLoss* batch,
+                       const Ascent& sizing, const Snapshot& snapshot, const TeleportOptions& o);
+
 }  // namespace teleport::detail
