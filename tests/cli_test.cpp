@@ -214,17 +214,20 @@ TEST(CliTest, MnistRunsTheCustomModels) {
     EXPECT_NE(json.find("\"objective\": \"" + c.objective + "\""), std::string::npos);
     EXPECT_NE(json.find(c.schedule), std::string::npos) << c.schedule;
     EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
-    // The random control runs on every model's groups, its teleports kept.
-    const auto random = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --model " +
-                            c.model + c.flags +
-                            " --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
-                            " --teleport-every 2 --objective random --no-baseline --quiet --json " +
-                            kTmp + c.model + "-random.json");
-    ASSERT_EQ(random.code, 0) << random.output;
-    const auto random_json = read(kTmp + c.model + "-random.json");
-    EXPECT_NE(random_json.find("\"objective\": \"random\""), std::string::npos);
-    EXPECT_NE(random_json.find("\"rolled_back\": false"), std::string::npos)
-        << "no random teleport was kept";
+    // The controls run on every model's groups, their teleports kept.
+    for (const std::string control : {"random", "state_only"}) {
+      const std::string out = kTmp + c.model + "-" + control + ".json";
+      const auto r2 = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --model " +
+                          c.model + c.flags +
+                          " --batch-size 16 --epochs 1 --eval-every 3 --eval-subset 32"
+                          " --teleport-every 2 --no-baseline --quiet --objective " +
+                          control + " --json " + out);
+      ASSERT_EQ(r2.code, 0) << control << "\n" << r2.output;
+      const auto control_json = read(out);
+      EXPECT_NE(control_json.find("\"objective\": \"" + control + "\""), std::string::npos);
+      EXPECT_NE(control_json.find("\"rolled_back\": false"), std::string::npos)
+          << "no " << control << " teleport was kept";
+    }
     for (const auto& flag : c.refused) {
       const auto usage = run(std::string(TELEPORT_MNIST) + " --model " + c.model + flag);
       EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;

@@ -968,6 +968,57 @@ TEST_P(OptimizerTest, ResetStartsTheStateAfresh) {
   EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
 }
 
+// kStateOnly, the state-policy control: its teleports are kept and move
+// nothing, so with the state kept or transported (by the identity) every
+// optimizer follows the bare one bit for bit; with kReset the state restarts
+// while the weights stay as they were.
+TEST_P(OptimizerTest, StateOnlyTeleportsMoveNothingButTheState) {
+  for (const auto& [name, make] : every_optimizer()) {
+    if (name == "lbfgs") continue;  // its own tests cover its history
+    for (auto policy : {StatePolicy::kKeep, StatePolicy::kTransport}) {
+      SCOPED_TRACE(name + (policy == StatePolicy::kKeep ? " keep" : " transport"));
+      auto bare_model = model(), wrapped_model = model();
+      auto bare = make(bare_model);
+      TeleportOptimizer wrapped(wrapped_model, make(wrapped_model),
+                                teleports().objective(Objective::kStateOnly).state_policy(policy));
+      for (int64_t t = 0; t < 10; ++t) {
+        train_step(*bare, bare_model, t);
+        train_step(wrapped, wrapped_model, t);
+      }
+      EXPECT_EQ(wrapped.teleport_count(), 4);  // steps 0, 3, 6, 9
+      ASSERT_NE(wrapped.last_report(), nullptr);
+      EXPECT_FALSE(wrapped.last_report()->rolled_back) << wrapped.last_report()->reason;
+      EXPECT_EQ(wrapped.last_report()->steps, 0);
+      EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
+    }
+  }
+  auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
+  at::Tensor sum_after;
+  std::vector<at::Tensor> weights_before, weights_after;
+  TeleportOptimizer* self = nullptr;
+  TeleportOptimizer opt(m, adagrad(m),
+                        teleports()
+                            .every(0)
+                            .at({1})
+                            .objective(Objective::kStateOnly)
+                            .state_policy(StatePolicy::kReset)
+                            .on_report([&](const TeleportReport& r) {
+                              EXPECT_FALSE(r.rolled_back) << r.reason;
+                              weights_after = clone_all(m->parameters());
+                              sum_after = state_of<torch::optim::AdagradParamState>(
+                                              self->inner(), m->parameters()[0],
+                                              [](auto& s) { return s.sum(); })
+                                              .clone();
+                            }));
+  self = &opt;
+  train_step(opt, m, 0);
+  weights_before = clone_all(m->parameters());
+  train_step(opt, m, 1);
+  ASSERT_TRUE(sum_after.defined());
+  EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(bitwise_equal(weights_before, weights_after));
+}
+
 TEST_P(OptimizerTest, TeleportBatchDrivesTheTeleportAndMapsTheGradient) {
   for (Method method : {Method::kClosedForm, Method::kAutograd}) {
     auto m = model();

@@ -42,6 +42,7 @@ enum class Engine {
   kScaling,         // ||∇L||² in closed form, every symmetry a layer scaling
   kSpanGL,          // ||∇L||² in closed form, layer GL(n) in the gradients' span
   kClosedForm,      // ||∇L||² in closed form, any closed-form symmetry
+  kIdentity,        // no element: the state policy alone (kStateOnly)
 };
 // kRandom runs the kGradNorm engine to size its element (random_teleport).
 
@@ -154,6 +155,8 @@ Engine choose(Problem& p) {
       return Engine::kBalance;
     case Objective::kPreconditioned:
       return Engine::kPreconditioned;
+    case Objective::kStateOnly:
+      return Engine::kIdentity;
     case Objective::kGradNorm:
     case Objective::kRandom:
       break;
@@ -195,6 +198,13 @@ Ascent run_engine(const Problem& p) {
       return span_ascent(p.syms, p.params, p.grads, p.left, p.right, p.o);
     case Engine::kClosedForm:
       return closed_form_ascent(p.syms, p.params, p.grads, p.o);
+    case Engine::kIdentity: {
+      Ascent a(p.syms);
+      a.norm_before = a.norm_after = norm_sq(p.grads);
+      a.steps = at::zeros({}, p.params.front().options().dtype(at::kLong));
+      a.shortened = a.steps.clone();
+      return a;
+    }
   }
   TORCH_INTERNAL_ASSERT(false, "teleport: unknown engine");
 }
@@ -203,7 +213,7 @@ Ascent run_engine(const Problem& p) {
 // ones); the others evaluate the batch themselves or teleport from .grad.
 bool reads_batch_gradients(Engine e) {
   return e == Engine::kBalance || e == Engine::kScaling || e == Engine::kSpanGL ||
-         e == Engine::kClosedForm;
+         e == Engine::kClosedForm || e == Engine::kIdentity;
 }
 
 // Runs the engine and, after a teleport on a batch, maps .grad to the new
@@ -220,7 +230,7 @@ Ascent ascend(Problem& p, TeleportReport& report, const std::optional<Snapshot>&
     if (p.o.objective() == Objective::kRandom) {
       a = random_teleport(p.syms, p.params, p.grads, p.batch, a, *snapshot, p.o);
     }
-    if (p.batch == nullptr) return a;
+    if (p.batch == nullptr || p.engine == Engine::kIdentity) return a;  // .grad holds
     for (size_t k = 0; k < p.syms.size(); ++k) {
       if (!p.syms[k]->transports_gradients() || p.o.mode() == Mode::kReference) {
         report.gradients_stale = true;
@@ -308,8 +318,8 @@ std::string rollback_reason(const Problem& p, const Figures& f, const TeleportRe
            " and shortened): nothing to draw";
   }
   const bool guarded = p.o.mode() == Mode::kExact;
-  const bool grad_norm =
-      !lowered && !random && e != Engine::kBalance && e != Engine::kPreconditioned;
+  const bool grad_norm = !lowered && !random && e != Engine::kBalance &&
+                         e != Engine::kPreconditioned && e != Engine::kIdentity;
   if (guarded && grad_norm && !(r.grad_norm_sq_after > r.grad_norm_sq_before)) {
     return "no ascent step raised ||grad L||^2 (" + refused + " and shortened)";
   }
@@ -328,7 +338,8 @@ std::string rollback_reason(const Problem& p, const Figures& f, const TeleportRe
 // Why a kept ascent stopped before its steps, or "".
 std::string stop_reason(const Problem& p, const TeleportReport& r) {
   const Engine e = p.engine;
-  if (r.steps >= p.o.steps() || e == Engine::kBalance || p.o.objective() == Objective::kRandom) {
+  if (r.steps >= p.o.steps() || e == Engine::kBalance || e == Engine::kIdentity ||
+      p.o.objective() == Objective::kRandom) {
     return "";
   }
   const bool capped = p.o.mode() == Mode::kExact && e != Engine::kPreconditioned &&

@@ -37,7 +37,7 @@ void TeleportOptions::validate() const {
               max_growth());
   TORCH_CHECK(max_halvings() >= 0, "TeleportOptions: expected max_halvings >= 0, got ",
               max_halvings());
-  TORCH_CHECK(static_cast<int>(objective()) >= 0 && static_cast<int>(objective()) < 6,
+  TORCH_CHECK(static_cast<int>(objective()) >= 0 && static_cast<int>(objective()) < 7,
               "TeleportOptions: expected an Objective, got ", static_cast<int>(objective()));
   TORCH_CHECK(std::isfinite(flatness_radius()) && flatness_radius() > 0,
               "TeleportOptions: expected a finite flatness_radius > 0, got ", flatness_radius());
@@ -122,7 +122,7 @@ void TeleportOptions::serialize(torch::serialize::InputArchive& archive) {
   method(get_enum<Method>(archive, "method", 3));
   parametrization(get_enum<Parametrization>(archive, "parametrization", 2));
   mode(get_enum<Mode>(archive, "mode", 2));
-  objective(get_enum<Objective>(archive, "objective", 6));
+  objective(get_enum<Objective>(archive, "objective", 7));
   tolerance(get(archive, "tolerance").toDouble());
   max_step(get(archive, "max_step").toDouble());
   max_growth(get(archive, "max_growth").toDouble());

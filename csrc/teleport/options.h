@@ -59,6 +59,10 @@ enum class Objective {
   /// algebra, drawn from `generator` (docs/design.md §8). Neural
   /// teleportation's random change of basis; the control arm of a study.
   kRandom,
+  /// No element at all: the teleport is the identity, kept, so that the
+  /// schedule and the state policy act alone (kReset restarts the inner
+  /// optimizer's state). The control for what a teleport's state policy does.
+  kStateOnly,
 };
 
 /// What happens to the inner optimizer's state at a teleport (docs/design.md §7).

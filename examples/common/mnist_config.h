@@ -251,19 +251,20 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
       ->check(finite_above(0));
   app.add_option("--tolerance", c.tolerance, "relative loss change that rolls a teleport back")
       ->check(finite_above(0));
-  app.add_option(
-         "--objective", c.objective,
-         "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
-         "(raise sum g^2/(sqrt(v)+eps), the decrease of a step preconditioned as the inner "
-         "optimizer's; grad_norm for "
-         "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
-         "equal), look_ahead (lower the teleport batch's loss after the next step) or "
-         "flatness (lower its rise under random perturbations); the last two need "
-         "--teleport-batch) or random (a random element as far from the identity as the "
-         "grad_norm ascent goes: a control); default: balance, or grad_norm with --symmetry gl, "
-         "--teleport-batch or --model vit (docs/results.md)")
-      ->check(CLI::IsMember(
-          {"grad_norm", "preconditioned", "look_ahead", "flatness", "balance", "random"}));
+  app.add_option("--objective", c.objective,
+                 "what a teleport optimizes: grad_norm (the paper: raise |grad|^2), preconditioned "
+                 "(raise sum g^2/(sqrt(v)+eps), the decrease of a step preconditioned as the inner "
+                 "optimizer's; grad_norm for "
+                 "SGD), balance (lower the sum of squared weights, each unit's in and out norms "
+                 "equal), look_ahead (lower the teleport batch's loss after the next step), "
+                 "flatness (lower its rise under random perturbations); the last two need "
+                 "--teleport-batch), random (a random element as far from the identity as the "
+                 "grad_norm ascent goes: a control) or state_only (no element: the schedule and "
+                 "the state policy alone, the other control); default: balance, or grad_norm with "
+                 "--symmetry gl, "
+                 "--teleport-batch or --model vit (docs/results.md)")
+      ->check(CLI::IsMember({"grad_norm", "preconditioned", "look_ahead", "flatness", "balance",
+                             "random", "state_only"}));
   app.add_option("--flatness-radius", c.flatness_radius,
                  "flatness: the norm of each random perturbation of the weights")
       ->check(finite_above(0));
@@ -330,7 +331,8 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
                      " evaluates losses on a teleport batch of its own: it needs --teleport-batch "
                      "M, --symmetry scaling and --model mlp");
   }
-  const bool any_group = c.objective == "grad_norm" || c.objective == "random";
+  const bool any_group =
+      c.objective == "grad_norm" || c.objective == "random" || c.objective == "state_only";
   if (!on_batch && !any_group && (c.symmetry == "gl" || c.teleport_batch > 0)) {
     throw UsageError("--objective " + c.objective +
                      " acts by positive scalings from the minibatch gradient: it needs "
@@ -364,6 +366,7 @@ inline teleport::TeleportOptions teleport_options(const Config& c) {
                  : c.objective == "look_ahead"     ? teleport::Objective::kLookAhead
                  : c.objective == "flatness"       ? teleport::Objective::kFlatness
                  : c.objective == "random"         ? teleport::Objective::kRandom
+                 : c.objective == "state_only"     ? teleport::Objective::kStateOnly
                                                    : teleport::Objective::kGradNorm)
       .flatness_radius(c.flatness_radius)
       .flatness_samples(c.flatness_samples)
