@@ -189,7 +189,7 @@ TEST(CliTest, MnistRunsTheCustomModels) {
       {"resnet",
        " --optimizer momentum",
        "balance",
-       "\"lr_schedule\": \"constant\", \"warmup\": 0",
+       "\"lr_schedule\": \"cosine\", \"warmup\": 0",
        {" --hidden 32", " --teleport-batch 64"}},
       {"vit",
        " --optimizer adam",

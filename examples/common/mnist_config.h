@@ -25,7 +25,8 @@ struct Config {
   std::string model = "mlp", hidden = "128,128", activation = "relu", optimizers = "sgd,adagrad";
   std::string seeds = "0", symmetry = "scaling", state_policy = "transport";
   double lr = 0, momentum = 0;
-  // "" = the model's tuned schedule: cosine for the ViT, constant otherwise.
+  // "" = the model's tuned schedule: cosine for the ResNet and the ViT,
+  // constant otherwise.
   std::string lr_schedule;
   int64_t warmup = -1;  // -1 = the model's: 200 steps for the ViT's cosine, 0 otherwise
   int64_t batch_size = 64, epochs = 3, max_steps = 0, eval_every = 100, eval_subset = 10000;
@@ -210,8 +211,8 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
       ->check(finite_above(0));
   app.add_option("--lr-schedule", c.lr_schedule,
                  "constant, or cosine (the rate decays to 0 over the run along a half cosine, "
-                 "after --warmup steps rising linearly); default: cosine for --model vit, "
-                 "constant otherwise (docs/results.md)")
+                 "after --warmup steps rising linearly); default: cosine for --model resnet and "
+                 "vit, constant otherwise (docs/results.md)")
       ->check(CLI::IsMember({"constant", "cosine"}));
   app.add_option("--warmup", c.warmup,
                  "steps over which the rate rises linearly to --lr (default: 200 for --model vit, "
@@ -309,7 +310,9 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
   if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
   check_usage(c);
   check_applies(app, c);
-  if (c.lr_schedule.empty()) c.lr_schedule = c.model == "vit" ? "cosine" : "constant";
+  if (c.lr_schedule.empty()) {
+    c.lr_schedule = c.model == "vit" || c.model == "resnet" ? "cosine" : "constant";
+  }
   if (c.warmup < 0) c.warmup = c.model == "vit" ? 200 : 0;
   if (c.objective.empty()) {
     c.objective =

@@ -30,7 +30,7 @@ inline const std::map<std::string, double>& default_lrs() {
 inline double default_lr(const std::string& model, const std::string& optimizer) {
   static const std::map<std::string, std::map<std::string, double>> tuned = {
       {"cnn", {{"sgd", 0.2}, {"adagrad", 0.01}}},
-      {"resnet", {{"momentum", 0.05}}},
+      {"resnet", {{"momentum", 0.1}}},
       {"vit", {{"adam", 3e-3}, {"adamw", 3e-3}}},
   };
   const auto m = tuned.find(model);
