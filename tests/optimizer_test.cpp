@@ -1243,8 +1243,8 @@ TEST_P(OptimizerTest, AdaptiveMomentsStayAUnitUnderGL) {
   EXPECT_GT(kept, 0);
 }
 
-// Decided by the element applied: kBalance applies diagonal elements to a GL
-// symmetry, and then Adagrad's sums (above their initial value) move exactly:
+// Decided by the element applied: kPreconditioned applies diagonal elements
+// to a GL symmetry, and then Adagrad's sums (above their initial value) move exactly:
 // w² · (sum − initial) is unchanged entry by entry. kReset starts them at the
 // group's own initial value.
 TEST_P(OptimizerTest, DiagonalElementsOnGLCarrySquaredStateExactly) {
@@ -1265,7 +1265,7 @@ TEST_P(OptimizerTest, DiagonalElementsOnGLCarrySquaredStateExactly) {
         teleports()
             .every(0)
             .at({2})
-            .objective(Objective::kBalance)
+            .objective(Objective::kPreconditioned)
             .on_report([&](const TeleportReport&) {
               after = (w[0].detach().square() * (sum_of(self->inner(), w[0]) - initial));
             }));

@@ -129,8 +129,8 @@ void validate(Problem& p, TeleportReport& report) {
   for (const auto& s : symmetries) {
     const auto* layer = dynamic_cast<const LayerSymmetry*>(s.get());
     TORCH_CHECK(!(balance || preconditioned) || (layer != nullptr && s->transports_gradients()),
-                "teleport: kBalance and kPreconditioned act by positive factors on Linear and Conv "
-                "layer symmetries; ",
+                "teleport: kBalance and kPreconditioned act on Linear and Conv layer symmetries "
+                "(by positive factors; kBalance by the balanced factorization on GL(n)); ",
                 s->name(), " is not one");
     TORCH_CHECK(!look_ahead_obj || (layer != nullptr && s->transports_gradients() && s->diagonal()),
                 "teleport: kLookAhead acts by positive scalings on Linear and Conv layers (where "
@@ -302,7 +302,8 @@ std::string rollback_reason(const Problem& p, const Figures& f, const TeleportRe
   if (!f.finite || !std::isfinite(r.grad_norm_sq_after)) return "non-finite weights or gradients";
   if (e == Engine::kBalance && !(r.objective_after < r.objective_before)) {
     return "no sweep lowered the sum of squared weights within the growth cap (the units "
-           "are balanced already, or balancing them raises ||grad L||^2 beyond max_growth)";
+           "are balanced already, one side of each pair is zero, or balancing them raises "
+           "||grad L||^2 beyond max_growth)";
   }
   if (lowered && !(r.objective_after < r.objective_before)) {
     return std::string("no step lowered the ") +

@@ -50,8 +50,10 @@ enum class Objective {
   /// Minimise the teleport batch's sharpness (teleport::sharpness). Needs a
   /// teleport batch.
   kFlatness,
-  /// Minimise Σ_k ||W_k||² over positive per-unit factors (ENorm, Stock et
-  /// al. 2019). Closed form; needs no gradient.
+  /// Minimise Σ_k ||W_k||² over positive per-unit factors on scalings (ENorm,
+  /// Stock et al. 2019) and over GL(n) on GL symmetries (the balanced
+  /// factorization; directions one side does not carry are left alone, so
+  /// a LoRA adapter with B = 0 is untouched). Closed form; needs no gradient.
   kBalance,
   /// No objective: a random group element near the identity for every
   /// symmetry, as far from it as the kGradNorm ascent with the same options
