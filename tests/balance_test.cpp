@@ -2,8 +2,10 @@
 // GL(n) (docs/design.md §8), and LoRA adapters.
 #include "test_util.h"
 
+#include <common/models.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/optim/adam.h>
 
 namespace teleport::testing {
 namespace {
@@ -159,6 +161,66 @@ TEST_P(BalanceTest, GLBalanceLeavesAZeroOrRankDeficientAdapterUsable) {
       }
     }
   }
+}
+
+// TeleportOptimizer on a LoRA model (the examples' LoRAMLP: a frozen MLP
+// with an adapter on each Linear), Adam inside, balance teleports: the base
+// never moves, the first teleport (every B = 0) leaves the adapters alone,
+// and every later kept one keeps each adapter's product B·A and lowers
+// ||A||² + ||B||².
+TEST_P(BalanceTest, LoRAFineTuningTeleportsOnlyTheAdapters) {
+  auto base = make_mlp({10, 8, 6, 4}, Act::kReLU, true, f64(), 2);
+  const auto frozen = clone_all(base->parameters());
+  torch::manual_seed(3);
+  examples::LoRAMLP net(base, 2);
+  net->to(device(), torch::kDouble);
+  std::vector<at::Tensor> trainable;
+  for (const auto& p : net->parameters()) {
+    if (p.requires_grad()) trainable.push_back(p);
+  }
+  ASSERT_EQ(trainable.size(), 6u);  // A and B of three adapters
+  const at::Tensor x = torch::randn({16, 10}, f64());
+  const at::Tensor y = torch::randint(0, 4, {16}, f64().dtype(torch::kLong));
+  auto products = [&] {
+    std::vector<at::Tensor> out;
+    for (const auto& a : net->adapters)
+      out.push_back(at::mm(a->b->weight, a->a->weight).detach().clone());
+    return out;
+  };
+  std::vector<at::Tensor> before;
+  std::vector<TeleportReport> reports;
+  TeleportOptimizer opt(
+      net->symmetries(),
+      std::make_unique<torch::optim::Adam>(trainable, torch::optim::AdamOptions(1e-2)),
+      TeleportOptions()
+          .every(3)
+          .objective(Objective::kBalance)
+          .on_report([&](const TeleportReport& r) {
+            reports.push_back(r);
+            if (r.rolled_back) return;
+            const auto now = products();
+            for (size_t i = 0; i < now.size(); ++i) {
+              EXPECT_TRUE(close(now[i], before[i], 1e-10)) << i;
+            }
+          }));
+  for (int step = 0; step < 10; ++step) {
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(net->forward(x), y).backward();
+    before = products();
+    opt.step();
+  }
+  EXPECT_TRUE(bitwise_equal(base->parameters(), frozen));
+  ASSERT_EQ(reports.size(), 4u);
+  EXPECT_TRUE(reports[0].rolled_back);
+  EXPECT_NE(reports[0].reason.find("one side of each pair is zero"), std::string::npos);
+  int64_t kept = 0;
+  for (size_t i = 1; i < reports.size(); ++i) {
+    if (reports[i].rolled_back) continue;
+    ++kept;
+    EXPECT_LT(reports[i].objective_after, reports[i].objective_before);
+    EXPECT_FALSE(reports[i].elements.at(0).diagonal);
+  }
+  EXPECT_GT(kept, 0);
 }
 
 // kBalance from a deliberately unbalanced network (MLP and CNN, scaling and

@@ -236,6 +236,46 @@ TEST(CliTest, MnistRunsTheCustomModels) {
   }
 }
 
+// --model lora: a base trained for --pretrain-steps, frozen, fine-tuned
+// through rank --lora-rank adapters with GL(rank) balance teleports. The
+// teleport at step 0 finds B = 0 and leaves the adapters alone (rolled back,
+// one side zero); later ones are kept. The model's own flags apply to it
+// alone, and its data defaults to Fashion-MNIST.
+TEST(CliTest, MnistFineTunesLoRAAdaptersWithGLBalance) {
+  const std::string file = kTmp + "lora.json";
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                     " --dataset mnist --model lora --hidden 16,12 --lora-rank 3 "
+                     "--pretrain-steps 4 --optimizer adam --batch-size 16 --epochs 1 "
+                     "--eval-every 3 --eval-subset 32 --teleport-every 2 --json " +
+                     file);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("trained on MNIST for 4 steps"), std::string::npos) << r.output;
+  const auto json = read(file);
+  expect_run_shape(json, {"adam", "adam+teleport"});
+  for (const std::string field : {"\"model\": \"lora\"", "\"objective\": \"balance\"",
+                                  "\"lora_rank\": 3", "\"pretrain_steps\": 4"}) {
+    EXPECT_NE(json.find(field), std::string::npos) << field;
+  }
+  const size_t first = json.find("\"rolled_back\": ");
+  ASSERT_NE(first, std::string::npos) << "no teleport";
+  EXPECT_EQ(json.substr(first, 19), "\"rolled_back\": true")
+      << "the step-0 teleport (B = 0) was kept";
+  EXPECT_NE(json.find("one side of each pair is zero"), std::string::npos);
+  EXPECT_NE(json.find("\"rolled_back\": false"), std::string::npos) << "no teleport was kept";
+  for (const std::string flag :
+       {" --model mlp --lora-rank 2", " --model cnn --pretrain-steps 9",
+        " --model lora --symmetry gl --activation leaky_relu", " --model lora --teleport-batch 64",
+        " --model lora --lora-rank 0"}) {
+    const auto usage = run(std::string(TELEPORT_MNIST) + flag);
+    EXPECT_EQ(usage.code, 2) << flag << "\n" << usage.output;
+    EXPECT_EQ(lines(usage.output), 1u) << usage.output;
+  }
+  const auto fashion =
+      run(std::string(TELEPORT_MNIST) + " --model lora --data " + kTmp + "no-such-dir --quiet");
+  EXPECT_EQ(fashion.code, 1) << fashion.output;
+  EXPECT_NE(fashion.output.find("dataset-fashion-mnist"), std::string::npos) << fashion.output;
+}
+
 // The learning-rate schedule reaches the inner optimizer, with and without
 // teleport: the default (constant) is the explicit constant bit for bit, a
 // cosine schedule changes the run, and a warm-up longer than the run keeps

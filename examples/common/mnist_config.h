@@ -29,6 +29,12 @@ struct Config {
   // constant otherwise.
   std::string lr_schedule;
   int64_t warmup = -1;  // -1 = the model's: 200 steps for the ViT's cosine, 0 otherwise
+  // --model lora: the adapters' rank, and the base's MNIST training steps
+  // (938: one epoch at batch 64).
+  int64_t lora_rank = 4, pretrain_steps = 938;
+  // The last `validation` training images held out; early stopping after
+  // `patience` evaluations without a lower validation loss (0 = never).
+  int64_t validation = 0, patience = 0;
   int64_t batch_size = 64, epochs = 3, max_steps = 0, eval_every = 100, eval_subset = 10000;
   // The schedule and objective default to the best setting of the study (docs/results.md).
   int64_t teleport_every = 100, teleport_first = 500, max_teleports = -1, teleport_steps = 10;
@@ -62,6 +68,10 @@ inline JsonFields config_fields(const Config& c, const std::string& device, int6
       {"momentum", json_number(c.momentum)},
       {"lr_schedule", json_string(c.lr_schedule)},
       {"warmup", std::to_string(c.warmup)},
+      {"lora_rank", std::to_string(c.lora_rank)},
+      {"pretrain_steps", std::to_string(c.pretrain_steps)},
+      {"validation", std::to_string(c.validation)},
+      {"patience", std::to_string(c.patience)},
       {"seeds", json_string(c.seeds)},
       {"batch_size", std::to_string(c.batch_size)},
       {"epochs", std::to_string(c.epochs)},
@@ -170,7 +180,11 @@ inline void check_applies(const CLI::App& app, const Config& c) {
     refuse("--momentum", "(it sets plain sgd's momentum; --optimizer has no sgd)");
   }
   for (const char* flag : {"--hidden", "--activation"}) {
-    if (given(flag) && c.model != "mlp") refuse(flag, "to --model " + c.model);
+    if (given(flag) && c.model != "mlp" && c.model != "lora") refuse(flag, "to --model " + c.model);
+  }
+  if (given("--patience") && c.validation == 0) refuse("--patience", "without --validation N");
+  for (const char* flag : {"--lora-rank", "--pretrain-steps"}) {
+    if (given(flag) && c.model != "lora") refuse(flag, "to --model " + c.model);
   }
   for (const char* flag : {"--flatness-radius", "--flatness-samples"}) {
     if (given(flag) && c.objective != "flatness") refuse(flag, "without --objective flatness");
@@ -190,7 +204,7 @@ inline void check_applies(const CLI::App& app, const Config& c) {
 
 // Every flag, with its help and its check; `at` takes --teleport-at's list.
 inline void add_options(CLI::App& app, Config& c, std::string& at) {
-  app.add_option("--dataset", c.dataset, "mnist or fashion")
+  app.add_option("--dataset", c.dataset, "mnist or fashion (default: fashion for --model lora)")
       ->check(CLI::IsMember({"mnist", "fashion"}));
   app.add_option("--data", c.data_dir, "directory with the IDX files");
   app.add_option("--hidden", c.hidden, "hidden widths, e.g. 128,128");
@@ -198,9 +212,17 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
                  "mlp (Linear layers of --hidden, --activation), cnn (the LibTorch MNIST "
                  "example's network: two convolutions, max-pooling, dropout, two Linear layers) "
                  "resnet (a stem, three stages of BatchNorm basic blocks at 16/32/64 "
-                 "channels, global average pooling, a Linear) or vit (7x7 patches, two "
-                 "transformer encoder layers of width 64 and 4 heads, a LayerNorm, a Linear)")
-      ->check(CLI::IsMember({"mlp", "cnn", "resnet", "vit"}));
+                 "channels, global average pooling, a Linear), vit (7x7 patches, two "
+                 "transformer encoder layers of width 64 and 4 heads, a LayerNorm, a Linear) "
+                 "or lora (the MLP of --hidden and --activation trained on MNIST for "
+                 "--pretrain-steps steps, frozen, and fine-tuned on --dataset through rank "
+                 "--lora-rank adapters on each of its Linear layers, one GL(rank) symmetry each)")
+      ->check(CLI::IsMember({"mlp", "cnn", "resnet", "vit", "lora"}));
+  app.add_option("--lora-rank", c.lora_rank, "--model lora: the adapters' rank")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--pretrain-steps", c.pretrain_steps,
+                 "--model lora: Adam steps (rate 1e-3, batch 64, seed 0) of the base on MNIST")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--activation", c.activation, "relu or leaky_relu")
       ->check(CLI::IsMember({"relu", "leaky_relu"}));
   app.add_option("--optimizer", c.optimizers,
@@ -217,6 +239,14 @@ inline void add_options(CLI::App& app, Config& c, std::string& at) {
   app.add_option("--warmup", c.warmup,
                  "steps over which the rate rises linearly to --lr (default: 200 for --model vit, "
                  "0 otherwise)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--validation", c.validation,
+                 "hold the last N training images out as a validation split (not trained on; "
+                 "its loss and accuracy are evaluated with the train subset's)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--patience", c.patience,
+                 "early stopping: end a run after this many evaluations (--eval-every) without "
+                 "a lower validation loss; --epochs is then the most it trains (0 = never)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--momentum", c.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
   app.add_option("--batch-size", c.batch_size, "minibatch size")->check(CLI::PositiveNumber);
@@ -310,6 +340,7 @@ inline void finish_config(Config& c, const std::string& at, const CLI::App& app)
   if (!at.empty()) c.teleport_at = parse_list<int64_t>(at, "--teleport-at");
   check_usage(c);
   check_applies(app, c);
+  if (c.model == "lora" && app.count("--dataset") == 0) c.dataset = "fashion";
   if (c.lr_schedule.empty()) {
     c.lr_schedule = c.model == "vit" || c.model == "resnet" ? "cosine" : "constant";
   }

