@@ -786,6 +786,19 @@ TEST_P(AscentTest, RandomElementsFollowTheGeneratorAndNeedAnAscent) {
   EXPECT_TRUE(r.rolled_back);
   EXPECT_NE(r.reason.find("sizes the random element took no step"), std::string::npos) << r.reason;
   EXPECT_TRUE(bitwise_equal(s.model->parameters(), weights));
+
+  // Where the sizing ascent refuses every step (no growth allowed), the
+  // report counts its refusals, as the kGradNorm teleport from there does.
+  backward(objective, s.model);
+  const auto capped = ascent().max_growth(1.0);
+  const auto sizing = teleport(s.syms, TeleportOptions(capped));
+  ASSERT_TRUE(sizing.rolled_back);
+  ASSERT_GT(sizing.shortened, 0);
+  const auto refused = teleport(s.syms, TeleportOptions(capped).objective(Objective::kRandom));
+  EXPECT_TRUE(refused.rolled_back);
+  EXPECT_EQ(refused.shortened, sizing.shortened);
+  EXPECT_NE(refused.reason.find(std::to_string(sizing.shortened) + " refused"), std::string::npos)
+      << refused.reason;
 }
 
 // A teleport that ends no better than it started is rolled back: with zero

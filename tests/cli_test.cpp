@@ -276,6 +276,49 @@ TEST(CliTest, MnistFineTunesLoRAAdaptersWithGLBalance) {
   EXPECT_NE(fashion.output.find("dataset-fashion-mnist"), std::string::npos) << fashion.output;
 }
 
+// --validation N holds the last N training images out; --patience P stops a
+// run once P evaluations in a row found no lower validation loss. On random
+// labels the validation loss soon stops falling, so the baseline stops early,
+// where the rule says, and trains on the other images only.
+TEST(CliTest, MnistValidationSplitAndEarlyStopping) {
+  const std::string file = kTmp + "early.json";
+  const auto r = run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() +
+                     " --hidden 16 --optimizer sgd --lr 0.5 --batch-size 16 --epochs 30 "
+                     "--eval-every 1 --eval-subset 32 --validation 32 --patience 3 --no-teleport "
+                     "--json " +
+                     file);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("train_loss on all 64 training images"), std::string::npos) << r.output;
+  const auto json = read(file);
+  auto number = [&](const std::string& key) {
+    const size_t at = json.find("\"" + key + "\": ");
+    EXPECT_NE(at, std::string::npos) << key;
+    return std::stod(json.substr(at + key.size() + 4));
+  };
+  const int64_t stopped = static_cast<int64_t>(number("stopped_at"));
+  const int64_t steps = static_cast<int64_t>(number("steps"));
+  ASSERT_GE(stopped, 0) << "no early stop in 30 epochs of random labels";
+  EXPECT_EQ(steps, stopped);  // evaluated after step `stopped`, then ended
+  EXPECT_LT(steps, 30 * 4);
+  EXPECT_GT(number("validation_accuracy"), -1);
+  std::vector<double> v;
+  std::stringstream curve(arrays(json, "validation_loss").at(0));
+  for (std::string x; std::getline(curve, x, ',');) v.push_back(std::stod(x));
+  ASSERT_GE(v.size(), 4u);
+  // The last three found nothing below the best before them; the one before did.
+  const double best = *std::min_element(v.begin(), v.end() - 3);
+  for (size_t i = v.size() - 3; i < v.size(); ++i) EXPECT_GE(v[i], best);
+  EXPECT_EQ(*std::min_element(v.begin(), v.end()), best);
+
+  const auto usage = run(std::string(TELEPORT_MNIST) + " --patience 2");
+  EXPECT_EQ(usage.code, 2) << usage.output;
+  const auto too_many =
+      run(std::string(TELEPORT_MNIST) + " --data " + tiny_mnist() + " --validation 96 --quiet");
+  EXPECT_EQ(too_many.code, 1) << too_many.output;
+  EXPECT_NE(too_many.output.find("expected fewer images than the 96"), std::string::npos)
+      << too_many.output;
+}
+
 // The learning-rate schedule reaches the inner optimizer, with and without
 // teleport: the default (constant) is the explicit constant bit for bit, a
 // cosine schedule changes the run, and a warm-up longer than the run keeps

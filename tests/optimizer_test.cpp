@@ -946,32 +946,42 @@ TEST_P(OptimizerTest, TransportMapsMomentumAndAdagradSums) {
   }
 }
 
+// kReset starts the inner state afresh at a kept teleport, whether it moved
+// the weights (kGradNorm) or not (kStateOnly: the weights stay as they were).
 TEST_P(OptimizerTest, ResetStartsTheStateAfresh) {
-  auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
-  at::Tensor sum_after;
-  TeleportOptimizer* self = nullptr;
-  TeleportOptimizer opt(m, adagrad(m),
-                        teleports()
-                            .every(0)
-                            .at({1})
-                            .state_policy(StatePolicy::kReset)
-                            .on_report([&](const TeleportReport&) {
-                              sum_after = state_of<torch::optim::AdagradParamState>(
-                                              self->inner(), m->parameters()[0],
-                                              [](auto& s) { return s.sum(); })
-                                              .clone();
-                            }));
-  self = &opt;
-  train_step(opt, m, 0);
-  train_step(opt, m, 1);
-  ASSERT_TRUE(sum_after.defined());
-  EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
+  for (Objective objective : {Objective::kGradNorm, Objective::kStateOnly}) {
+    SCOPED_TRACE(objective == Objective::kGradNorm ? "grad_norm" : "state_only");
+    auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
+    at::Tensor sum_after;
+    std::vector<at::Tensor> weights_before, weights_after;
+    TeleportOptimizer* self = nullptr;
+    TeleportOptimizer opt(m, adagrad(m),
+                          teleports()
+                              .every(0)
+                              .at({1})
+                              .objective(objective)
+                              .state_policy(StatePolicy::kReset)
+                              .on_report([&](const TeleportReport& r) {
+                                EXPECT_FALSE(r.rolled_back) << r.reason;
+                                weights_after = clone_all(m->parameters());
+                                sum_after = state_of<torch::optim::AdagradParamState>(
+                                                self->inner(), m->parameters()[0],
+                                                [](auto& s) { return s.sum(); })
+                                                .clone();
+                              }));
+    self = &opt;
+    train_step(opt, m, 0);
+    weights_before = clone_all(m->parameters());
+    train_step(opt, m, 1);
+    ASSERT_TRUE(sum_after.defined());
+    EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
+    EXPECT_EQ(bitwise_equal(weights_before, weights_after), objective == Objective::kStateOnly);
+  }
 }
 
 // kStateOnly, the state-policy control: its teleports are kept and move
 // nothing, so with the state kept or transported (by the identity) every
-// optimizer follows the bare one bit for bit; with kReset the state restarts
-// while the weights stay as they were.
+// optimizer follows the bare one bit for bit (kReset: ResetStartsTheStateAfresh).
 TEST_P(OptimizerTest, StateOnlyTeleportsMoveNothingButTheState) {
   for (const auto& [name, make] : every_optimizer()) {
     if (name == "lbfgs") continue;  // its own tests cover its history
@@ -992,31 +1002,6 @@ TEST_P(OptimizerTest, StateOnlyTeleportsMoveNothingButTheState) {
       EXPECT_TRUE(bitwise_equal(bare_model->parameters(), wrapped_model->parameters()));
     }
   }
-  auto m = make_mlp({6, 8, 3}, Act::kReLU, false, f64());
-  at::Tensor sum_after;
-  std::vector<at::Tensor> weights_before, weights_after;
-  TeleportOptimizer* self = nullptr;
-  TeleportOptimizer opt(m, adagrad(m),
-                        teleports()
-                            .every(0)
-                            .at({1})
-                            .objective(Objective::kStateOnly)
-                            .state_policy(StatePolicy::kReset)
-                            .on_report([&](const TeleportReport& r) {
-                              EXPECT_FALSE(r.rolled_back) << r.reason;
-                              weights_after = clone_all(m->parameters());
-                              sum_after = state_of<torch::optim::AdagradParamState>(
-                                              self->inner(), m->parameters()[0],
-                                              [](auto& s) { return s.sum(); })
-                                              .clone();
-                            }));
-  self = &opt;
-  train_step(opt, m, 0);
-  weights_before = clone_all(m->parameters());
-  train_step(opt, m, 1);
-  ASSERT_TRUE(sum_after.defined());
-  EXPECT_EQ(sum_after.abs().max().item<double>(), 0.0);
-  EXPECT_TRUE(bitwise_equal(weights_before, weights_after));
 }
 
 TEST_P(OptimizerTest, TeleportBatchDrivesTheTeleportAndMapsTheGradient) {

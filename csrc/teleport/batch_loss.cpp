@@ -177,7 +177,7 @@ bool apply_layer(const torch::nn::Module& m, at::Tensor& x, const Lookup& lookup
   if (!parts || parts->kind == detail::LayerParts::Kind::kLayerNorm) return false;
   const at::Tensor& weight = parts->weight;
   const at::Tensor& bias = parts->bias;
-  if (!weight.defined()) return false;  // another module, or a BatchNorm without affine weights
+  if (!weight.defined()) return false;  // a BatchNorm without affine weights
   stopped = stop.defined() && weight.is_same(stop);
   if (stopped && !through) {
     if (record) record(weight, x, at::Tensor(), upstream);

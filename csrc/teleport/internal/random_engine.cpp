@@ -26,7 +26,7 @@ Ascent random_teleport(const SymmetryList& syms, const std::vector<at::Tensor>& 
   a.norm_before = sizing.norm_before;
   a.loss_before = sizing.loss_before;
   a.steps = sizing.steps;  // the size came from these ascent steps (none: nothing to draw)
-  a.shortened = at::zeros_like(sizing.shortened);
+  a.shortened = sizing.shortened;  // the sizing ascent's refused steps
   for (size_t k = 0; k < syms.size(); ++k) {
     const GroupElement& m = sizing.total[k];
     const at::Tensor size = (m.g - GroupElement::identity_like(m).g).norm();
