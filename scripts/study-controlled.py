@@ -17,7 +17,9 @@ Per arena and optimizer (a cell):
      at an edge (at most twice); the lowest final validation loss wins;
   2. each arm at its own rate on seeds 0-4;
   3. the stability range: the largest rate, doubling from the default, that
-     trains one epoch without diverging, without and with balance teleports.
+     trains one epoch without diverging, without teleports, with balance
+     teleports and with random elements; on seed 100, and on the seeds of
+     STUDY_STABILITY_SEEDS (e.g. "0 1 2 3 4") too.
 Every run holds out the last 5,000 training images (--validation 5000) and
 stops after 5 evaluations (every 100 steps) without a lower validation loss,
 at most 10 epochs.
@@ -47,7 +49,9 @@ ARENAS = {
     "resnet": (["--dataset", "mnist", "--model", "resnet"], ["momentum"]),
     "vit": (["--dataset", "mnist", "--model", "vit"], ["adam"]),
 }
-# teleport-mnist's default rates (examples/common/optimizers.h).
+# Where the sweeps start: teleport-mnist's default rates when the study ran
+# (examples/common/optimizers.h; its LoRA momentum rate has since become this
+# study's tuned baseline, 0.0025). Kept, so that a rerun reproduces the study.
 DEFAULT_LR = {"sgd": 0.2, "momentum": 0.02, "adagrad": 0.02, "adam": 1e-3}
 MODEL_LR = {("cnn", "adagrad"): 0.01, ("resnet", "momentum"): 0.1, ("vit", "adam"): 3e-3}
 # The arms: the baseline, the first study's best objective (balance) and the
@@ -61,6 +65,11 @@ ARMS = {
     "state_only": ["--no-baseline", "--objective", "state_only"],
 }
 TELEPORT_ARMS = ["balance", "grad_norm"]
+# The stability range: without teleports, with balance teleports (does
+# balancing widen it, as ENorm claims?), and with random elements.
+STABILITY_ARMS = ["baseline", "balance", "random"]
+# Seeds it is also measured on besides the sweep's (STUDY_STABILITY_SEEDS).
+STABILITY_SEEDS = [int(x) for x in os.environ.get("STUDY_STABILITY_SEEDS", "").split()]
 CONTROLS = ["random", "state_only"]
 
 
@@ -129,26 +138,22 @@ def tune(pool, arena, optimizer, arm):
     return float(min(tried, key=lambda k: tried[k])), tried
 
 
-def stability(pool, arena, optimizer, arm):
-    """The largest rate, doubling from the default, that trains one epoch:
-    a finite loss, and a final train-subset loss below the first one."""
+def stability(pool, arena, optimizer, arm, seed):
+    """The largest rate, doubling from the default (at most 64x), that trains
+    one epoch: a finite loss, and a final train-subset loss below the first."""
     flags, _ = ARENAS[arena]
     base = default_lr(arena, optimizer)
-    extra = ["--no-teleport"] if arm == "baseline" else ["--no-baseline", "--objective", arm]
     common = [c for c in COMMON if c not in ("--patience", "5", "--epochs", "10")]
-    jobs = []
+    largest = None
     for k in range(7):
         lr = base * 2**k
-        name = f"stable-{arena}-{optimizer}-{arm}-{fmt_lr(lr)}"
+        tag = "" if seed == SWEEP_SEED else f"-{seed}"
+        name = f"stable-{arena}-{optimizer}-{arm}-{fmt_lr(lr)}{tag}"
         args = flags + common + ["--epochs", "1", "--optimizer", optimizer, "--lr", fmt_lr(lr),
-                                 "--seeds", str(SWEEP_SEED)] + extra
-        jobs.append((lr, pool.submit(run, name, args)))
-    largest = None
-    for lr, job in jobs:
-        r = job.result()
+                                 "--seeds", str(seed)] + ARMS[arm]
+        r = pool.submit(run, name, args).result()
         curve = r["eval"]["train_subset_loss"]
-        ok = r["diverged_at"] < 0 and curve[-1] is not None and curve[-1] < curve[0]
-        if not ok:
+        if not (r["diverged_at"] < 0 and curve[-1] is not None and curve[-1] < curve[0]):
             break
         largest = lr
     return largest
@@ -197,15 +202,40 @@ def main():
                     "rates": rates,
                     "runs": {arm: [j.result() for j in js] for arm, js in runs.items()},
                 }
-                stable = {arm: coord.submit(stability, pool, arena, optimizer, arm)
-                          for arm in ("baseline", "balance") if arm in arms_of(arena)}
-                cells[(arena, optimizer)]["stable"] = {a: j.result() for a, j in stable.items()}
+                stable = {(arm, seed): coord.submit(stability, pool, arena, optimizer, arm, seed)
+                          for arm in STABILITY_ARMS if arm in arms_of(arena)
+                          for seed in [SWEEP_SEED] + STABILITY_SEEDS}
+                cells[(arena, optimizer)]["stable"] = {k: j.result() for k, j in stable.items()}
     write_tables(cells, lines)
 
 
 def mean(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else math.nan
+
+
+def plot_profile(profile):
+    """OUT/profile.png: the performance profile as step curves (gnuplot)."""
+    taus = [1 + i / 1000 for i in range(0, 301)]
+    data = os.path.join(OUT, "profile.dat")
+    with open(data, "w") as f:
+        for arm, ratios in profile.items():
+            f.write(f'"{arm}"\n')
+            for t in taus:
+                f.write(f"{t} {sum(r <= t + 1e-12 for r in ratios) / len(ratios)}\n")
+            f.write("\n\n")
+    png = os.path.join(OUT, "profile.png")
+    script = "\n".join([
+        "set terminal pngcairo size 800,500 noenhanced", f"set output '{png}'",
+        "set title 'Performance profile: test error within tau of the best arm'",
+        "set xlabel 'tau'", "set ylabel 'fraction of cell-seeds'", "set key bottom right",
+        "set yrange [0:1.02]",
+        "plot " + ", ".join(f"'{data}' index {i} with steps lw 2 title columnheader(1)"
+                            for i in range(len(profile)))])
+    try:
+        subprocess.run(["gnuplot"], input=script, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"study: no profile.png ({e})", file=sys.stderr)
 
 
 def write_tables(cells, sweep_lines):
@@ -258,13 +288,21 @@ def write_tables(cells, sweep_lines):
             for arm, e in errors.items():
                 profile.setdefault(arm, []).append(e / best if best > 0 else 1.0)
     out += ["", "## Targets", ""] + verdicts
-    out += ["", "## Stability (largest rate, doubling from the default, that trains one epoch)",
-            "", "| cell | baseline | balance |", "|---|---|---|"]
+    out += ["", "## Stability (largest rate, doubling from the default, that trains one epoch;",
+            f"seed {SWEEP_SEED}"
+            + (f", then seeds {', '.join(map(str, STABILITY_SEEDS))})" if STABILITY_SEEDS else ")"),
+            "", "| cell | " + " | ".join(STABILITY_ARMS) + " |", "|---|" + "---|" * len(STABILITY_ARMS)]
+    show = lambda v: "-" if v is None else fmt_lr(v)
     for (arena, optimizer), cell in cells.items():
         st = cell["stable"]
-        show = lambda v: "-" if v is None else fmt_lr(v)
-        out.append(f"| {arena}/{optimizer} | {show(st.get('baseline'))} | "
-                   f"{show(st.get('balance')) if 'balance' in st else 'n/a'} |")
+        row = []
+        for arm in STABILITY_ARMS:
+            seeds = [SWEEP_SEED] + STABILITY_SEEDS
+            row.append("n/a" if (arm, SWEEP_SEED) not in st else
+                       "; ".join([show(st[(arm, SWEEP_SEED)])] +
+                                 ([", ".join(show(st[(arm, s)]) for s in STABILITY_SEEDS)]
+                                  if STABILITY_SEEDS else [])))
+        out.append(f"| {arena}/{optimizer} | " + " | ".join(row) + " |")
     taus = [1.0, 1.01, 1.02, 1.05, 1.1, 1.2]
     out += ["", "## Performance profile (test error; fraction of cell-seeds within τ of the best arm)",
             "", "| arm | " + " | ".join(f"τ={t:g}" for t in taus) + " |",
@@ -272,6 +310,7 @@ def write_tables(cells, sweep_lines):
     for arm, ratios in profile.items():
         out.append(f"| {arm} | " + " | ".join(
             f"{sum(r <= t + 1e-12 for r in ratios) / len(ratios):.2f}" for t in taus) + " |")
+    plot_profile(profile)
     out += ["", "## Sweeps (seed 100)", ""] + sweep_lines
     text = "\n".join(out) + "\n"
     with open(os.path.join(OUT, "tables.md"), "w") as f:

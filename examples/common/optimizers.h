@@ -32,6 +32,7 @@ inline double default_lr(const std::string& model, const std::string& optimizer)
       {"cnn", {{"sgd", 0.2}, {"adagrad", 0.01}}},
       {"resnet", {{"momentum", 0.1}}},
       {"vit", {{"adam", 3e-3}, {"adamw", 3e-3}}},
+      {"lora", {{"momentum", 2.5e-3}}},  // the controlled study's tuned baseline
   };
   const auto m = tuned.find(model);
   if (m != tuned.end() && m->second.count(optimizer) > 0) return m->second.at(optimizer);

@@ -25,7 +25,7 @@ Ascent random_teleport(const SymmetryList& syms, const std::vector<at::Tensor>& 
   Ascent a;
   a.norm_before = sizing.norm_before;
   a.loss_before = sizing.loss_before;
-  a.steps = sizing.steps;  // the size came from these ascent steps (none: nothing to draw)
+  a.steps = sizing.steps;          // the size came from these ascent steps (none: nothing to draw)
   a.shortened = sizing.shortened;  // the sizing ascent's refused steps
   for (size_t k = 0; k < syms.size(); ++k) {
     const GroupElement& m = sizing.total[k];
