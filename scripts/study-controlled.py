@@ -5,8 +5,8 @@ the validation loss stops improving, a random element and a state-only
 control beside the teleports, the stability range, a performance profile.
 
 Usage: scripts/study controlled [ARENA ...]   (default: mlp deep lora)
-Arenas: mlp, deep, lora (cheap: minutes), cnn, resnet, vit (hours on two
-cores). Runs already written are kept: rerunning resumes. STUDY_OUT picks
+Arenas: mlp, deep, lora, mlp-fashion, deep-fashion (cheap: minutes), cnn,
+resnet, vit (hours on two cores). Runs already written are kept: rerunning resumes. STUDY_OUT picks
 the folder (default build/study-controlled); STUDY_JOBS how many runs go at
 once (default 2, one thread each); STUDY_MNIST another teleport-mnist. The tables are printed and written to
 STUDY_OUT/tables.md.
@@ -45,6 +45,9 @@ ARENAS = {
     "deep": (["--dataset", "mnist", "--model", "mlp", "--hidden", ",".join(["128"] * 8)],
              ["sgd", "adam"]),
     "lora": (["--model", "lora"], ["adam", "momentum"]),
+    "mlp-fashion": (["--dataset", "fashion", "--model", "mlp"], ["sgd", "adam"]),
+    "deep-fashion": (["--dataset", "fashion", "--model", "mlp", "--hidden",
+                      ",".join(["128"] * 8)], ["sgd", "adam"]),
     "cnn": (["--dataset", "mnist", "--model", "cnn"], ["sgd", "adagrad"]),
     "resnet": (["--dataset", "mnist", "--model", "resnet"], ["momentum"]),
     "vit": (["--dataset", "mnist", "--model", "vit"], ["adam"]),
